@@ -1,0 +1,126 @@
+"""The per-request knob: `conservativeness` in [0, 1] (or a preset) -> SEVI parameters (spec section 5)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PRESETS: dict[str, float] = {"off": 0.0, "balanced": 0.5, "focused": 1.0}
+DEFAULT_KAPPA = 0.2
+BALANCED_OMEGA = 0.5
+FOCUSED_OMEGA = 4.0
+# Start layer as a share of depth: 8/32 up to Balanced, moving to 4/32 at Focused (LLaVA-1.5-7B presets).
+BALANCED_START_FRACTION = 8 / 32
+FOCUSED_START_FRACTION = 4 / 32
+
+
+class AlignmentParamError(ValueError):
+    """A knob value a request may not use. `param` names the offending field (for API error bodies)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class AlignmentParams:
+    """What one request applies. `omega == 0` means the unmodified model."""
+
+    conservativeness: float
+    omega: float
+    start_layer: int
+    kappa: float
+    contrast: bool
+
+    @property
+    def active(self) -> bool:
+        return self.omega > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def omega_for(c: float) -> float:
+    """Linear 0 -> 0.5 on [0, 0.5], geometric 0.5 -> 4 on [0.5, 1]: continuous and increasing."""
+    if c <= 0.5:
+        return BALANCED_OMEGA * (c / 0.5)
+    return BALANCED_OMEGA * (FOCUSED_OMEGA / BALANCED_OMEGA) ** ((c - 0.5) / 0.5)
+
+
+def start_layer_for(c: float, num_layers: int) -> int:
+    """Non-increasing in c: 8/32 of the depth up to c = 0.5, then linearly to 4/32 at c = 1."""
+    if c <= 0.5:
+        fraction = BALANCED_START_FRACTION
+    else:
+        t = (c - 0.5) / 0.5
+        fraction = BALANCED_START_FRACTION + t * (FOCUSED_START_FRACTION - BALANCED_START_FRACTION)
+    return int(math.floor(fraction * num_layers + 0.5))
+
+
+def parse_conservativeness(value: float | int | str | None, default: float = 0.0) -> float:
+    """A number in [0, 1] or a preset name (`off`, `balanced`, `focused`) -> a number in [0, 1]."""
+    if value is None:
+        return parse_conservativeness(default)
+    if isinstance(value, bool):
+        raise AlignmentParamError("conservativeness must be a number in [0, 1] or a preset", "conservativeness")
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in PRESETS:
+            return PRESETS[key]
+        try:
+            number = float(key)
+        except ValueError:
+            names = ", ".join(PRESETS)
+            raise AlignmentParamError(
+                f"unknown conservativeness preset {value!r}; use a number in [0, 1] or one of: {names}",
+                "conservativeness",
+            ) from None
+        return parse_conservativeness(number)
+    number = float(value)
+    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise AlignmentParamError(f"conservativeness must be in [0, 1], got {value}", "conservativeness")
+    return number
+
+
+def resolve_alignment(
+    conservativeness: float | int | str | None,
+    num_layers: int,
+    *,
+    omega: float | None = None,
+    start_layer: int | None = None,
+    kappa: float | None = None,
+    contrast: bool | None = None,
+    default_conservativeness: float = 0.0,
+) -> AlignmentParams:
+    """Map the knob (or preset) to parameters; explicit overrides win over the mapping."""
+    c = parse_conservativeness(conservativeness, default_conservativeness)
+    w = omega_for(c) if omega is None else _check_omega(omega)
+    layer = start_layer_for(c, num_layers) if start_layer is None else _check_start_layer(start_layer, num_layers)
+    k = DEFAULT_KAPPA if kappa is None else _check_kappa(kappa)
+    use_contrast = c > 0 if contrast is None else bool(contrast)
+    return AlignmentParams(conservativeness=c, omega=w, start_layer=layer, kappa=k, contrast=use_contrast)
+
+
+def _check_omega(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AlignmentParamError("omega must be a number", "omega")
+    if not math.isfinite(value) or value < 0 or value > 100:
+        raise AlignmentParamError(f"omega must be in [0, 100], got {value}", "omega")
+    return float(value)
+
+
+def _check_start_layer(value: int, num_layers: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AlignmentParamError("start_layer must be an integer", "start_layer")
+    if not 0 <= value <= num_layers:
+        raise AlignmentParamError(f"start_layer must be in [0, {num_layers}], got {value}", "start_layer")
+    return value
+
+
+def _check_kappa(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AlignmentParamError("kappa must be a number", "kappa")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise AlignmentParamError(f"kappa must be in [0, 1], got {value}", "kappa")
+    return float(value)

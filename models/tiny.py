@@ -1,0 +1,262 @@
+"""Deterministic builder of tiny random vision-language models in Hugging Face format, for tests.
+
+Every model gets a word-level tokenizer trained locally, a chat template and a processor, and is saved
+in a layout that both transformers 5.19 and vLLM 0.32 load (llava-hf key names for LLaVA). Head size
+is 32 because vLLM's CPU attention supports no smaller one. Nothing is downloaded.
+
+    python -m models.tiny --family llava --out /tmp/tiny-llava
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+BASE_WORDS = (
+    "a an the this image shows there is are of in on with and near next to two three some "
+    "person man woman dog cat car bus truck bicycle cup bowl fork knife spoon table chair couch "
+    "bed tv laptop bird horse kite ball tree grass road sky room kitchen street park red blue green "
+    "small large . , please describe detail what do you see"
+).split()
+
+# Jinja chat template shared by the LLaVA tiny models: "USER: <image>\n... ASSISTANT:".
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAVA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+QWEN_SPECIALS = [
+    "<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>",
+]
+
+
+def make_word_tokenizer(
+    words: list[str] | tuple[str, ...],
+    specials: list[str],
+    *,
+    bos: str | None,
+    eos: str,
+    pad: str = "<pad>",
+    unk: str = "<unk>",
+    extra: dict[str, Any] | None = None,
+) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer whose specials take the first ids."""
+    vocab: dict[str, int] = {}
+    for token in [*specials, *words]:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    kwargs: dict[str, Any] = {"unk_token": unk, "pad_token": pad, "eos_token": eos}
+    if bos is not None:
+        kwargs["bos_token"] = bos
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **kwargs, **(extra or {}))
+    tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (pad, unk, eos, bos)]})
+    tok.padding_side = "left"
+    return tok
+
+
+def llava_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Rename transformers-5 LLaVA keys to the llava-hf layout that vLLM 0.32 and transformers both load."""
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("model.language_model."):
+            new = "language_model.model." + key[len("model.language_model."):]
+        elif key.startswith("lm_head."):
+            new = "language_model." + key
+        elif key.startswith("model.vision_tower."):
+            rest = key[len("model.vision_tower."):]
+            new = "vision_tower." + (rest if rest.startswith("vision_model.") else "vision_model." + rest)
+        elif key.startswith("model."):
+            new = key[len("model."):]
+        else:
+            new = key
+        renamed[new] = tensor.detach().contiguous().clone()
+    return renamed
+
+
+def save_model_dir(model: torch.nn.Module, processor: Any, out: str | Path) -> Path:
+    """Save config, weights, tokenizer, processor and chat template; LLaVA weights in llava-hf layout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_type = model.config.model_type
+    if model_type in ("llava", "llava_next"):
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+        save_file(llava_hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    template = getattr(processor, "chat_template", None)
+    if template and not (out / "chat_template.jinja").exists():
+        (out / "chat_template.jinja").write_text(template)
+    return out
+
+
+def _llava_configs(family: str, vocab_size: int, image_token_id: int, pad_id: int, eos_id: int,
+                   bos_id: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=heads * 32, intermediate_size=heads * 64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=32, max_position_embeddings=1024,
+        pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id, tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch, projection_dim=64,
+    )
+    common: dict[str, Any] = dict(
+        text_config=text, vision_config=vision, image_token_index=image_token_id,
+        vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False,
+    )
+    if family == "llava":
+        return LlavaConfig(**common)
+    return LlavaNextConfig(**common, image_grid_pinpoints=[[image_size, image_size * 2], [image_size * 2, image_size]])
+
+
+def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
+                image_size: int = 32, patch: int = 8) -> tuple[torch.nn.Module, Any]:
+    """A tiny random LLaVA-1.5 (`llava`) or LLaVA-NeXT (`llava_next`) with its processor."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = make_word_tokenizer(BASE_WORDS, LLAVA_SPECIALS, bos="<s>", eos="</s>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+    cfg = _llava_configs(family, len(tok), ids["<image>"], ids["<pad>"], ids["</s>"], ids["<s>"],
+                         layers, heads, kv_heads or heads, image_size, patch)
+    torch.manual_seed(seed)
+    cls = LlavaForConditionalGeneration if family == "llava" else LlavaNextForConditionalGeneration
+    model = cls(cfg).eval()
+    _spread_init(model, seed)
+    # PIL image processors: torchvision is not installed (its PyPI wheels are CUDA builds).
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
+    improc: Any
+    if family == "llava":
+        improc = CLIPImageProcessorPil(size=size, crop_size=crop, do_center_crop=True)
+    else:
+        improc = LlavaNextImageProcessorPil(size=size, crop_size=crop, do_center_crop=True,
+                                            image_grid_pinpoints=cfg.image_grid_pinpoints)
+    proc_cls = LlavaProcessor if family == "llava" else LlavaNextProcessor
+    processor = proc_cls(
+        image_processor=improc, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def build_qwen(family: str = "qwen2_vl", *, seed: int = 0, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+               min_pixels: int = 56 * 56, max_pixels: int = 112 * 112) -> tuple[torch.nn.Module, Any]:
+    """A tiny random Qwen2-VL (or Qwen2.5-VL) with GQA and M-RoPE, and its processor."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = make_word_tokenizer(BASE_WORDS, QWEN_SPECIALS, bos=None, eos="<|im_end|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(
+        vocab_size=len(tok), hidden_size=heads * 32, intermediate_size=heads * 64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        pad_token_id=ids["<pad>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None, tie_word_embeddings=False,
+    )
+    vision: dict[str, Any] = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    common = dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision.update(embed_dim=64, hidden_size=heads * 32, mlp_ratio=2)
+        cfg: Any = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+        model_cls: Any = Qwen2VLForConditionalGeneration
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision.update(hidden_size=64, intermediate_size=128, out_hidden_size=heads * 32, window_size=56,
+                      fullatt_block_indexes=[1])
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        model_cls = Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    _spread_init(model, seed)
+    improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+                                      merge_size=2, temporal_patch_size=2)
+    video = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = Qwen2VLProcessor(image_processor=improc, tokenizer=tok, video_processor=video,
+                                 chat_template=QWEN_CHAT_TEMPLATE)
+    return model, processor
+
+
+def _spread_init(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw weights with a larger spread so random attention is peaked and varied across heads.
+
+    With the default 0.02 init every head is near-uniform and one token's attention is all alike,
+    which hides bugs: tests want heads that differ (core, global and other heads all present).
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and ("q_proj" in name or "k_proj" in name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+            elif p.dim() >= 2 and ("embed_tokens" in name or "lm_head" in name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def build(family: str, out: str | Path | None = None, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    """Build a tiny model of `family`; save it to `out` when given."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    model, processor = build_llava(family, **kwargs) if family.startswith("llava") else build_qwen(family, **kwargs)
+    if out is not None:
+        save_model_dir(model, processor, out)
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=FAMILIES, default="llava")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    args = parser.parse_args(argv)
+    build(args.family, args.out, seed=args.seed, layers=args.layers, heads=args.heads)
+    print(json.dumps({"family": args.family, "out": args.out}))
+
+
+if __name__ == "__main__":
+    main()
