@@ -21,12 +21,13 @@ from transformers import PreTrainedTokenizerFast
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
-BASE_WORDS = (
-    "a an the this image shows there is are of in on with and near next to two three some "
-    "person man woman dog cat car bus truck bicycle cup bowl fork knife spoon table chair couch "
-    "bed tv laptop bird horse kite ball tree grass road sky room kitchen street park red blue green "
-    "small large . , please describe detail what do you see"
-).split()
+BASE_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "this", "image", "shows", "there", "is", "are", "of", "in", "on", "with", "and", "near",
+    "next", "to", "two", "three", "some", "person", "man", "woman", "dog", "cat", "car", "bus", "truck", "bicycle",
+    "cup", "bowl", "fork", "knife", "spoon", "table", "chair", "couch", "bed", "tv", "laptop", "bird", "horse",
+    "kite", "ball", "tree", "grass", "road", "sky", "room", "kitchen", "street", "park", "red", "blue", "green",
+    "small", "large", ".", "", "", "please", "describe", "detail", "what", "do", "you", "see",
+)
 
 # Jinja chat template shared by the LLaVA tiny models: "USER: <image>\n... ASSISTANT:".
 LLAVA_CHAT_TEMPLATE = (
@@ -102,7 +103,7 @@ def llava_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def save_model_dir(model: torch.nn.Module, processor: Any, out: str | Path) -> Path:
+def save_model_dir(model: Any, processor: Any, out: str | Path) -> Path:
     """Save config, weights, tokenizer, processor and chat template; LLaVA weights in llava-hf layout."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,13 +147,17 @@ def _llava_configs(family: str, vocab_size: int, image_token_id: int, pad_id: in
 def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
                 image_size: int = 32, patch: int = 8) -> tuple[torch.nn.Module, Any]:
     """A tiny random LLaVA-1.5 (`llava`) or LLaVA-NeXT (`llava_next`) with its processor."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tok = make_word_tokenizer(BASE_WORDS, LLAVA_SPECIALS, bos="<s>", eos="</s>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+    ids: dict[str, Any] = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
     cfg = _llava_configs(family, len(tok), ids["<image>"], ids["<pad>"], ids["</s>"], ids["<s>"],
                          layers, heads, kv_heads or heads, image_size, patch)
     torch.manual_seed(seed)
@@ -184,18 +189,18 @@ def build_qwen(family: str = "qwen2_vl", *, seed: int = 0, layers: int = 4, head
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = make_word_tokenizer(BASE_WORDS, QWEN_SPECIALS, bos=None, eos="<|im_end|>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = dict(
+    ids: dict[str, Any] = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text: dict[str, Any] = dict(
         vocab_size=len(tok), hidden_size=heads * 32, intermediate_size=heads * 64, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
         pad_token_id=ids["<pad>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None, tie_word_embeddings=False,
     )
     vision: dict[str, Any] = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    common = dict(
+    common: dict[str, Any] = dict(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False,
     )
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration

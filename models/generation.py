@@ -1,0 +1,370 @@
+"""The reference generator: batched, KV-cached decoding with per-request SEVI and contrastive decoding.
+
+Data flow for one batch: requests -> chat template + processor (one encoding per row; a request with
+contrast on adds a second row on a contrast image) -> left-padded batch -> prefill under the "sevi"
+attention with an :class:`AlignmentBatch` -> per step: main/contrast logits -> CICD -> sampling ->
+tokens appended to both rows -> :class:`TokenEvent` per request. Finished rows leave the batch.
+
+Pure PyTorch/transformers; the server wraps it in an async engine and the CLI calls it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+
+from models.conservativeness import AlignmentParams
+from models.contrast_pool import ContrastPool
+from models.contrastive import contrast_logits
+from models.families import Family, family_for
+from models.sevi_attention import AlignmentBatch, alignment_context, use_sevi_attention
+
+
+class RequestError(ValueError):
+    """A request the model cannot run (too long, too many images...). `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    """One request as the engine sees it. `messages` use content parts {"type": "image"|"text"}; the
+    images fill the image parts in order. `contrast_images` pins the contrast images (else drawn)."""
+
+    request_id: str
+    messages: list[dict[str, Any]]
+    images: list[Image.Image]
+    alignment: AlignmentParams
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    contrast_images: list[Image.Image] | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token (or the end) of one request. `text` is the new text since the last event."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    telemetry: dict[str, int] | None = None
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    contrast: bool
+    prompt_ids: list[int]
+
+
+@dataclass
+class _RequestState:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+def user_message(prompt: str, n_images: int = 1) -> list[dict[str, Any]]:
+    """The chat for a captioning request: the image(s), then the prompt text."""
+    parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    parts.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": parts}]
+
+
+class ReferenceModel:
+    """A loaded model folder (weights, processor, chat template) ready for batched generation."""
+
+    def __init__(self, model: Any, processor: Any, contrast_pool: ContrastPool | None = None,
+                 name: str = "model") -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.family: Family = family_for(model.config)
+        self.contrast_pool = contrast_pool or ContrastPool.default()
+        self.name = name
+        use_sevi_attention(self.model)
+        text_cfg = model.config.get_text_config(decoder=True)
+        self.max_positions = int(getattr(text_cfg, "max_position_embeddings", 4096))
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.eos_ids = self._eos_ids()
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             contrast_pool: ContrastPool | None = None) -> ReferenceModel:
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        processor = AutoProcessor.from_pretrained(path)
+        model: Any = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+        model = model.to(device)
+        return cls(model, processor, contrast_pool, name=path.name)
+
+    @property
+    def num_layers(self) -> int:
+        return self.family.num_layers
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config.get_text_config(True)):
+            eos = getattr(source, "eos_token_id", None) if source is not None else None
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def prompt_text(self, messages: list[dict[str, Any]]) -> str:
+        return str(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+    def encode(self, messages: list[dict[str, Any]], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Chat template + processor for one prompt; image placeholders come back expanded."""
+        n_parts = sum(1 for m in messages if isinstance(m.get("content"), list)
+                      for p in m["content"] if p.get("type") == "image")
+        if n_parts != len(images):
+            raise RequestError(f"{n_parts} image parts but {len(images)} images", "messages")
+        text = self.prompt_text(messages)
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = [im.convert("RGB") for im in images]
+        enc = self.processor(**kwargs)
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    def start(self, requests: Sequence[GenerationRequest]) -> DecodeBatch:
+        return DecodeBatch(self, list(requests))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenEvent]]:
+        """Run requests together to the end, yielding each step's events."""
+        batch = self.start(requests)
+        while not batch.done:
+            yield batch.step()
+
+
+class DecodeBatch:
+    """One running batch. `step()` advances every live request by one token."""
+
+    def __init__(self, owner: ReferenceModel, requests: list[GenerationRequest]) -> None:
+        if not requests:
+            raise ValueError("empty batch")
+        self.owner = owner
+        fam = owner.family
+        rows: list[_Row] = []
+        encodings: list[dict[str, torch.Tensor]] = []
+        self.states: dict[str, _RequestState] = {}
+        for req in requests:
+            if req.request_id in self.states:
+                raise ValueError(f"duplicate request id {req.request_id}")
+            enc = owner.encode(req.messages, req.images)
+            prompt_ids = enc["input_ids"][0].tolist()
+            if len(prompt_ids) + req.sampling.max_tokens > owner.max_positions:
+                raise RequestError(
+                    f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({req.sampling.max_tokens}) exceeds the "
+                    f"model's context of {owner.max_positions} tokens", "max_tokens")
+            gen = None
+            if req.sampling.temperature > 0:
+                gen = torch.Generator().manual_seed(
+                    req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.states[req.request_id] = _RequestState(req, prompt_ids, gen)
+            rows.append(_Row(req, False, prompt_ids))
+            encodings.append(enc)
+            if req.alignment.contrast and req.images:
+                contrast = req.contrast_images or owner.contrast_pool.draw(req.sampling.seed, req.images[0],
+                                                                           k=len(req.images))
+                c_enc = owner.encode(req.messages, contrast)
+                rows.append(_Row(req, True, c_enc["input_ids"][0].tolist()))
+                encodings.append(c_enc)
+        self.rows = rows
+        batch = fam.collate(encodings, owner.pad_id)
+        width = batch["input_ids"].shape[1]
+        self.attention_mask = batch["attention_mask"]
+        self.lengths = self.attention_mask.sum(-1)  # unpadded length of each row
+        positions, self.offsets = fam.prefill_positions(owner.model, batch)
+        self.alignment = self._alignment_batch(batch["input_ids"], width)
+        self.cache = DynamicCache(config=owner.model.config.get_text_config(decoder=True))
+        self.last_logits: torch.Tensor | None = None  # raw main-row logits of the last step (for tests)
+        with torch.inference_mode(), alignment_context(self.alignment):
+            out = owner.model(**batch, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                              logits_to_keep=1)
+        self._logits = out.logits[:, -1].float()
+
+    def _alignment_batch(self, input_ids: torch.Tensor, width: int) -> AlignmentBatch:
+        fam = self.owner.family
+        omega, kappa, start, last, image_keys = [], [], [], [], []
+        for row, ids in zip(self.rows, input_ids, strict=True):
+            layout = fam.image_layout(ids)
+            params = row.request.alignment
+            on = params.active and not row.contrast  # the contrast branch is the unmodified model
+            omega.append(params.omega if on else 0.0)
+            kappa.append(params.kappa)
+            start.append(params.start_layer)
+            last.append(layout.last_image)
+            image_keys.append(layout.image_mask)
+        n = len(self.rows)
+        return AlignmentBatch(
+            omega=torch.tensor(omega, dtype=torch.float32),
+            kappa=torch.tensor(kappa, dtype=torch.float32),
+            start_layer=torch.tensor(start, dtype=torch.long),
+            last_image=torch.tensor(last, dtype=torch.long),
+            align_from=torch.full((n,), width - 1, dtype=torch.long),  # the last prompt row, then every new row
+            image_keys=torch.stack(image_keys),
+            other_is_image_only=torch.full((n,), fam.other_is_image_only, dtype=torch.bool),
+        )
+
+    @property
+    def done(self) -> bool:
+        return not self.rows
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request (client gone); its rows leave the batch before the next forward."""
+        state = self.states.get(request_id)
+        if state is not None and state.finish_reason is None:
+            state.finish_reason = "cancelled"
+            self._drop_finished()
+
+    def step(self) -> list[TokenEvent]:
+        if self.done:
+            return []
+        logits = self._logits
+        main_idx = [i for i, r in enumerate(self.rows) if not r.contrast]
+        partner = {r.request.request_id: i for i, r in enumerate(self.rows) if r.contrast}
+        main = logits[main_idx]
+        self.last_logits = main
+        mixed = main.clone()
+        with_contrast = [k for k, i in enumerate(main_idx) if self.rows[i].request.request_id in partner]
+        if with_contrast:
+            c_rows = [partner[self.rows[main_idx[k]].request.request_id] for k in with_contrast]
+            mixed[with_contrast] = contrast_logits(main[with_contrast], logits[c_rows])
+        tokens = self._sample(mixed, [self.rows[i].request.request_id for i in main_idx])
+
+        events: list[TokenEvent] = []
+        next_ids = torch.full((len(self.rows),), self.owner.pad_id, dtype=torch.long)
+        for k, i in enumerate(main_idx):
+            rid = self.rows[i].request.request_id
+            token = int(tokens[k])
+            next_ids[i] = token
+            if rid in partner:
+                next_ids[partner[rid]] = token  # the contrast row follows the main row's choice
+            events.append(self._advance(self.states[rid], token))
+        self._drop_finished()
+        if self.rows:
+            self._forward(next_ids)
+        return events
+
+    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> torch.Tensor:
+        tokens = logits.argmax(-1)
+        for k, rid in enumerate(request_ids):
+            s = self.states[rid]
+            if s.generator is None:
+                continue
+            row = logits[k] / s.request.sampling.temperature
+            probs = torch.softmax(row, -1)
+            if s.request.sampling.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < s.request.sampling.top_p  # always keeps the top token
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+            tokens[k] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        return tokens
+
+    def _advance(self, s: _RequestState, token: int) -> TokenEvent:
+        sp = s.request.sampling
+        tok = self.owner.tokenizer
+        finish: str | None = None
+        if token in self.owner.eos_ids:
+            finish = "stop"
+            new_text = ""
+        else:
+            s.token_ids.append(token)
+            full = tok.decode(s.token_ids, skip_special_tokens=True)
+            if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                full = s.text
+            for stop in sp.stop:
+                cut = full.find(stop)
+                if stop and cut >= 0:
+                    full, finish = full[:cut], "stop"
+            new_text = full[len(s.text):]
+            s.text = full
+            if finish is None and len(s.token_ids) >= sp.max_tokens:
+                finish = "length"
+        s.finish_reason = finish
+        telemetry = self._telemetry(s.request.request_id) if finish else None
+        return TokenEvent(s.request.request_id, token, new_text, finish, len(s.prompt_ids), len(s.token_ids),
+                          telemetry)
+
+    def _telemetry(self, request_id: str) -> dict[str, int]:
+        i = next(i for i, r in enumerate(self.rows) if r.request.request_id == request_id and not r.contrast)
+        t = self.alignment.telemetry
+        return {"aligned_rows": int(t.aligned[i]), "stage1_rows": int(t.stage1[i]),
+                "stage2_rows": int(t.stage2[i]), "heads_reweighted": int(t.heads_reweighted[i])}
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self.rows) if self.states[r.request.request_id].finish_reason is None]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(idx)
+        self.attention_mask = self.attention_mask[idx]
+        self.lengths = self.lengths[idx]
+        self.offsets = self.offsets[idx]
+        self.alignment = self.alignment.select(idx)
+        self._logits = self._logits[idx]
+
+    def _forward(self, next_ids: torch.Tensor) -> None:
+        owner = self.owner
+        positions = owner.family.decode_positions(self.lengths, self.offsets)
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], 1)
+        self.lengths = self.lengths + 1
+        self.alignment.extend_keys(1)
+        # Embeddings, not ids: a generated image-placeholder id must stay a plain token, not an image slot.
+        embeds = owner.model.get_input_embeddings()(next_ids[:, None])
+        with torch.inference_mode(), alignment_context(self.alignment):
+            out = owner.model(inputs_embeds=embeds, attention_mask=self.attention_mask, position_ids=positions,
+                              past_key_values=self.cache, use_cache=True)
+        self._logits = out.logits[:, -1].float()
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    telemetry: dict[str, int]
+
+
+def run_to_completion(model: ReferenceModel, requests: Sequence[GenerationRequest]) -> dict[str, Completion]:
+    """Generate every request to the end; results by request id."""
+    batch = model.start(requests)
+    out: dict[str, Completion] = {}
+    while not batch.done:
+        for ev in batch.step():
+            if ev.finish_reason is not None:
+                s = batch.states[ev.request_id]
+                out[ev.request_id] = Completion(s.text, list(s.token_ids), list(s.prompt_ids), ev.finish_reason,
+                                                ev.telemetry or {})
+    return out
+
+
