@@ -26,7 +26,8 @@ BASE_WORDS: tuple[str, ...] = (
     "next", "to", "two", "three", "some", "person", "man", "woman", "dog", "cat", "car", "bus", "truck", "bicycle",
     "cup", "bowl", "fork", "knife", "spoon", "table", "chair", "couch", "bed", "tv", "laptop", "bird", "horse",
     "kite", "ball", "tree", "grass", "road", "sky", "room", "kitchen", "street", "park", "red", "blue", "green",
-    "small", "large", ".", ",", "please", "describe", "detail", "what", "do", "you", "see",
+    "small", "large", ".", ",", ":", "USER", "ASSISTANT", "user", "assistant", "please", "describe", "detail",
+    "what", "do", "you", "see",
 )
 
 # Jinja chat template shared by the LLaVA tiny models: "USER: <image>\n... ASSISTANT:".

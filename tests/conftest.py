@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models of each family, built once per test session (about a second each)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.generation import ReferenceModel
+from models.tiny import build
+
+# GQA everywhere (8 query heads over 4 KV heads for LLaVA; Qwen2-VL 4 over 2), head_dim 32.
+TINY_KWARGS = {
+    "llava": {"layers": 4, "heads": 8, "kv_heads": 4},
+    "llava_next": {"layers": 4, "heads": 8, "kv_heads": 4},
+    "qwen2_vl": {"layers": 4, "heads": 4, "kv_heads": 2},
+    "qwen2_5_vl": {"layers": 4, "heads": 4, "kv_heads": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """family -> folder of a saved tiny model (built on first use)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{family}")
+            build(family, out, seed=0, **TINY_KWARGS[family])
+            built[family] = out
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Callable[[str], Path]) -> Callable[[str], ReferenceModel]:
+    """family -> a loaded ReferenceModel (shared; tests must not mutate it without restoring)."""
+    loaded: dict[str, ReferenceModel] = {}
+
+    def get(family: str) -> ReferenceModel:
+        if family not in loaded:
+            loaded[family] = ReferenceModel.load(tiny_model_dir(family))
+        return loaded[family]
+
+    return get
+
+
+def random_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
