@@ -1,0 +1,1 @@
+"""Benchmarks of sevi-serve: the CHAIR hallucination metric and its COCO vocabulary."""
