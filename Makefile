@@ -25,8 +25,20 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.alignment_overhead
 
+# The bundled model once it exists, else a tiny random LLaVA built on the spot (make serve MODEL=dir to choose;
+# every other setting: SEVI_* environment variables or SERVE_ARGS="--port 9000 ...").
+MODEL ?=
+SERVE_ARGS ?=
 serve: install
-	@echo "not yet: the HTTP service lands with the server issue"
+	@model="$(MODEL)"; \
+	if [ -z "$$model" ]; then \
+	  if [ -f models/bundled/config.json ]; then model=models/bundled; else \
+	    model=build/tiny-llava; \
+	    [ -f $$model/config.json ] || $(BIN)/python -m models.tiny --family llava --out $$model; \
+	  fi; \
+	fi; \
+	echo "serving $$model on http://127.0.0.1:8000 (docs: /docs)"; \
+	exec $(BIN)/python -m server --model "$$model" --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,4 @@
+"""sevi-serve's HTTP service: FastAPI app, schemas, engines, settings and metrics (issue 3).
+
+`server` uses `models`, never the reverse. Routes know engines and schemas, not attention internals.
+"""

@@ -1,0 +1,34 @@
+"""`python -m server --model DIR [--engine transformers] [--host H] [--port P] ...` (`--help` lists all flags;
+each is also an environment variable `SEVI_<FLAG>`)."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from server.app import create_app
+from server.engines import ENGINES
+from server.logs import setup_logging
+from server.settings import parse_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_cli(argv)
+    if not (settings.model / "config.json").exists():
+        print(f"error: {settings.model} is not a model folder (no config.json). Pass --model DIR, or build a test "
+              "model: python -m models.tiny --family llava --out build/tiny-llava", file=sys.stderr)
+        return 2
+    if settings.engine not in ENGINES:
+        print(f"error: unknown engine {settings.engine!r}; available: {', '.join(sorted(ENGINES))}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    # Our middleware logs every request as JSON; uvicorn's access log would say it twice.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

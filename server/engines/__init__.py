@@ -1,0 +1,33 @@
+"""Engines by name. Entries are import paths so that choosing one never imports the others (vLLM is heavy).
+
+To add an engine: write `server/engines/NAME_engine.py` with a subclass of :class:`Engine` and add one
+line here; the routes do not change.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from server.engines.base import Engine, EngineError, EngineNotReady, EngineOverloaded, EngineStats, GenerationStats
+from server.settings import Settings
+
+ENGINES: dict[str, str] = {
+    "transformers": "server.engines.transformers_engine:TransformersEngine",
+}
+
+__all__ = ["ENGINES", "Engine", "EngineError", "EngineNotReady", "EngineOverloaded", "EngineStats",
+           "GenerationStats", "create_engine", "engine_class"]
+
+
+def engine_class(name: str) -> type[Engine]:
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}")
+    module, _, attr = ENGINES[name].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise TypeError(f"{ENGINES[name]} is not an Engine")
+    return cls
+
+
+def create_engine(settings: Settings) -> Engine:
+    return engine_class(settings.engine).from_settings(settings)

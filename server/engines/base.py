@@ -1,0 +1,92 @@
+"""The engine interface the routes talk to. An engine owns a model and turns requests into token events.
+
+Contract of `generate`: an async iterator of :class:`TokenEvent` for one request, ending after the event
+with a `finish_reason`. Errors surface from the iterator: :class:`EngineOverloaded` (queue full) and
+:class:`EngineNotReady` before the first event, `models.generation.RequestError` for a request the
+model refuses, :class:`EngineError` when the engine failed while running it. Closing the iterator
+early (client gone, deadline) cancels the request and frees its batch slot.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from models.generation import GenerationRequest, TokenEvent
+
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (not the request's fault)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The wait queue is full: try again later (HTTP 503 + Retry-After)."""
+
+
+class EngineNotReady(RuntimeError):
+    """The model is still loading, failed to load, or the engine is stopping (HTTP 503)."""
+
+
+@dataclass
+class GenerationStats:
+    """Timings the engine fills in for one request (seconds, monotonic clock)."""
+
+    queue_s: float = 0.0  # submitted -> admitted into a batch
+    engine_s: float = 0.0  # submitted -> final event produced (queue included)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics."""
+
+    queue_depth: int
+    running: int
+    cancelled_total: int
+    failed_batches_total: int
+
+
+class Engine(ABC):
+    """One model behind one engine. `start()` may return before the model is loaded: see `ready`."""
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Settings) -> Engine: ...
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Begin loading the model and serving; returns quickly (loading goes on in the background)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Fail queued and running requests with EngineNotReady and release the model."""
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """True once the model is loaded and requests can run."""
+
+    @property
+    @abstractmethod
+    def load_error(self) -> str | None:
+        """Why loading failed, if it did (the process is then alive but useless)."""
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int:
+        """Decoder layers, which the conservativeness knob maps start_layer onto. Valid once ready."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest, stats: GenerationStats | None = None) -> AsyncIterator[TokenEvent]:
+        """Token events for one request; see the module docstring for the contract."""

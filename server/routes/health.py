@@ -1,0 +1,25 @@
+"""Liveness and readiness probes (no API key: orchestrators call them)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from server.deps import EngineDep
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/health", summary="Liveness: the process serves HTTP (503 if the model failed to load).")
+async def health(engine: EngineDep) -> JSONResponse:
+    if engine.load_error:
+        return JSONResponse({"status": "error", "detail": engine.load_error}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready", summary="Readiness: the model is loaded and requests can run.")
+async def ready(engine: EngineDep) -> JSONResponse:
+    if engine.ready:
+        return JSONResponse({"status": "ready", "model": engine.model_name})
+    detail = engine.load_error or "loading"
+    return JSONResponse({"status": "not ready", "detail": detail}, status_code=503, headers={"Retry-After": "1"})

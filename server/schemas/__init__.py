@@ -1,0 +1,1 @@
+"""Request and response bodies: OpenAI chat completions (`chat`), `/caption` (`caption`), shared parts (`common`)."""
