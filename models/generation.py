@@ -266,9 +266,9 @@ class DecodeBatch:
             if rid in partner:
                 next_ids[partner[rid]] = token  # the contrast row follows the main row's choice
             events.append(self._advance(self.states[rid], token))
-        self._drop_finished()
+        keep = self._drop_finished()
         if self.rows:
-            self._forward(next_ids)
+            self._forward(next_ids[keep])
         return events
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> torch.Tensor:
@@ -317,20 +317,22 @@ class DecodeBatch:
         return {"aligned_rows": int(t.aligned[i]), "stage1_rows": int(t.stage1[i]),
                 "stage2_rows": int(t.stage2[i]), "heads_reweighted": int(t.heads_reweighted[i])}
 
-    def _drop_finished(self) -> None:
+    def _drop_finished(self) -> torch.Tensor:
+        """Remove the rows of finished requests from every per-row tensor; returns the kept row indices."""
         keep = [i for i, r in enumerate(self.rows) if self.states[r.request.request_id].finish_reason is None]
+        idx = torch.tensor(keep, dtype=torch.long)
         if len(keep) == len(self.rows):
-            return
+            return idx
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            return
-        idx = torch.tensor(keep, dtype=torch.long)
+            return idx
         self.cache.batch_select_indices(idx)
         self.attention_mask = self.attention_mask[idx]
         self.lengths = self.lengths[idx]
         self.offsets = self.offsets[idx]
         self.alignment = self.alignment.select(idx)
         self._logits = self._logits[idx]
+        return idx
 
     def _forward(self, next_ids: torch.Tensor) -> None:
         owner = self.owner

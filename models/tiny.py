@@ -238,6 +238,9 @@ def _spread_init(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if p.dim() >= 2 and ("q_proj" in name or "k_proj" in name):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+            elif p.dim() >= 2 and ("v_proj" in name or "o_proj" in name) and "language_model" in name:
+                # Attention must matter to the logits, or changing it changes nothing measurable.
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
             elif p.dim() >= 2 and ("embed_tokens" in name or "lm_head" in name):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
