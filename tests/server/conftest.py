@@ -23,7 +23,6 @@ import uvicorn
 from PIL import Image
 
 from models.tiny import build
-
 from server.app import create_app
 from server.settings import Settings
 
