@@ -1,0 +1,48 @@
+"""sevi-serve's vLLM plugin: SEVI inside vLLM's paged, batched attention, per request.
+
+Loaded by vLLM in every process that builds a model (front end, engine core, each worker, the model
+inspection subprocess) through the `vllm.general_plugins` entry point :func:`register`; the logits
+processor comes in through the `vllm.logits_processors` entry point. Pieces:
+
+- :mod:`.params`: the `SamplingParams.extra_args` keys and their validation;
+- :mod:`.logits_processor`: `validate_params` (HTTP 400), `update_state` (params -> worker state),
+  `apply` (contrastive decoding pairs);
+- :mod:`.state`: the per-worker table both sides share;
+- :mod:`.rows`: which rows to align and the aligned attention, backend-agnostic;
+- :mod:`.cpu_backend` (CPU_ATTN, tested) and :mod:`.gpu_backend` (FLASH_ATTN, not yet run on a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+# vLLM's own module path for the processor (FQCN form it accepts in `logits_processors=`).
+LOGITS_PROCESSOR = "models.vllm_plugin.logits_processor:SeviLogitsProcessor"
+DISABLE_ENV = "SEVI_VLLM_DISABLE"  # "1": leave vLLM's attention stock (benchmarks, debugging)
+
+_registered = False
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point. Idempotent; vLLM may call it in many processes."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    # Importing `models` defines the torchvision op schemas before anything imports torchvision (PyPI's
+    # torchvision wheel is a CUDA build; see models/torchvision_compat.py). vLLM loads general plugins
+    # before it imports model code, in every process, so this is the one place that reaches them all.
+    import models  # noqa: F401
+
+    # Model Runner V2 (on by default on GPUs with Triton) has another logits-processor API.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if os.environ.get(DISABLE_ENV) == "1":
+        return
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, "models.vllm_plugin.cpu_backend.SeviCPUAttentionBackend")
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.FLASH_ATTN,
+                         "models.vllm_plugin.gpu_backend.SeviFlashAttentionBackend")

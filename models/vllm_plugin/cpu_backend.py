@@ -1,0 +1,130 @@
+"""CPU_ATTN with SEVI: vLLM's fused CPU kernel for every row, then the aligned rows recomputed.
+
+Registered over `CPU_ATTN` for every model by :func:`models.vllm_plugin.register`; `get_name()` stays
+"CPU_ATTN" because vLLM keys platform checks on it. Batches without aligned rows cost one attribute
+check per layer.
+
+The paged cache is `[num_blocks, kv_heads, block_size, 2 * head_size]`: per (block, head) a K region
+then a V region of `block_size * head_size` values each. How the kernel orders values inside a region
+depends on its ISA (on the AVX2 build K is stored transposed, `[head_size, block_size]`, V row-major),
+so the layout is probed once per (ISA, dtype, block, head size) by writing known K/V through
+`cpu_attn_reshape_and_cache` and reading them back; an unknown layout refuses to start rather than
+align against garbage.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+)
+
+from models.vllm_plugin.rows import align_layer, build_plan
+from models.vllm_plugin.state import STATE, TELEMETRY_FIELDS
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder layer number from a vLLM layer name (`language_model.model.layers.3.self_attn.attn`)."""
+    found = _LAYER_RE.findall(name)
+    return int(found[-1]) if found else None
+
+
+@functools.lru_cache(maxsize=16)
+def cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[bool, bool]:
+    """(K transposed, V transposed) inside a block region, measured with the kernel's own cache writer."""
+    kv_heads, n_blocks = 2, 2
+    cache = torch.zeros(n_blocks, kv_heads, block_size, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = cache.view(n_blocks, kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
+    n = block_size + 3
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(n, kv_heads, head_size, generator=gen).to(dtype)
+    v = torch.randn(n, kv_heads, head_size, generator=gen).to(dtype)
+    slots = torch.arange(n, dtype=torch.long) + 1
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+    regions = cache.view(n_blocks, kv_heads, 2, block_size * head_size)
+
+    def read(part: int, transposed: bool) -> torch.Tensor:
+        r = regions[:, :, part]
+        blk = (r.view(n_blocks, kv_heads, head_size, block_size).transpose(-1, -2) if transposed
+               else r.view(n_blocks, kv_heads, block_size, head_size))
+        return blk.transpose(0, 1).reshape(kv_heads, n_blocks * block_size, head_size)[:, slots].transpose(0, 1)
+
+    found = []
+    for part, want in ((0, k), (1, v)):
+        options = [t for t in (False, True) if torch.equal(read(part, t), want)]
+        if not options:
+            raise RuntimeError(f"SEVI: unknown CPU KV cache layout for isa={isa} dtype={dtype}; cannot read K/V")
+        found.append(options[0])
+    return found[0], found[1]
+
+
+def read_cpu_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, k_t: bool,
+                v_t: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V `[S, kv_heads, nb * block_size, head_size]` of the sequences whose blocks are given."""
+    n_blocks, kv_heads, block_size, two_d = kv_cache.shape
+    head_size = two_d // 2
+    regions = kv_cache.view(n_blocks, kv_heads, 2, block_size * head_size)[blocks]  # [S, nb, G, 2, bs*D]
+    s, nb = blocks.shape
+
+    def unpack(part: int, transposed: bool) -> torch.Tensor:
+        r = regions[:, :, :, part]
+        x = (r.view(s, nb, kv_heads, head_size, block_size).transpose(-1, -2) if transposed
+             else r.view(s, nb, kv_heads, block_size, head_size))
+        return x.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, nb * block_size, head_size)
+
+    return unpack(0, k_t), unpack(1, v_t)
+
+
+class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
+    _layer: int | None = None
+    _layer_known = False
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                              output_block_scale)
+        if attn_metadata is None or not STATE.rows or self.attn_type != "decoder":
+            return out
+        STATE.observe_seq_lens(attn_metadata.seq_lens)
+        if not self._layer_known:
+            self._layer = layer_index(getattr(layer, "layer_name", ""))
+            self._layer_known = True
+        if self._layer is None or not STATE.tensors().any_enabled:
+            return out
+        plan = _step_plan(attn_metadata, kv_cache.shape[2])
+        if plan is None:
+            return out
+        k_t, v_t = cache_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+        if STATE.step_counts is None:
+            STATE.step_counts = torch.zeros(STATE.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long)
+        align_layer(plan, self._layer, query, output, lambda blocks: read_cpu_kv(kv_cache, blocks, k_t, v_t),
+                    self.scale, self.num_kv_heads, STATE.step_counts)
+        return out
+
+
+def _step_plan(md: CPUAttentionMetadata, block_size: int):  # type: ignore[no-untyped-def]
+    """The plan for this step's metadata, built at the first layer and reused by the others."""
+    cached = STATE.plan_cache
+    if cached is not None and cached[0] == STATE.step and cached[1] == id(md):
+        return cached[2]
+    plan = build_plan(STATE, md.query_start_loc, md.seq_lens, md.block_table, block_size, torch.device("cpu"))
+    STATE.plan_cache = (STATE.step, id(md), plan)
+    return plan
+
+
+class SeviCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[SeviCPUAttentionImpl]:
+        return SeviCPUAttentionImpl

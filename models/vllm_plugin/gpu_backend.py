@@ -1,0 +1,77 @@
+"""FLASH_ATTN with SEVI, the GPU sibling of :mod:`models.vllm_plugin.cpu_backend`. NOT YET RUN ON A GPU.
+
+Same design: the stock FlashAttention kernel for every row, then the aligned rows recomputed from the
+paged cache and overwritten. vLLM 0.32's FlashAttention cache is `[num_blocks, kv_heads, block_size,
+2 * head_size]` with K in the first `head_size` channels and V in the rest (`kv_cache.transpose(1, 2)
+.split(head_size, -1)` in its forward), both row-major.
+
+Requirements on GPU (set by :mod:`server.engines.vllm_engine` when it starts vLLM): the attention op
+must run eagerly each step, so CUDA graphs may only be PIECEWISE (attention is a splitting op there);
+FULL graphs would replay the captured stock kernel and skip the alignment. Model Runner V1
+(`VLLM_USE_V2_MODEL_RUNNER=0`, set by the plugin) because V2's logits-processor API differs.
+Only this module imports FlashAttention, and only on CUDA platforms.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+
+from models.vllm_plugin.cpu_backend import layer_index
+from models.vllm_plugin.rows import align_layer, build_plan
+from models.vllm_plugin.state import STATE, TELEMETRY_FIELDS
+
+
+def read_flash_kv(kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V `[S, kv_heads, nb * block_size, head_size]` from the FlashAttention cache layout."""
+    _, kv_heads, block_size, two_d = kv_cache.shape
+    head_size = two_d // 2
+    x = kv_cache[blocks]  # [S, nb, G, bs, 2D]
+    s, nb = blocks.shape
+    x = x.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, nb * block_size, two_d)
+    return x[..., :head_size], x[..., head_size:]
+
+
+class SeviFlashAttentionImpl(FlashAttentionImpl):
+    _layer: int | None = None
+    _layer_known = False
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                              output_block_scale)
+        if attn_metadata is None or not STATE.rows or self.attn_type != "decoder":
+            return out
+        STATE.observe_seq_lens(attn_metadata.seq_lens)
+        if not self._layer_known:
+            self._layer = layer_index(getattr(layer, "layer_name", ""))
+            self._layer_known = True
+        if self._layer is None or not STATE.tensors().any_enabled:
+            return out
+        if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
+            raise RuntimeError(f"SEVI: unexpected FlashAttention cache shape {tuple(kv_cache.shape)}")
+        cached = STATE.plan_cache
+        if cached is not None and cached[0] == STATE.step and cached[1] == id(attn_metadata):
+            plan = cached[2]
+        else:
+            plan = build_plan(STATE, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                              attn_metadata.block_table, kv_cache.shape[2], query.device)
+            STATE.plan_cache = (STATE.step, id(attn_metadata), plan)
+        if plan is None:
+            return out
+        if STATE.step_counts is None:
+            STATE.step_counts = torch.zeros(STATE.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long,
+                                            device=query.device)
+        align_layer(plan, self._layer, query, output, lambda blocks: read_flash_kv(kv_cache, blocks),
+                    self.scale, self.num_kv_heads, STATE.step_counts)
+        return out
+
+
+class SeviFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "FLASH_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[SeviFlashAttentionImpl]:
+        return SeviFlashAttentionImpl

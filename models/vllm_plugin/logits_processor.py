@@ -1,0 +1,206 @@
+"""The SEVI logits processor: carries per-request parameters to the attention backend, and pairs rows
+for cross-image contrastive decoding (spec section 3).
+
+Parameters: `validate_params` runs in vLLM's front end and refuses bad values (a ValueError there is an
+HTTP 400 in vLLM's server and an error at submission in ours); `update_state` runs in the worker before
+each forward, after the batch was condensed and reordered, and files one :class:`Row` per batch index
+in the shared :data:`STATE` that the backend reads.
+
+Contrast pairs: our engine submits two requests per contrasted request, a main row (`sevi_role=main`,
+aligned, on the real image) and a contrast row (`sevi_role=contrast`, unmodified model, on a contrast
+image), with the same `sevi_pair`. At each step where both rows sample the same output index, `apply`
+combines their logits with :func:`models.contrastive.contrast_logits`, chooses the main row's token
+(greedy, or sampled exactly as the reference engine samples: temperature, top_p, a torch generator
+seeded by the request's seed) and forces that token on both rows by making their logits one-hot, so
+vLLM's sampler can only pick it and the contrast row's cache follows the main row's prefix.
+
+Lockstep and preemption: a row "samples" in a step when its seq_len equals prompt + outputs (a partial
+prefill chunk does not). If both rows are preempted and resumed together they recompute and stay
+paired. If in some step one row samples and the other does not (one preempted, or prefill chunked
+apart), the pair is dissolved for good: the main row goes on with its own SEVI-aligned logits and no
+contrast (telemetry says `contrast_dissolved`), and the contrast row is ended with EOS (the engine also
+aborts it). Waiting is not an option: vLLM appends a sampled token to every row it schedules.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from models.conservativeness import AlignmentParamError
+from models.contrastive import contrast_logits
+from models.vllm_plugin.params import has_sevi_args, parse_row_request
+from models.vllm_plugin.state import STATE, Row
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
+_GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy
+_MAX_GENERATORS = 4096
+
+
+def model_facts(hf_config: Any) -> dict[str, Any]:
+    """Depth, image token id, family rule and EOS of a vLLM model's HF config."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    token = getattr(hf_config, "image_token_id", None)
+    if token is None:
+        token = getattr(hf_config, "image_token_index", -1)
+    eos = getattr(text, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return {"num_layers": int(text.num_hidden_layers), "image_token_id": int(token) if token is not None else -1,
+            "other_is_image_only": hf_config.model_type in QWEN_TYPES, "eos_token_id": eos}
+
+
+class SeviLogitsProcessor(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        extra = sampling_params.extra_args
+        if not has_sevi_args(extra):
+            return
+        try:
+            parse_row_request(extra, STATE.num_layers or None)
+        except AlignmentParamError as err:
+            raise ValueError(str(err)) from err
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        STATE.configure(**model_facts(vllm_config.model_config.hf_config))
+        self._pairs: dict[str, list[int | None]] = {}  # pair id -> [main index, contrast index]
+        self._generators: OrderedDict[str, torch.Generator] = OrderedDict()
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # contrastive decoding changes the argmax
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        STATE.begin_step()
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            STATE.remove(index)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            if index < STATE.batch_size and STATE.rows[index] is not None:
+                STATE.remove(index)
+            row = self._row(params, prompt_ids or [], output_ids)
+            if row is not None:
+                STATE.add(index, row)
+        for a, b, direction in batch_update.moved:
+            STATE.move(a, b, direction == MoveDirectionality.SWAP)
+        STATE.truncate(batch_update.batch_size)
+        self._index_pairs()
+
+    def _row(self, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> Row | None:
+        extra = params.extra_args
+        if not has_sevi_args(extra):
+            return None
+        try:
+            request = parse_row_request(extra, STATE.num_layers)
+        except AlignmentParamError:  # validated in the front end already; never fail a worker step
+            return None
+        ids = torch.tensor(prompt_ids, dtype=torch.long)
+        mask = ids == STATE.image_token_id
+        found = torch.nonzero(mask)
+        last = int(found[-1, 0]) if found.numel() else -1
+        return Row(request=request, prompt_len=len(prompt_ids), last_image=last, image_mask=mask,
+                   output_ids=output_ids, temperature=float(params.temperature), top_p=float(params.top_p),
+                   seed=params.seed)
+
+    def _index_pairs(self) -> None:
+        pairs: dict[str, list[int | None]] = {}
+        for i, row in enumerate(STATE.rows):
+            if row is None or row.request.pair is None:
+                continue
+            slot = pairs.setdefault(row.request.pair, [None, None])
+            slot[0 if row.request.role == "main" else 1] = i
+        self._pairs = pairs
+
+    # ---- contrastive decoding ----
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self._pairs:
+            return logits
+        mains: list[int] = []
+        partners: list[int] = []
+        end_rows: list[int] = []
+        for pair, (m, c) in self._pairs.items():
+            state = self._pair_state(pair, m, c)
+            if state == "combine":
+                assert m is not None and c is not None
+                mains.append(m)
+                partners.append(c)
+            elif state == "end" and c is not None:
+                end_rows.append(c)
+        if mains:
+            self._combine(logits, mains, partners)
+        if end_rows and STATE.eos_token_id is not None:
+            _force(logits, end_rows, [STATE.eos_token_id] * len(end_rows))
+        return logits
+
+    def _pair_state(self, pair: str, m: int | None, c: int | None) -> str:
+        """'combine', 'wait' (neither row samples now), 'alone' (main goes on alone) or 'end' the contrast."""
+        if pair in STATE.dissolved_pairs:
+            return "end"
+        sm = m is not None and _samples(m)
+        sc = c is not None and _samples(c)
+        if not sm and not sc:
+            return "wait"
+        if sm and sc and len(_row(m).output_ids) == len(_row(c).output_ids):
+            return "combine"
+        STATE.dissolved_pairs.add(pair)  # out of lockstep: see the module docstring
+        return "end"
+
+    def _combine(self, logits: torch.Tensor, mains: list[int], partners: list[int]) -> None:
+        m_idx = torch.tensor(mains, device=logits.device)
+        mixed = contrast_logits(logits[m_idx], logits[torch.tensor(partners, device=logits.device)])
+        tokens = mixed.argmax(-1).tolist()
+        for k, m in enumerate(mains):
+            row = _row(m)
+            pair = row.request.pair
+            assert pair is not None
+            STATE.contrast_steps[pair] = STATE.contrast_steps.get(pair, 0) + 1
+            if row.temperature >= _GREEDY_EPS:
+                tokens[k] = self._sample(pair, row, mixed[k])
+        _force(logits, mains + partners, tokens + tokens)
+
+    def _sample(self, pair: str, row: Row, logits: torch.Tensor) -> int:
+        """The reference engine's sampler (models.generation.DecodeBatch._sample), draw for draw."""
+        gen = self._generators.get(pair)
+        if gen is None:
+            seed = row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            gen = torch.Generator().manual_seed(seed)
+            self._generators[pair] = gen
+            while len(self._generators) > _MAX_GENERATORS:
+                self._generators.popitem(last=False)
+        probs = torch.softmax(logits.float().cpu() / row.temperature, -1)
+        if row.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < row.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen)[0])
+
+
+def _row(index: int | None) -> Row:
+    assert index is not None
+    row = STATE.rows[index]
+    assert row is not None
+    return row
+
+
+def _samples(index: int) -> bool:
+    """Whether this row's token this step is kept: its seq_len reaches prompt + outputs (no partial prefill)."""
+    row = _row(index)
+    if STATE.seq_lens is None or index >= STATE.seq_lens.shape[0]:
+        return True
+    return int(STATE.seq_lens[index]) == row.prompt_len + len(row.output_ids)
+
+
+def _force(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
+    """One-hot logits: whatever vLLM's sampler does next (greedy, temperature, top-p), it picks `tokens`."""
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = float("-inf")
+    logits[idx, torch.tensor(tokens, device=logits.device)] = 0.0

@@ -1,0 +1,186 @@
+"""Per-worker SEVI batch state, shared by the logits processor (writer) and the attention backend (reader).
+
+vLLM keeps request data away from the model forward. The one hook that sees each batch row's
+`SamplingParams` before the forward of the same step is a logits processor's `update_state` (called
+after the persistent batch was condensed and reordered, so its indices are the rows of the attention
+metadata). It files a :class:`Row` per batch index here; the backend reads the per-row tensors.
+
+One instance per worker process (module global): with tensor parallelism every worker has its own
+model runner, its own logits processor and its own attention layers, so each fills and reads its own.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.vllm_plugin.params import RowRequest
+
+# Counters per row, summed over every aligned (row, layer): the reference engine's telemetry names.
+TELEMETRY_FIELDS = ("aligned_rows", "stage1_rows", "stage2_rows", "heads_reweighted")
+_MAX_FILED = 4096  # finished requests' telemetry kept for the engine to collect (oldest dropped first)
+
+
+@dataclass
+class Row:
+    """One request in the persistent batch. `output_ids` is vLLM's live list of generated ids."""
+
+    request: RowRequest
+    prompt_len: int
+    last_image: int  # e: index of the last image token, -1 without an image
+    image_mask: torch.Tensor  # bool [prompt_len]: which prompt positions are image tokens
+    output_ids: list[int]
+    temperature: float
+    top_p: float
+    seed: int | None
+    telemetry: list[int] = field(default_factory=lambda: [0] * len(TELEMETRY_FIELDS))
+    generator: torch.Generator | None = None  # contrast pairs sample here (see logits_processor)
+
+    @property
+    def aligned(self) -> bool:
+        return self.request.aligned and self.last_image >= 0
+
+
+@dataclass
+class RowTensors:
+    """Dense per-batch-row views of the rows, rebuilt only when the batch changes."""
+
+    enabled: torch.Tensor  # bool [B]
+    omega: torch.Tensor  # float32 [B]
+    kappa: torch.Tensor  # float32 [B]
+    start_layer: torch.Tensor  # long [B]
+    last_image: torch.Tensor  # long [B]
+    align_from: torch.Tensor  # long [B]: the last prompt row; every later row is aligned too
+    image_keys: torch.Tensor  # bool [B, P]: image positions of each prompt, padded with False
+    any_enabled: bool
+
+
+class WorkerState:
+    def __init__(self) -> None:
+        self.rows: list[Row | None] = []
+        self.other_is_image_only = False
+        self.image_token_id = -1
+        self.num_layers = 0
+        self.eos_token_id: int | None = None
+        self.step = 0
+        self._tensors: RowTensors | None = None
+        # Per-step scratch written by the attention backend.
+        self.step_counts: torch.Tensor | None = None  # long [B, 4], telemetry of this step
+        self.seq_lens: torch.Tensor | None = None  # this step's seq_lens per row (lockstep checks)
+        self.plan_cache: tuple[int, int, Any] | None = None  # (step, id(metadata), plan)
+        self.filed: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.dissolved_pairs: set[str] = set()
+        self.contrast_steps: dict[str, int] = {}
+
+    # ---- model facts (set once by the logits processor from the vLLM config) ----
+    def configure(self, *, num_layers: int, image_token_id: int, other_is_image_only: bool,
+                  eos_token_id: int | None) -> None:
+        self.num_layers = num_layers
+        self.image_token_id = image_token_id
+        self.other_is_image_only = other_is_image_only
+        self.eos_token_id = eos_token_id
+
+    def observe_seq_lens(self, seq_lens: torch.Tensor) -> None:
+        """Keep this step's seq_lens (first layer only): the logits processor checks pair lockstep with them."""
+        if self.seq_lens is None:
+            self.seq_lens = seq_lens[: self.batch_size].to("cpu", copy=True)
+
+    # ---- batch bookkeeping ----
+    def begin_step(self) -> None:
+        """Fold the last step's counters into the rows; called first thing in update_state."""
+        if self.step_counts is not None:
+            counts = self.step_counts.tolist()
+            for row, c in zip(self.rows, counts, strict=False):
+                if row is not None and any(c):
+                    row.telemetry = [a + b for a, b in zip(row.telemetry, c, strict=True)]
+        self.step_counts = None
+        self.seq_lens = None
+        self.step += 1
+
+    def remove(self, index: int) -> None:
+        row = self.rows[index] if index < len(self.rows) else None
+        if row is not None:
+            self._file(row)
+            self.rows[index] = None
+            self._tensors = None
+
+    def add(self, index: int, row: Row) -> None:
+        while len(self.rows) <= index:
+            self.rows.append(None)
+        key = row.request.key
+        if key is not None and key in self.filed:  # resumed after preemption: keep counting
+            earlier = self.filed.pop(key)
+            row.telemetry = [int(earlier.get(n, 0)) for n in TELEMETRY_FIELDS]
+        self.rows[index] = row
+        self._tensors = None
+
+    def move(self, a: int, b: int, swap: bool) -> None:
+        while len(self.rows) <= max(a, b):
+            self.rows.append(None)
+        if swap:
+            self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+        else:
+            self.rows[b], self.rows[a] = self.rows[a], None
+        self._tensors = None
+
+    def truncate(self, batch_size: int) -> None:
+        for i in range(batch_size, len(self.rows)):
+            if self.rows[i] is not None:
+                self.remove(i)
+        del self.rows[batch_size:]
+        self._tensors = None
+
+    def _file(self, row: Row) -> None:
+        key = row.request.key
+        if key is None:
+            return
+        entry: dict[str, Any] = dict(zip(TELEMETRY_FIELDS, row.telemetry, strict=True))
+        if row.request.role == "main" and row.request.pair is not None:
+            entry["contrast_steps"] = self.contrast_steps.pop(row.request.pair, 0)
+            entry["contrast_dissolved"] = row.request.pair in self.dissolved_pairs
+        self.filed[key] = entry
+        while len(self.filed) > _MAX_FILED:
+            self.filed.popitem(last=False)
+
+    def collect(self, key: str) -> dict[str, Any] | None:
+        """The telemetry filed for a finished request (in-process engines only), removed on read."""
+        return self.filed.pop(key, None)
+
+    # ---- dense views for the backend ----
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    def tensors(self) -> RowTensors:
+        if self._tensors is None:
+            self._tensors = self._build()
+        return self._tensors
+
+    def _build(self) -> RowTensors:
+        n = len(self.rows)
+        live = [(i, r) for i, r in enumerate(self.rows) if r is not None and r.aligned]
+        enabled = torch.zeros(n, dtype=torch.bool)
+        omega = torch.zeros(n, dtype=torch.float32)
+        kappa = torch.zeros(n, dtype=torch.float32)
+        start = torch.zeros(n, dtype=torch.long)
+        last = torch.full((n,), -1, dtype=torch.long)
+        align_from = torch.zeros(n, dtype=torch.long)
+        width = max((r.prompt_len for _, r in live), default=0)
+        image_keys = torch.zeros(n, width, dtype=torch.bool)
+        for i, r in live:
+            params = r.request.alignment
+            assert params is not None
+            enabled[i] = True
+            omega[i] = params.omega
+            kappa[i] = params.kappa
+            start[i] = params.start_layer
+            last[i] = r.last_image
+            align_from[i] = r.prompt_len - 1
+            image_keys[i, : r.prompt_len] = r.image_mask
+        return RowTensors(enabled, omega, kappa, start, last, align_from, image_keys, bool(live))
+
+
+STATE = WorkerState()
