@@ -70,17 +70,30 @@ def from_exception(exc: BaseException, retry_after_s: int = 1) -> APIError:
     return APIError(500, "internal server error", code="internal_error", type="server_error")
 
 
+def _clean_loc(loc: Any) -> str:
+    """`("body", "conservativeness", "float")` -> `"conservativeness"`: pydantic adds union member tags to locs."""
+    return ".".join(str(p) for p in loc or () if isinstance(p, int) or (p not in _LOC_NOISE and "[" not in str(p)))
+
+
+# Location roots and the union member tags pydantic puts in error locations.
+_LOC_NOISE = frozenset({"body", "query", "path", "header", "str", "int", "float", "bool", "none", "dict", "list"})
+
+
 def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    param = ".".join(loc) or None
-    msg = str(first.get("msg", "invalid request"))
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    if first.get("type") == "missing" and not loc:
+    param = _clean_loc(first.get("loc")) or None
+    if first.get("type") == "missing" and param is None:
         return "request body is missing", None
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+    # A value that fits no member of a union fails once per member: say so once.
+    same = [e for e in errors if (_clean_loc(e.get("loc")) or None) == param]
+    msg = str(first.get("msg", "invalid request"))
+    if len(same) > 1:
+        msg = "invalid value (" + "; ".join(dict.fromkeys(str(e.get("msg")) for e in same)) + ")"
+    more = len(errors) - len(same)
+    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return (f"{param}: {msg}{tail}" if param else f"{msg}{tail}"), param
 
 
 def install(app: FastAPI, retry_after_s: int) -> None:
