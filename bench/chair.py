@@ -41,7 +41,7 @@ _IRREGULAR = {
     "buses": "bus", "glasses": "glass", "dishes": "dish", "benches": "bench", "couches": "couch",
     "sandwiches": "sandwich", "toothbrushes": "toothbrush", "boxes": "box", "foxes": "fox",
     "tomatoes": "tomato", "potatoes": "potato", "sheep": "sheep", "species": "species", "skis": "skis",
-    "scissors": "scissors", "series": "series", "cattle": "cattle", "ties": "tie", "pies": "pie",
+    "scissors": "scissors", "series": "series", "cattle": "cattle", "ties": "tie", "pies": "pie", "taxis": "taxi",
 }
 # Words ending in "s" that are already singular (or the plural and singular coincide).
 _KEEP_S = ("ss", "us", "is", "ous", "ics")
@@ -51,7 +51,7 @@ def singularize(word: str) -> str:
     """Singular form of a lower-case English noun, good enough for the COCO object vocabulary."""
     if word in _IRREGULAR:
         return _IRREGULAR[word]
-    if len(word) <= 3 or not word.endswith("s") or word.endswith(_KEEP_S):
+    if len(word) <= 2 or not word.endswith("s") or word.endswith(_KEEP_S):
         return word
     if word.endswith("ies") and len(word) > 4:
         return word[:-3] + "y"  # puppies -> puppy, lorries -> lorry

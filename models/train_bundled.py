@@ -226,7 +226,7 @@ def train(args: argparse.Namespace) -> Path:
         step += 1
         window.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.2e}", refresh=False)
         if step % args.log_every == 0 or step == args.steps:
             row = {"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
                    "samples": step * args.batch, "elapsed_s": round(time.time() - start, 1)}
