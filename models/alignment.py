@@ -7,18 +7,20 @@ leading dimension and pass per-row masks and knobs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 
 @dataclass(frozen=True)
 class HeadGroups:
-    """Boolean head masks `[rows, heads]` from the classification step (useful for telemetry)."""
+    """Boolean head masks `[rows, heads]`: the groups, and (after alignment) the heads each stage moved."""
 
     semantic: torch.Tensor
     core: torch.Tensor
     global_: torch.Tensor
+    stage1: torch.Tensor | None = None  # other heads moved (empty groups and omega == 0 move none)
+    stage2: torch.Tensor | None = None  # global heads moved
 
     @property
     def other(self) -> torch.Tensor:
@@ -58,7 +60,7 @@ def align_scores(
     omega: torch.Tensor,
     kappa: torch.Tensor,
 ) -> tuple[torch.Tensor, HeadGroups]:
-    """Return SEVI-aligned pre-softmax scores for each row, and the head groups used.
+    """Return SEVI-aligned pre-softmax scores for each row, and the head groups with the heads each stage moved.
 
     Stage 1 pulls every other head toward the mean of the (unmodified) global heads; stage 2 pulls
     every global head toward the element-wise max of the core heads. A stage runs only where both of
@@ -77,14 +79,14 @@ def align_scores(
     # are excluded by the stage-2 condition below, so the -inf never reaches the output.
     core_max = scores.masked_fill(~core[..., None], float("-inf")).amax(1)  # [R, K]
 
-    stage1 = other & (n_global > 0) & (omega[:, None] > 0)
-    stage2 = glob & core.any(-1, keepdim=True) & (omega[:, None] > 0)
+    on = omega[:, None] > 0
+    stage1 = other & (n_global > 0) & on
+    stage2 = glob & core.any(-1, keepdim=True) & on
 
-    pulled1 = (scores + w * global_mean[:, None, :]) / (1 + w)
-    pulled2 = (scores + w * core_max[:, None, :]) / (1 + w)
-    out = torch.where(stage1[..., None], pulled1, scores)
-    out = torch.where(stage2[..., None], pulled2, out)
-    return out, groups
+    # The stages move disjoint heads (other vs global), so one blend serves both.
+    target = torch.where(stage1[..., None], global_mean[:, None, :], core_max[:, None, :])
+    out = torch.where((stage1 | stage2)[..., None], (scores + w * target) / (1 + w), scores)
+    return out, replace(groups, stage1=stage1, stage2=stage2)
 
 
 def span_masks(

@@ -313,9 +313,7 @@ class DecodeBatch:
 
     def _telemetry(self, request_id: str) -> dict[str, int]:
         i = next(i for i, r in enumerate(self.rows) if r.request.request_id == request_id and not r.contrast)
-        t = self.alignment.telemetry
-        return {"aligned_rows": int(t.aligned[i]), "stage1_rows": int(t.stage1[i]),
-                "stage2_rows": int(t.stage2[i]), "heads_reweighted": int(t.heads_reweighted[i])}
+        return self.alignment.telemetry.row(i)
 
     def _drop_finished(self) -> torch.Tensor:
         """Remove the rows of finished requests from every per-row tensor; returns the kept row indices."""

@@ -29,21 +29,21 @@ ATTN_NAME = "sevi"
 
 @dataclass
 class AlignmentTelemetry:
-    """Per-row counters, accumulated over every aligned (row, layer). Tensors of shape `[B]`."""
+    """Per-sequence counters `[B, 4]`, summed over every aligned (row, layer): rows aligned, rows where
+    stage 1 fired, rows where stage 2 fired, and heads whose scores were moved."""
 
-    aligned: torch.Tensor
-    stage1: torch.Tensor
-    stage2: torch.Tensor
-    heads_reweighted: torch.Tensor
+    FIELDS = ("aligned_rows", "stage1_rows", "stage2_rows", "heads_reweighted")
+    counts: torch.Tensor
 
     @classmethod
     def zeros(cls, batch: int) -> AlignmentTelemetry:
-        z = torch.zeros(batch, dtype=torch.long)
-        return cls(z.clone(), z.clone(), z.clone(), z.clone())
+        return cls(torch.zeros(batch, len(cls.FIELDS), dtype=torch.long))
 
     def select(self, keep: torch.Tensor) -> AlignmentTelemetry:
-        return AlignmentTelemetry(self.aligned[keep], self.stage1[keep], self.stage2[keep],
-                                  self.heads_reweighted[keep])
+        return AlignmentTelemetry(self.counts[keep])
+
+    def row(self, i: int) -> dict[str, int]:
+        return dict(zip(self.FIELDS, self.counts[i].tolist(), strict=True))
 
 
 @dataclass
@@ -68,9 +68,16 @@ class AlignmentBatch:
         self.telemetry = AlignmentTelemetry.zeros(self.omega.shape[0])
         # Rows without an image, or with omega == 0, are never aligned.
         self.enabled = (self.omega > 0) & (self.last_image >= 0)
+        self._plan_key: tuple[object, ...] | None = None
+        self._plan: _Plan | None = None
 
-    def rows_for_layer(self, layer: int) -> torch.Tensor:
-        return self.enabled & (self.start_layer <= layer)
+    def plan_for(self, mask: torch.Tensor | None, bsz: int, q_len: int, k_len: int) -> _Plan | None:
+        """The rows and masks to align in this forward; built by its first layer, reused by the others."""
+        key = (id(mask), bsz, q_len, k_len, self.image_keys.shape[1])
+        if key != self._plan_key:
+            self._plan = _build_plan(self, mask, bsz, q_len, k_len)
+            self._plan_key = key
+        return self._plan
 
     def extend_keys(self, n: int) -> None:
         """Append n text (non-image) key columns after a decode step."""
@@ -106,6 +113,58 @@ def _valid_keys(mask: torch.Tensor | None, n_seq: int, q0: int, q_pos: torch.Ten
     return m if m.dtype == torch.bool else m == 0  # additive masks hold 0 where attention is allowed
 
 
+@dataclass
+class _Plan:
+    """What one forward pass aligns, shared by all its layers: the enabled sequences' rows and key masks.
+
+    Rows are flattened sequence-major: flat row `s * n_rows + r` is query row `q0 + r` of sequence `seq[s]`.
+    """
+
+    seq: torch.Tensor  # [S] batch index of each enabled sequence
+    start_layer: list[int]  # per enabled sequence
+    q0: int
+    n_rows: int
+    needed: torch.Tensor  # [S, R] rows at or past align_from
+    valid: torch.Tensor  # [S*R, K]
+    semantic: torch.Tensor  # [S*R, K]
+    other: torch.Tensor  # [S*R, K]
+    omega: torch.Tensor  # [S*R]
+    kappa: torch.Tensor  # [S*R]
+
+    def subset(self, keep: torch.Tensor) -> _Plan:
+        flat = keep.repeat_interleave(self.n_rows)
+        return _Plan(self.seq[keep], [x for x, k in zip(self.start_layer, keep.tolist(), strict=True) if k],
+                     self.q0, self.n_rows, self.needed[keep], self.valid[flat], self.semantic[flat],
+                     self.other[flat], self.omega[flat], self.kappa[flat])
+
+
+def _build_plan(batch: AlignmentBatch, mask: torch.Tensor | None, bsz: int, q_len: int, k_len: int) -> _Plan | None:
+    seq = batch.enabled.nonzero().squeeze(1)
+    if seq.numel() == 0:
+        return None
+    # Only rows from the earliest align_from on can need alignment.
+    q0 = max(int(batch.align_from[seq].min()) - (k_len - q_len), 0)
+    if q0 >= q_len:
+        return None
+    device = batch.omega.device
+    q_pos = torch.arange(k_len - q_len + q0, k_len, device=device)  # key index of each selected query row
+    n_seq, n_rows = seq.numel(), q_pos.numel()
+    if mask is not None:
+        mask = mask.expand(bsz, -1, -1, -1)[seq]
+    valid = _valid_keys(mask, n_seq, q0, q_pos, k_len).reshape(n_seq * n_rows, k_len)
+    semantic, other = span_masks(
+        torch.arange(k_len, device=device),
+        q_pos.repeat(n_seq),
+        batch.last_image[seq].repeat_interleave(n_rows),
+        batch.image_keys[seq, :k_len].repeat_interleave(n_rows, dim=0),
+        batch.other_is_image_only[seq].repeat_interleave(n_rows),
+    )
+    return _Plan(seq, batch.start_layer[seq].tolist(), q0, n_rows,
+                 q_pos[None, :] >= batch.align_from[seq][:, None],
+                 valid, semantic & valid, other & valid,
+                 batch.omega[seq].repeat_interleave(n_rows), batch.kappa[seq].repeat_interleave(n_rows))
+
+
 def sevi_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -116,76 +175,54 @@ def sevi_attention_forward(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                    scaling=scaling, **kwargs)  # type: ignore[arg-type]
     batch = _current.get()
     layer = getattr(module, "layer_idx", None)
-    if batch is None or layer is None:
-        return out, None
-    rows = batch.rows_for_layer(layer)
-    if not bool(rows.any()):
-        return out, None
+    plan = None
+    if batch is not None and layer is not None:
+        bsz, n_heads, q_len, head_dim = query.shape
+        plan = batch.plan_for(attention_mask, bsz, q_len, key.shape[2])
+    if plan is None or layer is None or min(plan.start_layer) > layer:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)  # type: ignore[arg-type]
+    assert batch is not None
+    if max(plan.start_layer) > layer:
+        plan = plan.subset(torch.tensor([s <= layer for s in plan.start_layer]))
+    # When every row of the batch is aligned here (decoding with alignment on for all), SDPA's result
+    # would be thrown away: skip it. Otherwise keep SDPA's output for all rows not aligned.
+    everything = plan.q0 == 0 and plan.seq.numel() == bsz and bool(plan.needed.all())
+    out = None
+    if not everything:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=scaling, **kwargs)  # type: ignore[arg-type]
 
-    bsz, n_heads, q_len, head_dim = query.shape
+    seq, q0, n_rows = plan.seq, plan.q0, plan.n_rows
     k_len = key.shape[2]
-    # Key index of each query row; only rows from the earliest align_from on can need alignment.
-    first = int(batch.align_from[rows].min().item()) - (k_len - q_len)
-    q0 = max(first, 0)
-    if q0 >= q_len:
-        return out, None
-    q_pos = torch.arange(k_len - q_len + q0, k_len, device=query.device)  # [R]
-    seq = rows.nonzero().squeeze(1)  # sequences with alignment on in this layer
-    needed = q_pos[None, :] >= batch.align_from[seq][:, None]  # [S, R]
-
     scale = scaling if scaling is not None else head_dim**-0.5
-    q = query[seq, :, q0:].float()  # [S, H, R, D]
     n_rep = n_heads // key.shape[1]
-    k = repeat_kv(key[seq], n_rep).float()
-    v = repeat_kv(value[seq], n_rep).float()
+    q = (query if everything else query[seq, :, q0:]).float()  # [S, H, R, D]
+    k = repeat_kv(key if everything else key[seq], n_rep).float()
+    v = repeat_kv(value if everything else value[seq], n_rep).float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [S, H, R, K]
-    n_seq, _, n_rows, _ = scores.shape
-
-    mask = attention_mask
-    if mask is not None:
-        mask = mask.expand(bsz, -1, -1, -1)[seq]
-    valid = _valid_keys(mask, n_seq, q0, q_pos, k_len)
-    semantic, other = span_masks(
-        torch.arange(k_len, device=query.device),
-        q_pos.repeat(n_seq),
-        batch.last_image[seq].repeat_interleave(n_rows),
-        batch.image_keys[seq, :k_len].repeat_interleave(n_rows, dim=0),
-        batch.other_is_image_only[seq].repeat_interleave(n_rows),
-    )
+    n_seq = scores.shape[0]
     flat = scores.permute(0, 2, 1, 3).reshape(n_seq * n_rows, n_heads, k_len)  # rows x heads x keys
-    flat_valid = valid.reshape(n_seq * n_rows, k_len)
-    semantic &= flat_valid
-    other &= flat_valid
-    aligned, groups = align_scores(
-        flat, flat_valid, semantic, other,
-        batch.omega[seq].repeat_interleave(n_rows), batch.kappa[seq].repeat_interleave(n_rows),
-    )
-    probs = torch.softmax(aligned.masked_fill(~flat_valid[:, None, :], float("-inf")), dim=-1)
+    aligned, stages = align_scores(flat, plan.valid, plan.semantic, plan.other, plan.omega, plan.kappa)
+    probs = torch.softmax(aligned.masked_fill(~plan.valid[:, None, :], float("-inf")), dim=-1)
     probs = probs.reshape(n_seq, n_rows, n_heads, k_len).permute(0, 2, 1, 3)
-    new = torch.matmul(probs, v).transpose(1, 2).to(out.dtype)  # [S, R, H, D]
-
-    region = out[seq, q0:]
-    out[seq, q0:] = torch.where(needed[..., None, None], new, region)
-    _record(batch, seq, needed.reshape(-1), groups)
+    new = torch.matmul(probs, v).transpose(1, 2).to(query.dtype)  # [S, R, H, D]
+    _record(batch, seq, plan.needed, stages)
+    if out is None:
+        return new.contiguous(), None
+    out[seq, q0:] = torch.where(plan.needed[..., None, None], new, out[seq, q0:])
     return out, None
 
 
-def _record(batch: AlignmentBatch, seq: torch.Tensor, needed: torch.Tensor, groups: HeadGroups) -> None:
-    """Count aligned rows, rows where each stage fired, and heads whose scores were moved."""
-    has_global = groups.global_.any(-1)
-    stage1 = groups.other.any(-1) & has_global & needed
-    stage2 = has_global & groups.core.any(-1) & needed
-    heads = (groups.other.sum(-1) * stage1 + groups.global_.sum(-1) * stage2)
-    n_rows = needed.shape[0] // seq.shape[0]
-    t = batch.telemetry
-    t.aligned.index_add_(0, seq, needed.view(-1, n_rows).sum(-1))
-    t.stage1.index_add_(0, seq, stage1.view(-1, n_rows).sum(-1))
-    t.stage2.index_add_(0, seq, stage2.view(-1, n_rows).sum(-1))
-    t.heads_reweighted.index_add_(0, seq, heads.view(-1, n_rows).sum(-1))
+def _record(batch: AlignmentBatch, seq: torch.Tensor, needed: torch.Tensor, stages: HeadGroups) -> None:
+    """Add this layer's counts (rows aligned, stage 1 / stage 2 rows, heads moved) to each sequence."""
+    assert stages.stage1 is not None and stages.stage2 is not None
+    per_row = torch.stack([torch.ones_like(stages.stage1[:, 0]), stages.stage1.any(-1), stages.stage2.any(-1)], -1)
+    heads = (stages.stage1.sum(-1) + stages.stage2.sum(-1))[:, None]
+    rows = torch.cat([per_row.long(), heads], -1) * needed.reshape(-1, 1)
+    batch.telemetry.counts.index_add_(0, seq, rows.view(seq.shape[0], -1, 4).sum(1))
 
 
 _registered = False

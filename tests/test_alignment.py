@@ -56,7 +56,9 @@ def test_all_groups_populated_and_both_stages_change_scores() -> None:
     assert groups.core[0].tolist() == [True, False, False]
     assert groups.global_[0].tolist() == [False, True, False]
     assert groups.other[0].tolist() == [False, False, True]
-    got, _ = align_scores(scores, valid, semantic, other, torch.tensor([1.0]), torch.tensor([0.5]))
+    got, moved = align_scores(scores, valid, semantic, other, torch.tensor([1.0]), torch.tensor([0.5]))
+    assert moved.stage1 is not None and moved.stage2 is not None
+    assert moved.stage1[0].tolist() == [False, False, True] and moved.stage2[0].tolist() == [False, True, False]
     # Stage 1: the other head moves halfway toward the global head's (unmodified) scores.
     torch.testing.assert_close(got[0, 2], (scores[0, 2] + scores[0, 1]) / 2)
     # Stage 2: the global head moves halfway toward the core head's scores; the core head never changes.
