@@ -230,7 +230,6 @@ class VllmEngine(Engine):
     def _load(self) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.cpu_kv_cache_gib))
-        import models  # noqa: F401 - torchvision shim before vLLM imports transformers' image code
         from transformers import AutoProcessor
         from vllm import EngineArgs, LLMEngine
         from vllm.platforms import current_platform
@@ -291,8 +290,9 @@ class VllmEngine(Engine):
         pair = job.main_id if contrast else None
         try:
             text = self._prompt_text(req)
-            base = dict(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
-                        stop_token_ids=sorted(self._eos), detokenize=False, output_kind=RequestOutputKind.DELTA)
+            base: dict[str, Any] = dict(
+                max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
+                stop_token_ids=sorted(self._eos), detokenize=False, output_kind=RequestOutputKind.DELTA)
             main_sp = SamplingParams(**base, extra_args=to_extra_args(
                 params, role="main" if contrast else None, pair=pair, key=job.main_id))
             prompt = self._prompt(text, req.images, salt=params if params.active else None)
