@@ -98,7 +98,8 @@ class VllmEngine(Engine):
         self._dtype = dtype
         self._pool_dir = contrast_pool_dir
         self._max_images = max_images_per_request
-        self.options = options or VllmOptions()
+        env_only: dict[str, Any] = {}  # every field from SEVI_VLLM_* or its default
+        self.options = options or VllmOptions(**env_only)
         self._engine: Any = None
         self._processor: Any = None
         self._tokenizer: Any = None
