@@ -75,6 +75,10 @@ class WorkerState:
         self.dissolved_pairs: set[str] = set()
         self.contrast_steps: dict[str, int] = {}
 
+    def reset(self) -> None:
+        """Forget everything (an engine stopped; the next one configures afresh)."""
+        self.__init__()  # type: ignore[misc]
+
     # ---- model facts (set once by the logits processor from the vLLM config) ----
     def configure(self, *, num_layers: int, image_token_id: int, other_is_image_only: bool,
                   eos_token_id: int | None) -> None:

@@ -139,6 +139,12 @@ class VllmEngine(Engine):
             self._cond.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 60)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.engine_core.shutdown()
+        if self._telemetry is not None:
+            self._telemetry.reset()  # one vLLM engine per process at a time: the plugin state is global
 
     @property
     def ready(self) -> bool:
@@ -278,6 +284,7 @@ class VllmEngine(Engine):
     # ---- requests in ----------------------------------------------------------------------------------
     def _add(self, job: _Job) -> None:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
         from models.vllm_plugin.params import to_extra_args
@@ -305,7 +312,7 @@ class VllmEngine(Engine):
                 # Contrast first, main second, both before the next step(): admitted in the same step.
                 self._engine.add_request(job.contrast_id, self._prompt(text, images, salt=None), c_sp)
             self._engine.add_request(job.main_id, prompt, main_sp)
-        except (ValueError, TypeError) as exc:  # vLLM's validation (incl. the SEVI processor): a 400
+        except (ValueError, TypeError, VLLMValidationError) as exc:  # vLLM's validation (incl. SEVI's): a 400
             if job.contrast_id is not None:
                 with contextlib.suppress(Exception):
                     self._engine.abort_request([job.contrast_id])

@@ -1,0 +1,195 @@
+"""The vLLM engine against the reference engine on the tiny LLaVA: direct, then through HTTP (`--engine vllm`).
+
+One vLLM engine for the whole module (behind one live server; the direct tests call the same engine),
+in-process, float32, 1 GiB of KV cache. Equality tests also check that the alignment / the contrast
+changed the output (random tiny models make SEVI a silent no-op unless kappa is chosen so that every
+head group is populated: omega 3, start layer 1, kappa 0.6 does it here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+pytest.importorskip("vllm")
+
+from models.conservativeness import AlignmentParams, resolve_alignment  # noqa: E402
+from models.generation import (  # noqa: E402
+    GenerationRequest,
+    ReferenceModel,
+    RequestError,
+    SamplingParams,
+    run_to_completion,
+    user_message,
+)
+from server.engines.base import Engine  # noqa: E402
+from tests.conftest import random_image  # noqa: E402
+from tests.server.conftest import LiveServer, base_settings, image_message, png_bytes  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "Please describe this image in detail."
+EXPLICIT = {"omega": 3.0, "start_layer": 1, "kappa": 0.6}
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_dir: Callable[[str], Path]) -> Iterator[LiveServer]:
+    server = LiveServer(base_settings(tiny_model_dir("llava"), engine="vllm", max_batch_size=16)).start(timeout=180)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model: Callable[[str], ReferenceModel]) -> ReferenceModel:
+    return tiny_model("llava")
+
+
+def run_engine(engine: Engine, requests: list[GenerationRequest]) -> dict[str, tuple[list[int], dict[str, int]]]:
+    """All requests submitted together; generated ids (EOS excluded, as the reference reports) and telemetry."""
+
+    async def one(req: GenerationRequest) -> tuple[list[int], dict[str, int]]:
+        ids: list[int] = []
+        telemetry: dict[str, int] = {}
+        async for ev in engine.generate(req):
+            if ev.token_id is not None and not (ev.finish_reason == "stop" and not ev.text and ev.token_id in eos):
+                ids.append(ev.token_id)
+            telemetry = ev.telemetry or telemetry
+        return ids, telemetry
+
+    eos = getattr(engine, "_eos", set())
+
+    async def all_() -> list[tuple[list[int], dict[str, int]]]:
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    return dict(zip([r.request_id for r in requests], asyncio.run(all_()), strict=True))
+
+
+def knob_set(layers: int) -> dict[str, AlignmentParams]:
+    return {
+        "c0": resolve_alignment(0, layers),
+        "c05": resolve_alignment(0.5, layers),  # contrast on by default above 0
+        "c1": resolve_alignment(1.0, layers, contrast=False),
+        "explicit": resolve_alignment(None, layers, contrast=False, **EXPLICIT),  # type: ignore[arg-type]
+        "explicit+cd": resolve_alignment(None, layers, contrast=True, **EXPLICIT),  # type: ignore[arg-type]
+    }
+
+
+def mixed_batch(layers: int, images: list[Image.Image], max_tokens: int = 20) -> list[GenerationRequest]:
+    reqs = [GenerationRequest(f"{name}/{i}", user_message(PROMPT), [img], params, SamplingParams(max_tokens=max_tokens))
+            for i, img in enumerate(images) for name, params in knob_set(layers).items()]
+    # Sampled contrastive decoding: the pair samples with the reference engine's sampler, seeded.
+    reqs.append(GenerationRequest("sampled+cd/0", user_message(PROMPT), [images[0]], knob_set(layers)["explicit+cd"],
+                                  SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, seed=11)))
+    return reqs
+
+
+def check_mixed_batch(engine: Engine, ref: ReferenceModel) -> None:
+    images = [random_image(s) for s in range(2)]
+    reqs = mixed_batch(ref.num_layers, images)
+    got = run_engine(engine, reqs)
+    want = run_to_completion(ref, reqs)
+    for r in reqs:
+        assert got[r.request_id][0] == want[r.request_id].token_ids, r.request_id
+        tel = got[r.request_id][1]
+        assert {k: tel[k] for k in want[r.request_id].telemetry} == want[r.request_id].telemetry, r.request_id
+    # Not vacuous: both stages fired (every head group populated), alignment and contrast changed tokens.
+    for i in range(len(images)):
+        assert got[f"explicit/{i}"][1]["stage1_rows"] > 0 and got[f"explicit/{i}"][1]["stage2_rows"] > 0
+        assert got[f"explicit+cd/{i}"][1]["contrast_steps"] > 0
+        assert not got[f"explicit+cd/{i}"][1]["contrast_dissolved"]
+    assert any(got[f"explicit/{i}"][0] != got[f"c0/{i}"][0] for i in range(len(images)))
+    assert any(got[f"explicit+cd/{i}"][0] != got[f"explicit/{i}"][0] for i in range(len(images)))
+
+
+def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceModel) -> None:
+    check_mixed_batch(live.engine, ref)
+
+
+def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(live: LiveServer,
+                                                                               ref: ReferenceModel) -> None:
+    from models.vllm_plugin.state import STATE
+
+    images = [random_image(s) for s in range(2)]
+    mixed = mixed_batch(ref.num_layers, images)
+    off = [r for r in mixed if r.request_id.startswith("c0/")]
+    step_before = STATE.step
+    alone = run_engine(live.engine, [GenerationRequest("alone" + r.request_id, r.messages, r.images, r.alignment,
+                                                       r.sampling) for r in off])
+    # No aligned row in that batch: the backend never built a plan, i.e. vLLM's own kernel output only.
+    assert STATE.plan_cache is None or STATE.plan_cache[0] <= step_before
+    together = run_engine(live.engine, mixed)
+    for r in off:
+        assert alone["alone" + r.request_id][0] == together[r.request_id][0]
+
+
+def test_bad_alignment_values_are_refused_by_validate_params(live: LiveServer) -> None:
+    bad = AlignmentParams(conservativeness=0.5, omega=-1.0, start_layer=1, kappa=0.2, contrast=False)
+    req = GenerationRequest("bad", user_message(PROMPT), [random_image(0)], bad, SamplingParams(max_tokens=4))
+    with pytest.raises(RequestError, match="omega"):
+        run_engine(live.engine, [req])
+
+
+# ---- through HTTP ----------------------------------------------------------------------------------------
+def reference_text(ref: ReferenceModel, png: bytes, params: AlignmentParams, max_tokens: int) -> str:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    req = GenerationRequest("h", user_message("what do you see"), [img], params, SamplingParams(max_tokens=max_tokens))
+    return run_to_completion(ref, [req])["h"].text
+
+
+def test_chat_completions_equal_reference(live: LiveServer, ref: ReferenceModel) -> None:
+    png = png_bytes(3)
+    body: dict[str, Any] = {"messages": image_message("what do you see", png), "max_tokens": 12,
+                            "alignment": dict(EXPLICIT, contrast=True)}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    params = resolve_alignment(0.5, ref.num_layers, contrast=True, **EXPLICIT)  # type: ignore[arg-type]
+    assert data["choices"][0]["message"]["content"] == reference_text(ref, png, params, 12)
+    assert data["alignment"]["omega"] == 3.0 and data["telemetry"]["stage2_rows"] > 0
+
+
+def test_openai_client_plain_and_streaming(live: LiveServer, ref: ReferenceModel) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
+    png = png_bytes(4)
+    kwargs: dict[str, Any] = dict(model=live.engine.model_name, messages=image_message("what do you see", png),
+                                  max_tokens=10, extra_body={"conservativeness": 1.0, "alignment": {"contrast": False}})
+    plain = client.chat.completions.create(**kwargs)
+    text = plain.choices[0].message.content
+    assert text == reference_text(ref, png, resolve_alignment(1.0, ref.num_layers, contrast=False), 10)
+    chunks = client.chat.completions.create(stream=True, **kwargs)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+
+
+def test_bad_conservativeness_is_a_400(live: LiveServer) -> None:
+    body = {"messages": image_message("what do you see", png_bytes(1)), "conservativeness": 1.5}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "conservativeness"
+
+
+def test_caption_multipart_and_cancelled_stream_frees_the_engine(live: LiveServer) -> None:
+    r = httpx.post(live.url + "/caption", files={"image": ("a.png", png_bytes(2), "image/png")},
+                   data={"conservativeness": "balanced", "max_tokens": "6"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["alignment"]["contrast"] is True
+    body = {"messages": image_message("what do you see", png_bytes(5)), "max_tokens": 400, "stream": True,
+            "alignment": {"omega": 1.0, "contrast": True}}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:]).get("choices"):
+                break  # first token seen: hang up
+    engine: Any = live.engine
+    for _ in range(200):
+        if engine.stats().running == 0 and not engine._jobs:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert engine.stats().running == 0 and not engine._jobs

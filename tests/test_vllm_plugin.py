@@ -1,0 +1,164 @@
+"""Unit tests of the vLLM plugin pieces that need no engine: parameters, cache layout, row plan, pairing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from transformers import LlavaConfig  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
+
+from models.conservativeness import resolve_alignment  # noqa: E402
+from models.contrastive import contrast_logits  # noqa: E402
+from models.vllm_plugin.cpu_backend import cache_layout, layer_index, read_cpu_kv  # noqa: E402
+from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E402
+from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: E402
+from models.vllm_plugin.rows import build_plan  # noqa: E402
+from models.vllm_plugin.state import STATE  # noqa: E402
+
+IMAGE = 5
+EOS = 2
+
+
+@pytest.fixture(autouse=True)
+def fresh_state() -> Iterator[None]:
+    STATE.reset()
+    yield
+    STATE.reset()
+
+
+def processor() -> SeviLogitsProcessor:
+    cfg = LlavaConfig(image_token_index=IMAGE)
+    cfg.text_config.num_hidden_layers = 4
+    cfg.text_config.eos_token_id = EOS
+    return SeviLogitsProcessor(SimpleNamespace(model_config=SimpleNamespace(hf_config=cfg)),  # type: ignore[arg-type]
+                               torch.device("cpu"), False)
+
+
+@pytest.mark.parametrize("extra", [
+    {"conservativeness": 1.5}, {"conservativeness": "loud"}, {"omega": -1}, {"omega": "x"}, {"kappa": 2},
+    {"start_layer": -1}, {"start_layer": "two"}, {"sevi_role": "main"}, {"sevi_role": "boss", "sevi_pair": "p"},
+])
+def test_validate_params_refuses_bad_values(extra: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SeviLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
+
+
+def test_validate_params_accepts_good_values_and_ignores_foreign_args() -> None:
+    SeviLogitsProcessor.validate_params(SamplingParams(extra_args={"conservativeness": "balanced", "kappa": 0.3}))
+    SeviLogitsProcessor.validate_params(SamplingParams(extra_args={"unrelated": 1}))
+    SeviLogitsProcessor.validate_params(SamplingParams())
+    # vllm_xargs from a form may carry numbers as strings
+    row = parse_row_request({"omega": "2.5", "start_layer": "1"}, 4)
+    assert row.alignment is not None and row.alignment.omega == 2.5 and row.alignment.start_layer == 1
+
+
+def test_extra_args_round_trip_and_contrast_rows_are_never_aligned() -> None:
+    params = resolve_alignment(None, 4, omega=3.0, start_layer=1, kappa=0.6)
+    main = parse_row_request(to_extra_args(params, role="main", pair="p", key="k"), 4)
+    contrast = parse_row_request(to_extra_args(params, role="contrast", pair="p"), 4)
+    assert main.alignment == params and main.aligned and main.key == "k"
+    assert contrast.alignment == params and not contrast.aligned
+
+
+def test_cache_layout_probe_reads_back_what_the_kernel_wrote() -> None:
+    from vllm import _custom_ops as ops
+
+    bs, hd, heads = 32, 32, 2
+    k_t, v_t = cache_layout("vec", torch.float32, bs, hd)
+    cache = torch.zeros(4, heads, bs, 2 * hd)
+    kc, vc = cache.view(4, heads, 2 * bs, hd).chunk(2, dim=2)
+    k, v = torch.randn(70, heads, hd), torch.randn(70, heads, hd)
+    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(70, dtype=torch.long) + 32, "vec")
+    kr, vr = read_cpu_kv(cache, torch.tensor([[1, 2, 3]]), k_t, v_t)  # the blocks holding slots 32..101
+    assert torch.equal(kr[0, :, :70].transpose(0, 1), k) and torch.equal(vr[0, :, :70].transpose(0, 1), v)
+
+
+def test_layer_index_from_vllm_layer_names() -> None:
+    assert layer_index("language_model.model.layers.3.self_attn.attn") == 3
+    assert layer_index("vision_tower.encoder.layers.1.attn") == 1
+    assert layer_index("lm_head") is None
+
+
+def _add(proc: SeviLogitsProcessor, rows: list[tuple[int, dict[str, object] | None, list[int], list[int]]],
+         size: int) -> None:
+    added = [(i, SamplingParams(temperature=0.0, extra_args=extra), prompt, out) for i, extra, prompt, out in rows]
+    proc.update_state(BatchUpdate(batch_size=size, removed=[], added=added, moved=[]))
+
+
+def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
+    prompt = [1, IMAGE, IMAGE, 7, 8, 9]
+    # Row 0: prefill of the whole prompt; row 1: text-only (never aligned); row 2: decode; row 3: off.
+    _add(proc, [(0, on, prompt, []), (1, on, [1, 7, 8], []), (2, on, prompt, [11, 12]), (3, None, prompt, [4])], 4)
+    qsl = torch.tensor([0, 6, 9, 10, 11])
+    seq = torch.tensor([6, 3, 8, 7])
+    table = torch.arange(8).view(4, 2)
+    plan = build_plan(STATE, qsl, seq, table, 32, torch.device("cpu"))
+    assert plan is not None
+    assert plan.token_index.tolist() == [5, 9]  # last prompt row of row 0, the decode row of row 2
+    assert plan.batch_row.tolist() == [0, 2] and plan.num_keys == 8
+    assert plan.semantic[0].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # e=2 < j <= 5
+    assert plan.other[1].tolist() == [True] * 3 + [False] * 5  # LLaVA: every key up to e
+    # A partial prefill chunk that stops before the last prompt row aligns nothing.
+    assert build_plan(STATE, torch.tensor([0, 3, 3, 3, 3]), torch.tensor([3, 0, 0, 0]), table, 32,
+                      torch.device("cpu")) is None
+
+
+def _pair_batch(proc: SeviLogitsProcessor) -> tuple[list[int], list[int]]:
+    params = resolve_alignment(None, 4, omega=2.0, start_layer=1, contrast=True)
+    main_out: list[int] = [9]
+    contrast_out: list[int] = [9]
+    _add(proc, [(0, to_extra_args(params, role="main", pair="p"), [1, IMAGE, 7], main_out),
+                (1, to_extra_args(params, role="contrast", pair="p"), [1, IMAGE, IMAGE, 7], contrast_out),
+                (2, None, [1, 7], [3])], 3)
+    return main_out, contrast_out
+
+
+def test_pair_in_lockstep_combines_and_forces_the_same_token_on_both_rows() -> None:
+    proc = processor()
+    _pair_batch(proc)
+    STATE.observe_seq_lens(torch.tensor([4, 5, 3]))  # both rows sample their output index 1
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    want = int(contrast_logits(logits[:1], logits[1:2]).argmax())
+    third = logits[2].clone()
+    out = proc.apply(logits.clone())
+    assert int(out[0].argmax()) == want and int(out[1].argmax()) == want
+    assert torch.isinf(out[:2]).sum() == 2 * 49  # one-hot: vLLM's sampler can pick nothing else
+    assert torch.equal(out[2], third)  # rows outside pairs are untouched
+
+
+def test_pair_out_of_lockstep_is_dissolved_main_goes_on_alone_contrast_ends() -> None:
+    proc = processor()
+    main_out, _ = _pair_batch(proc)
+    STATE.observe_seq_lens(torch.tensor([4, 3, 3]))  # the contrast row is mid-prefill (e.g. resumed)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[0], logits[0])  # the main row keeps its own (aligned) logits
+    assert int(out[1].argmax()) == EOS and torch.isinf(out[1]).sum() == 49
+    assert "p" in STATE.dissolved_pairs
+    # Later steps stay dissolved even when the rows line up again.
+    main_out.append(4)
+    proc.update_state(None)
+    STATE.observe_seq_lens(torch.tensor([5, 5, 3]))
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[0], logits[0]) and int(out[1].argmax()) == EOS
+
+
+def test_pair_with_partner_missing_is_dissolved_and_neither_sampling_waits() -> None:
+    proc = processor()
+    params = resolve_alignment(None, 4, omega=2.0, start_layer=1, contrast=True)
+    _add(proc, [(0, to_extra_args(params, role="main", pair="q"), [1, IMAGE, 7], [])], 1)
+    STATE.observe_seq_lens(torch.tensor([2]))  # partial prefill: nothing to decide yet
+    logits = torch.randn(1, 20)
+    assert torch.equal(proc.apply(logits.clone()), logits) and "q" not in STATE.dissolved_pairs
+    proc.update_state(None)
+    STATE.observe_seq_lens(torch.tensor([3]))  # samples, but its contrast row is not in the batch
+    assert torch.equal(proc.apply(logits.clone()), logits) and "q" in STATE.dissolved_pairs
