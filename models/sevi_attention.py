@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from models.alignment import HeadGroups, align_scores, span_masks
+from models.alignment import HeadGroups, PreparedRows, align_prepared, prepare_rows, span_masks
 
 ATTN_NAME = "sevi"
 
@@ -125,16 +125,22 @@ class _Plan:
     q0: int
     n_rows: int
     needed: torch.Tensor  # [S, R] rows at or past align_from
+    all_needed: bool
     valid: torch.Tensor  # [S*R, K]
     semantic: torch.Tensor  # [S*R, K]
     other: torch.Tensor  # [S*R, K]
     omega: torch.Tensor  # [S*R]
     kappa: torch.Tensor  # [S*R]
+    rows: PreparedRows = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = prepare_rows(self.valid, self.semantic, self.other, self.omega, self.kappa)
 
     def subset(self, keep: torch.Tensor) -> _Plan:
         flat = keep.repeat_interleave(self.n_rows)
+        needed = self.needed[keep]
         return _Plan(self.seq[keep], [x for x, k in zip(self.start_layer, keep.tolist(), strict=True) if k],
-                     self.q0, self.n_rows, self.needed[keep], self.valid[flat], self.semantic[flat],
+                     self.q0, self.n_rows, needed, bool(needed.all()), self.valid[flat], self.semantic[flat],
                      self.other[flat], self.omega[flat], self.kappa[flat])
 
 
@@ -159,8 +165,8 @@ def _build_plan(batch: AlignmentBatch, mask: torch.Tensor | None, bsz: int, q_le
         batch.image_keys[seq, :k_len].repeat_interleave(n_rows, dim=0),
         batch.other_is_image_only[seq].repeat_interleave(n_rows),
     )
-    return _Plan(seq, batch.start_layer[seq].tolist(), q0, n_rows,
-                 q_pos[None, :] >= batch.align_from[seq][:, None],
+    needed = q_pos[None, :] >= batch.align_from[seq][:, None]
+    return _Plan(seq, batch.start_layer[seq].tolist(), q0, n_rows, needed, bool(needed.all()),
                  valid, semantic & valid, other & valid,
                  batch.omega[seq].repeat_interleave(n_rows), batch.kappa[seq].repeat_interleave(n_rows))
 
@@ -189,7 +195,7 @@ def sevi_attention_forward(
         plan = plan.subset(torch.tensor([s <= layer for s in plan.start_layer]))
     # When every row of the batch is aligned here (decoding with alignment on for all), SDPA's result
     # would be thrown away: skip it. Otherwise keep SDPA's output for all rows not aligned.
-    everything = plan.q0 == 0 and plan.seq.numel() == bsz and bool(plan.needed.all())
+    everything = plan.q0 == 0 and plan.seq.numel() == bsz and plan.all_needed
     out = None
     if not everything:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -198,17 +204,21 @@ def sevi_attention_forward(
     seq, q0, n_rows = plan.seq, plan.q0, plan.n_rows
     k_len = key.shape[2]
     scale = scaling if scaling is not None else head_dim**-0.5
-    n_rep = n_heads // key.shape[1]
+    kv_heads = key.shape[1]
+    n_rep = n_heads // kv_heads
     q = (query if everything else query[seq, :, q0:]).float()  # [S, H, R, D]
-    k = repeat_kv(key if everything else key[seq], n_rep).float()
-    v = repeat_kv(value if everything else value[seq], n_rep).float()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [S, H, R, K]
-    n_seq = scores.shape[0]
+    k = (key if everything else key[seq]).float()  # [S, KVH, K, D]: GQA without copying K/V per query head
+    v = (value if everything else value[seq]).float()
+    n_seq = q.shape[0]
+    # Query head h reads KV head h // n_rep: group the query heads of each KV head along the row axis.
+    q_grouped = q.reshape(n_seq, kv_heads, n_rep * n_rows, head_dim)
+    scores = torch.matmul(q_grouped, k.transpose(-1, -2)).view(n_seq, n_heads, n_rows, k_len) * scale
     flat = scores.permute(0, 2, 1, 3).reshape(n_seq * n_rows, n_heads, k_len)  # rows x heads x keys
-    aligned, stages = align_scores(flat, plan.valid, plan.semantic, plan.other, plan.omega, plan.kappa)
-    probs = torch.softmax(aligned.masked_fill(~plan.valid[:, None, :], float("-inf")), dim=-1)
-    probs = probs.reshape(n_seq, n_rows, n_heads, k_len).permute(0, 2, 1, 3)
-    new = torch.matmul(probs, v).transpose(1, 2).to(query.dtype)  # [S, R, H, D]
+    aligned, stages = align_prepared(flat, plan.rows)
+    probs = torch.softmax(aligned + plan.rows.key_bias, dim=-1)
+    probs = probs.view(n_seq, n_rows, n_heads, k_len).permute(0, 2, 1, 3)  # [S, H, R, K]
+    new = torch.matmul(probs.reshape(n_seq, kv_heads, n_rep * n_rows, k_len), v)
+    new = new.view(n_seq, n_heads, n_rows, head_dim).transpose(1, 2).to(query.dtype)  # [S, R, H, D]
     _record(batch, seq, plan.needed, stages)
     if out is None:
         return new.contiguous(), None
