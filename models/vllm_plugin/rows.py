@@ -41,6 +41,7 @@ class StepPlan:
     start_layer: torch.Tensor  # long [R]
     min_start: int
     uniform_start: bool
+    one_row_per_seq: bool  # decode-only steps: row r reads sequence slot r, no gather copy needed
 
 
 def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
@@ -85,6 +86,7 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
         blocks=blocks, num_keys=num_keys, valid=valid.to(device), semantic=(semantic & valid).to(device),
         other=(other & valid).to(device), omega=t.omega[batch_row].to(device), kappa=t.kappa[batch_row].to(device),
         start_layer=start.to(device), min_start=int(start.min()), uniform_start=bool((start == start[0]).all()),
+        one_row_per_seq=total == int(seqs.shape[0]),
     )
 
 
@@ -107,9 +109,12 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     rep = n_heads // num_kv_heads
     k_all, v_all = read_kv(plan.blocks)
     n_keys = plan.num_keys
-    slot = pick(plan.seq_slot)
-    k = k_all[:, :, :n_keys][slot].float()  # [R, G, K, D]
-    v = v_all[:, :, :n_keys][slot].float()
+    if rows is None and plan.one_row_per_seq:
+        k, v = k_all[:, :, :n_keys].float(), v_all[:, :, :n_keys].float()  # [R, G, K, D]
+    else:
+        slot = pick(plan.seq_slot)
+        k = k_all[:, :, :n_keys][slot].float()
+        v = v_all[:, :, :n_keys][slot].float()
     tok = pick(plan.token_index)
     q = query[tok].float().view(-1, num_kv_heads, rep, head_dim)  # [R, G, rep, D]
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).view(-1, n_heads, n_keys)  # [R, H, K]
