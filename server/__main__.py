@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from server.app import create_app
 from server.engines import ENGINES
@@ -14,7 +15,11 @@ from server.settings import parse_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_cli(argv)
+    try:
+        settings = parse_cli(argv)
+    except ValidationError as exc:  # a bad flag or SEVI_* variable: say which, without a traceback
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
     if not (settings.model / "config.json").exists():
         print(f"error: {settings.model} is not a model folder (no config.json). Pass --model DIR, or build a test "
               "model: python -m models.tiny --family llava --out build/tiny-llava", file=sys.stderr)
