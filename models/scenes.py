@@ -20,20 +20,29 @@ Splits (index i of split s is drawn from the seed `[SEED, split number, i]`):
 split          size     content
 =============  =======  ===============================================================================
 train          stream   unbounded: the trainer draws scene `i` for its i-th sample (see the model card
-                        for how many were seen); 1-4 categories (+10% a second instance), anchors 50%
+                        for how many were seen); 1-5 categories (+10% a second instance), anchors 50%
                         per pair, partner | anchor 90%, partner alone 15%, 5% of scenes get one object
                         from another context; object size 16-36 px (longer side)
 in-prior       300      same distribution, but at least one anchor and every anchor with its partner
 counter-prior  300      exactly one anchor whose usual partner is absent (`absent_partners` in meta);
                         the other pair follows the prior
-hard           300      in-prior composition; every object small (9-14 px) or half-hidden behind an
-                        occluder (`hard` in meta), at least one of each kind overall
+hard           300      in-prior composition; every object either small (9-14 px) or 20-32 px with
+                        40-55% of it hidden behind an occluding slab (`hard` in meta)
 =============  =======  ===============================================================================
 
-Statistics of the held-out splits (from `split_stats`, default sizes, seed 1234):
-in-prior: 2.97 objects per image, 1.33 anchors; counter-prior: 2.29 objects per image, one absent
-partner each; hard: 2.96 objects per image, 1.50 small and 1.46 occluded objects per image.
-Train stream (first 20,000 scenes): 2.34 objects per image, P(partner | anchor) = 0.90.
+Statistics (`python -m models.scenes stats SPLIT`; means per image; seed 1234):
+
+=============  ==========  =======  ===============  ==================================================
+split          categories  anchors  P(partner|anch)  other
+=============  ==========  =======  ===============  ==================================================
+train (first   3.05        1.00     0.903            each anchor/partner category in ~13% of scenes,
+20,000)                                              each other category in ~8%
+in-prior       3.40        1.47     1.000
+counter-prior  2.88        1.46     0.315            absent partner: remote 43, potted plant 43, kite 41,
+                                                     knife 39, traffic light 36, stop sign 36, spoon 34,
+                                                     frisbee 28
+hard           3.44        1.52     1.000            1.84 small and 1.69 occluded instances per image
+=============  ==========  =======  ===============  ==================================================
 
 `write_split(split, out_dir, n)` writes `NAME.png` images, `truth.json` (image_id -> list of COCO
 category names, the format `python -m bench.chair score --truth` reads) and `meta.json` (image_id ->

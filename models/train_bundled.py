@@ -104,7 +104,7 @@ def build_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
     )
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         tie_word_embeddings=False)
+                         image_seq_length=(cfg.image_size // cfg.patch) ** 2, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     gen = model.generation_config
@@ -242,6 +242,33 @@ def train(args: argparse.Namespace) -> Path:
             model.train()
     bar.close()
     return out / "latest"
+
+
+def plot_loss_curve(log: str | Path, png: str | Path, size: tuple[int, int] = (480, 240)) -> None:
+    """A plain PIL line plot of `loss.jsonl` (log-scale loss against step); matplotlib is not a dependency."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(x) for x in Path(log).read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in rows]
+    losses = [math.log10(r["loss"]) for r in rows]
+    w, h, pad = size[0], size[1], 36
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = math.floor(min(losses) * 2) / 2, math.ceil(max(losses) * 2) / 2
+
+    def xy(step: float, lg: float) -> tuple[float, float]:
+        return (pad + (w - 2 * pad) * step / max(steps), h - pad - (h - 2 * pad) * (lg - lo) / (hi - lo))
+
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    tick = lo
+    while tick <= hi + 1e-9:
+        y = xy(0, tick)[1]
+        d.line([pad - 4, y, pad, y], fill="black")
+        d.text((2, y - 6), f"{10 ** tick:.2g}", fill="black")
+        tick += 0.5
+    d.line([xy(s, v) for s, v in zip(steps, losses, strict=True)], fill=(30, 80, 200), width=2)
+    d.text((pad, h - pad + 6), f"step 0 .. {max(steps)}   (loss per caption token, log scale)", fill="black")
+    img.save(png)
 
 
 def build_parser() -> argparse.ArgumentParser:

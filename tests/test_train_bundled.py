@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from models import scenes
-from models.train_bundled import MICRO, PROMPTS, Batcher, build_processor, lr_at, main
+from models.train_bundled import MICRO, PROMPTS, Batcher, build_processor, lr_at, main, plot_loss_curve
 
 ARGS = ["--micro", "--batch", "3", "--save-every", "2", "--log-every", "1", "--threads", "1", "--warmup", "2"]
 
@@ -101,3 +101,10 @@ def test_lr_schedule() -> None:
     assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
     assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
     assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.55)
+
+
+def test_loss_curve_plot(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    plot_loss_curve(runs[0] / "loss.jsonl", tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size == (480, 240)
