@@ -212,19 +212,15 @@ class TransformersEngine(Engine):
         now = time.perf_counter()
         for job in jobs:
             job.stats.queue_s = now - job.submitted
+        if len(jobs) == 1:
+            self._start_cohort_alone(jobs[0])
+            return
         assert self._model is not None
         try:
             batch = self._model.start([j.request for j in jobs])
-        except RequestError as exc:
-            if len(jobs) == 1:
-                self._finish(jobs[0], exc)
-                return
-            # One request the model refuses must not sink the others: start each alone.
+        except Exception:  # noqa: BLE001 - one request the model refuses must not sink the others
             for job in jobs:
                 self._start_cohort_alone(job)
-            return
-        except Exception as exc:  # noqa: BLE001 - a failing batch must not kill the worker
-            self._batch_failed(jobs, exc)
             return
         self._cohorts.append(_Cohort(batch, {j.request.request_id: j for j in jobs}))
 
@@ -234,7 +230,12 @@ class TransformersEngine(Engine):
             self._cohorts.append(_Cohort(self._model.start([job.request]), {job.request.request_id: job}))
         except RequestError as exc:
             self._finish(job, exc)
-        except Exception as exc:  # noqa: BLE001
+        except ValueError as exc:
+            # The processor's own input checks (e.g. Qwen2-VL's aspect-ratio bound) raise ValueError: the
+            # request's fault, so a 400, logged in case it was ours after all.
+            log.warning("model refused a request", exc_info=exc, extra={"fields": {"request": job.request.request_id}})
+            self._finish(job, RequestError(f"the model cannot process this input: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a failing batch must not kill the worker
             self._batch_failed([job], exc)
 
     def _step(self, cohort: _Cohort) -> None:

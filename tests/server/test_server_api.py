@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from PIL import Image
 
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
-from tests.server.conftest import IMAGE_SERVER_PATH, LiveServer, data_uri, image_message, png_bytes
+from models.tiny import build
+from tests.server.conftest import IMAGE_SERVER_PATH, LiveServer, base_settings, data_uri, image_message, png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +181,33 @@ def test_openapi_describes_the_extra_fields(server: LiveServer) -> None:
     caption = spec["paths"]["/caption"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(caption)
     assert caption["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    out = tmp_path_factory.mktemp("server-tiny-qwen")
+    build("qwen2_vl", out, seed=0, layers=4, heads=4, kv_heads=2)
+    live = LiveServer(base_settings(out)).start()
+    yield live
+    live.stop()
+
+
+def test_qwen_family_and_inputs_its_processor_refuses(qwen_server: LiveServer) -> None:
+    """Qwen2-VL's processor refuses extreme aspect ratios: that request gets a 400, its batch-mates are served."""
+    thin = io.BytesIO()
+    Image.new("RGB", (2, 600), (9, 9, 9)).save(thin, "PNG")
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=qwen_server.url, timeout=60) as c:
+            good = [c.post("/caption", json={"image": data_uri(png_bytes(50)), "max_tokens": 6}) for _ in range(3)]
+            bad = c.post("/caption", json={"image": data_uri(thin.getvalue()), "max_tokens": 6})
+            return list(await asyncio.gather(bad, *good))
+
+    bad, *good = asyncio.run(go())
+    assert bad.status_code == 400, bad.text
+    assert "aspect ratio" in bad.json()["error"]["message"]
+    assert [r.status_code for r in good] == [200] * 3
+    body = good[0].json()
+    assert body["alignment"] == resolve_alignment(0.5, 4).to_dict()
+    assert body["telemetry"]["aligned_rows"] > 0
+    assert len({r.json()["caption"] for r in good}) == 1
