@@ -160,3 +160,20 @@ def _eventually(predicate: object, timeout: float = 20) -> bool:
             pass
         time.sleep(0.05)
     return False
+
+
+def test_load_bench_smoke(server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.load import main as bench_main
+
+    out = tmp_path / "levels.json"
+    assert bench_main(["--url", server.url, "--concurrency", "1,3", "--requests", "6", "--seconds", "30",
+                       "--max-tokens", "4", "--json", str(out)]) == 0
+    levels = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in levels] == [1, 3]
+    for lv in levels:
+        assert lv["requests"] == 6 and lv["errors"] == {}
+        assert lv["requests_per_s"] > 0 and lv["tokens_per_s"] > 0
+        assert 0 < lv["engine_p50_ms"] < lv["latency_p50_ms"]
+    assert "server overhead p50" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_main(["--url", "http://example.com:8000"])  # loopback only
