@@ -108,6 +108,8 @@ def save_model_dir(model: Any, processor: Any, out: str | Path) -> Path:
     """Save config, weights, tokenizer, processor and chat template; LLaVA weights in llava-hf layout."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # vLLM picks its model class from `architectures`; a model built from a config has none yet.
+    model.config.architectures = [type(model).__name__]
     model_type = model.config.model_type
     if model_type in ("llava", "llava_next"):
         model.config.save_pretrained(out)
