@@ -181,7 +181,8 @@ def test_deadline_gives_504_and_cancels(small_server: LiveServer, monkeypatch: p
     assert live.metric("sevi_cancelled_requests_total", {"reason": "timeout"}) >= 2
 
 
-def test_a_failing_batch_fails_only_its_requests(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_batch_fails_only_its_requests(small_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = small_server  # not the shared server: its 500 count must stay zero
     model = server.engine._model
     real_start = model.start
     calls = {"n": 0}
