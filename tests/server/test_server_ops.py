@@ -90,20 +90,24 @@ def test_metrics_content(server: LiveServer) -> None:
 def test_one_json_log_line_per_request_without_image_bytes(server: LiveServer,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     png = png_bytes(42)
+
+    def lines_of(rid: str) -> list[logging.LogRecord]:
+        return [rec for rec in caplog.records if getattr(rec, "fields", {}).get("id") == rid]
+
     with caplog.at_level(logging.INFO, logger="sevi.server.access"), server.client() as c:
         r = c.post("/caption", json={"image": data_uri(png), "max_tokens": 4, "conservativeness": 0.25})
         bad = c.post("/caption", json={"image": data_uri(png), "max_tokens": -1})
-    lines = {}
-    for rid in (r.headers["x-request-id"], bad.headers["x-request-id"]):
-        mine = [rec for rec in caplog.records if getattr(rec, "fields", {}).get("id") == rid]
-        assert len(mine) == 1, rid
-        lines[rid] = json.loads(JsonFormatter().format(mine[0]))
-    ok_line = lines[r.headers["x-request-id"]]
+        ids = (r.headers["x-request-id"], bad.headers["x-request-id"])
+        # A line is written once its response has gone out, so it may trail the client by a moment.
+        assert _eventually(lambda: all(lines_of(rid) for rid in ids), timeout=5)
+    records = {rid: lines_of(rid) for rid in ids}
+    assert [len(recs) for recs in records.values()] == [1, 1]
+    ok_line = json.loads(JsonFormatter().format(records[ids[0]][0]))
     assert ok_line["endpoint"] == "/caption" and ok_line["status"] == 200 and ok_line["latency_ms"] > 0
     assert ok_line["conservativeness"] == 0.25
     assert ok_line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
     assert ok_line["completion_tokens"] == r.json()["usage"]["completion_tokens"]
-    bad_line = lines[bad.headers["x-request-id"]]
+    bad_line = json.loads(JsonFormatter().format(records[ids[1]][0]))
     assert bad_line["status"] == 400 and "max_tokens" in bad_line["error"]
     b64 = data_uri(png).split(",", 1)[1]
     assert not any(b64[:40] in rec.getMessage() or b64[:40] in JsonFormatter().format(rec) for rec in caplog.records)
