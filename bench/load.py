@@ -7,7 +7,9 @@ Each level runs closed-loop clients (each sends its next request when the last o
 by --requests per level and --seconds per level. Printed per level: requests/s, completion tokens/s,
 p50/p99 latency, errors, and the server's overhead: the client-side /caption latency minus the engine's own
 time for the same request (header `x-engine-time-ms`: submission to the engine -> final token, queueing
-included), i.e. HTTP, multipart parsing, image decoding, validation, hand-offs and serialisation.
+included), i.e. HTTP, multipart parsing, image decoding, validation, hand-offs and serialisation; and
+`srv p50`, the part of it spent inside the server process (`x-server-time-ms` minus the engine time), the
+rest being the network and this client, which shares the machine's CPUs with the server.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Sample:
     latency_s: float
     engine_ms: float | None = None
     queue_ms: float | None = None
+    server_ms: float | None = None
     completion_tokens: int = 0
 
 
@@ -58,6 +61,7 @@ class Level:
     queue_p50_ms: float = 0.0
     overhead_p50_ms: float = 0.0
     overhead_p99_ms: float = 0.0
+    server_overhead_p50_ms: float = 0.0  # the part inside the server process (arrival -> response)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -101,6 +105,7 @@ async def run_level(client: httpx.AsyncClient, concurrency: int, max_requests: i
             if r.status_code == 200:
                 s.engine_ms = float(r.headers["x-engine-time-ms"])
                 s.queue_ms = float(r.headers["x-queue-time-ms"])
+                s.server_ms = float(r.headers["x-server-time-ms"])
                 s.completion_tokens = int(r.json()["usage"]["completion_tokens"])
             samples.append(s)
 
@@ -119,6 +124,7 @@ async def run_level(client: httpx.AsyncClient, concurrency: int, max_requests: i
     level.engine_p50_ms = round(pct([s.engine_ms or 0.0 for s in ok], 50), 2)
     level.queue_p50_ms = round(pct([s.queue_ms or 0.0 for s in ok], 50), 2)
     level.overhead_p50_ms, level.overhead_p99_ms = round(pct(over, 50), 2), round(pct(over, 99), 2)
+    level.server_overhead_p50_ms = round(pct([(s.server_ms or 0.0) - (s.engine_ms or 0.0) for s in ok], 50), 2)
     return level
 
 
@@ -170,7 +176,8 @@ async def drive(args: argparse.Namespace, url: str) -> list[Level]:
             levels.append(level)
             print(f"{n:>4} {level.requests:>5} {level.requests_per_s:>8.2f} {level.tokens_per_s:>8.1f} "
                   f"{level.latency_p50_ms:>9.1f} {level.latency_p99_ms:>9.1f} {level.engine_p50_ms:>9.1f} "
-                  f"{level.queue_p50_ms:>8.1f} {level.overhead_p50_ms:>8.2f} {level.overhead_p99_ms:>8.2f}  "
+                  f"{level.queue_p50_ms:>8.1f} {level.overhead_p50_ms:>8.2f} {level.overhead_p99_ms:>8.2f} "
+                  f"{level.server_overhead_p50_ms:>8.2f}  "
                   f"{json.dumps(level.errors) if level.errors else '-'}", flush=True)
     return levels
 
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {url} model={model} max_tokens={args.max_tokens} conservativeness={args.conservativeness} "
               f"server_args={'(external)' if args.url else args.server_args!r} cpus={os.cpu_count()}")
         print(f"{'conc':>4} {'reqs':>5} {'req/s':>8} {'tok/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'eng p50':>9} "
-              f"{'queue50':>8} {'ovh p50':>8} {'ovh p99':>8}  errors")
+              f"{'queue50':>8} {'ovh p50':>8} {'ovh p99':>8} {'srv p50':>8}  errors")
         levels = asyncio.run(drive(args, url))
     finally:
         if proc is not None:

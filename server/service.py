@@ -153,6 +153,15 @@ class Run:
         self.metrics.cancelled.labels(reason).inc()
         self._log(cancelled=reason)
 
+    def timing_headers(self) -> dict[str, str]:
+        """Where the time went, so clients (bench/load.py) can tell the server's overhead from the engine's time:
+        `x-engine-time-ms` (submission to final token, queueing included), `x-queue-time-ms`, and
+        `x-server-time-ms` (arrival to response, i.e. everything but the network and the client)."""
+        arrived = getattr(self.http.state, "t0", None)
+        server = (time.perf_counter() - arrived) * 1000 if arrived is not None else 0.0
+        return {"x-engine-time-ms": f"{self.stats.engine_s * 1000:.3f}",
+                "x-queue-time-ms": f"{self.stats.queue_s * 1000:.3f}", "x-server-time-ms": f"{server:.3f}"}
+
     async def close(self) -> None:
         """Closing the engine's iterator before its end cancels the request there."""
         if self._it is not None:
@@ -206,8 +215,3 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def engine_time_headers(stats: GenerationStats) -> dict[str, str]:
-    """The engine's own time for this request, so clients (bench/load.py) can tell the server's overhead."""
-    return {"x-engine-time-ms": f"{stats.engine_s * 1000:.3f}", "x-queue-time-ms": f"{stats.queue_s * 1000:.3f}"}

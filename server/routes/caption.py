@@ -6,7 +6,6 @@ still describes both (see `schemas.caption.request_body_openapi`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -20,9 +19,9 @@ from starlette.datastructures import UploadFile
 from models.generation import GenerationRequest, user_message
 from server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from server.errors import APIError
-from server.images import ImageLimits, decode_base64, open_image
+from server.images import ImageLimits, decode_base64, decode_image
 from server.schemas.caption import CaptionJSON, CaptionParams, CaptionResponse, request_body_openapi
-from server.service import Knobs, Run, engine_time_headers, new_id, resolve_knobs, sampling_params
+from server.service import Knobs, Run, new_id, resolve_knobs, sampling_params
 from server.settings import Settings
 
 router = APIRouter(tags=["sevi"], dependencies=[Depends(require_api_key)])
@@ -40,7 +39,7 @@ async def caption(request: Request, engine: EngineDep, settings: SettingsDep, me
     alignment = resolve_knobs(Knobs(params.conservativeness, params.omega, params.start_layer, params.kappa,
                                     params.contrast), engine, settings)
     sampling = sampling_params(settings, params.max_tokens, params.temperature, params.top_p, params.seed)
-    image = await asyncio.to_thread(open_image, image_bytes, limits, "image")
+    image = await decode_image(image_bytes, limits, "image")
     rid = new_id("cap")
     run = Run(request, engine, metrics, settings, "/caption",
               GenerationRequest(rid, user_message(params.prompt, 1), [image], alignment, sampling))
@@ -54,7 +53,7 @@ async def caption(request: Request, engine: EngineDep, settings: SettingsDep, me
         "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
                   "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
         "alignment": alignment.to_dict(), "telemetry": outcome.telemetry,
-    }, headers=engine_time_headers(run.stats))
+    }, headers=run.timing_headers())
 
 
 async def _parse(request: Request, settings: Settings) -> tuple[CaptionParams, bytes]:

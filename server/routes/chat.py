@@ -17,7 +17,7 @@ from server.engines.base import Engine
 from server.errors import APIError
 from server.images import ImageLimits, load_image_url
 from server.schemas.chat import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
-from server.service import Knobs, Run, engine_time_headers, new_id, resolve_knobs, sampling_params
+from server.service import Knobs, Run, new_id, resolve_knobs, sampling_params
 from server.settings import Settings
 from server.sse import EventStream, sse
 
@@ -62,7 +62,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                      "finish_reason": outcome.finish_reason, "logprobs": None}],
         "usage": _usage(outcome.prompt_tokens, outcome.completion_tokens),
         "alignment": applied, "telemetry": outcome.telemetry,
-    }, headers=engine_time_headers(run.stats))
+    }, headers=run.timing_headers())
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
