@@ -222,7 +222,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, _ = build_parser()
+    from bench.chair_run import add_run_command  # the evaluation through a live server
+
+    parser, sub = build_parser()
+    add_run_command(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
