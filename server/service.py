@@ -48,11 +48,14 @@ def resolve_knobs(knobs: Knobs, engine: Engine, settings: Settings) -> Alignment
 def sampling_params(settings: Settings, max_tokens: int | None, temperature: float | None, top_p: float | None,
                     seed: int | None, stop: tuple[str, ...] = (),
                     max_tokens_param: str = "max_tokens") -> SamplingParams:
-    n = settings.default_max_tokens if max_tokens is None else max_tokens
-    if n > settings.max_tokens_limit:
-        raise APIError(400, f"{max_tokens_param} must be at most {settings.max_tokens_limit}, got {n}",
+    if max_tokens is None:
+        n = min(settings.default_max_tokens, settings.max_tokens_limit)
+    elif max_tokens > settings.max_tokens_limit:
+        raise APIError(400, f"{max_tokens_param} must be at most {settings.max_tokens_limit}, got {max_tokens}",
                        param=max_tokens_param, code="invalid_value")
-    return SamplingParams(max_tokens=min(n, settings.max_tokens_limit), temperature=temperature or 0.0,
+    else:
+        n = max_tokens
+    return SamplingParams(max_tokens=n, temperature=temperature or 0.0,
                           top_p=1.0 if top_p is None else top_p, seed=seed, stop=stop)
 
 
@@ -84,7 +87,8 @@ class Run:
     _first: TokenEvent | None = None
     _last_t: float = 0.0
     _deadline: float = 0.0
-    finished: bool = False
+    finished: bool = False  # the final event arrived
+    failed: bool = False  # ended by a deadline or an engine error (not by the client leaving)
 
     def __post_init__(self) -> None:
         # The deadline counts from arrival (set by the middleware), so time spent decoding images counts too.
@@ -117,15 +121,16 @@ class Run:
             async with asyncio.timeout_at(self._deadline):
                 ev = await anext(self._it)
         except TimeoutError:
+            self.failed = True
             self._cancelled("timeout")
             raise APIError(504, f"the request ran past its deadline of {self.settings.request_timeout_s:g} s",
                            code="timeout") from None
         except StopAsyncIteration:
+            self.failed = True
             raise APIError(500, "the engine ended the request without a result", code="engine_error",
                            type="server_error") from None
-        except APIError:
-            raise
         except Exception as exc:  # engine and model errors -> their API status (400/503/500)
+            self.failed = True
             raise from_exception(exc, self.settings.retry_after_s) from None
         self._observe(ev)
         return ev
@@ -179,7 +184,7 @@ class Run:
                 ev = await self._next()
                 yield ev
         finally:
-            if not self.finished:
+            if not (self.finished or self.failed):
                 self._cancelled("disconnect")
             await self.close()
 

@@ -168,6 +168,8 @@ def test_deadline_gives_504_and_cancels(small_server: LiveServer, monkeypatch: p
     live = small_server
     monkeypatch.setattr(live.settings, "request_timeout_s", 0.3)
     cancelled = live.engine.stats().cancelled_total
+    timeouts = live.metric("sevi_cancelled_requests_total", {"reason": "timeout"})
+    disconnects = live.metric("sevi_cancelled_requests_total", {"reason": "disconnect"})
     with live.client() as c:
         r = c.post("/v1/chat/completions", json=long_chat())
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
@@ -178,7 +180,8 @@ def test_deadline_gives_504_and_cancels(small_server: LiveServer, monkeypatch: p
     assert '"code":"timeout"' in lines[-2]
     assert wait_for(lambda: live.engine.stats().cancelled_total == cancelled + 2)
     assert wait_for(lambda: idle(live))
-    assert live.metric("sevi_cancelled_requests_total", {"reason": "timeout"}) >= 2
+    assert live.metric("sevi_cancelled_requests_total", {"reason": "timeout"}) == timeouts + 2
+    assert live.metric("sevi_cancelled_requests_total", {"reason": "disconnect"}) == disconnects  # not both
 
 
 def test_a_failing_batch_fails_only_its_requests(small_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
