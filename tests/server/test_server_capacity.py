@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def long_chat(**extra: Any) -> dict[str, Any]:
-    """~750 greedy tokens before EOS on the test model: seconds of work, cancelled long before its end."""
+    """~750 greedy tokens before EOS on the test model (over 7 s under `slow_model`): cancelled long before its end."""
     return {"messages": image_message(LONG_PROMPT, long_png()), "max_tokens": 900, "conservativeness": 0, **extra}
 
 
@@ -38,6 +38,34 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
 def idle(live: LiveServer) -> bool:
     s = live.engine.stats()
     return s.running == 0 and s.queue_depth == 0
+
+
+class SteppedBatch:
+    """A real DecodeBatch whose step() first runs `before` (a sleep, a fault): timing and faults on demand."""
+
+    def __init__(self, batch: Any, before: Any) -> None:
+        self.batch = batch
+        self.before = before
+        self.steps = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.batch, name)
+
+    def step(self) -> Any:
+        self.steps += 1
+        self.before(self.steps)
+        return self.batch.step()
+
+
+@pytest.fixture
+def slow_model(small_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> LiveServer:
+    """The small server with 10 ms added to every decode step: the long request then lasts over 7 s on any
+    machine, so the cancellation and deadline tests cannot race a fast CPU."""
+    model = small_server.engine._model
+    real_start = model.start
+    monkeypatch.setattr(model, "start", lambda requests: SteppedBatch(real_start(requests),
+                                                                       lambda _: time.sleep(0.01)))
+    return small_server
 
 
 @pytest.fixture
@@ -93,8 +121,8 @@ def test_32_concurrent_requests_all_answered_correctly(server: LiveServer, watch
     assert wait_for(lambda: idle(server))
 
 
-def test_streaming_disconnect_cancels_and_frees_the_slot(small_server: LiveServer) -> None:
-    live = small_server
+def test_streaming_disconnect_cancels_and_frees_the_slot(slow_model: LiveServer) -> None:
+    live = slow_model
     cancelled = live.engine.stats().cancelled_total
     tokens = live.metric("sevi_completion_tokens_total")
     with live.client() as c:
@@ -116,8 +144,8 @@ def test_streaming_disconnect_cancels_and_frees_the_slot(small_server: LiveServe
     assert float(short.headers["x-queue-time-ms"]) < 1000 * waited + 1
 
 
-def test_non_streaming_disconnect_cancels(small_server: LiveServer) -> None:
-    live = small_server
+def test_non_streaming_disconnect_cancels(slow_model: LiveServer) -> None:
+    live = slow_model
     cancelled = live.engine.stats().cancelled_total
     tokens = live.metric("sevi_completion_tokens_total")
     with live.client(timeout=httpx.Timeout(60, read=0.5)) as c, pytest.raises(httpx.ReadTimeout):
@@ -130,8 +158,8 @@ def test_non_streaming_disconnect_cancels(small_server: LiveServer) -> None:
     assert live.metric("sevi_completion_tokens_total") == tokens + short.json()["usage"]["completion_tokens"]
 
 
-def test_full_queue_answers_503_with_retry_after(small_server: LiveServer) -> None:
-    live = small_server
+def test_full_queue_answers_503_with_retry_after(slow_model: LiveServer) -> None:
+    live = slow_model
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
@@ -164,8 +192,8 @@ def test_full_queue_answers_503_with_retry_after(small_server: LiveServer) -> No
         assert c.post("/v1/chat/completions", json=short_chat()).status_code == 200
 
 
-def test_deadline_gives_504_and_cancels(small_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    live = small_server
+def test_deadline_gives_504_and_cancels(slow_model: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    live = slow_model
     monkeypatch.setattr(live.settings, "request_timeout_s", 0.3)
     cancelled = live.engine.stats().cancelled_total
     timeouts = live.metric("sevi_cancelled_requests_total", {"reason": "timeout"})
@@ -190,28 +218,16 @@ def test_a_failing_batch_fails_only_its_requests(small_server: LiveServer, monke
     real_start = model.start
     calls = {"n": 0}
 
-    class ExplodingBatch:
-        """Runs one real step, then fails: a fault in the middle of a batch."""
-
-        def __init__(self, batch: Any) -> None:
-            self.batch = batch
-            self.steps = 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.batch, name)
-
-        def step(self) -> Any:
-            self.steps += 1
-            if self.steps > 1:
-                raise RuntimeError("boom in step")
-            return self.batch.step()
+    def explode(step: int) -> None:
+        if step > 1:  # one real step, then a fault in the middle of the batch
+            raise RuntimeError("boom in step")
 
     def flaky_start(requests: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom in prefill")
         if calls["n"] == 2:
-            return ExplodingBatch(real_start(requests))
+            return SteppedBatch(real_start(requests), explode)
         return real_start(requests)
 
     failed = server.metric("sevi_engine_failed_batches_total")
