@@ -1,14 +1,17 @@
 """vLLM engine vs the reference engine, and SEVI's cost inside vLLM. Prints one table; not a test.
 
-    python -m bench.engines [--model DIR] [--max-tokens 64] [--repeats 2]
+    python -m bench.engines [--model DIR | --layers 8 --heads 16] [--max-tokens 64] [--repeats 3] [--threads 1]
 
 Same model, same prompt and images, greedy decoding. Tokens/s = generated tokens / wall time of a
-round of `concurrency` requests submitted together (the vLLM engine through the server's async
-interface, the reference engine as one batch of the same size; concurrency 1 runs requests one at a
-time). Inside vLLM, the aligned/unaligned ratio at concurrency 8: "unaligned" is conservativeness 0,
-"aligned" uses explicit knobs that populate every head group on the tiny models (omega 3, start layer
-1, kappa 0.6), "aligned + contrast" adds cross-image contrastive decoding (a second row per request).
-Best of `--repeats` rounds after one warm-up round.
+round of 8 requests submitted `concurrency` at a time (the vLLM engine through the server's async
+interface, the reference engine as one batch of `concurrency`). Settings, at concurrency 1 and 8:
+the reference engine unaligned; inside vLLM "unaligned" (conservativeness 0), "aligned" with explicit
+knobs that populate every head group on the tiny models (omega 3, start layer 1, kappa 0.6), and
+"aligned + contrast" (cross-image contrastive decoding, a second row per request).
+
+The machine is shared and its load drifts, so every round runs every setting once, in turn (a drift
+then hits all settings alike), after one warm-up round. Rates are the best of `--repeats` rounds; the
+aligned/unaligned ratios are also given as the median over rounds of the ratio within each round.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +33,7 @@ from models.generation import GenerationRequest, ReferenceModel, SamplingParams,
 from models.tiny import build
 
 PROMPT = "Please describe this image in detail."
+N_REQUESTS = 8
 
 
 def images(n: int) -> list[Image.Image]:
@@ -40,14 +45,10 @@ def requests(n: int, params: AlignmentParams, max_tokens: int, tag: str) -> list
             for i, img in enumerate(images(n))]
 
 
-def best_rate(run: Callable[[], int], repeats: int) -> float:
-    run()  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = run()
-        rates.append(tokens / (time.perf_counter() - t0))
-    return max(rates)
+def rate(run: Callable[[], int]) -> float:
+    t0 = time.perf_counter()
+    tokens = run()
+    return tokens / (time.perf_counter() - t0)
 
 
 def reference_round(model: ReferenceModel, reqs: list[GenerationRequest], concurrency: int) -> int:
@@ -76,23 +77,36 @@ def vllm_round(engine: object, reqs: list[GenerationRequest], concurrency: int) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="HF model folder (default: a tiny random LLaVA)")
+    parser.add_argument("--model", type=Path, default=None, help="HF model folder (default: a random LLaVA built "
+                        "from --layers/--heads/--kv-heads, head dim 32)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default); "
+                        "1 gives the steadiest figures on a shared machine")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference engine (vLLM ratios only)")
     args = parser.parse_args(argv)
+    if args.threads:
+        # Before vLLM starts: its CPU worker forbids set_num_threads afterwards.
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     model_dir = args.model
     if model_dir is None:
-        model_dir = Path(tempfile.mkdtemp(prefix="bench-tiny-llava-"))
-        build("llava", model_dir, seed=0, layers=4, heads=8, kv_heads=4)
+        model_dir = Path(tempfile.mkdtemp(prefix="bench-llava-"))
+        build("llava", model_dir, seed=0, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from server.engines.vllm_engine import VllmEngine
 
     ref = ReferenceModel.load(model_dir)
     layers = ref.num_layers
-    off = resolve_alignment(0, layers)
-    aligned = resolve_alignment(None, layers, omega=3.0, start_layer=1, kappa=0.6, contrast=False)
-    contrast = resolve_alignment(None, layers, omega=3.0, start_layer=1, kappa=0.6, contrast=True)
+    knobs = dict(omega=3.0, start_layer=1, kappa=0.6)
+    variants = {"unaligned": resolve_alignment(0, layers),
+                "aligned": resolve_alignment(None, layers, contrast=False, **knobs),  # type: ignore[arg-type]
+                "aligned + contrast": resolve_alignment(None, layers, contrast=True, **knobs)}  # type: ignore[arg-type]
     n = args.max_tokens
 
     engine = VllmEngine(str(model_dir), model_name="bench", max_batch_size=8)
@@ -102,26 +116,39 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(engine.load_error)
         time.sleep(0.1)
 
-    rows: list[tuple[str, float]] = []
+    settings: list[tuple[str, Callable[[], int]]] = []
     for conc in (1, 8):
-        reqs = requests(8, off, n, f"c{conc}")
-        rows.append((f"reference engine, unaligned, concurrency {conc}",
-                     best_rate(lambda r=reqs, c=conc: reference_round(ref, r, c), args.repeats)))  # type: ignore[misc]
-        rows.append((f"vLLM engine,      unaligned, concurrency {conc}",
-                     best_rate(lambda r=reqs, c=conc: vllm_round(engine, r, c), args.repeats)))  # type: ignore[misc]
-    v_off = rows[-1][1]
-    v_al = best_rate(lambda: vllm_round(engine, requests(8, aligned, n, "al"), 8), args.repeats)
-    v_cd = best_rate(lambda: vllm_round(engine, requests(8, contrast, n, "cd"), 8), args.repeats)
-    rows.append(("vLLM engine,      aligned,   concurrency 8", v_al))
-    rows.append(("vLLM engine,      aligned + contrast, concurrency 8", v_cd))
+        if not args.no_reference:
+            reqs = requests(N_REQUESTS, variants["unaligned"], n, f"ref{conc}")
+            settings.append((f"reference engine, unaligned, concurrency {conc}",
+                             lambda r=reqs, c=conc: reference_round(ref, r, c)))  # type: ignore[misc]
+        for name, params in variants.items():
+            reqs = requests(N_REQUESTS, params, n, f"{name}{conc}")
+            settings.append((f"vLLM engine, {name}, concurrency {conc}",
+                             lambda r=reqs, c=conc: vllm_round(engine, r, c)))  # type: ignore[misc]
+    for _, run in settings:  # warm-up
+        run()
+    rounds: list[dict[str, float]] = [{name: rate(run) for name, run in settings} for _ in range(args.repeats)]
     asyncio.run(engine.stop())
 
-    print(f"model: {model_dir}  max_tokens: {n}  greedy  (tokens/s, best of {args.repeats})")
-    for name, rate in rows:
-        print(f"  {name:<52} {rate:8.1f}")
-    print(f"  vLLM / reference at concurrency 8:           {rows[3][1] / rows[2][1]:.2f}x  (target >= 3)")
-    print(f"  vLLM aligned / unaligned (no contrast):      {v_al / v_off:.2f}   (target >= 0.85)")
-    print(f"  vLLM aligned + contrast / unaligned:         {v_cd / v_off:.2f}")
+    best = {name: max(r[name] for r in rounds) for name, _ in settings}
+    print(f"model: {model_dir}  layers: {layers}  max_tokens: {n}  threads: {args.threads or 'default'}  greedy  "
+          f"(tokens/s, best of {args.repeats} interleaved rounds)")
+    for name, _ in settings:
+        print(f"  {name:<52} {best[name]:8.1f}   rounds: {' '.join(f'{r[name]:.0f}' for r in rounds)}")
+    for conc in (1, 8):
+        if not args.no_reference:
+            ratio = best[f"vLLM engine, unaligned, concurrency {conc}"] / best[
+                f"reference engine, unaligned, concurrency {conc}"]
+            target = "  (target >= 3)" if conc == 8 else ""
+            print(f"  vLLM / reference at concurrency {conc}:{'':<19}{ratio:.2f}x{target}")
+        off = f"vLLM engine, unaligned, concurrency {conc}"
+        for name in ("aligned", "aligned + contrast"):
+            key = f"vLLM engine, {name}, concurrency {conc}"
+            median = statistics.median(r[key] / r[off] for r in rounds)
+            target = "  (target >= 0.85)" if name == "aligned" else ""
+            print(f"  vLLM {name} / unaligned at concurrency {conc}: best {best[key] / best[off]:.2f}, "
+                  f"median per round {median:.2f}{target}")
 
 
 if __name__ == "__main__":
