@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -14,12 +15,13 @@ from transformers import LlavaConfig  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
 
+from models.alignment import align_scores  # noqa: E402
 from models.conservativeness import resolve_alignment  # noqa: E402
 from models.contrastive import contrast_logits  # noqa: E402
-from models.vllm_plugin.cpu_backend import cache_layout, layer_index, read_cpu_kv  # noqa: E402
+from models.vllm_plugin.cpu_backend import cache_layout, layer_index, paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E402
 from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: E402
-from models.vllm_plugin.rows import build_plan  # noqa: E402
+from models.vllm_plugin.rows import PagedKV, align_layer, block_scores, block_values, build_plan  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
 
 IMAGE = 5
@@ -35,8 +37,9 @@ def fresh_state() -> Iterator[None]:
 
 def processor() -> SeviLogitsProcessor:
     cfg = LlavaConfig(image_token_index=IMAGE)
-    cfg.text_config.num_hidden_layers = 4
-    cfg.text_config.eos_token_id = EOS
+    text: Any = cfg.text_config  # a config object once built (typed as a union with its dict form)
+    text.num_hidden_layers = 4
+    text.eos_token_id = EOS
     return SeviLogitsProcessor(SimpleNamespace(model_config=SimpleNamespace(hf_config=cfg)),  # type: ignore[arg-type]
                                torch.device("cpu"), False)
 
@@ -162,3 +165,93 @@ def test_pair_with_partner_missing_is_dissolved_and_neither_sampling_waits() -> 
     proc.update_state(None)
     STATE.observe_seq_lens(torch.tensor([3]))  # samples, but its contrast row is not in the batch
     assert torch.equal(proc.apply(logits.clone()), logits) and "q" in STATE.dissolved_pairs
+
+
+def _random_cpu_cache(n_blocks: int, heads: int, bs: int, hd: int, seed: int) -> tuple[torch.Tensor, bool, bool]:
+    """A CPU cache filled through the kernel's own writer (every slot), and its probed K/V layout."""
+    from vllm import _custom_ops as ops
+
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.zeros(n_blocks, heads, bs, 2 * hd)
+    kc, vc = cache.view(n_blocks, heads, 2 * bs, hd).chunk(2, dim=2)
+    n = n_blocks * bs
+    k, v = torch.randn(n, heads, hd, generator=gen), torch.randn(n, heads, hd, generator=gen)
+    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(n, dtype=torch.long), "vec")
+    k_t, v_t = cache_layout("vec", torch.float32, bs, hd)
+    return cache, k_t, v_t
+
+
+@pytest.mark.parametrize("num_keys", [20, 32, 75])  # one partial block, one full block, three blocks
+def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int) -> None:
+    bs, hd, g, rep = 32, 32, 2, 3
+    cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys)
+    nb = -(-num_keys // bs)
+    blocks = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(i))[:nb] for i in range(4)])
+    k, v = read_cpu_kv(cache, blocks, k_t, v_t)  # [R, G, nb * bs, D], the plain gathered reading
+    k, v = k[:, :, :num_keys], v[:, :, :num_keys]
+    q = torch.randn(4, g, rep, hd)
+    want = torch.matmul(q, k.transpose(-1, -2)).mul(0.3).reshape(4, g * rep, num_keys)
+    # The CPU layout (K transposed on AVX2), and a row-major one like FlashAttention's.
+    flash = torch.cat([k_blocks(cache, k_t), v_blocks(cache, v_t)], -1)  # [N, G, bs, 2D]
+    for paged in (paged_cpu_kv(cache, k_t, v_t), PagedKV(flash[..., :hd], flash[..., hd:], False, False)):
+        got = block_scores(q, paged, blocks.reshape(-1), num_keys, 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        probs = torch.softmax(torch.randn(4, g * rep, num_keys), -1)
+        want_v = torch.matmul(probs.view(4, g, rep, num_keys), v)
+        torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g), want_v, rtol=1e-5, atol=1e-5)
+
+
+def k_blocks(cache: torch.Tensor, k_t: bool) -> torch.Tensor:
+    """K `[N, G, bs, D]` row-major from the CPU cache."""
+    n, g, bs, two_d = cache.shape
+    r = cache.view(n, g, 2, bs * two_d // 2)[:, :, 0]
+    return r.view(n, g, two_d // 2, bs).transpose(-1, -2) if k_t else r.view(n, g, bs, two_d // 2)
+
+
+def v_blocks(cache: torch.Tensor, v_t: bool) -> torch.Tensor:
+    n, g, bs, two_d = cache.shape
+    r = cache.view(n, g, 2, bs * two_d // 2)[:, :, 1]
+    return r.view(n, g, two_d // 2, bs).transpose(-1, -2) if v_t else r.view(n, g, bs, two_d // 2)
+
+
+def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
+    """Mixed step: a recomputing prefill (several aligned rows of one sequence), decode rows whose keys span
+    several blocks, a row with a later start layer, and rows that must stay untouched."""
+    proc = processor()
+    knobs = dict(omega=2.0, kappa=0.6)
+    early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
+    late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
+    prompt = [1] + [IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
+    long_out = [11] * 60  # 72 keys: three blocks of 32
+    _add(proc, [(0, early, prompt, [11, 12, 13]),  # prefill of prompt + outputs: rows 11..14 aligned
+                (1, early, prompt, long_out), (2, None, prompt, [4]), (3, late, prompt, long_out[:40])], 4)
+    q_len = torch.tensor([15, 1, 1, 1])
+    seq = torch.tensor([15, 73, 14, 53])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_len.cumsum(0)])
+    bs, hd, g, heads = 32, 32, 2, 4
+    cache, k_t, v_t = _random_cpu_cache(16, g, bs, hd, seed=7)
+    table = torch.randperm(16, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
+    plan = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"))
+    assert plan is not None and plan.token_index.tolist() == [11, 12, 13, 14, 15, 17]
+    n_tokens = int(qsl[-1])
+    query = torch.randn(n_tokens, heads, hd, generator=torch.Generator().manual_seed(5))
+    stock = torch.randn(n_tokens, heads * hd, generator=torch.Generator().manual_seed(6))
+    for layer in (1, 3):
+        out = stock.clone()
+        counts = torch.zeros(4, 4, dtype=torch.long)
+        align_layer(plan, layer, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, counts)
+        want = stock.clone()
+        for i, (tok, b) in enumerate(zip(plan.token_index.tolist(), plan.batch_row.tolist(), strict=True)):
+            if int(plan.start_layer[i]) > layer:
+                continue
+            k, v = read_cpu_kv(cache, table[b : b + 1].long(), k_t, v_t)
+            k = k[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)  # [H, K, D]
+            v = v[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)
+            scores = torch.einsum("hd,hkd->hk", query[tok], k)[None] * hd**-0.5
+            aligned, _ = align_scores(scores, plan.valid[i : i + 1], plan.semantic[i : i + 1], plan.other[i : i + 1],
+                                      plan.omega[i : i + 1], plan.kappa[i : i + 1])
+            probs = torch.softmax(aligned.masked_fill(~plan.valid[i, None, None], float("-inf")), -1)
+            want[tok] = torch.einsum("hk,hkd->hd", probs[0], v).reshape(-1)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        # Telemetry: one aligned row per (row, layer); sequence 3 only from its start layer on.
+        assert counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])

@@ -2,7 +2,7 @@
 
 Registered over `CPU_ATTN` for every model by :func:`models.vllm_plugin.register`; `get_name()` stays
 "CPU_ATTN" because vLLM keys platform checks on it. Batches without aligned rows cost one attribute
-check per layer.
+check per layer; batches whose every row is aligned in a layer skip the stock kernel there.
 
 The paged cache is `[num_blocks, kv_heads, block_size, 2 * head_size]`: per (block, head) a K region
 then a V region of `block_size * head_size` values each. How the kernel orders values inside a region
@@ -25,7 +25,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
 )
 
-from models.vllm_plugin.rows import align_layer, build_plan
+from models.vllm_plugin.rows import PagedKV, StepPlan, align_layer, build_plan
 from models.vllm_plugin.state import STATE, TELEMETRY_FIELDS
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
@@ -68,7 +68,10 @@ def cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
 
 def read_cpu_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, k_t: bool,
                 v_t: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V `[S, kv_heads, nb * block_size, head_size]` of the sequences whose blocks are given."""
+    """K and V `[S, kv_heads, nb * block_size, head_size]` of the sequences whose blocks are given.
+
+    Materialises whole sequences (gather, then permute): the hot path reads blocks in place instead
+    (:func:`paged_cpu_kv`); this is the plain reading the tests check it against."""
     n_blocks, kv_heads, block_size, two_d = kv_cache.shape
     head_size = two_d // 2
     regions = kv_cache.view(n_blocks, kv_heads, 2, block_size * head_size)[blocks]  # [S, nb, G, 2, bs*D]
@@ -83,39 +86,64 @@ def read_cpu_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, k_t: bool,
     return unpack(0, k_t), unpack(1, v_t)
 
 
+def paged_cpu_kv(kv_cache: torch.Tensor, k_t: bool, v_t: bool) -> PagedKV:
+    """Per-block views of the CPU cache, no copy: region (block, head, 0) is K, (block, head, 1) is V."""
+    n_blocks, kv_heads, block_size, two_d = kv_cache.shape
+    head_size = two_d // 2
+    regions = kv_cache.view(n_blocks, kv_heads, 2, block_size * head_size)
+
+    def part(i: int, transposed: bool) -> torch.Tensor:
+        return regions[:, :, i].unflatten(-1, (head_size, block_size) if transposed else (block_size, head_size))
+
+    return PagedKV(part(0, k_t), part(1, v_t), k_t, v_t)
+
+
 class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
     _layer: int | None = None
     _layer_known = False
+    _paged: tuple[torch.Tensor, PagedKV] | None = None  # this layer's cache tensor and its block views
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                              output_block_scale)
-        if attn_metadata is None or not STATE.rows or self.attn_type != "decoder":
-            return out
-        STATE.observe_seq_lens(attn_metadata.seq_lens)
-        if not self._layer_known:
-            self._layer = layer_index(getattr(layer, "layer_name", ""))
-            self._layer_known = True
-        if self._layer is None or not STATE.tensors().any_enabled:
-            return out
-        plan = _step_plan(attn_metadata, kv_cache.shape[2])
-        if plan is None:
-            return out
-        k_t, v_t = cache_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+        plan = None
+        if attn_metadata is not None and STATE.rows and self.attn_type == "decoder":
+            STATE.observe_seq_lens(attn_metadata.seq_lens)
+            if not self._layer_known:
+                self._layer = layer_index(getattr(layer, "layer_name", ""))
+                self._layer_known = True
+            if self._layer is not None and STATE.tensors().any_enabled:
+                plan = _step_plan(attn_metadata, kv_cache.shape[2])
+        rows = plan.rows_at(self._layer) if plan is not None and self._layer is not None else None
+        # When the aligned rows are the whole batch the stock result would be overwritten entirely:
+        # skip the kernel (the cache write is a separate op, do_kv_cache_update). Only for plain causal
+        # attention, the only kind the recomputation reproduces.
+        if rows is None or not rows.identity or not self._plain() or output_scale is not None:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+        if rows is None:
+            return output
+        assert plan is not None and self._layer is not None
+        if self._paged is None or self._paged[0] is not kv_cache:
+            k_t, v_t = cache_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+            self._paged = (kv_cache, paged_cpu_kv(kv_cache, k_t, v_t))
         if STATE.step_counts is None:
             STATE.step_counts = torch.zeros(STATE.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long)
-        align_layer(plan, self._layer, query, output, lambda blocks: read_cpu_kv(kv_cache, blocks, k_t, v_t),
-                    self.scale, self.num_kv_heads, STATE.step_counts)
-        return out
+        align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads,
+                    STATE.step_counts)
+        return output
+
+    def _plain(self) -> bool:
+        return (self.alibi_slopes is None and self.sliding_window in (-1, None) and not self.logits_soft_cap
+                and self.sinks is None)
 
 
-def _step_plan(md: CPUAttentionMetadata, block_size: int):  # type: ignore[no-untyped-def]
+def _step_plan(md: CPUAttentionMetadata, block_size: int) -> StepPlan | None:
     """The plan for this step's metadata, built at the first layer and reused by the others."""
     cached = STATE.plan_cache
     if cached is not None and cached[0] == STATE.step and cached[1] == id(md):
-        return cached[2]
-    plan = build_plan(STATE, md.query_start_loc, md.seq_lens, md.block_table, block_size, torch.device("cpu"))
+        return cached[2]  # type: ignore[no-any-return]
+    plan = build_plan(STATE, md.query_start_loc, md.seq_lens, md.block_table, block_size, torch.device("cpu"),
+                      md.num_actual_tokens)
     STATE.plan_cache = (STATE.step, id(md), plan)
     return plan
 

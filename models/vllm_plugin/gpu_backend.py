@@ -18,18 +18,15 @@ import torch
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
 from models.vllm_plugin.cpu_backend import layer_index
-from models.vllm_plugin.rows import align_layer, build_plan
+from models.vllm_plugin.rows import PagedKV, align_layer, build_plan
 from models.vllm_plugin.state import STATE, TELEMETRY_FIELDS
 
 
-def read_flash_kv(kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V `[S, kv_heads, nb * block_size, head_size]` from the FlashAttention cache layout."""
-    _, kv_heads, block_size, two_d = kv_cache.shape
-    head_size = two_d // 2
-    x = kv_cache[blocks]  # [S, nb, G, bs, 2D]
-    s, nb = blocks.shape
-    x = x.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, nb * block_size, two_d)
-    return x[..., :head_size], x[..., head_size:]
+def paged_flash_kv(kv_cache: torch.Tensor) -> PagedKV:
+    """Per-block views of the FlashAttention cache, no copy: K and V `[num_blocks, kv_heads, block_size,
+    head_size]`, both row-major (the first and the last `head_size` channels of each slot)."""
+    head_size = kv_cache.shape[-1] // 2
+    return PagedKV(kv_cache[..., :head_size], kv_cache[..., head_size:], False, False)
 
 
 class SeviFlashAttentionImpl(FlashAttentionImpl):
@@ -55,15 +52,16 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
             plan = cached[2]
         else:
             plan = build_plan(STATE, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                              attn_metadata.block_table, kv_cache.shape[2], query.device)
+                              attn_metadata.block_table, kv_cache.shape[2], query.device,
+                              attn_metadata.num_actual_tokens)
             STATE.plan_cache = (STATE.step, id(attn_metadata), plan)
         if plan is None:
             return out
         if STATE.step_counts is None:
             STATE.step_counts = torch.zeros(STATE.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long,
                                             device=query.device)
-        align_layer(plan, self._layer, query, output, lambda blocks: read_flash_kv(kv_cache, blocks),
-                    self.scale, self.num_kv_heads, STATE.step_counts)
+        align_layer(plan, self._layer, query, output, paged_flash_kv(kv_cache), self.scale, self.num_kv_heads,
+                    STATE.step_counts)
         return out
 
 

@@ -1,27 +1,61 @@
 """SEVI on the rows of a vLLM batch: which flattened query rows to align, and the aligned attention.
 
-Backend-agnostic: a backend runs its stock kernel, then calls :func:`align_layer` with a function that
-reads K/V for whole sequences out of its own paged cache layout. Everything is vectorised over the
-aligned rows (no Python loop over rows or heads).
+Backend-agnostic: a backend runs its stock kernel (or skips it when every row is aligned), then calls
+:func:`align_layer` with per-block views of its paged cache (:class:`PagedKV`). Everything is
+vectorised over the aligned rows (no Python loop over rows, heads or blocks).
 
 Which rows (spec section 2): for each sequence with alignment on, the query positions at or past its
 last prompt row. At prefill that is the last prompt row; in decode, the one new row; after a
 preemption vLLM recomputes prompt and outputs in one prefill, and every row from the last prompt row on
 is aligned again over its own causal keys, which the spec says equals the cached run.
+
+Cost model (the reason for the shapes below): on CPU each torch op costs microseconds of dispatch
+whatever its size, and the step runs every aligned layer, so everything that does not depend on the
+layer (row indices, block indices, masks, the alignment's prepared inputs) is built once per step by
+the first aligned layer (:class:`StepPlan`, :class:`RowSet`), and a layer does: gather the blocks it
+reads (one `index_select` each for K and V, straight from the cache's own layout, no permute), one
+batched matmul per block for q.K, the alignment, softmax, one batched matmul for probs.V, one write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from models.alignment import align_scores, span_masks
+from models.alignment import PreparedRows, align_prepared, prepare_rows, span_masks
 from models.vllm_plugin.state import WorkerState
 
-# (blocks [S, nb] long) -> (K, V), each [S, kv_heads, nb * block_size, head_size]
-KVReader = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+@dataclass(frozen=True)
+class PagedKV:
+    """One layer's paged cache as per-block views, without copying (the layout its kernel writes).
+
+    key: `[num_blocks, kv_heads, head_size, block_size]` when `key_transposed` (the AVX2 CPU kernel)
+    else `[num_blocks, kv_heads, block_size, head_size]`; value likewise with `value_transposed`.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_transposed: bool
+    value_transposed: bool
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[-1] if self.key_transposed else self.key.shape[-2]
+
+
+@dataclass
+class RowSet:
+    """The rows aligned in a layer (all of the step's, or those whose start layer is reached), with
+    everything their layers share: indices into the query, batch and cache, and the prepared masks."""
+
+    token_index: torch.Tensor  # long [R]: row in the flattened query / output
+    batch_row: torch.Tensor  # long [R]: batch index of each row (telemetry)
+    block_index: torch.Tensor  # long [R * nb]: cache block read by (row, block); a row reads its sequence's
+    prepared: PreparedRows  # masks / knobs in the alignment's kernel shapes, [R, ...] with K = num_keys
+    ones: torch.Tensor  # long [R, 1]: the "aligned_rows" telemetry column
+    identity: bool  # token_index == arange(R): the rows are the whole query, in order
 
 
 @dataclass
@@ -32,7 +66,7 @@ class StepPlan:
     batch_row: torch.Tensor  # long [R]: batch index of each aligned row
     seq_slot: torch.Tensor  # long [R]: index into `blocks` (one slot per distinct sequence)
     blocks: torch.Tensor  # long [S, nb]: block ids covering every key of each sequence
-    num_keys: int  # K: keys gathered per sequence (max seq_len over them)
+    num_keys: int  # K: keys read per row (max seq_len over the aligned sequences)
     valid: torch.Tensor  # bool [R, K]: causal keys of each row
     semantic: torch.Tensor  # bool [R, K]
     other: torch.Tensor  # bool [R, K]
@@ -40,13 +74,50 @@ class StepPlan:
     kappa: torch.Tensor  # float32 [R]
     start_layer: torch.Tensor  # long [R]
     min_start: int
-    uniform_start: bool
-    one_row_per_seq: bool  # decode-only steps: row r reads sequence slot r, no gather copy needed
+    max_start: int
+    starts: list[int]  # distinct start layers, ascending: each opens a larger set of rows
+    num_tokens: int  # rows in the flattened query (the step's scheduled tokens)
+    _sets: dict[int, RowSet | None] = field(default_factory=dict)
+
+    @property
+    def covers_all_tokens(self) -> bool:
+        """Every scheduled token is an aligned row (decode with alignment on for the whole batch)."""
+        return self.token_index.shape[0] == self.num_tokens
+
+    def rows_at(self, layer: int) -> RowSet | None:
+        """The rows aligned in `layer`, built on first use and shared by every layer with the same set."""
+        opened = sum(1 for s in self.starts if s <= layer)  # the row set grows with the layer
+        if opened not in self._sets:
+            self._sets[opened] = self._row_set(layer) if opened else None
+        return self._sets[opened]
+
+    def _row_set(self, layer: int) -> RowSet | None:
+        keep = None if layer >= self.max_start else torch.nonzero(self.start_layer <= layer).squeeze(1)
+        if keep is not None and keep.numel() == 0:
+            return None
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x if keep is None else x[keep]
+
+        tok = pick(self.token_index)
+        n = tok.shape[0]
+        device = tok.device
+        return RowSet(
+            token_index=tok, batch_row=pick(self.batch_row),
+            block_index=self.blocks.to(device)[pick(self.seq_slot)].reshape(-1),
+            prepared=prepare_rows(pick(self.valid), pick(self.semantic), pick(self.other), pick(self.omega),
+                                  pick(self.kappa)),
+            ones=torch.ones(n, 1, dtype=torch.long, device=device),
+            identity=keep is None and self.covers_all_tokens,
+        )
 
 
 def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-               block_size: int, device: torch.device) -> StepPlan | None:
-    """The rows of this step that need alignment, or None when there are none (stock path only)."""
+               block_size: int, device: torch.device, num_tokens: int | None = None) -> StepPlan | None:
+    """The rows of this step that need alignment, or None when there are none (stock path only).
+
+    num_tokens: the step's scheduled tokens (vLLM's `num_actual_tokens`); default `query_start_loc[-1]`.
+    """
     t = state.tensors()
     n = state.batch_size
     if not t.any_enabled or n == 0 or seq_lens.shape[0] < n:
@@ -81,16 +152,70 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     other_only = torch.full((total,), state.other_is_image_only, dtype=torch.bool)
     semantic, other = span_masks(keys, position, t.last_image[batch_row], image_keys, other_only)
     start = t.start_layer[batch_row]
+    starts = sorted(set(start.tolist()))
     return StepPlan(
         token_index=token_index.to(device), batch_row=batch_row.to(device), seq_slot=slot_of[batch_row].to(device),
         blocks=blocks, num_keys=num_keys, valid=valid.to(device), semantic=(semantic & valid).to(device),
         other=(other & valid).to(device), omega=t.omega[batch_row].to(device), kappa=t.kappa[batch_row].to(device),
-        start_layer=start.to(device), min_start=int(start.min()), uniform_start=bool((start == start[0]).all()),
-        one_row_per_seq=total == int(seqs.shape[0]),
+        start_layer=start.to(device), min_start=starts[0], max_start=starts[-1], starts=starts,
+        num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens,
     )
 
 
-def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.Tensor, read_kv: KVReader,
+def _blocks(view: torch.Tensor, transposed: bool, index: torch.Tensor, width: int) -> torch.Tensor:
+    """The blocks at `index`, each cut to its first `width` keys: `[len(index), G, D, width]` when
+    transposed, else `[len(index), G, width, D]`. One copy, of only what is read."""
+    src = view[..., :width] if transposed else view[:, :, :width]
+    return src.index_select(0, index)
+
+
+def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_keys: int,
+                 scale: float) -> torch.Tensor:
+    """Pre-softmax scores `[R, H, num_keys]` of rows `q` (`[R, G, rep, D]`, float32) against the keys of
+    the blocks `block_index` (`[R * nb]`, row-major: row r reads blocks r*nb .. r*nb+nb-1).
+
+    The query heads of a KV head are grouped along the row axis of one matmul (GQA without repeating
+    K), and K is read in the cache's own layout (transposed or not), block by block.
+    """
+    r, g, rep, d = q.shape
+    bs = cache.block_size
+    nb = block_index.shape[0] // max(r, 1)
+    width = num_keys if nb == 1 else bs  # one block: read only the sequence's keys
+    k = _blocks(cache.key, cache.key_transposed, block_index, width).float()
+    k = k.view(r * nb * g, d, width) if cache.key_transposed else k.view(r * nb * g, width, d).transpose(1, 2)
+    qb = q if nb == 1 else q.unsqueeze(1).expand(r, nb, g, rep, d)
+    zero = q.new_zeros(())
+    s = torch.baddbmm(zero, qb.reshape(r * nb * g, rep, d), k, beta=0.0, alpha=scale)  # [R*nb*G, rep, width]
+    if nb == 1:
+        return s.view(r, g * rep, width)
+    # [R, nb, G, rep, bs] -> [R, H, nb * bs]: the blocks side by side, then only the real keys.
+    return s.view(r, nb, g, rep, bs).permute(0, 2, 3, 1, 4).reshape(r, g * rep, nb * bs)[..., :num_keys]
+
+
+def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_kv_heads: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]` (into `out` when given, one block)."""
+    r, h, num_keys = probs.shape
+    g, rep = num_kv_heads, h // num_kv_heads
+    bs = cache.block_size
+    nb = block_index.shape[0] // max(r, 1)
+    width = num_keys if nb == 1 else bs
+    v = _blocks(cache.value, cache.value_transposed, block_index, width).float()
+    d = v.shape[-2] if cache.value_transposed else v.shape[-1]
+    v = v.view(r * nb * g, d, width).transpose(1, 2) if cache.value_transposed else v.view(r * nb * g, width, d)
+    if nb == 1:
+        p = probs.view(r * g, rep, num_keys)
+        if out is not None:
+            torch.bmm(p, v, out=out.view(r * g, rep, d))
+            return out.view(r, g, rep, d)
+        return torch.bmm(p, v).view(r, g, rep, d)
+    # Padding keys get probability 0; each block's partial product is summed over the blocks.
+    padded = torch.nn.functional.pad(probs, (0, nb * bs - num_keys))
+    p = padded.view(r, g, rep, nb, bs).permute(0, 3, 1, 2, 4).reshape(r * nb * g, rep, bs)
+    return torch.bmm(p, v).view(r, nb, g, rep, d).sum(1)
+
+
+def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.Tensor, cache: PagedKV,
                 scale: float, num_kv_heads: int, counts: torch.Tensor | None) -> None:
     """Overwrite `output` rows of this layer's aligned rows with SEVI-aligned attention.
 
@@ -98,37 +223,24 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     """
     if layer < plan.min_start:
         return
-    rows = None if plan.uniform_start else torch.nonzero(plan.start_layer <= layer).squeeze(1)
-    if rows is not None and rows.numel() == 0:
+    rows = plan.rows_at(layer)
+    if rows is None:
         return
-
-    def pick(x: torch.Tensor) -> torch.Tensor:
-        return x if rows is None else x[rows]
-
     n_tokens, n_heads, head_dim = query.shape
     rep = n_heads // num_kv_heads
-    k_all, v_all = read_kv(plan.blocks)
-    n_keys = plan.num_keys
-    if rows is None and plan.one_row_per_seq:
-        k, v = k_all[:, :, :n_keys].float(), v_all[:, :, :n_keys].float()  # [R, G, K, D]
-    else:
-        slot = pick(plan.seq_slot)
-        k = k_all[:, :, :n_keys][slot].float()
-        v = v_all[:, :, :n_keys][slot].float()
-    tok = pick(plan.token_index)
-    q = query[tok].float().view(-1, num_kv_heads, rep, head_dim)  # [R, G, rep, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).view(-1, n_heads, n_keys)  # [R, H, K]
-    valid = pick(plan.valid)
-    aligned, groups = align_scores(scores, valid, pick(plan.semantic), pick(plan.other), pick(plan.omega),
-                                   pick(plan.kappa))
-    probs = torch.softmax(aligned.masked_fill_(~valid[:, None, :], float("-inf")), dim=-1)
-    new = torch.matmul(probs.view(-1, num_kv_heads, rep, n_keys), v)  # [R, G, rep, D]
+    r = rows.token_index.shape[0]
+    q = query[:r] if rows.identity else query.index_select(0, rows.token_index)
+    q = q.float().view(r, num_kv_heads, rep, head_dim)
+    scores = block_scores(q, cache, rows.block_index, plan.num_keys, scale)  # [R, H, K]
+    aligned, groups = align_prepared(scores, rows.prepared)
+    probs = torch.softmax(aligned.add_(rows.prepared.key_bias), dim=-1)
     out = output.view(n_tokens, n_heads, head_dim)
-    out[tok] = new.view(-1, n_heads, head_dim).to(out.dtype)
+    direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
+    new = block_values(probs, cache, rows.block_index, num_kv_heads, out[:r] if direct else None)
+    if not direct:
+        out.index_copy_(0, rows.token_index, new.view(r, n_heads, head_dim).to(out.dtype))
     if counts is not None:
-        has_global = groups.global_.any(-1)
-        stage1 = groups.other.any(-1) & has_global
-        stage2 = has_global & groups.core.any(-1)
-        heads = groups.other.sum(-1) * stage1 + groups.global_.sum(-1) * stage2
-        per_row = torch.stack([torch.ones_like(heads), stage1.long(), stage2.long(), heads], dim=1)
-        counts.index_add_(0, pick(plan.batch_row), per_row)
+        assert groups.stage1 is not None and groups.stage2 is not None
+        moved = torch.stack([groups.stage1, groups.stage2], 1)  # [R, 2, H]
+        per_row = torch.cat([rows.ones, moved.any(-1), moved.sum((1, 2))[:, None]], 1)
+        counts.index_add_(0, rows.batch_row, per_row)
