@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Metric
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -32,6 +32,16 @@ class _EngineCollector(Collector):
                                   value=s.failed_batches_total)
 
 
+class _VllmCollector(Collector):
+    """Re-exports vLLM's own `vllm:*` metrics, which it registers in prometheus_client's global registry
+    when the vLLM engine runs in this process; yields nothing otherwise."""
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
+
+
 class Metrics:
     def __init__(self, engine_stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry()
@@ -53,3 +63,4 @@ class Metrics:
         self.cancelled = Counter("sevi_cancelled_requests", "Requests cancelled by the server.", ["reason"],
                                  registry=r)
         r.register(_EngineCollector(engine_stats))
+        r.register(_VllmCollector())

@@ -193,3 +193,16 @@ def test_caption_multipart_and_cancelled_stream_frees_the_engine(live: LiveServe
             break
         asyncio.run(asyncio.sleep(0.05))
     assert engine.stats().running == 0 and not engine._jobs
+
+
+def test_metrics_include_vllms_own(live: LiveServer) -> None:
+    """/metrics carries vLLM's `vllm:*` families beside ours, and they move with traffic."""
+    with live.client() as client:
+        assert client.post("/caption", files={"image": ("a.png", png_bytes(3), "image/png")},
+                           data={"conservativeness": "0", "max_tokens": "3"}).status_code == 200
+        text = client.get("/metrics").text
+    assert "sevi_requests_total" in text
+    assert "vllm:num_requests_running" in text
+    prompt_tokens = [float(line.rpartition(" ")[2]) for line in text.splitlines()
+                     if line.startswith("vllm:prompt_tokens_total{")]
+    assert prompt_tokens and sum(prompt_tokens) > 0
