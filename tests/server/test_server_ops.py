@@ -181,3 +181,16 @@ def test_load_bench_smoke(server: LiveServer, tmp_path: Path, capsys: pytest.Cap
     assert "overhead p50 over the engine time" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_main(["--url", "http://example.com:8000"])  # loopback only
+
+
+def test_auto_engine_prefers_vllm_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from server.engines import resolve_engine_name
+
+    assert resolve_engine_name("transformers") == "transformers"
+    assert resolve_engine_name("vllm") == "vllm"
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    assert resolve_engine_name("auto") == ("vllm" if have_vllm else "transformers")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    assert resolve_engine_name("auto") == "transformers"  # the fallback where vLLM is not installed
