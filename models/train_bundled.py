@@ -2,6 +2,7 @@
 
     python -m models.train_bundled --out runs/bundled --steps 2400 --threads 2
     python -m models.train_bundled --out runs/bundled --steps 2400 --threads 2   # resumes from runs/bundled
+    python -m models.train_bundled --out runs/bundled --export models/bundled   # ship the run's weights
 
 Architecture (issue 5): LlavaForConditionalGeneration with a CLIP vision tower (96 px, patch 16: 36
 image tokens; the last vision layer feeds the projector because the tower is shallow) and a Llama
@@ -105,6 +106,7 @@ def build_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
                          image_seq_length=(cfg.image_size // cfg.patch) ** 2, tie_word_embeddings=False)
+    config.architectures = ["LlavaForConditionalGeneration"]  # vLLM picks its model class from this
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     gen = model.generation_config
@@ -244,6 +246,22 @@ def train(args: argparse.Namespace) -> Path:
     return out / "latest"
 
 
+def export(run: str | Path, dst: str | Path) -> Path:
+    """Write the model folder of run `run` (from its `ckpt.pt`) to `dst`, with the loss curve as PNG/CSV."""
+    run, dst = Path(run), Path(dst)
+    state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
+    cfg = ModelConfig(**state["meta"]["model"])
+    processor = build_processor(cfg)
+    model = build_model(cfg, processor.tokenizer, 0)
+    model.load_state_dict(state["model"])
+    save_model_dir(model.eval(), processor, dst)
+    rows = [json.loads(x) for x in (run / "loss.jsonl").read_text().splitlines() if x.strip()]
+    (dst / "loss_curve.csv").write_text("step,loss,lr,samples,elapsed_s\n" + "".join(
+        f"{r['step']},{r['loss']},{r['lr']:.6g},{r['samples']},{r['elapsed_s']}\n" for r in rows))
+    plot_loss_curve(run / "loss.jsonl", dst / "loss_curve.png")
+    return dst
+
+
 def plot_loss_curve(log: str | Path, png: str | Path, size: tuple[int, int] = (480, 240)) -> None:
     """A plain PIL line plot of `loss.jsonl` (log-scale loss against step); matplotlib is not a dependency."""
     from PIL import Image, ImageDraw
@@ -274,6 +292,7 @@ def plot_loss_curve(log: str | Path, png: str | Path, size: tuple[int, int] = (4
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: ckpt.pt, loss.jsonl, latest/ (resumes if present)")
+    p.add_argument("--export", metavar="DIR", help="only write the run's model folder (and loss curve) to DIR")
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -290,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.export:
+        print(json.dumps({"model_dir": str(export(args.out, args.export))}))
+        return
     print(json.dumps({"model_dir": str(train(args))}))
 
 

@@ -108,3 +108,17 @@ def test_loss_curve_plot(runs: tuple[Path, Path], tmp_path: Path) -> None:
 
     plot_loss_curve(runs[0] / "loss.jsonl", tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size == (480, 240)
+
+
+def test_export(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    main(["--out", str(runs[0]), "--export", str(tmp_path / "m")])
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert model.config.architectures == ["LlavaForConditionalGeneration"]
+    assert model.config.image_seq_length == 36
+    trained = torch.load(runs[0] / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    assert AutoProcessor.from_pretrained(tmp_path / "m").tokenizer.eos_token == "</s>"
+    assert (tmp_path / "m" / "loss_curve.csv").read_text().count("\n") == 6
+    assert (tmp_path / "m" / "loss_curve.png").exists()
