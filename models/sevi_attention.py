@@ -62,19 +62,46 @@ class AlignmentBatch:
     align_from: torch.Tensor
     image_keys: torch.Tensor
     other_is_image_only: torch.Tensor
-    telemetry: AlignmentTelemetry = field(init=False)
 
     def __post_init__(self) -> None:
-        self.telemetry = AlignmentTelemetry.zeros(self.omega.shape[0])
+        self._telemetry = AlignmentTelemetry.zeros(self.omega.shape[0])
+        # Per-layer stage masks waiting to be counted: one reduction per forward instead of one per layer.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, HeadGroups]] = []
         # Rows without an image, or with omega == 0, are never aligned.
         self.enabled = (self.omega > 0) & (self.last_image >= 0)
         self._plan_key: tuple[object, ...] | None = None
         self._plan: _Plan | None = None
 
+    @property
+    def telemetry(self) -> AlignmentTelemetry:
+        self._count_pending()
+        return self._telemetry
+
+    def record(self, seq: torch.Tensor, needed: torch.Tensor, stages: HeadGroups) -> None:
+        """Note one layer's aligned rows `[S, R]` and the heads each stage moved, to be counted later."""
+        self._pending.append((seq, needed, stages))
+
+    def _count_pending(self) -> None:
+        """Add the pending layers' counts (rows aligned, stage 1 / stage 2 rows, heads moved) per sequence."""
+        by_seq: dict[int, list[tuple[torch.Tensor, torch.Tensor, HeadGroups]]] = {}
+        for item in self._pending:  # layers of one forward share their `seq` tensor unless start layers differ
+            by_seq.setdefault(id(item[0]), []).append(item)
+        self._pending = []
+        for items in by_seq.values():
+            seq, needed = items[0][0], items[0][1].reshape(-1)
+            stage1 = torch.stack([s.stage1 for _, _, s in items if s.stage1 is not None])  # [L, S*R, H]
+            stage2 = torch.stack([s.stage2 for _, _, s in items if s.stage2 is not None])
+            rows = torch.stack([
+                torch.full_like(needed, len(items), dtype=torch.long),
+                stage1.any(-1).sum(0), stage2.any(-1).sum(0), (stage1.sum(-1) + stage2.sum(-1)).sum(0),
+            ], -1) * needed[:, None]
+            self._telemetry.counts.index_add_(0, seq, rows.view(seq.shape[0], -1, 4).sum(1))
+
     def plan_for(self, mask: torch.Tensor | None, bsz: int, q_len: int, k_len: int) -> _Plan | None:
         """The rows and masks to align in this forward; built by its first layer, reused by the others."""
         key = (id(mask), bsz, q_len, k_len, self.image_keys.shape[1])
         if key != self._plan_key:
+            self._count_pending()
             self._plan = _build_plan(self, mask, bsz, q_len, k_len)
             self._plan_key = key
         return self._plan
@@ -88,7 +115,7 @@ class AlignmentBatch:
         """Keep only the batch rows in `keep` (a long index tensor), telemetry included."""
         out = AlignmentBatch(self.omega[keep], self.kappa[keep], self.start_layer[keep], self.last_image[keep],
                              self.align_from[keep], self.image_keys[keep], self.other_is_image_only[keep])
-        out.telemetry = self.telemetry.select(keep)
+        out._telemetry = self.telemetry.select(keep)
         return out
 
 
@@ -219,20 +246,11 @@ def sevi_attention_forward(
     probs = probs.view(n_seq, n_rows, n_heads, k_len).permute(0, 2, 1, 3)  # [S, H, R, K]
     new = torch.matmul(probs.reshape(n_seq, kv_heads, n_rep * n_rows, k_len), v)
     new = new.view(n_seq, n_heads, n_rows, head_dim).transpose(1, 2).to(query.dtype)  # [S, R, H, D]
-    _record(batch, seq, plan.needed, stages)
+    batch.record(seq, plan.needed, stages)
     if out is None:
         return new.contiguous(), None
     out[seq, q0:] = torch.where(plan.needed[..., None, None], new, out[seq, q0:])
     return out, None
-
-
-def _record(batch: AlignmentBatch, seq: torch.Tensor, needed: torch.Tensor, stages: HeadGroups) -> None:
-    """Add this layer's counts (rows aligned, stage 1 / stage 2 rows, heads moved) to each sequence."""
-    assert stages.stage1 is not None and stages.stage2 is not None
-    per_row = torch.stack([torch.ones_like(stages.stage1[:, 0]), stages.stage1.any(-1), stages.stage2.any(-1)], -1)
-    heads = (stages.stage1.sum(-1) + stages.stage2.sum(-1))[:, None]
-    rows = torch.cat([per_row.long(), heads], -1) * needed.reshape(-1, 1)
-    batch.telemetry.counts.index_add_(0, seq, rows.view(seq.shape[0], -1, 4).sum(1))
 
 
 _registered = False
