@@ -86,6 +86,27 @@ class _RequestState:
     finish_reason: str | None = None
 
 
+def append_token(tokenizer: Any, token_ids: list[int], text: str, token: int, stop: Sequence[str],
+                 max_tokens: int) -> tuple[str, str, str | None]:
+    """Append a (non-EOS) token to `token_ids` in place and detokenize incrementally.
+
+    Returns the request's text so far, the new text since `text`, and the finish reason: "stop" when a
+    stop string appeared (the text is cut before it), "length" at `max_tokens`, else None.
+    """
+    token_ids.append(token)
+    full = tokenizer.decode(token_ids, skip_special_tokens=True)
+    if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+        full = text
+    finish: str | None = None
+    for s in stop:
+        cut = full.find(s)
+        if s and cut >= 0:
+            full, finish = full[:cut], "stop"
+    if finish is None and len(token_ids) >= max_tokens:
+        finish = "length"
+    return full, full[len(text):], finish
+
+
 def user_message(prompt: str, n_images: int = 1) -> list[dict[str, Any]]:
     """The chat for a captioning request: the image(s), then the prompt text."""
     parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
@@ -288,24 +309,11 @@ class DecodeBatch:
 
     def _advance(self, s: _RequestState, token: int) -> TokenEvent:
         sp = s.request.sampling
-        tok = self.owner.tokenizer
-        finish: str | None = None
-        if token in self.owner.eos_ids:
-            finish = "stop"
-            new_text = ""
-        else:
-            s.token_ids.append(token)
-            full = tok.decode(s.token_ids, skip_special_tokens=True)
-            if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                full = s.text
-            for stop in sp.stop:
-                cut = full.find(stop)
-                if stop and cut >= 0:
-                    full, finish = full[:cut], "stop"
-            new_text = full[len(s.text):]
-            s.text = full
-            if finish is None and len(s.token_ids) >= sp.max_tokens:
-                finish = "length"
+        finish: str | None = "stop"
+        new_text = ""
+        if token not in self.owner.eos_ids:
+            s.text, new_text, finish = append_token(self.owner.tokenizer, s.token_ids, s.text, token, sp.stop,
+                                                    sp.max_tokens)
         s.finish_reason = finish
         telemetry = self._telemetry(s.request.request_id) if finish else None
         return TokenEvent(s.request.request_id, token, new_text, finish, len(s.prompt_ids), len(s.token_ids),

@@ -38,7 +38,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.contrast_pool import ContrastPool
-from models.generation import GenerationRequest, RequestError, TokenEvent
+from models.generation import GenerationRequest, RequestError, TokenEvent, append_token
 from server.engines.base import Engine, EngineError, EngineNotReady, EngineOverloaded, EngineStats, GenerationStats
 from server.settings import Settings
 
@@ -374,19 +374,8 @@ class VllmEngine(Engine):
         sp = job.request.sampling
         if token in self._eos:
             return self._event(job, token, "", "stop")
-        job.token_ids.append(token)
-        full = self._tokenizer.decode(job.token_ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            full = job.text
-        finish: str | None = None
-        for stop in sp.stop:
-            cut = full.find(stop)
-            if stop and cut >= 0:
-                full, finish = full[:cut], "stop"
-        new_text = full[len(job.text):]
-        job.text = full
-        if finish is None and len(job.token_ids) >= sp.max_tokens:
-            finish = "length"
+        job.text, new_text, finish = append_token(self._tokenizer, job.token_ids, job.text, token, sp.stop,
+                                                  sp.max_tokens)
         return self._event(job, token, new_text, finish)
 
     def _event(self, job: _Job, token: int | None, text: str, finish: str | None) -> TokenEvent:
