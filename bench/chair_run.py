@@ -70,10 +70,12 @@ def _png(image: Image.Image) -> bytes:
 
 
 def caption_one(client: httpx.Client, item: Item, level: float, contrast: bool, max_tokens: int,
-                prompt: str) -> dict[str, Any]:
+                prompt: str, kappa: float | None = None) -> dict[str, Any]:
     data = {"conservativeness": str(level), "max_tokens": str(max_tokens), "temperature": "0", "prompt": prompt}
     if level > 0:  # level 0 is the unmodified model, the baseline of both curves
         data["contrast"] = "true" if contrast else "false"
+        if kappa is not None:
+            data["kappa"] = str(kappa)
     for attempt in range(5):
         resp = client.post("/caption", data=data, files={"image": ("image.png", _png(item.load()), "image/png")})
         if resp.status_code == 503 and attempt < 4:  # queue full: back off as the server asks
@@ -94,14 +96,15 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_level(client: httpx.Client, items: list[Item], level: float, contrast: bool, path: Path,
-              max_tokens: int, prompt: str, concurrency: int, label: str) -> dict[str, dict[str, Any]]:
+              max_tokens: int, prompt: str, concurrency: int, label: str,
+              kappa: float | None = None) -> dict[str, dict[str, Any]]:
     done = _done(path)
     todo = [it for it in items if it.image_id not in done]
     lock = threading.Lock()
     with path.open("a") as sink, ThreadPoolExecutor(concurrency) as pool, \
             tqdm(total=len(items), initial=len(items) - len(todo), desc=label) as bar:
         def work(item: Item) -> None:
-            row = caption_one(client, item, level, contrast, max_tokens, prompt)
+            row = caption_one(client, item, level, contrast, max_tokens, prompt, kappa)
             with lock:
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
@@ -172,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         items, name, partners = coco_items(Path(args.coco), args.limit), "coco", False
     else:
         items, name, partners = scene_items(args.split, args.limit), args.split, args.split == "counter-prior"
-    tag = f"{name}-contrast-{args.contrast}"
+    tag = f"{name}-contrast-{args.contrast}" + (f"-kappa{args.kappa:g}" if args.kappa is not None else "")
     out = Path(args.out)
     (out / "captions").mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -180,13 +183,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     with httpx.Client(base_url=args.server, timeout=args.timeout, headers=headers) as client:
         for level in list(_levels(args.levels)):
             rows = run_level(client, items, level, contrast, out / "captions" / f"{tag}-c{level:g}.jsonl",
-                             args.max_tokens, args.prompt, args.concurrency, f"{tag} c={level:g}")
+                             args.max_tokens, args.prompt, args.concurrency, f"{tag} c={level:g}", args.kappa)
             table[f"{level:g}"] = summarize(items, rows, partners)
     (out / f"{tag}.json").write_text(json.dumps(
-        {"split": name, "contrast": contrast, "n": len(items), "max_tokens": args.max_tokens, "levels": table},
-        indent=1))
-    (out / f"{tag}.md").write_text(markdown(f"{name}, contrast {args.contrast}, n={len(items)}", table))
-    plot(f"{name}, contrast {args.contrast} (n={len(items)})", table, out / f"{tag}.png")
+        {"split": name, "contrast": contrast, "kappa": args.kappa, "n": len(items), "max_tokens": args.max_tokens,
+         "levels": table}, indent=1))
+    title = f"{name}, contrast {args.contrast}" + (f", kappa {args.kappa:g}" if args.kappa is not None else "")
+    (out / f"{tag}.md").write_text(markdown(f"{title}, n={len(items)}", table))
+    plot(f"{title} (n={len(items)})", table, out / f"{tag}.png")
     print((out / f"{tag}.md").read_text())
     return 0
 
@@ -201,6 +205,8 @@ def add_run_command(sub: Any) -> None:
     run.add_argument("--levels", default="0,0.25,0.5,0.75,1")
     run.add_argument("--contrast", choices=("on", "off"), default="on")
     run.add_argument("--max-tokens", type=int, default=64)
+    run.add_argument("--kappa", type=float, help="override the core-head threshold at levels > 0 (default: the "
+                                                 "mapping's 0.2)")
     run.add_argument("--limit", type=int, default=100, help="images per level")
     run.add_argument("--prompt", default=DEFAULT_PROMPT)
     run.add_argument("--concurrency", type=int, default=8, help="requests in flight (the server batches them)")
