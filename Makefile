@@ -29,8 +29,13 @@ lint: install
 	$(BIN)/ruff check models server bench tests
 	$(BIN)/mypy models server bench
 
+# Speed benchmarks (each prints ratios measured side by side in one run). The CHAIR evaluation needs a
+# live server: see README "Measured figures".
 bench: install
-	$(BIN)/python -m bench.alignment_overhead
+	$(BIN)/python -m bench.alignment_overhead --threads 1 --clock cpu
+	$(BIN)/python -m bench.alignment_overhead --size medium --threads 1 --clock cpu
+	$(BIN)/python -m bench.engines --threads 1
+	$(BIN)/python -m bench.load
 
 # The bundled model once it exists, else a tiny random LLaVA built on the spot (make serve MODEL=dir to choose;
 # every other setting: SEVI_* environment variables or SERVE_ARGS="--port 9000 ...").
