@@ -122,3 +122,22 @@ def test_export(runs: tuple[Path, Path], tmp_path: Path) -> None:
     assert AutoProcessor.from_pretrained(tmp_path / "m").tokenizer.eos_token == "</s>"
     assert (tmp_path / "m" / "loss_curve.csv").read_text().count("\n") == 6
     assert (tmp_path / "m" / "loss_curve.png").exists()
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="models/bundled not built")
+def test_bundled_model_captions_scenes() -> None:
+    """The shipped model: size bound, LLaVA-hf layout, and it names what is in held-out scenes."""
+    from models.eval_bundled import evaluate
+
+    assert (BUNDLED / "model.safetensors").stat().st_size <= 40 * 2**20
+    with safe_open(str(BUNDLED / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert all(k.startswith("vision_tower.vision_model.") for k in names if k.startswith("vision_tower."))
+    res = evaluate(BUNDLED, 40, ("in-prior", "counter-prior"), progress=False)
+    assert res["in-prior"]["summary"]["recall"] >= 0.7
+    # Prior-driven hallucination is part of the design: the SEVI knob has something to reduce.
+    assert res["counter-prior"]["summary"]["chair_s"] >= 0.15
