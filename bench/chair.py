@@ -12,8 +12,9 @@ A mention whose category is not in the image's ground truth is hallucinated.
     python -m bench.chair score --captions caps.jsonl --truth truth.json
 
 Ground truth comes from the scene generator (`models.scenes.write_split` writes `truth.json`) or from
-a local COCO folder (`load_coco_truth`). The command is built from subcommands so that more (a `run`
-through a live server) can be added with `add_subcommand`-style registration in `build_parser`.
+a local COCO folder (`load_coco_truth`). The command is built from argparse subcommands: another one
+(e.g. `run`, captioning through a live server) is a new `sub.add_parser(...)` in `build_parser` with its
+own `set_defaults(func=...)`.
 """
 
 from __future__ import annotations
