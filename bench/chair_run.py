@@ -195,7 +195,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Overlay several `run` results: CHAIR_S and recall against conservativeness, one curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for path in args.results:
+        result = json.loads(Path(path).read_text())
+        label = f"contrast {'on' if result['contrast'] else 'off'}" + (
+            f", kappa {result['kappa']:g}" if result.get("kappa") is not None else "")
+        levels = [float(k) for k in result["levels"]]
+        left.plot(levels, [r["chair_s"] for r in result["levels"].values()], "o-", label=label)
+        right.plot(levels, [r["recall"] for r in result["levels"].values()], "o-", label=label)
+    for ax, name in ((left, "CHAIR_S (lower is better)"), (right, "recall")):
+        ax.set_xlabel("conservativeness")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(args.title)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    plt.close(fig)
+    print(args.out)
+    return 0
+
+
 def add_run_command(sub: Any) -> None:
+    compare = sub.add_parser("compare", help="plot several `run` results (JSON files) on one trade-off chart")
+    compare.add_argument("results", nargs="+")
+    compare.add_argument("--title", default="")
+    compare.add_argument("--out", required=True)
+    compare.set_defaults(func=cmd_compare)
+
     run = sub.add_parser("run", help="caption a split through a live server at several levels and score it")
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", choices=("in-prior", "counter-prior", "hard"), help="synthetic scene split")

@@ -35,6 +35,11 @@ def test_run_writes_table_plot_and_resumes(server: LiveServer, tmp_path: Path) -
     lines = (tmp_path / "captions" / "counter-prior-contrast-off-c1.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["alignment"]["contrast"] is False
 
+    # Several results overlay on one trade-off chart.
+    assert chair_main(["compare", str(tmp_path / "counter-prior-contrast-off.json"), "--out",
+                       str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
     # A second run finds every caption on disk and sends nothing.
     middle = _caption_requests(server)
     assert chair_main(args) == 0
