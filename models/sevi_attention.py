@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,7 +102,13 @@ class AlignmentBatch:
         key = (id(mask), bsz, q_len, k_len, self.image_keys.shape[1])
         if key != self._plan_key:
             self._count_pending()
-            self._plan = _build_plan(self, mask, bsz, q_len, k_len)
+            prev = self._plan
+            # One decode step after another over the same rows: only the new token's key column is new.
+            if (prev is not None and q_len == 1 and prev.n_rows == 1 and k_len == prev.k_len + 1
+                    and self._plan_key is not None and self._plan_key[1] == bsz):
+                self._plan = prev.next_step()
+            else:
+                self._plan = _build_plan(self, mask, bsz, q_len, k_len)
             self._plan_key = key
         return self._plan
 
@@ -158,17 +164,40 @@ class _Plan:
     other: torch.Tensor  # [S*R, K]
     omega: torch.Tensor  # [S*R]
     kappa: torch.Tensor  # [S*R]
-    rows: PreparedRows = field(init=False)
+    k_len: int
+    prepared: PreparedRows | None = None
 
     def __post_init__(self) -> None:
-        self.rows = prepare_rows(self.valid, self.semantic, self.other, self.omega, self.kappa)
+        if self.prepared is None:
+            self.prepared = prepare_rows(self.valid, self.semantic, self.other, self.omega, self.kappa)
+
+    @property
+    def rows(self) -> PreparedRows:
+        assert self.prepared is not None
+        return self.prepared
+
+    def next_step(self) -> _Plan:
+        """The plan of the next decode step, derived instead of rebuilt: the same single row per
+        sequence, now the new token, with one more key (that token: valid, text side, not image)."""
+        r = self.valid.shape[0]
+        yes = torch.ones(r, 1, dtype=torch.bool, device=self.valid.device)
+        rows = self.rows
+        prepared = PreparedRows(
+            key_bias=torch.cat([rows.key_bias, torch.zeros(r, 1, 1, device=yes.device)], -1),
+            key_sets=torch.cat([rows.key_sets, torch.tensor([[[1.0, 0.0]]], device=yes.device).expand(r, 1, 2)], 1),
+            not_semantic=torch.cat([rows.not_semantic, ~yes[:, None]], -1),
+            kappa=rows.kappa, omega=rows.omega, on=rows.on,
+        )
+        return _Plan(self.seq, self.start_layer, 0, 1, yes, True, torch.cat([self.valid, yes], 1),
+                     torch.cat([self.semantic, yes], 1), torch.cat([self.other, ~yes], 1), self.omega, self.kappa,
+                     self.k_len + 1, prepared)
 
     def subset(self, keep: torch.Tensor) -> _Plan:
         flat = keep.repeat_interleave(self.n_rows)
         needed = self.needed[keep]
         return _Plan(self.seq[keep], [x for x, k in zip(self.start_layer, keep.tolist(), strict=True) if k],
                      self.q0, self.n_rows, needed, bool(needed.all()), self.valid[flat], self.semantic[flat],
-                     self.other[flat], self.omega[flat], self.kappa[flat])
+                     self.other[flat], self.omega[flat], self.kappa[flat], self.k_len)
 
 
 def _build_plan(batch: AlignmentBatch, mask: torch.Tensor | None, bsz: int, q_len: int, k_len: int) -> _Plan | None:
@@ -195,7 +224,7 @@ def _build_plan(batch: AlignmentBatch, mask: torch.Tensor | None, bsz: int, q_le
     needed = q_pos[None, :] >= batch.align_from[seq][:, None]
     return _Plan(seq, batch.start_layer[seq].tolist(), q0, n_rows, needed, bool(needed.all()),
                  valid, semantic & valid, other & valid,
-                 batch.omega[seq].repeat_interleave(n_rows), batch.kappa[seq].repeat_interleave(n_rows))
+                 batch.omega[seq].repeat_interleave(n_rows), batch.kappa[seq].repeat_interleave(n_rows), k_len)
 
 
 def sevi_attention_forward(
