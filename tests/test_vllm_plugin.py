@@ -238,8 +238,8 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
     stock = torch.randn(n_tokens, heads * hd, generator=torch.Generator().manual_seed(6))
     for layer in (1, 3):
         out = stock.clone()
-        counts = torch.zeros(4, 4, dtype=torch.long)
-        align_layer(plan, layer, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, counts)
+        STATE.step_counts, STATE.pending = None, []
+        align_layer(plan, layer, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, STATE)
         want = stock.clone()
         for i, (tok, b) in enumerate(zip(plan.token_index.tolist(), plan.batch_row.tolist(), strict=True)):
             if int(plan.start_layer[i]) > layer:
@@ -254,4 +254,5 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
             want[tok] = torch.einsum("hk,hkd->hd", probs[0], v).reshape(-1)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         # Telemetry: one aligned row per (row, layer); sequence 3 only from its start layer on.
-        assert counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])
+        counts = STATE.counts()
+        assert counts is not None and counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])

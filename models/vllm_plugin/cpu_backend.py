@@ -26,7 +26,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from models.vllm_plugin.rows import PagedKV, StepPlan, align_layer, build_plan
-from models.vllm_plugin.state import STATE, TELEMETRY_FIELDS
+from models.vllm_plugin.state import STATE
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
@@ -126,10 +126,8 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         if self._paged is None or self._paged[0] is not kv_cache:
             k_t, v_t = cache_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
             self._paged = (kv_cache, paged_cpu_kv(kv_cache, k_t, v_t))
-        if STATE.step_counts is None:
-            STATE.step_counts = torch.zeros(STATE.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long)
         align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads,
-                    STATE.step_counts)
+                    STATE)
         return output
 
     def _plain(self) -> bool:

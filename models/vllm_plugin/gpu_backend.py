@@ -19,7 +19,7 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAt
 
 from models.vllm_plugin.cpu_backend import layer_index
 from models.vllm_plugin.rows import PagedKV, align_layer, build_plan
-from models.vllm_plugin.state import STATE, TELEMETRY_FIELDS
+from models.vllm_plugin.state import STATE
 
 
 def paged_flash_kv(kv_cache: torch.Tensor) -> PagedKV:
@@ -57,11 +57,8 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
             STATE.plan_cache = (STATE.step, id(attn_metadata), plan)
         if plan is None:
             return out
-        if STATE.step_counts is None:
-            STATE.step_counts = torch.zeros(STATE.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long,
-                                            device=query.device)
         align_layer(plan, self._layer, query, output, paged_flash_kv(kv_cache), self.scale, self.num_kv_heads,
-                    STATE.step_counts)
+                    STATE)
         return out
 
 

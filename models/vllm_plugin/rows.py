@@ -54,7 +54,6 @@ class RowSet:
     batch_row: torch.Tensor  # long [R]: batch index of each row (telemetry)
     block_index: torch.Tensor  # long [R * nb]: cache block read by (row, block); a row reads its sequence's
     prepared: PreparedRows  # masks / knobs in the alignment's kernel shapes, [R, ...] with K = num_keys
-    ones: torch.Tensor  # long [R, 1]: the "aligned_rows" telemetry column
     identity: bool  # token_index == arange(R): the rows are the whole query, in order
 
 
@@ -100,14 +99,12 @@ class StepPlan:
             return x if keep is None else x[keep]
 
         tok = pick(self.token_index)
-        n = tok.shape[0]
         device = tok.device
         return RowSet(
             token_index=tok, batch_row=pick(self.batch_row),
             block_index=self.blocks.to(device)[pick(self.seq_slot)].reshape(-1),
             prepared=prepare_rows(pick(self.valid), pick(self.semantic), pick(self.other), pick(self.omega),
                                   pick(self.kappa)),
-            ones=torch.ones(n, 1, dtype=torch.long, device=device),
             identity=keep is None and self.covers_all_tokens,
         )
 
@@ -216,10 +213,11 @@ def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor,
 
 
 def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.Tensor, cache: PagedKV,
-                scale: float, num_kv_heads: int, counts: torch.Tensor | None) -> None:
+                scale: float, num_kv_heads: int, state: WorkerState | None) -> None:
     """Overwrite `output` rows of this layer's aligned rows with SEVI-aligned attention.
 
-    query: [T, H, D]; output: [T, H * D] or [T, H, D] (written in place); counts: long [B, 4] telemetry.
+    query: [T, H, D]; output: [T, H * D] or [T, H, D] (written in place); state: where the layer's
+    telemetry is recorded (:meth:`WorkerState.record`, counted once per step).
     """
     if layer < plan.min_start:
         return
@@ -239,8 +237,6 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     new = block_values(probs, cache, rows.block_index, num_kv_heads, out[:r] if direct else None)
     if not direct:
         out.index_copy_(0, rows.token_index, new.view(r, n_heads, head_dim).to(out.dtype))
-    if counts is not None:
+    if state is not None:
         assert groups.stage1 is not None and groups.stage2 is not None
-        moved = torch.stack([groups.stage1, groups.stage2], 1)  # [R, 2, H]
-        per_row = torch.cat([rows.ones, moved.any(-1), moved.sum((1, 2))[:, None]], 1)
-        counts.index_add_(0, rows.batch_row, per_row)
+        state.record(rows.batch_row, groups.stage1, groups.stage2)

@@ -68,7 +68,9 @@ class WorkerState:
         self.step = 0
         self._tensors: RowTensors | None = None
         # Per-step scratch written by the attention backend.
-        self.step_counts: torch.Tensor | None = None  # long [B, 4], telemetry of this step
+        self.step_counts: torch.Tensor | None = None  # long [B, 4], telemetry of this step (see counts())
+        # Per-layer (batch rows, stage-1 heads, stage-2 heads) of this step, counted once per step.
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.seq_lens: torch.Tensor | None = None  # this step's seq_lens per row (lockstep checks)
         self.plan_cache: tuple[int, int, Any] | None = None  # (step, id(metadata), plan)
         self.filed: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -95,14 +97,38 @@ class WorkerState:
     # ---- batch bookkeeping ----
     def begin_step(self) -> None:
         """Fold the last step's counters into the rows; called first thing in update_state."""
-        if self.step_counts is not None:
-            counts = self.step_counts.tolist()
+        step_counts = self.counts()
+        if step_counts is not None:
+            counts = step_counts.tolist()
             for row, c in zip(self.rows, counts, strict=False):
                 if row is not None and any(c):
                     row.telemetry = [a + b for a, b in zip(row.telemetry, c, strict=True)]
         self.step_counts = None
+        self.pending = []
         self.seq_lens = None
         self.step += 1
+
+    def record(self, batch_row: torch.Tensor, stage1: torch.Tensor, stage2: torch.Tensor) -> None:
+        """Note one layer's aligned rows (`[R]` batch indices) and the heads `[R, H]` each stage moved."""
+        self.pending.append((batch_row, stage1, stage2))
+
+    def counts(self) -> torch.Tensor | None:
+        """This step's telemetry `[B, 4]` (None before any aligned layer): the pending layers are
+        counted here, one reduction per set of rows (layers share it unless start layers differ)."""
+        by_rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for item in self.pending:
+            by_rows.setdefault(id(item[0]), []).append(item)
+        self.pending = []
+        for items in by_rows.values():
+            rows = items[0][0]
+            moved = torch.stack([m for _, s1, s2 in items for m in (s1, s2)]).unflatten(0, (len(items), 2))
+            per_row = torch.cat([torch.full((rows.shape[0], 1), len(items), dtype=torch.long, device=rows.device),
+                                 moved.any(-1).sum(0).t(), moved.sum((0, 1, 3))[:, None]], 1)  # [R, 4]
+            if self.step_counts is None:
+                self.step_counts = torch.zeros(self.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long,
+                                               device=rows.device)
+            self.step_counts.index_add_(0, rows, per_row)
+        return self.step_counts
 
     def remove(self, index: int) -> None:
         row = self.rows[index] if index < len(self.rows) else None
@@ -159,7 +185,8 @@ class WorkerState:
             return self.filed.pop(key)
         for i, row in enumerate(self.rows):
             if row is not None and row.request.key == key:
-                pending = self.step_counts[i].tolist() if self.step_counts is not None else [0] * 4
+                step_counts = self.counts()
+                pending = step_counts[i].tolist() if step_counts is not None else [0] * 4
                 entry: dict[str, Any] = {n: a + b for n, a, b in zip(TELEMETRY_FIELDS, row.telemetry, pending,
                                                                        strict=True)}
                 pair = row.request.pair
