@@ -256,3 +256,41 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
         # Telemetry: one aligned row per (row, layer); sequence 3 only from its start layer on.
         counts = STATE.counts()
         assert counts is not None and counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])
+
+
+def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
+    """Decode over the same rows: the plan derived from the last step's (one more key per row, a new
+    block when the keys reach it) equals the one built from scratch; anything else is built afresh."""
+    proc = processor()
+    knobs = dict(omega=2.0, kappa=0.6)
+    early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
+    late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
+    prompt = [1] + [IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
+    _add(proc, [(0, early, prompt, [11] * 19), (1, None, prompt, [4]), (2, late, prompt, [11] * 3),
+                (3, early, [1, 7, 8], [5])], 4)
+    table = torch.randperm(16, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
+    qsl = torch.arange(5, dtype=torch.int32)
+    seq = torch.tensor([31, 14, 16, 4], dtype=torch.int32)  # row 0 reaches its second block of 16 next step
+    plan = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
+    assert plan is not None and plan.decode is not None
+    for _ in range(3):
+        seq = seq + 1
+        derived = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"), previous=plan)
+        fresh = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
+        assert derived is not None and fresh is not None and derived is not fresh
+        assert derived.num_keys == fresh.num_keys and torch.equal(derived.blocks, fresh.blocks)
+        for name in ("key_bias", "key_sets", "not_semantic", "kappa", "omega", "on"):
+            a, b = getattr(derived.prepared, name), getattr(fresh.prepared, name)
+            assert a.shape == b.shape and torch.equal(a, b), name
+        for layer in (1, 3):
+            ra, rb = derived.rows_at(layer), fresh.rows_at(layer)
+            assert ra is not None and rb is not None and ra.identity == rb.identity
+            assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.block_index, rb.block_index)
+            assert all(torch.equal(getattr(ra.prepared, f), getattr(rb.prepared, f))
+                       for f in ("key_bias", "key_sets", "not_semantic", "kappa", "omega", "on"))
+        plan = derived
+    # A step that is not one more decode token per row, or a changed batch, is built afresh.
+    assert plan.next_step(STATE, qsl, seq + 2, table, 16) is None
+    assert plan.next_step(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, 16) is None
+    _add(proc, [(1, early, prompt, [4])], 4)
+    assert plan.next_step(STATE, qsl, seq + 1, table, 16) is None

@@ -141,7 +141,7 @@ def _step_plan(md: CPUAttentionMetadata, block_size: int) -> StepPlan | None:
     if cached is not None and cached[0] == STATE.step and cached[1] == id(md):
         return cached[2]  # type: ignore[no-any-return]
     plan = build_plan(STATE, md.query_start_loc, md.seq_lens, md.block_table, block_size, torch.device("cpu"),
-                      md.num_actual_tokens)
+                      md.num_actual_tokens, cached[2] if cached is not None else None)
     STATE.plan_cache = (STATE.step, id(md), plan)
     return plan
 

@@ -53,7 +53,7 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
         else:
             plan = build_plan(STATE, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                               attn_metadata.block_table, kv_cache.shape[2], query.device,
-                              attn_metadata.num_actual_tokens)
+                              attn_metadata.num_actual_tokens, cached[2] if cached is not None else None)
             STATE.plan_cache = (STATE.step, id(attn_metadata), plan)
         if plan is None:
             return out

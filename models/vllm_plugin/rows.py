@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.alignment import PreparedRows, align_prepared, prepare_rows, span_masks
-from models.vllm_plugin.state import WorkerState
+from models.vllm_plugin.state import RowTensors, WorkerState
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,7 @@ class StepPlan:
     seq_slot: torch.Tensor  # long [R]: index into `blocks` (one slot per distinct sequence)
     blocks: torch.Tensor  # long [S, nb]: block ids covering every key of each sequence
     num_keys: int  # K: keys read per row (max seq_len over the aligned sequences)
-    valid: torch.Tensor  # bool [R, K]: causal keys of each row
-    semantic: torch.Tensor  # bool [R, K]
-    other: torch.Tensor  # bool [R, K]
+    prepared: PreparedRows  # every aligned row's masks / knobs in the alignment's kernel shapes
     omega: torch.Tensor  # float32 [R]
     kappa: torch.Tensor  # float32 [R]
     start_layer: torch.Tensor  # long [R]
@@ -76,7 +74,25 @@ class StepPlan:
     max_start: int
     starts: list[int]  # distinct start layers, ascending: each opens a larger set of rows
     num_tokens: int  # rows in the flattened query (the step's scheduled tokens)
+    # For the next step (:meth:`next_step`): set when every batch row is one decode token and every
+    # row with alignment on is aligned, so the next step over the same rows differs only by one key.
+    decode: tuple[RowTensors, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _sets: dict[int, RowSet | None] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool [R, K]: causal keys of each row."""
+        return self.prepared.key_bias[:, 0] == 0
+
+    @property
+    def semantic(self) -> torch.Tensor:
+        """bool [R, K]: semantic keys (valid ones)."""
+        return ~self.prepared.not_semantic[:, 0]
+
+    @property
+    def other(self) -> torch.Tensor:
+        """bool [R, K]: "other" keys (valid ones)."""
+        return self.prepared.key_sets[..., 1] > 0
 
     @property
     def covers_all_tokens(self) -> bool:
@@ -99,22 +115,64 @@ class StepPlan:
             return x if keep is None else x[keep]
 
         tok = pick(self.token_index)
-        device = tok.device
+        p = self.prepared
         return RowSet(
             token_index=tok, batch_row=pick(self.batch_row),
-            block_index=self.blocks.to(device)[pick(self.seq_slot)].reshape(-1),
-            prepared=prepare_rows(pick(self.valid), pick(self.semantic), pick(self.other), pick(self.omega),
-                                  pick(self.kappa)),
+            block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1),
+            prepared=p if keep is None else PreparedRows(pick(p.key_bias), pick(p.key_sets), pick(p.not_semantic),
+                                                         pick(p.kappa), pick(p.omega), pick(p.on)),
             identity=keep is None and self.covers_all_tokens,
+        )
+
+    def next_step(self, state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                  block_table: torch.Tensor, block_size: int) -> StepPlan | None:
+        """This step's plan derived from the last one, or None when it cannot be (then build afresh).
+
+        It can when the last step was all decode over the same batch rows (`decode`) and this one is
+        too: one query row per batch row and every seq_len one more. Each aligned row is then its
+        sequence's new token, and its masks gain that one key: valid, semantic (it lies past the
+        image and the prompt), not "other". Block ids already read stay the same (vLLM only appends
+        blocks to a running request); a new block is looked up when the keys reach it.
+        """
+        if self.decode is None:
+            return None
+        tensors, qsl, expect, position, seqs = self.decode
+        n = expect.shape[0]
+        if (state.tensors() is not tensors or seq_lens.shape[0] < n or query_start_loc.shape[0] < n + 1
+                or not torch.equal(query_start_loc[: n + 1], qsl) or not torch.equal(seq_lens[:n], expect)):
+            return None
+        num_keys = self.num_keys + 1
+        position = position + 1
+        nb = -(-num_keys // block_size)
+        blocks = self.blocks if nb == self.blocks.shape[1] else block_table[seqs, :nb].to(torch.long)
+        p = self.prepared
+        r = position.shape[0]
+        at = position.to(p.key_bias.device)[:, None]
+        bias = torch.nn.functional.pad(p.key_bias.view(r, -1), (0, 1), value=float("-inf")).scatter_(1, at, 0.0)
+        sets = torch.nn.functional.pad(p.key_sets, (0, 0, 0, 1))
+        sets.select(-1, 0).scatter_(1, at, 1.0)
+        not_semantic = torch.nn.functional.pad(p.not_semantic.view(r, -1), (0, 1), value=True).scatter_(1, at, False)
+        prepared = PreparedRows(bias[:, None, :], sets, not_semantic[:, None, :], p.kappa, p.omega, p.on)
+        return StepPlan(
+            token_index=self.token_index, batch_row=self.batch_row, seq_slot=self.seq_slot, blocks=blocks,
+            num_keys=num_keys, prepared=prepared, omega=self.omega, kappa=self.kappa, start_layer=self.start_layer,
+            min_start=self.min_start, max_start=self.max_start, starts=self.starts, num_tokens=self.num_tokens,
+            decode=(tensors, qsl, expect + 1, position, seqs),
         )
 
 
 def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-               block_size: int, device: torch.device, num_tokens: int | None = None) -> StepPlan | None:
+               block_size: int, device: torch.device, num_tokens: int | None = None,
+               previous: StepPlan | None = None) -> StepPlan | None:
     """The rows of this step that need alignment, or None when there are none (stock path only).
 
     num_tokens: the step's scheduled tokens (vLLM's `num_actual_tokens`); default `query_start_loc[-1]`.
+    previous: the last step's plan; a decode step over the same rows is derived from it.
     """
+    if previous is not None:
+        plan = previous.next_step(state, query_start_loc, seq_lens, block_table, block_size)
+        if plan is not None:
+            return plan
     t = state.tensors()
     n = state.batch_size
     if not t.any_enabled or n == 0 or seq_lens.shape[0] < n:
@@ -139,7 +197,8 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     slot_of[seqs] = torch.arange(seqs.shape[0])
     num_keys = int(seq[seqs].max())
     nb = -(-num_keys // block_size)
-    blocks = block_table[seqs.to(block_table.device), :nb].to(torch.long)
+    seqs_table = seqs.to(block_table.device)
+    blocks = block_table[seqs_table, :nb].to(torch.long)
 
     keys = torch.arange(num_keys)
     valid = keys[None, :] <= position[:, None]
@@ -150,12 +209,18 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     semantic, other = span_masks(keys, position, t.last_image[batch_row], image_keys, other_only)
     start = t.start_layer[batch_row]
     starts = sorted(set(start.tolist()))
+    omega, kappa = t.omega[batch_row].to(device), t.kappa[batch_row].to(device)
+    valid = valid.to(device)
+    decode = None
+    if bool((q_len == 1).all()) and total == int(t.enabled.sum()):
+        decode = (t, query_start_loc[: n + 1].clone(), seq_lens[:n] + 1, position, seqs_table)
     return StepPlan(
         token_index=token_index.to(device), batch_row=batch_row.to(device), seq_slot=slot_of[batch_row].to(device),
-        blocks=blocks, num_keys=num_keys, valid=valid.to(device), semantic=(semantic & valid).to(device),
-        other=(other & valid).to(device), omega=t.omega[batch_row].to(device), kappa=t.kappa[batch_row].to(device),
-        start_layer=start.to(device), min_start=starts[0], max_start=starts[-1], starts=starts,
-        num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens,
+        blocks=blocks, num_keys=num_keys,
+        prepared=prepare_rows(valid, (semantic & valid.cpu()).to(device), (other & valid.cpu()).to(device),
+                              omega, kappa),
+        omega=omega, kappa=kappa, start_layer=start.to(device), min_start=starts[0], max_start=starts[-1],
+        starts=starts, num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens, decode=decode,
     )
 
 
