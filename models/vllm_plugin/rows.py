@@ -227,8 +227,25 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
 def _blocks(view: torch.Tensor, transposed: bool, index: torch.Tensor, width: int) -> torch.Tensor:
     """The blocks at `index`, each cut to its first `width` keys: `[len(index), G, D, width]` when
     transposed, else `[len(index), G, width, D]`. One copy, of only what is read."""
+    if width == (view.shape[-1] if transposed else view.shape[-2]):
+        return view.index_select(0, index)  # whole blocks: no slice
     src = view[..., :width] if transposed else view[:, :, :width]
     return src.index_select(0, index)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    """A float32 0-d zero (baddbmm's ignored input with beta=0), one per device."""
+    z = _ZEROS.get(device)
+    if z is None:
+        z = _ZEROS[device] = torch.zeros((), device=device)
+    return z
 
 
 def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_keys: int,
@@ -243,11 +260,10 @@ def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num
     bs = cache.block_size
     nb = block_index.shape[0] // max(r, 1)
     width = num_keys if nb == 1 else bs  # one block: read only the sequence's keys
-    k = _blocks(cache.key, cache.key_transposed, block_index, width).float()
+    k = _f32(_blocks(cache.key, cache.key_transposed, block_index, width))
     k = k.view(r * nb * g, d, width) if cache.key_transposed else k.view(r * nb * g, width, d).transpose(1, 2)
     qb = q if nb == 1 else q.unsqueeze(1).expand(r, nb, g, rep, d)
-    zero = q.new_zeros(())
-    s = torch.baddbmm(zero, qb.reshape(r * nb * g, rep, d), k, beta=0.0, alpha=scale)  # [R*nb*G, rep, width]
+    s = torch.baddbmm(_zero(q.device), qb.reshape(r * nb * g, rep, d), k, beta=0.0, alpha=scale)  # [R*nb*G, rep, width]
     if nb == 1:
         return s.view(r, g * rep, width)
     # [R, nb, G, rep, bs] -> [R, H, nb * bs]: the blocks side by side, then only the real keys.
@@ -262,7 +278,7 @@ def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor,
     bs = cache.block_size
     nb = block_index.shape[0] // max(r, 1)
     width = num_keys if nb == 1 else bs
-    v = _blocks(cache.value, cache.value_transposed, block_index, width).float()
+    v = _f32(_blocks(cache.value, cache.value_transposed, block_index, width))
     d = v.shape[-2] if cache.value_transposed else v.shape[-1]
     v = v.view(r * nb * g, d, width).transpose(1, 2) if cache.value_transposed else v.view(r * nb * g, width, d)
     if nb == 1:
@@ -293,7 +309,7 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     rep = n_heads // num_kv_heads
     r = rows.token_index.shape[0]
     q = query[:r] if rows.identity else query.index_select(0, rows.token_index)
-    q = q.float().view(r, num_kv_heads, rep, head_dim)
+    q = _f32(q).view(r, num_kv_heads, rep, head_dim)
     scores = block_scores(q, cache, rows.block_index, plan.num_keys, scale)  # [R, H, K]
     aligned, groups = align_prepared(scores, rows.prepared)
     probs = torch.softmax(aligned.add_(rows.prepared.key_bias), dim=-1)
