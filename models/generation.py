@@ -10,7 +10,7 @@ Pure PyTorch/transformers; the server wraps it in an async engine and the CLI ca
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,7 @@ class TokenEvent:
 @dataclass
 class _Row:
     request: GenerationRequest
-    contrast: bool
-    prompt_ids: list[int]
+    contrast: bool  # the unmodified row on the contrast image, paired with its request's main row
 
 
 @dataclass
@@ -175,12 +174,6 @@ class ReferenceModel:
     def start(self, requests: Sequence[GenerationRequest]) -> DecodeBatch:
         return DecodeBatch(self, list(requests))
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenEvent]]:
-        """Run requests together to the end, yielding each step's events."""
-        batch = self.start(requests)
-        while not batch.done:
-            yield batch.step()
-
 
 class DecodeBatch:
     """One running batch. `step()` advances every live request by one token."""
@@ -207,13 +200,13 @@ class DecodeBatch:
                 gen = torch.Generator().manual_seed(
                     req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
             self.states[req.request_id] = _RequestState(req, prompt_ids, gen)
-            rows.append(_Row(req, False, prompt_ids))
+            rows.append(_Row(req, False))
             encodings.append(enc)
             if req.alignment.contrast and req.images:
                 contrast = req.contrast_images or owner.contrast_pool.draw(req.sampling.seed, req.images[0],
                                                                            k=len(req.images))
                 c_enc = owner.encode(req.messages, contrast)
-                rows.append(_Row(req, True, c_enc["input_ids"][0].tolist()))
+                rows.append(_Row(req, True))
                 encodings.append(c_enc)
         self.rows = rows
         batch = fam.collate(encodings, owner.pad_id)
