@@ -70,14 +70,18 @@ class Engine(ABC):
     def ready(self) -> bool:
         """True once the model is loaded and requests can run."""
 
-    @property
-    @abstractmethod
-    def load_error(self) -> str | None:
-        """Why loading failed, if it did (the process is then alive but useless)."""
+    # Set by subclasses: the served model id, and why loading failed if it did.
+    _model_name: str = ""
+    _load_error: str | None = None
 
     @property
-    @abstractmethod
-    def model_name(self) -> str: ...
+    def load_error(self) -> str | None:
+        """Why loading failed, if it did (the process is then alive but useless)."""
+        return self._load_error
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
 
     @property
     @abstractmethod

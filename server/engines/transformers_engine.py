@@ -110,14 +110,6 @@ class TransformersEngine(Engine):
         return self._model is not None and not self._stopping
 
     @property
-    def load_error(self) -> str | None:
-        return self._load_error
-
-    @property
-    def model_name(self) -> str:
-        return self._model_name
-
-    @property
     def num_layers(self) -> int:
         if self._model is None:
             raise EngineNotReady("the model is not loaded yet")
