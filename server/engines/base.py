@@ -9,10 +9,11 @@ early (client gone, deadline) cancels the request and frees its batch slot.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.generation import GenerationRequest, TokenEvent
 
@@ -94,3 +95,21 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, request: GenerationRequest, stats: GenerationStats | None = None) -> AsyncIterator[TokenEvent]:
         """Token events for one request; see the module docstring for the contract."""
+
+
+async def stream_events(queue: asyncio.Queue[Any], finished: Callable[[], bool],
+                        cancel: Callable[[], None]) -> AsyncGenerator[TokenEvent, None]:
+    """One request's events as its engine posts them to `queue`, up to the final one; an exception posted
+    there is raised. Leaving early (consumer closed, deadline, disconnect) calls `cancel` unless the
+    request already finished. Consumers must close it promptly (`contextlib.aclosing`)."""
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        if not finished():
+            cancel()

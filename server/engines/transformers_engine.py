@@ -32,6 +32,7 @@ from server.engines.base import (
     EngineOverloaded,
     EngineStats,
     GenerationStats,
+    stream_events,
 )
 from server.settings import Settings
 
@@ -133,17 +134,10 @@ class TransformersEngine(Engine):
                 raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
             self._pending.append(job)
             self._cond.notify()
-        try:
-            while True:
-                item = await job.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            if not job.finished:
-                self._cancel(job)
+        async with contextlib.aclosing(stream_events(job.queue, lambda: job.finished,
+                                                     lambda: self._cancel(job))) as events:
+            async for event in events:
+                yield event
 
     def _cancel(self, job: _Job) -> None:
         with self._cond:

@@ -39,7 +39,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.contrast_pool import ContrastPool
 from models.generation import GenerationRequest, RequestError, TokenEvent, append_token
-from server.engines.base import Engine, EngineError, EngineNotReady, EngineOverloaded, EngineStats, GenerationStats
+from server.engines.base import (
+    Engine,
+    EngineError,
+    EngineNotReady,
+    EngineOverloaded,
+    EngineStats,
+    GenerationStats,
+    stream_events,
+)
 from server.settings import Settings
 
 log = logging.getLogger("sevi.engine.vllm")
@@ -174,24 +182,20 @@ class VllmEngine(Engine):
                 raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
             self._pending.append(job)
             self._cond.notify()
-        try:
-            while True:
-                item = await job.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            if not job.finished:
-                with self._cond:
-                    job.cancelled = True
-                    if job in self._pending:
-                        self._pending.remove(job)
-                        self._cancelled += 1
-                    else:
-                        self._cancels.append(job)
-                        self._cond.notify()
+        async with contextlib.aclosing(stream_events(job.queue, lambda: job.finished,
+                                                     lambda: self._cancel(job))) as events:
+            async for event in events:
+                yield event
+
+    def _cancel(self, job: _Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            if job in self._pending:
+                self._pending.remove(job)
+                self._cancelled += 1
+            else:
+                self._cancels.append(job)
+                self._cond.notify()
 
     # ---- the worker thread ----------------------------------------------------------------------------
     def _worker(self) -> None:
