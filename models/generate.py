@@ -49,16 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # Input errors first: they should not wait for the weights to load.
+    if args.max_tokens < 1:
+        raise RequestError("--max-tokens must be at least 1", "max_tokens")
+    image = Image.open(args.image).convert("RGB")
+    contrast = [Image.open(args.contrast_image).convert("RGB")] if args.contrast_image else None
     model = ReferenceModel.load(args.model)
     knob = args.preset if args.preset is not None else args.conservativeness
     alignment = resolve_alignment(
         knob, model.num_layers, omega=args.omega, start_layer=args.start_layer, kappa=args.kappa,
         contrast=None if args.contrast is None else args.contrast == "on",
     )
-    if args.max_tokens < 1:
-        raise RequestError("--max-tokens must be at least 1", "max_tokens")
-    image = Image.open(args.image).convert("RGB")
-    contrast = [Image.open(args.contrast_image).convert("RGB")] if args.contrast_image else None
     request = GenerationRequest(
         request_id="cli", messages=user_message(args.prompt), images=[image], alignment=alignment,
         sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
