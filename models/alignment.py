@@ -27,39 +27,74 @@ class HeadGroups:
         return ~self.semantic
 
 
+# Score of a masked (invalid) key: finite, so that means and blends over heads stay finite (no inf - inf,
+# no 0 * inf), and far enough below any real score that a softmax gives it exactly zero weight.
+MASKED = -1e30
+
+
 @dataclass(frozen=True)
 class PreparedRows:
     """Per-row inputs of the operator in the shapes its kernels want. Build once per forward with
     :func:`prepare_rows`; every layer then reuses them (only the scores change from layer to layer)."""
 
-    key_bias: torch.Tensor  # [R, 1, K] float32: 0 at valid keys, -inf elsewhere
+    key_bias: torch.Tensor  # [R, 1, K] float32: 0 at valid keys, MASKED elsewhere
     key_sets: torch.Tensor  # [R, K, 2] float32 indicators: semantic keys, other keys
-    not_semantic: torch.Tensor  # [R, 1, K] bool
+    semantic_keys: torch.Tensor  # [R, 1, K] float32 indicator of the semantic keys
     kappa: torch.Tensor  # [R, 1] float32
-    omega: torch.Tensor  # [R, 1, 1] float32
+    blend: torch.Tensor  # [R, 1, 1] float64: omega / (1 + omega), the weight of the target in a moved head
     on: torch.Tensor  # [R, 1] bool: omega > 0
+    all_on: bool  # every row has omega > 0 (the `on` test can be skipped)
 
 
 def prepare_rows(valid: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor, omega: torch.Tensor,
                  kappa: torch.Tensor) -> PreparedRows:
-    """valid, semantic_keys, other_keys: `[R, K]` bool (the key sets already restricted to valid keys);
+    """valid, semantic_keys, other_keys: `[R, K]` bool (the key sets are restricted to valid keys here);
     omega, kappa: `[R]`."""
-    bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
-    sets = torch.stack([semantic_keys & valid, other_keys & valid], -1).float()
-    return PreparedRows(bias[:, None, :], sets, ~(semantic_keys & valid)[:, None, :], kappa.float()[:, None],
-                        omega.float()[:, None, None], (omega > 0)[:, None])
+    bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, MASKED)
+    semantic = (semantic_keys & valid).float()
+    sets = torch.stack([semantic, (other_keys & valid).float()], -1)
+    omega = omega.double()  # the blend weight is cast to the scores' dtype at use: exact for float64 scores too
+    on = omega > 0
+    return PreparedRows(bias[:, None, :], sets, semantic[:, None, :], kappa.float()[:, None],
+                        (omega / (1 + omega))[:, None, None], on[:, None], bool(on.all()))
+
+
+def select_rows(rows: PreparedRows, index: torch.Tensor) -> PreparedRows:
+    """The prepared rows at `index` (long `[R']`)."""
+    on = rows.on[index]
+    return PreparedRows(rows.key_bias[index], rows.key_sets[index], rows.semantic_keys[index], rows.kappa[index],
+                        rows.blend[index], on, rows.all_on or bool(on.all()))
+
+
+def with_new_key(rows: PreparedRows, at: torch.Tensor) -> PreparedRows:
+    """The rows one decode step later: one key wider, the new key (the token just generated: valid,
+    semantic, not "other") at column `at` (long `[R]`) of each widened row, the last column or, when
+    rows have different lengths, the one after the row's own last key."""
+    r = rows.key_bias.shape[0]
+    col = at.to(rows.key_bias.device).view(r, 1)
+    pad = torch.nn.functional.pad
+    bias = pad(rows.key_bias.view(r, -1), (0, 1), value=MASKED).scatter_(1, col, 0.0)
+    sets = pad(rows.key_sets, (0, 0, 0, 1))
+    sets.select(-1, 0).scatter_(1, col, 1.0)
+    semantic = pad(rows.semantic_keys.view(r, -1), (0, 1)).scatter_(1, col, 1.0)
+    return replace(rows, key_bias=bias[:, None, :], key_sets=sets, semantic_keys=semantic[:, None, :])
+
+
+def _classify(biased: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(semantic, core) head masks `[R, H]` from float32 scores that already carry `rows.key_bias`."""
+    p = torch.softmax(biased, dim=-1)
+    semantic_mass, other_mass = torch.matmul(p, rows.key_sets).unbind(-1)  # S and O per head
+    # Ties (S == O) count as semantic: the spec's test is S >= O.
+    semantic = semantic_mass >= other_mass
+    peak = (p * rows.semantic_keys).amax(-1)  # p >= 0: the largest probability on a semantic key
+    core = semantic & (peak > rows.kappa * semantic_mass)
+    return semantic, core
 
 
 def classify_prepared(scores: torch.Tensor, rows: PreparedRows) -> HeadGroups:
     """Head groups of each row from its scores `[R, H, K]`; probabilities in float32."""
-    p = torch.softmax(scores.float() + rows.key_bias, dim=-1)
-    masses = torch.matmul(p, rows.key_sets)  # [R, H, 2]: semantic mass S, other mass O
-    semantic_mass = masses[..., 0]
-    # Ties (S == O) count as semantic: the spec's test is S >= O.
-    semantic = semantic_mass >= masses[..., 1]
-    peak = p.masked_fill(rows.not_semantic, 0.0).amax(-1)
-    core = semantic & (peak > rows.kappa * semantic_mass)
-    return HeadGroups(semantic=semantic, core=core, global_=semantic & ~core)
+    semantic, core = _classify(scores.float() + rows.key_bias, rows)
+    return HeadGroups(semantic=semantic, core=core, global_=semantic ^ core)
 
 
 def classify_heads(
@@ -79,24 +114,35 @@ def classify_heads(
 
 
 def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tensor, HeadGroups]:
-    """:func:`align_scores` on prepared rows (the per-layer hot path)."""
-    groups = classify_prepared(scores, rows)
-    glob, core = groups.global_, groups.core
-    glob_w = glob.to(scores.dtype)
+    """:func:`align_scores` on prepared rows (the per-layer hot path).
+
+    The scores come back in float32 (or their own dtype when wider) with the key mask applied
+    (masked keys at about MASKED), ready for the softmax. Every op here runs once per aligned layer,
+    so the formulation keeps their number low: masks are float weights (multiplies and adds instead
+    of masked copies), and both stages are one `lerp` toward a per-head target, with a per-head
+    weight that is 0 for the heads neither stage moves.
+    """
+    s = scores + rows.key_bias  # float32, or the scores' dtype when wider
+    semantic, core = _classify(s.float(), rows)
+    glob = semantic ^ core  # core heads are semantic heads: the rest of them are global
+    glob_w = glob.to(s.dtype)
     n_global = glob_w.sum(-1, keepdim=True)  # [R, 1]
-    global_mean = torch.matmul(glob_w[:, None, :], scores) / n_global.clamp(min=1)[..., None]  # [R, 1, K]
-    # A stand-in of -inf for non-core heads makes max() pick core heads only; rows without core heads
-    # are excluded by the stage-2 condition below, so the -inf never reaches the output.
-    core_max = scores.masked_fill(~core[..., None], float("-inf")).amax(1, keepdim=True)  # [R, 1, K]
+    global_mean = torch.matmul((glob_w / n_global.clamp(min=1)).unsqueeze(1), s)  # [R, 1, K]
+    # MASKED on non-core heads makes max() pick core heads only; rows without core heads are excluded
+    # by the stage-2 condition below (their weight is 0), and the value stays finite.
+    core_bias = torch.where(core, 0.0, MASKED).unsqueeze(-1)
+    core_max = (s + core_bias).amax(1, keepdim=True)  # [R, 1, K]
 
-    stage1 = groups.other & (n_global > 0) & rows.on
-    stage2 = glob & core.any(-1, keepdim=True) & rows.on
-
-    # The stages move disjoint heads (other vs global), so one blend serves both.
-    w = rows.omega.to(scores.dtype)
-    target = torch.where(stage1[..., None], global_mean, core_max)
-    out = torch.where((stage1 | stage2)[..., None], (scores + w * target) / (1 + w), scores)
-    return out, replace(groups, stage1=stage1, stage2=stage2)
+    stage1 = ~semantic & (n_global > 0)
+    stage2 = glob & core.any(-1, keepdim=True)
+    if not rows.all_on:
+        stage1, stage2 = stage1 & rows.on, stage2 & rows.on
+    # The stages move disjoint heads (other vs global), so one blend serves both:
+    # (s + omega * target) / (1 + omega) == lerp(s, target, omega / (1 + omega)); weight 0 leaves s as is.
+    target = torch.where(stage1.unsqueeze(-1), global_mean, core_max)
+    weight = ((stage1 | stage2).unsqueeze(-1) * rows.blend).to(s.dtype)
+    out = torch.lerp(s, target, weight)
+    return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
 
 
 def align_scores(
@@ -112,8 +158,8 @@ def align_scores(
     scores: `[R, H, K]`; valid, semantic_keys, other_keys: `[R, K]` bool; omega, kappa: `[R]`.
     Stage 1 pulls every other head toward the mean of the (unmodified) global heads; stage 2 pulls
     every global head toward the element-wise max of the core heads. A stage runs only where both of
-    its groups are non-empty, and rows with omega == 0 come back bit-identical. Invalid (masked) keys
-    are aligned like the rest; the caller masks them before the softmax as usual.
+    its groups are non-empty, and rows with omega == 0 come back unchanged at their valid keys. Invalid
+    keys come back at about MASKED (-1e30), so a softmax over the result gives them zero weight as is.
     """
     return align_prepared(scores, prepare_rows(valid, semantic_keys, other_keys, omega, kappa))
 

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from models.alignment import HeadGroups, PreparedRows, align_prepared, prepare_rows, span_masks
+from models.alignment import HeadGroups, PreparedRows, align_prepared, prepare_rows, span_masks, with_new_key
 
 ATTN_NAME = "sevi"
 
@@ -181,13 +181,7 @@ class _Plan:
         sequence, now the new token, with one more key (that token: valid, text side, not image)."""
         r = self.valid.shape[0]
         yes = torch.ones(r, 1, dtype=torch.bool, device=self.valid.device)
-        rows = self.rows
-        prepared = PreparedRows(
-            key_bias=torch.cat([rows.key_bias, torch.zeros(r, 1, 1, device=yes.device)], -1),
-            key_sets=torch.cat([rows.key_sets, torch.tensor([[[1.0, 0.0]]], device=yes.device).expand(r, 1, 2)], 1),
-            not_semantic=torch.cat([rows.not_semantic, ~yes[:, None]], -1),
-            kappa=rows.kappa, omega=rows.omega, on=rows.on,
-        )
+        prepared = with_new_key(self.rows, torch.full((r,), self.k_len, device=yes.device))
         return _Plan(self.seq, self.start_layer, 0, 1, yes, True, torch.cat([self.valid, yes], 1),
                      torch.cat([self.semantic, yes], 1), torch.cat([self.other, ~yes], 1), self.omega, self.kappa,
                      self.k_len + 1, prepared)
@@ -271,7 +265,7 @@ def sevi_attention_forward(
     scores = torch.matmul(q_grouped, k.transpose(-1, -2)).view(n_seq, n_heads, n_rows, k_len) * scale
     flat = scores.permute(0, 2, 1, 3).reshape(n_seq * n_rows, n_heads, k_len)  # rows x heads x keys
     aligned, stages = align_prepared(flat, plan.rows)
-    probs = torch.softmax(aligned + plan.rows.key_bias, dim=-1)
+    probs = torch.softmax(aligned, dim=-1)  # masked keys already at MASKED
     probs = probs.view(n_seq, n_rows, n_heads, k_len).permute(0, 2, 1, 3)  # [S, H, R, K]
     new = torch.matmul(probs.reshape(n_seq, kv_heads, n_rep * n_rows, k_len), v)
     new = new.view(n_seq, n_heads, n_rows, head_dim).transpose(1, 2).to(query.dtype)  # [S, R, H, D]

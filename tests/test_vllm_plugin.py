@@ -258,6 +258,9 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
         assert counts is not None and counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])
 
 
+PREPARED_TENSORS = ("key_bias", "key_sets", "semantic_keys", "kappa", "blend", "on")
+
+
 def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
     """Decode over the same rows: the plan derived from the last step's (one more key per row, a new
     block when the keys reach it) equals the one built from scratch; anything else is built afresh."""
@@ -279,15 +282,15 @@ def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
         fresh = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
         assert derived is not None and fresh is not None and derived is not fresh
         assert derived.num_keys == fresh.num_keys and torch.equal(derived.blocks, fresh.blocks)
-        for name in ("key_bias", "key_sets", "not_semantic", "kappa", "omega", "on"):
+        assert derived.prepared.all_on == fresh.prepared.all_on
+        for name in PREPARED_TENSORS:
             a, b = getattr(derived.prepared, name), getattr(fresh.prepared, name)
             assert a.shape == b.shape and torch.equal(a, b), name
         for layer in (1, 3):
             ra, rb = derived.rows_at(layer), fresh.rows_at(layer)
             assert ra is not None and rb is not None and ra.identity == rb.identity
             assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.block_index, rb.block_index)
-            assert all(torch.equal(getattr(ra.prepared, f), getattr(rb.prepared, f))
-                       for f in ("key_bias", "key_sets", "not_semantic", "kappa", "omega", "on"))
+            assert all(torch.equal(getattr(ra.prepared, f), getattr(rb.prepared, f)) for f in PREPARED_TENSORS)
         plan = derived
     # A step that is not one more decode token per row, or a changed batch, is built afresh.
     assert plan.next_step(STATE, qsl, seq + 2, table, 16) is None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.alignment import PreparedRows, align_prepared, prepare_rows, span_masks
+from models.alignment import PreparedRows, align_prepared, prepare_rows, select_rows, span_masks, with_new_key
 from models.vllm_plugin.state import RowTensors, WorkerState
 
 
@@ -87,7 +87,7 @@ class StepPlan:
     @property
     def semantic(self) -> torch.Tensor:
         """bool [R, K]: semantic keys (valid ones)."""
-        return ~self.prepared.not_semantic[:, 0]
+        return self.prepared.semantic_keys[:, 0] > 0
 
     @property
     def other(self) -> torch.Tensor:
@@ -119,8 +119,7 @@ class StepPlan:
         return RowSet(
             token_index=tok, batch_row=pick(self.batch_row),
             block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1),
-            prepared=p if keep is None else PreparedRows(pick(p.key_bias), pick(p.key_sets), pick(p.not_semantic),
-                                                         pick(p.kappa), pick(p.omega), pick(p.on)),
+            prepared=p if keep is None else select_rows(p, keep),
             identity=keep is None and self.covers_all_tokens,
         )
 
@@ -145,14 +144,7 @@ class StepPlan:
         position = position + 1
         nb = -(-num_keys // block_size)
         blocks = self.blocks if nb == self.blocks.shape[1] else block_table[seqs, :nb].to(torch.long)
-        p = self.prepared
-        r = position.shape[0]
-        at = position.to(p.key_bias.device)[:, None]
-        bias = torch.nn.functional.pad(p.key_bias.view(r, -1), (0, 1), value=float("-inf")).scatter_(1, at, 0.0)
-        sets = torch.nn.functional.pad(p.key_sets, (0, 0, 0, 1))
-        sets.select(-1, 0).scatter_(1, at, 1.0)
-        not_semantic = torch.nn.functional.pad(p.not_semantic.view(r, -1), (0, 1), value=True).scatter_(1, at, False)
-        prepared = PreparedRows(bias[:, None, :], sets, not_semantic[:, None, :], p.kappa, p.omega, p.on)
+        prepared = with_new_key(self.prepared, position)
         return StepPlan(
             token_index=self.token_index, batch_row=self.batch_row, seq_slot=self.seq_slot, blocks=blocks,
             num_keys=num_keys, prepared=prepared, omega=self.omega, kappa=self.kappa, start_layer=self.start_layer,
@@ -311,8 +303,8 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     q = query[:r] if rows.identity else query.index_select(0, rows.token_index)
     q = _f32(q).view(r, num_kv_heads, rep, head_dim)
     scores = block_scores(q, cache, rows.block_index, plan.num_keys, scale)  # [R, H, K]
-    aligned, groups = align_prepared(scores, rows.prepared)
-    probs = torch.softmax(aligned.add_(rows.prepared.key_bias), dim=-1)
+    aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
+    probs = torch.softmax(aligned, dim=-1)
     out = output.view(n_tokens, n_heads, head_dim)
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
     new = block_values(probs, cache, rows.block_index, num_kv_heads, out[:r] if direct else None)
