@@ -41,7 +41,7 @@ class PreparedRows:
     key_sets: torch.Tensor  # [R, K, 2] float32 indicators: semantic keys, other keys
     semantic_keys: torch.Tensor  # [R, 1, K] float32 indicator of the semantic keys
     kappa: torch.Tensor  # [R, 1] float32
-    blend: torch.Tensor  # [R, 1, 1] float64: omega / (1 + omega), the weight of the target in a moved head
+    blend: torch.Tensor  # [R, 1, 1]: omega / (1 + omega), the weight of the target in a moved head
     on: torch.Tensor  # [R, 1] bool: omega > 0
     all_on: bool  # every row has omega > 0 (the `on` test can be skipped)
 
@@ -53,7 +53,7 @@ def prepare_rows(valid: torch.Tensor, semantic_keys: torch.Tensor, other_keys: t
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, MASKED)
     semantic = (semantic_keys & valid).float()
     sets = torch.stack([semantic, (other_keys & valid).float()], -1)
-    omega = omega.double()  # the blend weight is cast to the scores' dtype at use: exact for float64 scores too
+    omega = omega.to(torch.promote_types(omega.dtype, torch.float32))  # float64 knobs stay exact
     on = omega > 0
     return PreparedRows(bias[:, None, :], sets, semantic[:, None, :], kappa.float()[:, None],
                         (omega / (1 + omega))[:, None, None], on[:, None], bool(on.all()))
@@ -130,8 +130,7 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     global_mean = torch.matmul((glob_w / n_global.clamp(min=1)).unsqueeze(1), s)  # [R, 1, K]
     # MASKED on non-core heads makes max() pick core heads only; rows without core heads are excluded
     # by the stage-2 condition below (their weight is 0), and the value stays finite.
-    core_bias = torch.where(core, 0.0, MASKED).unsqueeze(-1)
-    core_max = (s + core_bias).amax(1, keepdim=True)  # [R, 1, K]
+    core_max = torch.where(core.unsqueeze(-1), s, MASKED).amax(1, keepdim=True)  # [R, 1, K]
 
     stage1 = ~semantic & (n_global > 0)
     stage2 = glob & core.any(-1, keepdim=True)
@@ -140,7 +139,7 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     # The stages move disjoint heads (other vs global), so one blend serves both:
     # (s + omega * target) / (1 + omega) == lerp(s, target, omega / (1 + omega)); weight 0 leaves s as is.
     target = torch.where(stage1.unsqueeze(-1), global_mean, core_max)
-    weight = ((stage1 | stage2).unsqueeze(-1) * rows.blend).to(s.dtype)
+    weight = ((stage1 | stage2).unsqueeze(-1) * rows.blend).to(s.dtype)  # no-op unless knobs and scores differ
     out = torch.lerp(s, target, weight)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
 

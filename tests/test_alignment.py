@@ -39,7 +39,9 @@ def test_operator_matches_loop_on_random_rows(qwen: bool, seed: int) -> None:
     scores = torch.randn(1, heads, k_len, generator=g, dtype=torch.float64) * 3
     valid, semantic, other = _masks(k_len, e, list(range(3, 10)), qwen, i=17)
     omega, kappa = 1.5, 0.45
-    got, groups = align_scores(scores, valid, semantic, other, torch.tensor([omega]), torch.tensor([kappa]))
+    knob = dict(dtype=torch.float64)  # knobs in the scores' precision: the blend is then exact to 1e-9
+    got, groups = align_scores(scores, valid, semantic, other, torch.tensor([omega], **knob),
+                               torch.tensor([kappa], **knob))
     want = _loop(scores, valid, semantic, other, omega, kappa)
     # Only valid keys are defined by the spec; the caller masks the rest before the softmax.
     torch.testing.assert_close(got[..., valid[0]], want[..., valid[0]], rtol=1e-9, atol=1e-9)

@@ -79,7 +79,7 @@ class SeviLogitsProcessor(LogitsProcessor):
         return False  # contrastive decoding changes the argmax
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        STATE.begin_step()
+        STATE.begin_step(batch_update is not None)
         if batch_update is None:
             return
         for index in batch_update.removed:

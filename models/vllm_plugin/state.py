@@ -22,6 +22,7 @@ from models.vllm_plugin.params import RowRequest
 # Counters per row, summed over every aligned (row, layer): the reference engine's telemetry names.
 TELEMETRY_FIELDS = ("aligned_rows", "stage1_rows", "stage2_rows", "heads_reweighted")
 _MAX_FILED = 4096  # finished requests' telemetry kept for the engine to collect (oldest dropped first)
+_MAX_PENDING = 512  # aligned layers recorded before they are counted
 
 
 @dataclass
@@ -67,9 +68,9 @@ class WorkerState:
         self.eos_token_id: int | None = None
         self.step = 0
         self._tensors: RowTensors | None = None
-        # Per-step scratch written by the attention backend.
-        self.step_counts: torch.Tensor | None = None  # long [B, 4], telemetry of this step (see counts())
-        # Per-layer (batch rows, stage-1 heads, stage-2 heads) of this step, counted once per step.
+        # Scratch written by the attention backend, folded into the rows when the batch changes.
+        self.step_counts: torch.Tensor | None = None  # long [B, 4], telemetry since the last fold (see counts())
+        # Per-layer (batch rows, stage-1 heads, stage-2 heads), counted in batches by counts().
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.seq_lens: torch.Tensor | None = None  # this step's seq_lens per row (lockstep checks)
         self.plan_cache: tuple[int, int, Any] | None = None  # (step, id(metadata), plan)
@@ -95,16 +96,18 @@ class WorkerState:
             self.seq_lens = seq_lens[: self.batch_size].to("cpu", copy=True)
 
     # ---- batch bookkeeping ----
-    def begin_step(self) -> None:
-        """Fold the last step's counters into the rows; called first thing in update_state."""
-        step_counts = self.counts()
-        if step_counts is not None:
-            counts = step_counts.tolist()
-            for row, c in zip(self.rows, counts, strict=False):
-                if row is not None and any(c):
-                    row.telemetry = [a + b for a, b in zip(row.telemetry, c, strict=True)]
-        self.step_counts = None
-        self.pending = []
+    def begin_step(self, batch_changed: bool) -> None:
+        """Called first thing in update_state. Counting telemetry costs a few ops, so it is deferred:
+        the counters are folded into the rows only when the batch is about to change (rows added,
+        removed or moved, which reassigns batch indices), or when many layers are pending."""
+        if batch_changed or len(self.pending) >= _MAX_PENDING:
+            step_counts = self.counts()
+            if batch_changed and step_counts is not None:
+                counts = step_counts.tolist()
+                for row, c in zip(self.rows, counts, strict=False):
+                    if row is not None and any(c):
+                        row.telemetry = [a + b for a, b in zip(row.telemetry, c, strict=True)]
+                self.step_counts = None
         self.seq_lens = None
         self.step += 1
 
@@ -113,8 +116,9 @@ class WorkerState:
         self.pending.append((batch_row, stage1, stage2))
 
     def counts(self) -> torch.Tensor | None:
-        """This step's telemetry `[B, 4]` (None before any aligned layer): the pending layers are
-        counted here, one reduction per set of rows (layers share it unless start layers differ)."""
+        """Telemetry `[B, 4]` not yet folded into the rows (None if nothing was aligned since): the
+        pending layers are counted here, one reduction per set of rows (the layers of a step share
+        one, and so do the decode steps of an unchanged batch)."""
         by_rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for item in self.pending:
             by_rows.setdefault(id(item[0]), []).append(item)
