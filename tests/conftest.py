@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from PIL import Image
 
 from models.generation import ReferenceModel
 from models.tiny import build
+
+# vLLM engines in tests start eager (seconds instead of a torch.compile); the compiled path, the serving
+# default, has its own tests (test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).
+os.environ.setdefault("SEVI_VLLM_ENFORCE_EAGER", "true")
 
 # GQA everywhere (8 query heads over 4 KV heads for LLaVA; Qwen2-VL 4 over 2), head_dim 32.
 TINY_KWARGS = {
