@@ -2,16 +2,24 @@
 
     python -m bench.engines [--model DIR | --layers 8 --heads 16] [--max-tokens 64] [--repeats 3] [--threads 1]
 
-Same model, same prompt and images, greedy decoding. Tokens/s = generated tokens / wall time of a
-round of 8 requests submitted `concurrency` at a time (the vLLM engine through the server's async
-interface, the reference engine as one batch of `concurrency`). Settings, at concurrency 1 and 8:
-the reference engine unaligned; inside vLLM "unaligned" (conservativeness 0), "aligned" with explicit
-knobs that populate every head group on the tiny models (omega 3, start layer 1, kappa 0.6), and
-"aligned + contrast" (cross-image contrastive decoding, a second row per request).
+Same model, prompt and images, greedy decoding, both engines as the server runs them (the reference
+engine is `TransformersEngine`, the vLLM engine `VllmEngine` with its defaults, torch.compile on), each
+driven through its async `generate()`. Tokens/s = generated tokens / wall time of a workload:
+
+- "lockstep": 8 requests of `--max-tokens` each, sent `concurrency` at a time, the next group once
+  the last has finished. At concurrency 8 every request starts and ends together: the reference
+  engine's best case (one static batch, no slot ever idle).
+- "stream": 8 clients in a closed loop (each sends its next request when its last one finished) over
+  24 requests whose lengths vary as captions do (max_tokens 16 to 128, fixed order). Slots free up at
+  different times; this is what "concurrency 8" means for a server and where continuous batching counts.
+
+Settings: the reference engine unaligned; inside vLLM "unaligned" (conservativeness 0), "aligned" with
+explicit knobs that populate every head group on random models (omega 3, start layer 1, kappa 0.6),
+and "aligned + contrast" (cross-image contrastive decoding, a second row per request).
 
 The machine is shared and its load drifts, so every round runs every setting once, in turn (a drift
-then hits all settings alike), after one warm-up round. Rates are the best of `--repeats` rounds; the
-aligned/unaligned ratios are also given as the median over rounds of the ratio within each round.
+then hits all settings alike), after one warm-up round. Rates are the best of `--repeats` rounds;
+ratios are also given as the median over rounds of the ratio within each round.
 """
 
 from __future__ import annotations
@@ -29,20 +37,55 @@ import numpy as np
 from PIL import Image
 
 from models.conservativeness import AlignmentParams, resolve_alignment
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.generation import GenerationRequest, SamplingParams, user_message
 from models.tiny import build
+from server.engines.base import Engine
 
 PROMPT = "Please describe this image in detail."
-N_REQUESTS = 8
+LOCKSTEP_REQUESTS = 8
+STREAM_LENGTHS = [16, 96, 48, 128, 32, 80, 64, 112, 24, 56, 104, 40, 120, 72, 88, 16,
+                  64, 128, 32, 96, 48, 112, 80, 24]  # 24 requests, mean 70 tokens
 
 
 def images(n: int) -> list[Image.Image]:
     return [Image.fromarray((np.random.default_rng(s).random((40, 48, 3)) * 255).astype("uint8")) for s in range(n)]
 
 
-def requests(n: int, params: AlignmentParams, max_tokens: int, tag: str) -> list[GenerationRequest]:
-    return [GenerationRequest(f"{tag}-{i}", user_message(PROMPT), [img], params, SamplingParams(max_tokens=max_tokens))
-            for i, img in enumerate(images(n))]
+def requests(lengths: list[int], params: AlignmentParams, tag: str) -> list[GenerationRequest]:
+    return [GenerationRequest(f"{tag}-{i}", user_message(PROMPT), [img], params, SamplingParams(max_tokens=n))
+            for i, (img, n) in enumerate(zip(images(len(lengths)), lengths, strict=True))]
+
+
+async def _one(engine: Engine, req: GenerationRequest) -> int:
+    n = 0
+    async for ev in engine.generate(req):
+        n = ev.completion_tokens
+    return n
+
+
+def lockstep(engine: Engine, reqs: list[GenerationRequest], concurrency: int) -> int:
+    async def all_() -> int:
+        total = 0
+        for i in range(0, len(reqs), concurrency):
+            total += sum(await asyncio.gather(*(_one(engine, r) for r in reqs[i:i + concurrency])))
+        return total
+
+    return asyncio.run(all_())
+
+
+def stream(engine: Engine, reqs: list[GenerationRequest], concurrency: int) -> int:
+    async def all_() -> int:
+        todo = list(reversed(reqs))
+
+        async def client() -> int:
+            n = 0
+            while todo:
+                n += await _one(engine, todo.pop())
+            return n
+
+        return sum(await asyncio.gather(*(client() for _ in range(concurrency))))
+
+    return asyncio.run(all_())
 
 
 def rate(run: Callable[[], int]) -> float:
@@ -51,28 +94,13 @@ def rate(run: Callable[[], int]) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def reference_round(model: ReferenceModel, reqs: list[GenerationRequest], concurrency: int) -> int:
-    tokens = 0
-    for i in range(0, len(reqs), concurrency):
-        done = run_to_completion(model, reqs[i:i + concurrency])
-        tokens += sum(len(c.token_ids) for c in done.values())
-    return tokens
-
-
-def vllm_round(engine: object, reqs: list[GenerationRequest], concurrency: int) -> int:
-    async def one(req: GenerationRequest) -> int:
-        n = 0
-        async for ev in engine.generate(req):  # type: ignore[attr-defined]
-            n = ev.completion_tokens
-        return n
-
-    async def all_() -> int:
-        total = 0
-        for i in range(0, len(reqs), concurrency):
-            total += sum(await asyncio.gather(*(one(r) for r in reqs[i:i + concurrency])))
-        return total
-
-    return asyncio.run(all_())
+def start(engine: Engine) -> Engine:
+    asyncio.run(engine.start())
+    while not engine.ready:
+        if engine.load_error:
+            raise SystemExit(engine.load_error)
+        time.sleep(0.1)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the lockstep workload")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default); "
                         "1 gives the steadiest figures on a shared machine")
@@ -99,56 +127,66 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = Path(tempfile.mkdtemp(prefix="bench-llava-"))
         build("llava", model_dir, seed=0, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from server.engines.transformers_engine import TransformersEngine
     from server.engines.vllm_engine import VllmEngine
 
-    ref = ReferenceModel.load(model_dir)
-    layers = ref.num_layers
+    t0 = time.perf_counter()
+    vllm = start(VllmEngine(str(model_dir), model_name="bench", max_batch_size=8))
+    vllm_start = time.perf_counter() - t0
+    ref = None if args.no_reference else start(TransformersEngine(str(model_dir), model_name="bench",
+                                                                  max_batch_size=8))
+    layers = vllm.num_layers
     knobs = dict(omega=3.0, start_layer=1, kappa=0.6)
     variants = {"unaligned": resolve_alignment(0, layers),
                 "aligned": resolve_alignment(None, layers, contrast=False, **knobs),  # type: ignore[arg-type]
                 "aligned + contrast": resolve_alignment(None, layers, contrast=True, **knobs)}  # type: ignore[arg-type]
-    n = args.max_tokens
-
-    engine = VllmEngine(str(model_dir), model_name="bench", max_batch_size=8)
-    asyncio.run(engine.start())
-    while not engine.ready:
-        if engine.load_error:
-            raise SystemExit(engine.load_error)
-        time.sleep(0.1)
+    fixed = [args.max_tokens] * LOCKSTEP_REQUESTS
 
     settings: list[tuple[str, Callable[[], int]]] = []
+
+    def add(name: str, engine: Engine, workload: Callable[[Engine, list[GenerationRequest], int], int],
+            lengths: list[int], params: AlignmentParams, conc: int) -> None:
+        reqs = requests(lengths, params, name)
+        settings.append((name, lambda: workload(engine, reqs, conc)))
+
+    engines: list[tuple[str, Engine]] = [("vLLM", vllm)] + ([("reference", ref)] if ref is not None else [])
     for conc in (1, 8):
-        if not args.no_reference:
-            reqs = requests(N_REQUESTS, variants["unaligned"], n, f"ref{conc}")
-            settings.append((f"reference engine, unaligned, concurrency {conc}",
-                             lambda r=reqs, c=conc: reference_round(ref, r, c)))  # type: ignore[misc]
-        for name, params in variants.items():
-            reqs = requests(N_REQUESTS, params, n, f"{name}{conc}")
-            settings.append((f"vLLM engine, {name}, concurrency {conc}",
-                             lambda r=reqs, c=conc: vllm_round(engine, r, c)))  # type: ignore[misc]
+        for label, engine in engines:
+            add(f"{label} lockstep c{conc} unaligned", engine, lockstep, fixed, variants["unaligned"], conc)
+        for name in ("aligned", "aligned + contrast"):
+            add(f"vLLM lockstep c{conc} {name}", vllm, lockstep, fixed, variants[name], conc)
+    for label, engine in engines:
+        add(f"{label} stream c8 unaligned", engine, stream, STREAM_LENGTHS, variants["unaligned"], 8)
+    add("vLLM stream c8 aligned", vllm, stream, STREAM_LENGTHS, variants["aligned"], 8)
+
     for _, run in settings:  # warm-up
         run()
     rounds: list[dict[str, float]] = [{name: rate(run) for name, run in settings} for _ in range(args.repeats)]
-    asyncio.run(engine.stop())
+    for _, engine in engines:
+        asyncio.run(engine.stop())
 
     best = {name: max(r[name] for r in rounds) for name, _ in settings}
-    print(f"model: {model_dir}  layers: {layers}  max_tokens: {n}  threads: {args.threads or 'default'}  greedy  "
-          f"(tokens/s, best of {args.repeats} interleaved rounds)")
+    print(f"model: {model_dir}  layers: {layers}  threads: {args.threads or 'default'}  greedy  vLLM start: "
+          f"{vllm_start:.0f} s  (tokens/s, best of {args.repeats} interleaved rounds)")
     for name, _ in settings:
-        print(f"  {name:<52} {best[name]:8.1f}   rounds: {' '.join(f'{r[name]:.0f}' for r in rounds)}")
+        print(f"  {name:<40} {best[name]:8.1f}   rounds: {' '.join(f'{r[name]:.0f}' for r in rounds)}")
+
+    def ratio(num: str, den: str, label: str, target: str = "") -> None:
+        median = statistics.median(r[num] / r[den] for r in rounds)
+        print(f"  {label:<48} best {best[num] / best[den]:.2f}x, median per round {median:.2f}x{target}")
+
+    if ref is not None:
+        for conc in (1, 8):
+            ratio(f"vLLM lockstep c{conc} unaligned", f"reference lockstep c{conc} unaligned",
+                  f"vLLM / reference, lockstep, concurrency {conc}", "  (target >= 3)" if conc == 8 else "")
+        ratio("vLLM stream c8 unaligned", "reference stream c8 unaligned", "vLLM / reference, stream, concurrency 8",
+              "  (target >= 3)")
     for conc in (1, 8):
-        if not args.no_reference:
-            ratio = best[f"vLLM engine, unaligned, concurrency {conc}"] / best[
-                f"reference engine, unaligned, concurrency {conc}"]
-            target = "  (target >= 3)" if conc == 8 else ""
-            print(f"  vLLM / reference at concurrency {conc}:{'':<19}{ratio:.2f}x{target}")
-        off = f"vLLM engine, unaligned, concurrency {conc}"
         for name in ("aligned", "aligned + contrast"):
-            key = f"vLLM engine, {name}, concurrency {conc}"
-            median = statistics.median(r[key] / r[off] for r in rounds)
-            target = "  (target >= 0.85)" if name == "aligned" else ""
-            print(f"  vLLM {name} / unaligned at concurrency {conc}: best {best[key] / best[off]:.2f}, "
-                  f"median per round {median:.2f}{target}")
+            ratio(f"vLLM lockstep c{conc} {name}", f"vLLM lockstep c{conc} unaligned",
+                  f"vLLM {name} / unaligned, lockstep, c{conc}", "  (target >= 0.85)" if name == "aligned" else "")
+    ratio("vLLM stream c8 aligned", "vLLM stream c8 unaligned", "vLLM aligned / unaligned, stream, c8",
+          "  (target >= 0.85)")
 
 
 if __name__ == "__main__":

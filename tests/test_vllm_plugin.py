@@ -181,7 +181,7 @@ def _random_cpu_cache(n_blocks: int, heads: int, bs: int, hd: int, seed: int) ->
     return cache, k_t, v_t
 
 
-@pytest.mark.parametrize("num_keys", [20, 32, 75])  # one partial block, one full block, three blocks
+@pytest.mark.parametrize("num_keys", [20, 32, 64, 75])  # a partial block, one full, two full, 2 + a partial
 def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int) -> None:
     bs, hd, g, rep = 32, 32, 2, 3
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys)

@@ -246,42 +246,65 @@ def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num
     the blocks `block_index` (`[R * nb]`, row-major: row r reads blocks r*nb .. r*nb+nb-1).
 
     The query heads of a KV head are grouped along the row axis of one matmul (GQA without repeating
-    K), and K is read in the cache's own layout (transposed or not), block by block.
+    K), and K is read in the cache's own layout (transposed or not), block by block: the full blocks
+    in one batch, the last block only up to the last key (one copy of just what is read).
     """
-    r, g, rep, d = q.shape
-    bs = cache.block_size
+    r = q.shape[0]
     nb = block_index.shape[0] // max(r, 1)
-    width = num_keys if nb == 1 else bs  # one block: read only the sequence's keys
+    if nb == 1:
+        return _scores_on(q, cache, block_index, 1, num_keys, scale)
+    bs = cache.block_size
+    full, tail = nb - 1, num_keys - (nb - 1) * bs
+    index = block_index.view(r, nb)
+    head = _scores_on(q, cache, index[:, :full].reshape(-1), full, bs, scale)
+    return torch.cat([head, _scores_on(q, cache, index[:, full], 1, tail, scale)], -1)
+
+
+def _scores_on(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: int, width: int,
+               scale: float) -> torch.Tensor:
+    """Scores `[R, H, nb * width]` against `nb` blocks per row, each read up to `width` keys."""
+    r, g, rep, d = q.shape
     k = _f32(_blocks(cache.key, cache.key_transposed, block_index, width))
     k = k.view(r * nb * g, d, width) if cache.key_transposed else k.view(r * nb * g, width, d).transpose(1, 2)
     qb = q if nb == 1 else q.unsqueeze(1).expand(r, nb, g, rep, d)
-    s = torch.baddbmm(_zero(q.device), qb.reshape(r * nb * g, rep, d), k, beta=0.0, alpha=scale)  # [R*nb*G, rep, width]
+    s = torch.baddbmm(_zero(q.device), qb.reshape(r * nb * g, rep, d), k, beta=0.0, alpha=scale)
     if nb == 1:
         return s.view(r, g * rep, width)
-    # [R, nb, G, rep, bs] -> [R, H, nb * bs]: the blocks side by side, then only the real keys.
-    return s.view(r, nb, g, rep, bs).permute(0, 2, 3, 1, 4).reshape(r, g * rep, nb * bs)[..., :num_keys]
+    # [R, nb, G, rep, width] -> [R, H, nb * width]: the blocks side by side.
+    return s.view(r, nb, g, rep, width).permute(0, 2, 3, 1, 4).reshape(r, g * rep, nb * width)
 
 
 def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_kv_heads: int,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]` (into `out` when given, one block)."""
-    r, h, num_keys = probs.shape
-    g, rep = num_kv_heads, h // num_kv_heads
-    bs = cache.block_size
+    """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]` (into `out` when given, one block).
+    Blocks are read like :func:`block_scores` reads them."""
+    r, _, num_keys = probs.shape
     nb = block_index.shape[0] // max(r, 1)
-    width = num_keys if nb == 1 else bs
+    if nb == 1:
+        return _values_on(probs, cache, block_index, 1, num_kv_heads, out)
+    full = (nb - 1) * cache.block_size
+    index = block_index.view(r, nb)
+    head = _values_on(probs[..., :full], cache, index[:, : nb - 1].reshape(-1), nb - 1, num_kv_heads, None)
+    return head.add_(_values_on(probs[..., full:], cache, index[:, nb - 1], 1, num_kv_heads, None))
+
+
+def _values_on(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: int, num_kv_heads: int,
+               out: torch.Tensor | None) -> torch.Tensor:
+    """`probs @ V` over `nb` blocks per row, each read up to `probs.shape[-1] / nb` keys."""
+    r, h, n = probs.shape
+    g, rep = num_kv_heads, h // num_kv_heads
+    width = n // nb
     v = _f32(_blocks(cache.value, cache.value_transposed, block_index, width))
     d = v.shape[-2] if cache.value_transposed else v.shape[-1]
     v = v.view(r * nb * g, d, width).transpose(1, 2) if cache.value_transposed else v.view(r * nb * g, width, d)
     if nb == 1:
-        p = probs.view(r * g, rep, num_keys)
+        p = probs.reshape(r * g, rep, width)
         if out is not None:
             torch.bmm(p, v, out=out.view(r * g, rep, d))
             return out.view(r, g, rep, d)
         return torch.bmm(p, v).view(r, g, rep, d)
-    # Padding keys get probability 0; each block's partial product is summed over the blocks.
-    padded = torch.nn.functional.pad(probs, (0, nb * bs - num_keys))
-    p = padded.view(r, g, rep, nb, bs).permute(0, 3, 1, 2, 4).reshape(r * nb * g, rep, bs)
+    # Each block's partial product, summed over the blocks.
+    p = probs.reshape(r, g, rep, nb, width).permute(0, 3, 1, 2, 4).reshape(r * nb * g, rep, width)
     return torch.bmm(p, v).view(r, nb, g, rep, d).sum(1)
 
 
