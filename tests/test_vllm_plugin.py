@@ -153,6 +153,11 @@ def test_pair_out_of_lockstep_is_dissolved_main_goes_on_alone_contrast_ends() ->
     STATE.observe_seq_lens(torch.tensor([5, 5, 3]))
     out = proc.apply(logits.clone())
     assert torch.equal(out[0], logits[0]) and int(out[1].argmax()) == EOS
+    # The mark lives as long as a row of the pair does (a long-running server must not keep them all).
+    STATE.remove(1)
+    assert "p" in STATE.dissolved_pairs
+    STATE.remove(0)
+    assert "p" not in STATE.dissolved_pairs
 
 
 def test_pair_with_partner_missing_is_dissolved_and_neither_sampling_waits() -> None:

@@ -140,6 +140,9 @@ class WorkerState:
             self._file(row)
             self.rows[index] = None
             self._tensors = None
+            pair = row.request.pair
+            if pair is not None and not any(r is not None and r.request.pair == pair for r in self.rows):
+                self.dissolved_pairs.discard(pair)  # both rows gone: nothing reads the mark any more
 
     def add(self, index: int, row: Row) -> None:
         while len(self.rows) <= index:
