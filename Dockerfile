@@ -12,9 +12,10 @@ ENV PYTHONUNBUFFERED=1 \
     SEVI_HOST=0.0.0.0 \
     SEVI_PORT=8000
 
-# make: the install recipe; libnuma1: vLLM's CPU worker binds threads/memory per NUMA node; curl: healthcheck.
+# make: the install recipe; libnuma1: vLLM's CPU worker binds threads/memory per NUMA node; curl: healthcheck;
+# g++: torch.compile (on by default) builds its CPU kernels at start-up.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make libnuma1 curl \
+    && apt-get install -y --no-install-recommends make libnuma1 curl g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
