@@ -10,10 +10,13 @@ early (client gone, deadline) cancels the request and frees its batch slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from models.generation import GenerationRequest, TokenEvent
 
@@ -113,3 +116,52 @@ async def stream_events(queue: asyncio.Queue[Any], finished: Callable[[], bool],
     finally:
         if not finished():
             cancel()
+
+
+class QueuedJob(Protocol):
+    """What :class:`QueuedEngine` needs of a job; each engine's job dataclass adds its own fields."""
+
+    queue: asyncio.Queue[Any]
+    finished: bool
+
+
+class QueuedEngine(Engine):
+    """An engine whose one worker thread takes requests from a bounded queue. Admission (ready, shutting
+    down, queue full -> 503) and the event stream with cancel-on-leave are the same for every such
+    engine; each subclass makes its jobs, counts its queue depth and cancels its jobs."""
+
+    _max_queue: int
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: deque[Any] = deque()  # admitted to the queue, not yet to a batch; guarded by _cond
+        self._stopping = False
+
+    @abstractmethod
+    def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 queue: asyncio.Queue[Any], stats: GenerationStats) -> QueuedJob: ...
+
+    @abstractmethod
+    def _cancel(self, job: Any) -> None:
+        """Called by the consumer when it leaves before the final event."""
+
+    def _queue_depth(self) -> int:
+        """Requests counted against `max_queue` (under `_cond`): by default those waiting."""
+        return len(self._pending)
+
+    async def generate(self, request: GenerationRequest, stats: GenerationStats | None = None
+                       ) -> AsyncIterator[TokenEvent]:
+        if not self.ready:
+            raise EngineNotReady(self._load_error or "the model is still loading")
+        job = self._new_job(request, asyncio.get_running_loop(), asyncio.Queue(), stats or GenerationStats())
+        with self._cond:
+            if self._stopping:
+                raise EngineNotReady("the server is shutting down")
+            if self._queue_depth() >= self._max_queue:
+                raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
+            self._pending.append(job)
+            self._cond.notify()
+        async with contextlib.aclosing(stream_events(job.queue, lambda: job.finished,
+                                                     lambda: self._cancel(job))) as events:
+            async for event in events:
+                yield event

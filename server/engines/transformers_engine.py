@@ -16,8 +16,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +24,11 @@ import torch
 from models.contrast_pool import ContrastPool
 from models.generation import DecodeBatch, GenerationRequest, ReferenceModel, RequestError, TokenEvent
 from server.engines.base import (
-    Engine,
     EngineError,
     EngineNotReady,
-    EngineOverloaded,
     EngineStats,
     GenerationStats,
-    stream_events,
+    QueuedEngine,
 )
 from server.settings import Settings
 
@@ -58,10 +54,11 @@ class _Cohort:
     jobs: dict[str, _Job]
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(QueuedEngine):
     def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
                  max_cohorts: int = 2, dtype: str = "float32", device: str = "cpu",
                  contrast_pool_dir: str | None = None, torch_threads: int | None = None) -> None:
+        super().__init__()
         self._model_dir = model_dir
         self._model_name = model_name
         self._max_batch = max_batch_size
@@ -73,10 +70,7 @@ class TransformersEngine(Engine):
         self._torch_threads = torch_threads
         self._model: ReferenceModel | None = None
         self._load_error: str | None = None
-        self._cond = threading.Condition()
-        self._pending: deque[_Job] = deque()  # guarded by _cond
         self._cancels: list[_Job] = []  # running jobs to cancel, guarded by _cond
-        self._stopping = False
         self._thread: threading.Thread | None = None
         # Touched by the worker only; read racily (ints) for stats.
         self._cohorts: list[_Cohort] = []
@@ -122,22 +116,9 @@ class TransformersEngine(Engine):
                            failed_batches_total=self._failed_batches)
 
     # ---- the async side ----------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest, stats: GenerationStats | None = None
-                       ) -> AsyncIterator[TokenEvent]:
-        if not self.ready:
-            raise EngineNotReady(self._load_error or "the model is still loading")
-        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), stats or GenerationStats())
-        with self._cond:
-            if self._stopping:
-                raise EngineNotReady("the server is shutting down")
-            if len(self._pending) >= self._max_queue:
-                raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
-            self._pending.append(job)
-            self._cond.notify()
-        async with contextlib.aclosing(stream_events(job.queue, lambda: job.finished,
-                                                     lambda: self._cancel(job))) as events:
-            async for event in events:
-                yield event
+    def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 queue: asyncio.Queue[Any], stats: GenerationStats) -> _Job:
+        return _Job(request, loop, queue, stats)
 
     def _cancel(self, job: _Job) -> None:
         with self._cond:

@@ -28,8 +28,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,13 +38,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.contrast_pool import ContrastPool
 from models.generation import GenerationRequest, RequestError, TokenEvent, append_token
 from server.engines.base import (
-    Engine,
     EngineError,
     EngineNotReady,
-    EngineOverloaded,
     EngineStats,
     GenerationStats,
-    stream_events,
+    QueuedEngine,
 )
 from server.settings import Settings
 
@@ -96,10 +92,11 @@ class _Job:
     finished: bool = False
 
 
-class VllmEngine(Engine):
+class VllmEngine(QueuedEngine):
     def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
                  dtype: str = "float32", contrast_pool_dir: str | None = None, max_images_per_request: int = 4,
                  options: VllmOptions | None = None) -> None:
+        super().__init__()
         self._model_dir = model_dir
         self._model_name = model_name
         self._max_batch = max_batch_size
@@ -116,10 +113,7 @@ class VllmEngine(Engine):
         self._eos: set[int] = set()
         self._num_layers = 0
         self._load_error: str | None = None
-        self._cond = threading.Condition()
-        self._pending: deque[_Job] = deque()  # guarded by _cond
         self._cancels: list[_Job] = []  # guarded by _cond
-        self._stopping = False
         self._thread: threading.Thread | None = None
         self._jobs: dict[str, _Job] = {}  # vLLM request id (main) -> job; worker thread only
         self._contrast_of: dict[str, str] = {}  # main id -> contrast id; worker thread only
@@ -171,22 +165,13 @@ class VllmEngine(Engine):
                            cancelled_total=self._cancelled, failed_batches_total=self._failed)
 
     # ---- the async side -------------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest, stats: GenerationStats | None = None
-                       ) -> AsyncIterator[TokenEvent]:
-        if not self.ready:
-            raise EngineNotReady(self._load_error or "the model is still loading")
-        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), stats or GenerationStats())
-        with self._cond:
-            if self._stopping:
-                raise EngineNotReady("the server is shutting down")
-            if len(self._pending) + max(0, self._inflight - self._max_batch) >= self._max_queue:
-                raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
-            self._pending.append(job)
-            self._cond.notify()
-        async with contextlib.aclosing(stream_events(job.queue, lambda: job.finished,
-                                                     lambda: self._cancel(job))) as events:
-            async for event in events:
-                yield event
+    def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 queue: asyncio.Queue[Any], stats: GenerationStats) -> _Job:
+        return _Job(request, loop, queue, stats)
+
+    def _queue_depth(self) -> int:
+        # Requests vLLM holds past the batch wait too: count them against the queue bound.
+        return len(self._pending) + max(0, self._inflight - self._max_batch)
 
     def _cancel(self, job: _Job) -> None:
         with self._cond:
