@@ -13,7 +13,7 @@ pytest.importorskip("vllm")
 
 from transformers import LlavaConfig  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
 from models.alignment import align_scores  # noqa: E402
 from models.conservativeness import resolve_alignment  # noqa: E402
@@ -302,3 +302,28 @@ def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
     assert plan.next_step(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, 16) is None
     _add(proc, [(1, early, prompt, [4])], 4)
     assert plan.next_step(STATE, qsl, seq + 1, table, 16) is None
+
+
+def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
+    """Layers' telemetry is counted when the batch changes (or many layers are pending), not per step:
+    the totals per request must be the same as counting every layer at once, across a move of rows."""
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
+    _add(proc, [(0, on, [1, IMAGE, 7], []), (1, on, [1, IMAGE, 8], []), (2, on, [1, IMAGE, 9], [])], 3)
+    rows = [STATE.rows[i] for i in range(3)]
+    stage1 = torch.tensor([[True, False, True, False], [False, False, False, False]])  # 2 and 0 heads
+    stage2 = torch.tensor([[False, True, False, False], [True, True, True, False]])  # 1 and 3 heads
+    batch_rows = torch.tensor([0, 2])
+    steps = 300  # x 3 layers: past the pending bound, so some are counted mid-way
+    for _ in range(steps):
+        for _ in range(3):
+            STATE.record(batch_rows, stage1, stage2)
+        proc.update_state(None)  # a step without batch changes
+    assert all(r is not None and r.telemetry == [0, 0, 0, 0] for r in rows)  # not folded yet
+    # Rows 0 and 2 swap places: the counters must be folded before the indices change.
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[], moved=[(0, 2, MoveDirectionality.SWAP)]))
+    n = steps * 3
+    assert rows[0] is not None and rows[0].telemetry == [n, n, n, 3 * n]
+    assert rows[1] is not None and rows[1].telemetry == [0, 0, 0, 0]
+    assert rows[2] is not None and rows[2].telemetry == [n, 0, n, 3 * n]
+    assert STATE.rows[2] is rows[0] and STATE.step_counts is None and not STATE.pending
