@@ -1,6 +1,7 @@
 """vLLM engine vs the reference engine, and SEVI's cost inside vLLM. Prints one table; not a test.
 
-    python -m bench.engines [--model DIR | --layers 8 --heads 16] [--max-tokens 64] [--repeats 3] [--threads 1]
+    python -m bench.engines [--model DIR | --layers 8 --heads 16 [--image-tokens 576]] [--max-tokens 64]
+                            [--repeats 3] [--threads 1]
 
 Same model, prompt and images, greedy decoding, both engines as the server runs them (the reference
 engine is `TransformersEngine`, the vLLM engine `VllmEngine` with its defaults, torch.compile on), each
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--image-tokens", type=int, default=16, choices=[16, 144, 576],
+                        help="image tokens per prompt of the random model (576: LLaVA-1.5's 336 px / 14)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the lockstep workload")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default); "
@@ -125,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.model
     if model_dir is None:
         model_dir = Path(tempfile.mkdtemp(prefix="bench-llava-"))
-        build("llava", model_dir, seed=0, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads)
+        size, patch = {16: (32, 8), 144: (168, 14), 576: (336, 14)}[args.image_tokens]
+        build("llava", model_dir, seed=0, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+              image_size=size, patch=patch)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from server.engines.transformers_engine import TransformersEngine
     from server.engines.vllm_engine import VllmEngine

@@ -38,8 +38,8 @@ class PreparedRows:
     :func:`prepare_rows`; every layer then reuses them (only the scores change from layer to layer)."""
 
     key_bias: torch.Tensor  # [R, 1, K] float32: 0 at valid keys, MASKED elsewhere
-    key_sets: torch.Tensor  # [R, K, 2] float32 indicators: semantic keys, other keys
     semantic_keys: torch.Tensor  # [R, 1, K] float32 indicator of the semantic keys
+    other_keys: torch.Tensor  # [R, 1, K] float32 indicator of the "other" keys
     kappa: torch.Tensor  # [R, 1] float32
     blend: torch.Tensor  # [R, 1, 1]: omega / (1 + omega), the weight of the target in a moved head
     on: torch.Tensor  # [R, 1] bool: omega > 0
@@ -51,18 +51,18 @@ def prepare_rows(valid: torch.Tensor, semantic_keys: torch.Tensor, other_keys: t
     """valid, semantic_keys, other_keys: `[R, K]` bool (the key sets are restricted to valid keys here);
     omega, kappa: `[R]`."""
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, MASKED)
-    semantic = (semantic_keys & valid).float()
-    sets = torch.stack([semantic, (other_keys & valid).float()], -1)
+    semantic = (semantic_keys & valid).float()[:, None, :]
+    other = (other_keys & valid).float()[:, None, :]
     omega = omega.to(torch.promote_types(omega.dtype, torch.float32))  # float64 knobs stay exact
     on = omega > 0
-    return PreparedRows(bias[:, None, :], sets, semantic[:, None, :], kappa.float()[:, None],
+    return PreparedRows(bias[:, None, :], semantic, other, kappa.float()[:, None],
                         (omega / (1 + omega))[:, None, None], on[:, None], bool(on.all()))
 
 
 def select_rows(rows: PreparedRows, index: torch.Tensor) -> PreparedRows:
     """The prepared rows at `index` (long `[R']`)."""
     on = rows.on[index]
-    return PreparedRows(rows.key_bias[index], rows.key_sets[index], rows.semantic_keys[index], rows.kappa[index],
+    return PreparedRows(rows.key_bias[index], rows.semantic_keys[index], rows.other_keys[index], rows.kappa[index],
                         rows.blend[index], on, rows.all_on or bool(on.all()))
 
 
@@ -74,19 +74,22 @@ def with_new_key(rows: PreparedRows, at: torch.Tensor) -> PreparedRows:
     col = at.to(rows.key_bias.device).view(r, 1)
     pad = torch.nn.functional.pad
     bias = pad(rows.key_bias.view(r, -1), (0, 1), value=MASKED).scatter_(1, col, 0.0)
-    sets = pad(rows.key_sets, (0, 0, 0, 1))
-    sets.select(-1, 0).scatter_(1, col, 1.0)
     semantic = pad(rows.semantic_keys.view(r, -1), (0, 1)).scatter_(1, col, 1.0)
-    return replace(rows, key_bias=bias[:, None, :], key_sets=sets, semantic_keys=semantic[:, None, :])
+    other = pad(rows.other_keys, (0, 1))
+    return replace(rows, key_bias=bias[:, None, :], semantic_keys=semantic[:, None, :], other_keys=other)
 
 
 def _classify(biased: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tensor, torch.Tensor]:
     """(semantic, core) head masks `[R, H]` from float32 scores that already carry `rows.key_bias`."""
     p = torch.softmax(biased, dim=-1)
-    semantic_mass, other_mass = torch.matmul(p, rows.key_sets).unbind(-1)  # S and O per head
+    # Masses by multiply-and-sum, not a matmul with the key sets: a [K, 2] right-hand side is a poor
+    # GEMM shape (6x slower at 600 keys).
+    p_semantic = p * rows.semantic_keys
+    semantic_mass = p_semantic.sum(-1)  # S per head
+    other_mass = torch.linalg.vecdot(p, rows.other_keys)  # O per head
     # Ties (S == O) count as semantic: the spec's test is S >= O.
     semantic = semantic_mass >= other_mass
-    peak = (p * rows.semantic_keys).amax(-1)  # p >= 0: the largest probability on a semantic key
+    peak = p_semantic.amax(-1)  # p >= 0: the largest probability on a semantic key
     core = semantic & (peak > rows.kappa * semantic_mass)
     return semantic, core
 
@@ -118,9 +121,9 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
 
     The scores come back in float32 (or their own dtype when wider) with the key mask applied
     (masked keys at about MASKED), ready for the softmax. Every op here runs once per aligned layer,
-    so the formulation keeps their number low: masks are float weights (multiplies and adds instead
-    of masked copies), and both stages are one `lerp` toward a per-head target, with a per-head
-    weight that is 0 for the heads neither stage moves.
+    so the formulation keeps their number and their cost low: masks are float weights (multiplies
+    and adds instead of masked copies or K-wide `where`s), and each stage is one `lerp` toward the
+    row's target with a per-head weight that is 0 for the heads the stage does not move.
     """
     s = scores + rows.key_bias  # float32, or the scores' dtype when wider
     semantic, core = _classify(s.float(), rows)
@@ -130,17 +133,19 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     global_mean = torch.matmul((glob_w / n_global.clamp(min=1)).unsqueeze(1), s)  # [R, 1, K]
     # MASKED on non-core heads makes max() pick core heads only; rows without core heads are excluded
     # by the stage-2 condition below (their weight is 0), and the value stays finite.
-    core_max = torch.where(core.unsqueeze(-1), s, MASKED).amax(1, keepdim=True)  # [R, 1, K]
+    core_bias = torch.where(core, 0.0, MASKED).unsqueeze(-1)  # [R, H, 1]: an add, not a K-wide where
+    core_max = (s + core_bias).amax(1, keepdim=True)  # [R, 1, K]
 
     stage1 = ~semantic & (n_global > 0)
     stage2 = glob & core.any(-1, keepdim=True)
     if not rows.all_on:
         stage1, stage2 = stage1 & rows.on, stage2 & rows.on
-    # The stages move disjoint heads (other vs global), so one blend serves both:
-    # (s + omega * target) / (1 + omega) == lerp(s, target, omega / (1 + omega)); weight 0 leaves s as is.
-    target = torch.where(stage1.unsqueeze(-1), global_mean, core_max)
-    weight = ((stage1 | stage2).unsqueeze(-1) * rows.blend).to(s.dtype)  # no-op unless knobs and scores differ
-    out = torch.lerp(s, target, weight)
+    # (s + omega * target) / (1 + omega) == lerp(s, target, omega / (1 + omega)); a weight of 0 leaves
+    # s as it is. The stages move disjoint heads (other vs global): one lerp each, toward a target
+    # shared by the row's heads, with a per-head weight (cheaper than picking a per-head target).
+    w1 = (stage1.unsqueeze(-1) * rows.blend).to(s.dtype)  # no-op casts unless knobs and scores differ
+    w2 = (stage2.unsqueeze(-1) * rows.blend).to(s.dtype)
+    out = torch.lerp(torch.lerp(s, global_mean, w1), core_max, w2)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
 
 

@@ -263,7 +263,7 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
         assert counts is not None and counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])
 
 
-PREPARED_TENSORS = ("key_bias", "key_sets", "semantic_keys", "kappa", "blend", "on")
+PREPARED_TENSORS = ("key_bias", "semantic_keys", "other_keys", "kappa", "blend", "on")
 
 
 def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:

@@ -92,7 +92,7 @@ class StepPlan:
     @property
     def other(self) -> torch.Tensor:
         """bool [R, K]: "other" keys (valid ones)."""
-        return self.prepared.key_sets[..., 1] > 0
+        return self.prepared.other_keys[:, 0] > 0
 
     @property
     def covers_all_tokens(self) -> bool:
