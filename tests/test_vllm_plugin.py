@@ -187,7 +187,7 @@ def _random_cpu_cache(n_blocks: int, heads: int, bs: int, hd: int, seed: int) ->
 
 
 @pytest.mark.parametrize("num_keys", [20, 32, 64, 75])  # a partial block, one full, two full, 2 + a partial
-def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int) -> None:
+def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, kv_path: str) -> None:
     bs, hd, g, rep = 32, 32, 2, 3
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys)
     nb = -(-num_keys // bs)
@@ -219,7 +219,38 @@ def v_blocks(cache: torch.Tensor, v_t: bool) -> torch.Tensor:
     return r.view(n, g, two_d // 2, bs).transpose(-1, -2) if v_t else r.view(n, g, bs, two_d // 2)
 
 
-def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
+@pytest.fixture(params=["kernel", "torch"])
+def kv_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the aligned rows read K/V: the C kernel (in place) and the torch gather + bmm."""
+    import models.vllm_plugin.rows as rows
+
+    if request.param == "torch":
+        monkeypatch.setattr(rows, "kernel", lambda: None)
+    else:
+        assert rows.kernel() is not None, "the C kernel did not build here"
+    return str(request.param)
+
+
+def _dense(plan: Any, layer: int, query: torch.Tensor, stock: torch.Tensor, cache: torch.Tensor,
+           table: torch.Tensor, k_t: bool, v_t: bool, g: int) -> torch.Tensor:
+    """What align_layer must write: each aligned row recomputed alone from gathered K/V, the rest `stock`."""
+    heads, hd = query.shape[1], query.shape[2]
+    want = stock.clone()
+    for i, (tok, b) in enumerate(zip(plan.token_index.tolist(), plan.batch_row.tolist(), strict=True)):
+        if int(plan.start_layer[i]) > layer:
+            continue
+        k, v = read_cpu_kv(cache, table[b : b + 1].long(), k_t, v_t)
+        k = k[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)  # [H, K, D]
+        v = v[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)
+        scores = torch.einsum("hd,hkd->hk", query[tok], k)[None] * hd**-0.5
+        aligned, _ = align_scores(scores, plan.valid[i : i + 1], plan.semantic[i : i + 1], plan.other[i : i + 1],
+                                  plan.omega[i : i + 1], plan.kappa[i : i + 1])
+        probs = torch.softmax(aligned.masked_fill(~plan.valid[i, None, None], float("-inf")), -1)
+        want[tok] = torch.einsum("hk,hkd->hd", probs[0], v).reshape(-1)
+    return want
+
+
+def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str) -> None:
     """Mixed step: a recomputing prefill (several aligned rows of one sequence), decode rows whose keys span
     several blocks, a row with a later start layer, and rows that must stay untouched."""
     proc = processor()
@@ -245,19 +276,8 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv() -> None:
         out = stock.clone()
         STATE.step_counts, STATE.pending = None, []
         align_layer(plan, layer, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, STATE)
-        want = stock.clone()
-        for i, (tok, b) in enumerate(zip(plan.token_index.tolist(), plan.batch_row.tolist(), strict=True)):
-            if int(plan.start_layer[i]) > layer:
-                continue
-            k, v = read_cpu_kv(cache, table[b : b + 1].long(), k_t, v_t)
-            k = k[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)  # [H, K, D]
-            v = v[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)
-            scores = torch.einsum("hd,hkd->hk", query[tok], k)[None] * hd**-0.5
-            aligned, _ = align_scores(scores, plan.valid[i : i + 1], plan.semantic[i : i + 1], plan.other[i : i + 1],
-                                      plan.omega[i : i + 1], plan.kappa[i : i + 1])
-            probs = torch.softmax(aligned.masked_fill(~plan.valid[i, None, None], float("-inf")), -1)
-            want[tok] = torch.einsum("hk,hkd->hd", probs[0], v).reshape(-1)
-        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, _dense(plan, layer, query, stock, cache, table, k_t, v_t, g),
+                                   rtol=1e-5, atol=1e-5)
         # Telemetry: one aligned row per (row, layer); sequence 3 only from its start layer on.
         counts = STATE.counts()
         assert counts is not None and counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])
@@ -327,3 +347,24 @@ def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
     assert rows[1] is not None and rows[1].telemetry == [0, 0, 0, 0]
     assert rows[2] is not None and rows[2].telemetry == [n, 0, n, 3 * n]
     assert STATE.rows[2] is rows[0] and STATE.step_counts is None and not STATE.pending
+
+
+def test_align_layer_writes_every_row_when_the_stock_kernel_is_skipped(kv_path: str) -> None:
+    """A decode step whose every row is aligned: the backend skips the stock kernel, so align_layer alone
+    must write the whole output, for sequences of one block and of several (a block and a piece)."""
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))  # type: ignore[arg-type]
+    prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
+    for n_out in (10, 60):  # 22 keys: one block; 72 keys: three blocks of 32
+        _add(proc, [(0, on, prompt, [11] * n_out), (1, on, prompt, [12] * n_out)], 2)
+        seq = torch.full((2,), len(prompt) + n_out)
+        qsl = torch.arange(3)
+        bs, hd, g, heads = 32, 32, 2, 4
+        cache, k_t, v_t = _random_cpu_cache(16, g, bs, hd, seed=n_out)
+        table = torch.randperm(16, generator=torch.Generator().manual_seed(n_out))[:6].view(2, 3).int()
+        plan = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"))
+        assert plan is not None and plan.rows_at(1) is not None and plan.rows_at(1).identity
+        query = torch.randn(2, heads, hd, generator=torch.Generator().manual_seed(1))
+        out = torch.full((2, heads * hd), float("nan"))  # what an unwritten output would hold
+        align_layer(plan, 1, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, None)
+        torch.testing.assert_close(out, _dense(plan, 1, query, out, cache, table, k_t, v_t, g), rtol=1e-5, atol=1e-5)

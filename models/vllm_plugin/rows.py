@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.alignment import PreparedRows, align_prepared, prepare_rows, select_rows, span_masks, with_new_key
+from models.vllm_plugin.paged_kernel import PagedKernel, kernel
 from models.vllm_plugin.state import RowTensors, WorkerState
 
 
@@ -240,15 +241,26 @@ def _zero(device: torch.device) -> torch.Tensor:
     return z
 
 
+def _kernel_for(cache: PagedKV) -> PagedKernel | None:
+    """The C kernel where it applies (a float32 cache in CPU memory, and the kernel built)."""
+    if cache.key.device.type != "cpu" or cache.key.dtype != torch.float32 or cache.value.dtype != torch.float32:
+        return None
+    return kernel()
+
+
 def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_keys: int,
-                 scale: float) -> torch.Tensor:
+                 scale: float, use_kernel: bool = True) -> torch.Tensor:
     """Pre-softmax scores `[R, H, num_keys]` of rows `q` (`[R, G, rep, D]`, float32) against the keys of
     the blocks `block_index` (`[R * nb]`, row-major: row r reads blocks r*nb .. r*nb+nb-1).
 
-    The query heads of a KV head are grouped along the row axis of one matmul (GQA without repeating
-    K), and K is read in the cache's own layout (transposed or not), block by block: the full blocks
-    in one batch, the last block only up to the last key (one copy of just what is read).
+    On CPU, the C kernel of paged_kernel.py reads the blocks in place. Otherwise, in torch: the query
+    heads of a KV head are grouped along the row axis of one matmul (GQA without repeating K), and K
+    is read in the cache's own layout (transposed or not), block by block: the full blocks in one
+    batch, the last block only up to the last key (one copy of just what is read).
     """
+    kern = _kernel_for(cache) if use_kernel else None
+    if kern is not None:
+        return kern.scores(q, cache.key, cache.key_transposed, block_index, num_keys, scale)
     r = q.shape[0]
     nb = block_index.shape[0] // max(r, 1)
     if nb == 1:
@@ -275,9 +287,12 @@ def _scores_on(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: i
 
 
 def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_kv_heads: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]` (into `out` when given, one block).
-    Blocks are read like :func:`block_scores` reads them."""
+                 out: torch.Tensor | None = None, use_kernel: bool = True) -> torch.Tensor:
+    """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]`, written into `out` (`[R, H, D]`
+    float32, contiguous) when given. Blocks are read like :func:`block_scores` reads them."""
+    kern = _kernel_for(cache) if use_kernel else None
+    if kern is not None:
+        return kern.values(probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out)
     r, _, num_keys = probs.shape
     nb = block_index.shape[0] // max(r, 1)
     if nb == 1:
@@ -285,7 +300,8 @@ def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor,
     full = (nb - 1) * cache.block_size
     index = block_index.view(r, nb)
     head = _values_on(probs[..., :full], cache, index[:, : nb - 1].reshape(-1), nb - 1, num_kv_heads, None)
-    return head.add_(_values_on(probs[..., full:], cache, index[:, nb - 1], 1, num_kv_heads, None))
+    result = head.add_(_values_on(probs[..., full:], cache, index[:, nb - 1], 1, num_kv_heads, None))
+    return result if out is None else out.view_as(result).copy_(result)
 
 
 def _values_on(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: int, num_kv_heads: int,

@@ -1,0 +1,109 @@
+"""The aligned rows' q.K and p.V straight from the paged cache (`paged_kv.c`), loaded with ctypes.
+
+Why: the torch path (rows.py) must first copy each row's K and V blocks into one tensor to batch the
+matmul; at real prompt lengths (600 keys) that copy is half of the alignment's cost per layer. The C
+kernel reads the blocks where they lie. It is built once per source and ISA with the system C compiler
+into a cache folder (`SEVI_KERNEL_CACHE`, default `~/.cache/sevi-serve`); where there is no compiler,
+or `SEVI_PAGED_KERNEL=0`, :func:`kernel` returns None and rows.py keeps its torch path. The alignment
+operator itself stays in torch (models/alignment.py); this is only how K and V are read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("sevi.vllm")
+
+_SOURCE = Path(__file__).with_name("paged_kv.c")
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+class PagedKernel:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._scores = lib.sevi_paged_scores
+        self._scores.argtypes = [_PTR, _PTR, _PTR] + [_I64] * 11 + [ctypes.c_float, _PTR]
+        self._scores.restype = None
+        self._values = lib.sevi_paged_values
+        self._values.argtypes = [_PTR, _PTR, _PTR] + [_I64] * 11 + [_PTR]
+        self._values.restype = None
+
+    def scores(self, q: torch.Tensor, key: torch.Tensor, transposed: bool, block_index: torch.Tensor,
+               num_keys: int, scale: float) -> torch.Tensor:
+        """q `[R, G, rep, D]` float32; key: the cache's K view (`[N, G, D, bs]` when transposed, else
+        `[N, G, bs, D]`); block_index `[R * nb]` long -> scores `[R, G * rep, num_keys]`."""
+        r, g, rep, d = q.shape
+        q = q.contiguous()
+        blocks = block_index.contiguous()
+        bs = key.shape[-1] if transposed else key.shape[-2]
+        sb, sg, s2, s3 = key.stride()
+        sd, sn = (s2, s3) if transposed else (s3, s2)
+        out = torch.empty(r, g * rep, num_keys, dtype=torch.float32)
+        self._scores(q.data_ptr(), key.data_ptr(), blocks.data_ptr(), r, blocks.shape[0] // max(r, 1), g, rep, d,
+                     bs, num_keys, sb, sg, sd, sn, scale, out.data_ptr())
+        return out
+
+    def values(self, probs: torch.Tensor, value: torch.Tensor, transposed: bool, block_index: torch.Tensor,
+               num_kv_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """probs `[R, H, K]` float32; value: the cache's V view -> `[R, G, rep, D]` (into `out`, contiguous
+        float32, when given)."""
+        r, h, k = probs.shape
+        g, rep = num_kv_heads, h // num_kv_heads
+        probs = probs.contiguous()
+        blocks = block_index.contiguous()
+        bs, d = (value.shape[-1], value.shape[-2]) if transposed else (value.shape[-2], value.shape[-1])
+        sb, sg, s2, s3 = value.stride()
+        sn, sd = (s3, s2) if transposed else (s2, s3)
+        if out is None:
+            out = torch.empty(r, g, rep, d, dtype=torch.float32)
+        self._values(probs.data_ptr(), value.data_ptr(), blocks.data_ptr(), r, blocks.shape[0] // max(r, 1), g, rep,
+                     d, bs, k, sb, sg, sn, sd, out.data_ptr())
+        return out.view(r, g, rep, d)
+
+
+def _flags() -> list[str]:
+    # The ISA torch itself dispatches to on this CPU: no AVX2 code on a machine without it.
+    isa = torch.backends.cpu.get_cpu_capability()
+    return ["-O3", "-mavx2", "-mfma"] if isa.startswith(("AVX2", "AVX512")) else ["-O3"]
+
+
+def _build(compiler: str) -> Path:
+    flags = _flags()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("SEVI_KERNEL_CACHE", Path.home() / ".cache" / "sevi-serve"))
+    target = folder / f"paged_kv-{digest}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, renamed: safe with several workers
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(built)], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(built, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def kernel() -> PagedKernel | None:
+    """The kernel, built on first use; None (torch path) when disabled or when it cannot be built."""
+    if os.environ.get("SEVI_PAGED_KERNEL", "1") == "0" or not hasattr(ctypes, "CDLL"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler: SEVI reads K/V by gather + bmm (slower at long prompts)")
+        return None
+    try:
+        return PagedKernel(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("paged K/V kernel not built (%s): SEVI reads K/V by gather + bmm", exc)
+        return None
