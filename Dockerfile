@@ -13,9 +13,9 @@ ENV PYTHONUNBUFFERED=1 \
     SEVI_PORT=8000
 
 # make: the install recipe; libnuma1: vLLM's CPU worker binds threads/memory per NUMA node; curl: healthcheck;
-# g++: torch.compile (on by default) builds its CPU kernels at start-up.
+# gcc, g++: torch.compile (on by default) and the SEVI paged K/V kernel build their CPU code at start-up.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make libnuma1 curl g++ \
+    && apt-get install -y --no-install-recommends make libnuma1 curl gcc g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
