@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 import torch
 from vllm import _custom_ops as ops
@@ -25,6 +26,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
 )
 
+from models.vllm_plugin.paged_kernel import kernel
 from models.vllm_plugin.rows import PagedKV, StepPlan, align_layer, build_plan
 from models.vllm_plugin.state import STATE
 
@@ -102,6 +104,10 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
     _layer: int | None = None
     _layer_known = False
     _paged: tuple[torch.Tensor, PagedKV] | None = None  # this layer's cache tensor and its block views
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        kernel()  # build the paged K/V kernel while the model loads, not in the first aligned request
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
