@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
@@ -126,16 +127,78 @@ class QueuedJob(Protocol):
 
 
 class QueuedEngine(Engine):
-    """An engine whose one worker thread takes requests from a bounded queue. Admission (ready, shutting
-    down, queue full -> 503) and the event stream with cancel-on-leave are the same for every such
-    engine; each subclass makes its jobs, counts its queue depth and cancels its jobs."""
+    """An engine whose one worker thread takes requests from a bounded queue and steps its batch.
+
+    Shared here: the thread's life (start, stop, load, wait for work, take cancellations and
+    admissions under the lock, fail everything at shutdown), admission in `generate` (ready, shutting
+    down, queue full -> 503) and the event stream with cancel-on-leave. Each subclass loads its model,
+    makes its jobs, counts its queue depth, admits, cancels, and runs one turn of its batch.
+    """
 
     _max_queue: int
+    _model_dir: str
+    _thread_name = "sevi-engine"
+    _join_timeout_s = 30.0
+    _load_context = ""  # appended to the load error ("failed to load DIR<context>: ...")
+    _log = logging.getLogger("sevi.engine")
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._pending: deque[Any] = deque()  # admitted to the queue, not yet to a batch; guarded by _cond
+        self._cancels: list[Any] = []  # running jobs whose consumer left; guarded by _cond
         self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name=self._thread_name, daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, self._join_timeout_s)
+
+    def _worker(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported through /health and /ready
+            self._load_error = f"failed to load {self._model_dir}{self._load_context}: {exc}"
+            self._log.exception(f"model load failed{self._load_context}")
+            return
+        while True:
+            with self._cond:
+                while not (self._stopping or self._pending or self._cancels or self._busy()):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                cancels, self._cancels = self._cancels, []
+                admitted = self._admit()
+            self._turn(cancels, admitted)
+        self._fail_all(EngineNotReady("the server is shutting down"))
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Load the model (in the worker thread); an exception becomes `load_error`."""
+
+    @abstractmethod
+    def _busy(self) -> bool:
+        """Whether anything is running (the worker then keeps turning without new work)."""
+
+    @abstractmethod
+    def _admit(self) -> list[Any]:
+        """Waiting jobs to take into the batch now (called under `_cond`)."""
+
+    @abstractmethod
+    def _turn(self, cancels: list[Any], admitted: list[Any]) -> None:
+        """One turn of the worker: drop the cancelled jobs, start the admitted ones, step the batch."""
+
+    @abstractmethod
+    def _fail_all(self, exc: BaseException) -> None:
+        """End every waiting and running job with `exc` (shutdown)."""
 
     @abstractmethod
     def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,

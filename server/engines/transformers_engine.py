@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +69,6 @@ class TransformersEngine(QueuedEngine):
         self._torch_threads = torch_threads
         self._model: ReferenceModel | None = None
         self._load_error: str | None = None
-        self._cancels: list[_Job] = []  # running jobs to cancel, guarded by _cond
-        self._thread: threading.Thread | None = None
         # Touched by the worker only; read racily (ints) for stats.
         self._cohorts: list[_Cohort] = []
         self._running = 0
@@ -87,19 +84,6 @@ class TransformersEngine(QueuedEngine):
                    contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None)
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._worker, name="sevi-engine", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
-
     @property
     def ready(self) -> bool:
         return self._model is not None and not self._stopping
@@ -133,28 +117,16 @@ class TransformersEngine(QueuedEngine):
                 self._cond.notify()
 
     # ---- the worker thread -------------------------------------------------------------------------
-    def _worker(self) -> None:
-        try:
-            self._load()
-        except Exception as exc:  # noqa: BLE001 - any load failure is reported through /health and /ready
-            self._load_error = f"failed to load {self._model_dir}: {exc}"
-            log.exception("model load failed")
-            return
-        while True:
-            with self._cond:
-                while not (self._stopping or self._pending or self._cancels or self._cohorts):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                cancels, self._cancels = self._cancels, []
-                admitted = self._admit()
-            for job in cancels:
-                self._drop(job)
-            if admitted:
-                self._start_cohort(admitted)
-            for cohort in list(self._cohorts):
-                self._step(cohort)
-        self._fail_everything(EngineNotReady("the server is shutting down"))
+    def _busy(self) -> bool:
+        return bool(self._cohorts)
+
+    def _turn(self, cancels: list[_Job], admitted: list[_Job]) -> None:
+        for job in cancels:
+            self._drop(job)
+        if admitted:
+            self._start_cohort(admitted)
+        for cohort in list(self._cohorts):
+            self._step(cohort)
 
     def _load(self) -> None:
         if self._torch_threads:
@@ -258,7 +230,7 @@ class TransformersEngine(QueuedEngine):
             self._running -= 1
         self._post(job.loop, [(job, item)])
 
-    def _fail_everything(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException) -> None:
         with self._cond:
             waiting = list(self._pending)
             self._pending.clear()

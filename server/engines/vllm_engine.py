@@ -26,7 +26,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +92,11 @@ class _Job:
 
 
 class VllmEngine(QueuedEngine):
+    _thread_name = "sevi-vllm"
+    _join_timeout_s = 60.0
+    _load_context = " with vLLM"
+    _log = log
+
     def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
                  dtype: str = "float32", contrast_pool_dir: str | None = None, max_images_per_request: int = 4,
                  options: VllmOptions | None = None) -> None:
@@ -113,8 +117,6 @@ class VllmEngine(QueuedEngine):
         self._eos: set[int] = set()
         self._num_layers = 0
         self._load_error: str | None = None
-        self._cancels: list[_Job] = []  # guarded by _cond
-        self._thread: threading.Thread | None = None
         self._jobs: dict[str, _Job] = {}  # vLLM request id (main) -> job; worker thread only
         self._contrast_of: dict[str, str] = {}  # main id -> contrast id; worker thread only
         self._inflight = 0  # admitted, not finished
@@ -131,17 +133,8 @@ class VllmEngine(QueuedEngine):
                    max_images_per_request=settings.max_images_per_request)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="sevi-vllm", daemon=True)
-            self._thread.start()
-
     async def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 60)
+        await super().stop()
         engine, self._engine = self._engine, None
         if engine is not None:
             with contextlib.suppress(Exception):
@@ -184,37 +177,28 @@ class VllmEngine(QueuedEngine):
                 self._cond.notify()
 
     # ---- the worker thread ----------------------------------------------------------------------------
-    def _worker(self) -> None:
-        try:
-            self._load()
-        except Exception as exc:  # noqa: BLE001 - reported through /health and /ready
-            self._load_error = f"failed to load {self._model_dir} with vLLM: {exc}"
-            log.exception("vLLM model load failed")
-            return
-        while True:
-            with self._cond:
-                while not (self._stopping or self._pending or self._cancels or self._jobs):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                cancels, self._cancels = self._cancels, []
-                room = max(0, self._max_batch + self._max_queue - self._inflight)
-                admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-            for job in cancels:
-                if job.admitted and not job.finished:
-                    job.finished = True
-                    self._release(job, vllm_done=False)
-                    self._cancelled += 1
-            for job in admitted:
-                self._add(job)
-            if self._jobs:
-                try:
-                    outputs = self._engine.step()
-                except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
-                    self._step_failed(exc)
-                    continue
-                self._dispatch(outputs)
-        self._fail_all(EngineNotReady("the server is shutting down"))
+    def _busy(self) -> bool:
+        return bool(self._jobs)
+
+    def _admit(self) -> list[_Job]:
+        room = max(0, self._max_batch + self._max_queue - self._inflight)
+        return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+
+    def _turn(self, cancels: list[_Job], admitted: list[_Job]) -> None:
+        for job in cancels:
+            if job.admitted and not job.finished:
+                job.finished = True
+                self._release(job, vllm_done=False)
+                self._cancelled += 1
+        for job in admitted:
+            self._add(job)
+        if self._jobs:
+            try:
+                outputs = self._engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
+                self._step_failed(exc)
+                return
+            self._dispatch(outputs)
 
     def _load(self) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
