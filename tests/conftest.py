@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from PIL import Image
 
 from models.generation import ReferenceModel
 from models.tiny import build
+from server.engines.base import Engine
 
 # vLLM engines in tests start eager (seconds instead of a torch.compile); the compiled path, the serving
 # default, has its own tests (test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).
@@ -57,3 +60,14 @@ def tiny_model(tiny_model_dir: Callable[[str], Path]) -> Callable[[str], Referen
 def random_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def start_engine(engine: Engine, timeout: float = 300) -> Engine:
+    """Start an engine and wait until its model is loaded (fails with the engine's load error)."""
+    asyncio.run(engine.start())
+    deadline = time.monotonic() + timeout
+    while not engine.ready and time.monotonic() < deadline:
+        assert engine.load_error is None, engine.load_error
+        time.sleep(0.1)
+    assert engine.ready, f"the engine did not load within {timeout} s"
+    return engine

@@ -5,7 +5,6 @@ reference engine's tokens and telemetry there too."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ pytest.importorskip("vllm")
 
 from models.generation import ReferenceModel  # noqa: E402
 from server.engines.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
+from tests.conftest import start_engine  # noqa: E402
 from tests.test_vllm_engine import check_mixed_batch  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -24,13 +24,8 @@ def test_compiled_engine_equals_reference_engine(tiny_model_dir: Callable[[str],
                                                  tiny_model: Callable[[str], ReferenceModel]) -> None:
     engine = VllmEngine(str(tiny_model_dir("llava")), model_name="tiny", max_batch_size=16,
                         options=VllmOptions(enforce_eager=False))
-    asyncio.run(engine.start())
     try:
-        deadline = time.monotonic() + 300
-        while not engine.ready and time.monotonic() < deadline:
-            assert engine.load_error is None, engine.load_error
-            time.sleep(0.1)
-        assert engine.ready
+        start_engine(engine)
         assert engine._engine.vllm_config.compilation_config.mode != 0  # really compiled (0 = NONE)
         check_mixed_batch(engine, tiny_model("llava"))
     finally:

@@ -4,7 +4,6 @@ compiled as when serving (torch.compile; the other vLLM tests run eager)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ pytest.importorskip("vllm")
 
 from models.generation import ReferenceModel  # noqa: E402
 from server.engines.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
+from tests.conftest import start_engine  # noqa: E402
 from tests.test_vllm_engine import check_mixed_batch  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.integration
 def engine(tiny_model_dir: Callable[[str], Path]) -> Iterator[VllmEngine]:
     eng = VllmEngine(str(tiny_model_dir("qwen2_vl")), model_name="tiny-qwen", max_batch_size=16,
                      options=VllmOptions(enforce_eager=False))
-    asyncio.run(eng.start())
-    deadline = time.monotonic() + 300
-    while not eng.ready and time.monotonic() < deadline:
-        assert eng.load_error is None, eng.load_error
-        time.sleep(0.1)
-    assert eng.ready
+    start_engine(eng)
     yield eng
     asyncio.run(eng.stop())
 
