@@ -206,6 +206,27 @@ def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, kv_
         torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g), want_v, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bs", [24, 40])  # blocks that are not a whole number of the kernel's 16-key tiles
+def test_block_wise_scores_and_values_with_odd_block_sizes(bs: int, kv_path: str) -> None:
+    n_blocks, g, rep, hd, num_keys = 6, 2, 2, 32, 2 * bs + 5
+    gen = torch.Generator().manual_seed(bs)
+    k, v = torch.randn(n_blocks, g, bs, hd, generator=gen), torch.randn(n_blocks, g, bs, hd, generator=gen)
+    nb = -(-num_keys // bs)
+    blocks = torch.stack([torch.randperm(n_blocks, generator=gen)[:nb] for _ in range(3)])
+    q, probs = torch.randn(3, g, rep, hd, generator=gen), torch.softmax(torch.randn(3, g * rep, num_keys), -1)
+
+    def seq(x: torch.Tensor) -> torch.Tensor:  # [R, G, num_keys, D]: each row's blocks end to end
+        return x[blocks].permute(0, 2, 1, 3, 4).reshape(3, g, nb * bs, hd)[:, :, :num_keys]
+
+    want = torch.matmul(q, seq(k).transpose(-1, -2)).mul(0.5).reshape(3, g * rep, num_keys)
+    want_v = torch.matmul(probs.view(3, g, rep, num_keys), seq(v))
+    for paged in (PagedKV(k, v, False, False),
+                  PagedKV(k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous(), True, True)):
+        torch.testing.assert_close(block_scores(q, paged, blocks.reshape(-1), num_keys, 0.5), want,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g), want_v, rtol=1e-5, atol=1e-5)
+
+
 def k_blocks(cache: torch.Tensor, k_t: bool) -> torch.Tensor:
     """K `[N, G, bs, D]` row-major from the CPU cache."""
     n, g, bs, two_d = cache.shape

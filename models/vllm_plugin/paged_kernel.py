@@ -72,9 +72,13 @@ class PagedKernel:
 
 
 def _flags() -> list[str]:
-    # The ISA torch itself dispatches to on this CPU: no AVX2 code on a machine without it.
+    # The ISA torch itself dispatches to on this CPU: no AVX2 (AVX-512) code on a machine without it. The
+    # flags are part of the cached file's name, so machines of different ISAs sharing a cache folder
+    # each build their own.
     isa = torch.backends.cpu.get_cpu_capability()
-    return ["-O3", "-mavx2", "-mfma"] if isa.startswith(("AVX2", "AVX512")) else ["-O3"]
+    if isa.startswith("AVX512"):
+        return ["-O3", "-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"]
+    return ["-O3", "-mavx2", "-mfma"] if isa.startswith("AVX2") else ["-O3"]
 
 
 def _build(compiler: str) -> Path:
