@@ -1,0 +1,30 @@
+"""The vLLM engine's CPU thread count and the log line it keeps out of the server log (no model loaded)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from server.engines.vllm_engine import _THREAD_WARNING_FILTER, VllmEngine, default_cpu_threads
+from server.settings import Settings
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])
+def test_default_threads_leave_one_core_to_the_server(cores: int, threads: int) -> None:
+    assert default_cpu_threads(cores) == threads
+
+
+def test_torch_threads_setting_reaches_the_vllm_engine(tmp_path: object) -> None:
+    engine = VllmEngine.from_settings(Settings(model=str(tmp_path), engine="vllm", torch_threads=3))
+    assert engine._torch_threads == 3
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("vllm.v1.worker.cpu_worker", logging.WARNING, __file__, 1, message, None, None)
+
+
+def test_the_per_request_thread_warning_is_dropped_and_nothing_else() -> None:
+    stub = "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it."
+    assert not _THREAD_WARNING_FILTER.filter(_record(stub))
+    assert _THREAD_WARNING_FILTER.filter(_record("libtcmalloc is not found in LD_PRELOAD."))
