@@ -22,6 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCach
 from models.conservativeness import AlignmentParams
 from models.contrast_pool import ContrastPool
 from models.contrastive import contrast_logits
+from models.detokenizer import TextStream
 from models.families import Family, family_for
 from models.sevi_attention import AlignmentBatch, alignment_context, use_sevi_attention
 
@@ -80,30 +81,16 @@ class _RequestState:
     request: GenerationRequest
     prompt_ids: list[int]
     generator: torch.Generator | None
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    output: TextStream
     finish_reason: str | None = None
 
+    @property
+    def token_ids(self) -> list[int]:
+        return self.output.token_ids
 
-def append_token(tokenizer: Any, token_ids: list[int], text: str, token: int, stop: Sequence[str],
-                 max_tokens: int) -> tuple[str, str, str | None]:
-    """Append a (non-EOS) token to `token_ids` in place and detokenize incrementally.
-
-    Returns the request's text so far, the new text since `text`, and the finish reason: "stop" when a
-    stop string appeared (the text is cut before it), "length" at `max_tokens`, else None.
-    """
-    token_ids.append(token)
-    full = tokenizer.decode(token_ids, skip_special_tokens=True)
-    if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-        full = text
-    finish: str | None = None
-    for s in stop:
-        cut = full.find(s)
-        if s and cut >= 0:
-            full, finish = full[:cut], "stop"
-    if finish is None and len(token_ids) >= max_tokens:
-        finish = "length"
-    return full, full[len(text):], finish
+    @property
+    def text(self) -> str:
+        return self.output.text
 
 
 def user_message(prompt: str, n_images: int = 1) -> list[dict[str, Any]]:
@@ -199,7 +186,8 @@ class DecodeBatch:
             if req.sampling.temperature > 0:
                 gen = torch.Generator().manual_seed(
                     req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.states[req.request_id] = _RequestState(req, prompt_ids, gen)
+            self.states[req.request_id] = _RequestState(
+                req, prompt_ids, gen, TextStream(owner.tokenizer, req.sampling.stop, req.sampling.max_tokens))
             rows.append(_Row(req, False))
             encodings.append(enc)
             if req.alignment.contrast and req.images:
@@ -301,12 +289,11 @@ class DecodeBatch:
         return tokens
 
     def _advance(self, s: _RequestState, token: int) -> TokenEvent:
-        sp = s.request.sampling
-        finish: str | None = "stop"
-        new_text = ""
-        if token not in self.owner.eos_ids:
-            s.text, new_text, finish = append_token(self.owner.tokenizer, s.token_ids, s.text, token, sp.stop,
-                                                    sp.max_tokens)
+        finish: str | None
+        if token in self.owner.eos_ids:
+            new_text, finish = s.output.flush(), "stop"
+        else:
+            new_text, finish = s.output.append(token)
         s.finish_reason = finish
         telemetry = self._telemetry(s.request.request_id) if finish else None
         return TokenEvent(s.request.request_id, token, new_text, finish, len(s.prompt_ids), len(s.token_ids),

@@ -35,7 +35,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.contrast_pool import ContrastPool
-from models.generation import GenerationRequest, RequestError, TokenEvent, append_token
+from models.detokenizer import TextStream
+from models.generation import GenerationRequest, RequestError, TokenEvent
 from server.engines.base import (
     EngineError,
     EngineNotReady,
@@ -118,8 +119,7 @@ class _Job:
     main_id: str = ""
     contrast_id: str | None = None
     prompt_len: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    output: TextStream | None = None  # set when vLLM takes the request (the tokenizer is loaded by then)
     admitted: bool = False
     cancelled: bool = False
     finished: bool = False
@@ -367,19 +367,24 @@ class VllmEngine(QueuedEngine):
             if not job.finished and out.finished:
                 # vLLM ended it for a reason the token rules above did not see (e.g. context full).
                 reason = (out.outputs[0].finish_reason if out.outputs else None) or "length"
-                events.append(self._event(job, None, "", reason))
+                events.append(self._event(job, None, self._output(job).flush(), reason))
             if job.finished:
                 self._release(job, vllm_done=bool(out.finished))
             if events:
                 self._post_many(job, events)
 
     def _advance(self, job: _Job, token: int) -> TokenEvent:
-        sp = job.request.sampling
+        output = self._output(job)
         if token in self._eos:
-            return self._event(job, token, "", "stop")
-        job.text, new_text, finish = append_token(self._tokenizer, job.token_ids, job.text, token, sp.stop,
-                                                  sp.max_tokens)
+            return self._event(job, token, output.flush(), "stop")
+        new_text, finish = output.append(token)
         return self._event(job, token, new_text, finish)
+
+    def _output(self, job: _Job) -> TextStream:
+        if job.output is None:
+            sp = job.request.sampling
+            job.output = TextStream(self._tokenizer, sp.stop, sp.max_tokens)
+        return job.output
 
     def _event(self, job: _Job, token: int | None, text: str, finish: str | None) -> TokenEvent:
         telemetry = None
@@ -387,7 +392,8 @@ class VllmEngine(QueuedEngine):
             job.finished = True
             job.stats.engine_s = time.perf_counter() - job.submitted
             telemetry = self._collect_telemetry(job)
-        return TokenEvent(job.request.request_id, token, text, finish, job.prompt_len, len(job.token_ids), telemetry)
+        return TokenEvent(job.request.request_id, token, text, finish, job.prompt_len, len(self._output(job).token_ids),
+                          telemetry)
 
     def _collect_telemetry(self, job: _Job) -> dict[str, int]:
         if self._telemetry is None:

@@ -153,6 +153,22 @@ def test_text_only_chat_and_stop_sequences(server: LiveServer) -> None:
     assert cut["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
     assert not cut["choices"][0]["message"]["content"].endswith(words[2])  # type: ignore[index]
     assert text.startswith(cut["choices"][0]["message"]["content"])  # type: ignore[index]
+    # Streamed, the deltas add up to the same text: the start of a stop string is held back, not sent and
+    # then cut, and what is held is sent at the end when no stop string completes.
+    across = f"{words[1][-1]} {words[2][0]}"  # a stop string that spans two tokens
+    cut2 = _chat(server, messages=messages, max_tokens=12, conservativeness=0.5, stop=[across])
+    assert cut2["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
+    assert cut2["choices"][0]["message"]["content"] == text[: text.index(across)]  # type: ignore[index]
+    for stop, want in ((across, cut2["choices"][0]["message"]["content"]),  # type: ignore[index]
+                       (" never-generated", text)):
+        assert _streamed_text(server, messages=messages, max_tokens=12, conservativeness=0.5, stop=[stop]) == want
+
+
+def _streamed_text(server: LiveServer, **body: object) -> str:
+    with server.client() as c, c.stream("POST", "/v1/chat/completions", json={"stream": True, **body}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
 
 
 def test_seeded_sampling_is_reproducible(server: LiveServer) -> None:
