@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python -m bench.alignment_overhead --threads 1 --clock cpu
 	$(BIN)/python -m bench.alignment_overhead --size medium --threads 1 --clock cpu
 	$(BIN)/python -m bench.engines --threads 1
+	$(BIN)/python -m bench.detokenize
 	$(BIN)/python -m bench.load
 
 # The bundled model once it exists, else a tiny random LLaVA built on the spot (make serve MODEL=dir to choose;
