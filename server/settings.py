@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     contrast_pool: Path | None = Field(None, description="Folder of contrast images (default: built-in noise images).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     device: str = Field("cpu", description="Torch device of the reference engine.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice; "
-                                       "the vLLM engine on CPU: every core but one).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of the engine "
+                                       "(default on CPU: every core but one, left to the HTTP loop).")
 
     max_batch_size: int = Field(8, ge=1, description="Most requests decoding at once.")
     max_cohorts: int = Field(

@@ -206,3 +206,9 @@ def test_metrics_include_vllms_own(live: LiveServer) -> None:
     prompt_tokens = [float(line.rpartition(" ")[2]) for line in text.splitlines()
                      if line.startswith("vllm:prompt_tokens_total{")]
     assert prompt_tokens and sum(prompt_tokens) > 0
+
+
+def test_engine_computes_on_every_core_but_one(live: LiveServer) -> None:
+    from server.engines.base import default_cpu_threads
+
+    assert live.settings.torch_threads is None and live.engine.compute_threads == default_cpu_threads()

@@ -28,6 +28,7 @@ from server.engines.base import (
     EngineStats,
     GenerationStats,
     QueuedEngine,
+    default_cpu_threads,
 )
 from server.settings import Settings
 
@@ -129,8 +130,9 @@ class TransformersEngine(QueuedEngine):
             self._step(cohort)
 
     def _load(self) -> None:
-        if self._torch_threads:
-            torch.set_num_threads(self._torch_threads)
+        threads = self._torch_threads or (default_cpu_threads() if torch.device(self._device).type == "cpu" else None)
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else None
         t0 = time.perf_counter()
         self._model = ReferenceModel.load(self._model_dir, dtype=self._dtype, device=self._device,

@@ -43,6 +43,7 @@ from server.engines.base import (
     EngineStats,
     GenerationStats,
     QueuedEngine,
+    default_cpu_threads,
 )
 from server.settings import Settings
 
@@ -55,18 +56,6 @@ _ARCHITECTURES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
-
-
-def default_cpu_threads(cores: int | None = None) -> int:
-    """Compute threads for the in-process CPU engine: every core this process may use but one.
-
-    The one left is for the HTTP loop, tokenizer and scheduler, as vLLM's own CPU executor reserves a
-    core for its scheduler process. Measured on 2 cores (bench/engines.py, bundled model): 1 thread
-    decodes ~2.5x faster than 2, whose OpenMP workers spin against the Python threads.
-    """
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
 
 
 class _DropRepeatedThreadWarning(logging.Filter):

@@ -1,12 +1,17 @@
-"""The vLLM engine's CPU thread count and the log line it keeps out of the server log (no model loaded)."""
+"""Engine CPU thread counts and the vLLM log line kept out of the server log (no model loaded)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import torch
 
-from server.engines.vllm_engine import _THREAD_WARNING_FILTER, VllmEngine, default_cpu_threads
+from server.engines.base import default_cpu_threads
+from server.engines.transformers_engine import TransformersEngine
+from server.engines.vllm_engine import _THREAD_WARNING_FILTER, VllmEngine
 from server.settings import Settings
 
 
@@ -28,3 +33,13 @@ def test_the_per_request_thread_warning_is_dropped_and_nothing_else() -> None:
     stub = "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it."
     assert not _THREAD_WARNING_FILTER.filter(_record(stub))
     assert _THREAD_WARNING_FILTER.filter(_record("libtcmalloc is not found in LD_PRELOAD."))
+
+
+@pytest.mark.parametrize("setting", [None, 3])
+def test_reference_engine_sets_its_threads_on_load(setting: int | None, tiny_model_dir: Callable[[str], Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # so that a change is due; no global change
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    TransformersEngine(str(tiny_model_dir("llava")), model_name="t", torch_threads=setting)._load()
+    assert calls == [setting or default_cpu_threads()]
