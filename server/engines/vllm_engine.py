@@ -108,7 +108,7 @@ class _Job:
     main_id: str = ""
     contrast_id: str | None = None
     prompt_len: int = 0
-    output: TextStream | None = None  # set when vLLM takes the request (the tokenizer is loaded by then)
+    output: TextStream | None = None  # made at the first token (by then the tokenizer is loaded)
     admitted: bool = False
     cancelled: bool = False
     finished: bool = False
