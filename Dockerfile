@@ -13,7 +13,8 @@ ENV PYTHONUNBUFFERED=1 \
     SEVI_PORT=8000
 
 # make: the install recipe; libnuma1: vLLM's CPU worker binds threads/memory per NUMA node; curl: healthcheck;
-# gcc, g++: torch.compile (on by default) and the SEVI paged K/V kernel build their CPU code at start-up.
+# gcc, g++: torch.compile (on by default), the SEVI paged K/V kernel and the compiled alignment operator build
+# their CPU code at start-up (cached in ~/.cache).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make libnuma1 curl gcc g++ \
     && rm -rf /var/lib/apt/lists/*

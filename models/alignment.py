@@ -8,6 +8,7 @@ leading dimension and pass per-row masks and knobs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -79,24 +80,25 @@ def with_new_key(rows: PreparedRows, at: torch.Tensor) -> PreparedRows:
     return replace(rows, key_bias=bias[:, None, :], semantic_keys=semantic[:, None, :], other_keys=other)
 
 
-def _classify(biased: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """(semantic, core) head masks `[R, H]` from float32 scores that already carry `rows.key_bias`."""
+def _classify(biased: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
+              kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(semantic, core) head masks `[R, H]` from float32 scores that already carry the key bias."""
     p = torch.softmax(biased, dim=-1)
     # Masses by multiply-and-sum, not a matmul with the key sets: a [K, 2] right-hand side is a poor
     # GEMM shape (6x slower at 600 keys).
-    p_semantic = p * rows.semantic_keys
+    p_semantic = p * semantic_keys
     semantic_mass = p_semantic.sum(-1)  # S per head
-    other_mass = torch.linalg.vecdot(p, rows.other_keys)  # O per head
+    other_mass = torch.linalg.vecdot(p, other_keys)  # O per head
     # Ties (S == O) count as semantic: the spec's test is S >= O.
     semantic = semantic_mass >= other_mass
     peak = p_semantic.amax(-1)  # p >= 0: the largest probability on a semantic key
-    core = semantic & (peak > rows.kappa * semantic_mass)
+    core = semantic & (peak > kappa * semantic_mass)
     return semantic, core
 
 
 def classify_prepared(scores: torch.Tensor, rows: PreparedRows) -> HeadGroups:
     """Head groups of each row from its scores `[R, H, K]`; probabilities in float32."""
-    semantic, core = _classify(scores.float() + rows.key_bias, rows)
+    semantic, core = _classify(scores.float() + rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa)
     return HeadGroups(semantic=semantic, core=core, global_=semantic ^ core)
 
 
@@ -120,13 +122,34 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     """:func:`align_scores` on prepared rows (the per-layer hot path).
 
     The scores come back in float32 (or their own dtype when wider) with the key mask applied
-    (masked keys at about MASKED), ready for the softmax. Every op here runs once per aligned layer,
-    so the formulation keeps their number and their cost low: masks are float weights (multiplies
-    and adds instead of masked copies or K-wide `where`s), and each stage is one `lerp` toward the
-    row's target with a per-head weight that is 0 for the heads the stage does not move.
+    (masked keys at about MASKED), ready for the softmax. On the CPU, float32 rows whose knobs are all
+    on run :func:`align_tensors` compiled ahead of time (models/alignment_compiled.py: the same
+    function, traced, without per-op dispatch); everything else runs it eagerly.
     """
-    s = scores + rows.key_bias  # float32, or the scores' dtype when wider
-    semantic, core = _classify(s.float(), rows)
+    args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
+    compiled = (compiled_operator() if rows.all_on and scores.dtype == torch.float32 and rows.blend.dtype ==
+                torch.float32 and scores.device.type == "cpu" and scores.is_contiguous() else None)
+    if compiled is not None:
+        out, semantic, core, glob, stage1, stage2 = compiled.run(args)
+    else:
+        out, semantic, core, glob, stage1, stage2 = align_tensors(*args, on=None if rows.all_on else rows.on)
+    return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
+
+
+def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
+                  kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operator on the fields of :class:`PreparedRows` (`on` None: every row's omega > 0).
+
+    Returns the aligned scores and the semantic, core, global, stage-1-moved and stage-2-moved head
+    masks. Every op here runs once per aligned layer, so the formulation keeps their number and their
+    cost low: masks are float weights (multiplies and adds instead of masked copies or K-wide
+    `where`s), and each stage is one `lerp` toward the row's target with a per-head weight that is 0
+    for the heads the stage does not move. Tensors only (no dataclasses), so that torch.export can
+    trace it.
+    """
+    s = scores + key_bias  # float32, or the scores' dtype when wider
+    semantic, core = _classify(s.float(), semantic_keys, other_keys, kappa)
     glob = semantic ^ core  # core heads are semantic heads: the rest of them are global
     glob_w = glob.to(s.dtype)
     n_global = glob_w.sum(-1, keepdim=True)  # [R, 1]
@@ -138,15 +161,30 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
 
     stage1 = ~semantic & (n_global > 0)
     stage2 = glob & core.any(-1, keepdim=True)
-    if not rows.all_on:
-        stage1, stage2 = stage1 & rows.on, stage2 & rows.on
+    if on is not None:
+        stage1, stage2 = stage1 & on, stage2 & on
     # (s + omega * target) / (1 + omega) == lerp(s, target, omega / (1 + omega)); a weight of 0 leaves
     # s as it is. The stages move disjoint heads (other vs global): one lerp each, toward a target
     # shared by the row's heads, with a per-head weight (cheaper than picking a per-head target).
-    w1 = (stage1.unsqueeze(-1) * rows.blend).to(s.dtype)  # no-op casts unless knobs and scores differ
-    w2 = (stage2.unsqueeze(-1) * rows.blend).to(s.dtype)
+    w1 = (stage1.unsqueeze(-1) * blend).to(s.dtype)  # no-op casts unless knobs and scores differ
+    w2 = (stage2.unsqueeze(-1) * blend).to(s.dtype)
     out = torch.lerp(torch.lerp(s, global_mean, w1), core_max, w2)
-    return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
+    return out, semantic, core, glob, stage1, stage2
+
+
+# models.alignment_compiled.CompiledOperator once loaded; False where it cannot be (or is turned off).
+_COMPILED: Any = None
+
+
+def compiled_operator() -> Any:
+    """The ahead-of-time compiled :func:`align_tensors`, built (or loaded from its cache) on the first
+    call, or None where it is unavailable. Engines call it at load so that no request waits for it."""
+    global _COMPILED
+    if _COMPILED is None:
+        from models.alignment_compiled import load  # it imports this module: resolved at first use
+
+        _COMPILED = load() or False
+    return _COMPILED or None
 
 
 def align_scores(

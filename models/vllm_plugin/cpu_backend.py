@@ -26,6 +26,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
 )
 
+from models.alignment import compiled_operator
 from models.vllm_plugin.paged_kernel import kernel
 from models.vllm_plugin.rows import PagedKV, StepPlan, align_layer, build_plan
 from models.vllm_plugin.state import STATE
@@ -107,7 +108,10 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        kernel()  # build the paged K/V kernel while the model loads, not in the first aligned request
+        # Build (or load) the paged K/V kernel and the compiled operator while the model loads, not in the
+        # first aligned request.
+        kernel()
+        compiled_operator()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from models.alignment import compiled_operator
 from models.contrast_pool import ContrastPool
 from models.generation import DecodeBatch, GenerationRequest, ReferenceModel, RequestError, TokenEvent
 from server.engines.base import (
@@ -130,9 +131,12 @@ class TransformersEngine(QueuedEngine):
             self._step(cohort)
 
     def _load(self) -> None:
-        threads = self._torch_threads or (default_cpu_threads() if torch.device(self._device).type == "cpu" else None)
+        on_cpu = torch.device(self._device).type == "cpu"
+        threads = self._torch_threads or (default_cpu_threads() if on_cpu else None)
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        if on_cpu:
+            compiled_operator()  # built (or loaded) now, not in the first aligned request
         pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else None
         t0 = time.perf_counter()
         self._model = ReferenceModel.load(self._model_dir, dtype=self._dtype, device=self._device,

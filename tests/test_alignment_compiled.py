@@ -1,0 +1,80 @@
+"""The ahead-of-time compiled operator equals the eager one, and the eager one is kept where it must be."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import alignment, alignment_compiled
+from models.alignment import MASKED, align_prepared, align_tensors, compiled_operator, prepare_rows
+
+
+def _inputs(r: int, h: int, k: int, seed: int, on: float = 2.0) -> tuple[torch.Tensor, alignment.PreparedRows]:
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(r, h, k, generator=gen) * 4
+    valid = torch.rand(r, k, generator=gen) < 0.9
+    valid[:, 0] = True
+    semantic = torch.rand(r, k, generator=gen) < 0.3
+    other = ~semantic & (torch.rand(r, k, generator=gen) < 0.7)
+    kappa = torch.rand(r, generator=gen)
+    return scores, prepare_rows(valid, semantic, other, torch.full((r,), on), kappa)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> alignment_compiled.CompiledOperator:
+    op = compiled_operator()
+    assert op is not None, "the operator did not compile here (no C++ compiler?)"
+    return op  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("r", "h", "k"), [(1, 8, 50), (8, 8, 111), (3, 32, 600), (16, 4, 7), (1, 1, 2), (5, 16, 130)])
+def test_compiled_equals_eager(compiled: alignment_compiled.CompiledOperator, r: int, h: int, k: int) -> None:
+    scores, rows = _inputs(r, h, k, seed=r * 1000 + h * 10 + k)
+    args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
+    got, want = compiled.run(args), align_tensors(*args)
+    for g, w in zip(got[1:], want[1:], strict=True):  # head groups and the heads each stage moved: identical
+        assert torch.equal(g, w)
+    valid = rows.key_bias == 0
+    torch.testing.assert_close(got[0].masked_fill(~valid, 0), want[0].masked_fill(~valid, 0), rtol=1e-5, atol=1e-5)
+    assert bool((got[0].masked_fill(valid, 0) <= MASKED / 2).sum() == (~valid).sum() * h)  # masked keys stay masked
+    # Not vacuous: both stages moved heads somewhere in the longer inputs.
+    if k >= 100:
+        assert bool(want[4].any()) and bool(want[5].any())
+
+
+def test_align_prepared_takes_the_compiled_operator_for_float32_cpu_rows(
+        compiled: alignment_compiled.CompiledOperator, monkeypatch: pytest.MonkeyPatch) -> None:
+    scores, rows = _inputs(4, 8, 40, seed=1)
+    calls: list[int] = []
+    run = compiled.run
+    monkeypatch.setattr(compiled, "run", lambda args: calls.append(1) or run(args))
+    align_prepared(scores, rows)
+    assert calls == [1]
+    # Eager where the compiled graph does not apply: float64, non-contiguous scores, some omega == 0.
+    align_prepared(scores.double(), rows)
+    align_prepared(scores.transpose(0, 1).contiguous().transpose(0, 1), rows)
+    off = prepare_rows(rows.key_bias[:, 0] == 0, rows.semantic_keys[:, 0] > 0, rows.other_keys[:, 0] > 0,
+                       torch.tensor([2.0, 0.0, 2.0, 2.0]), rows.kappa[:, 0])
+    out, groups = align_prepared(scores, off)
+    assert calls == [1]
+    eager, *_ = align_tensors(scores, off.key_bias, off.semantic_keys, off.other_keys, off.kappa, off.blend, off.on)
+    assert torch.equal(out, eager) and not bool(groups.stage1[1].any())  # type: ignore[index]
+
+
+def test_turned_off_or_unbuildable_means_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "0")
+    assert alignment_compiled.load() is None
+    monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "1")
+    monkeypatch.setenv("SEVI_KERNEL_CACHE", str(tmp_path))  # nothing cached here: a build is due
+
+    def fail(target: Path) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(alignment_compiled, "_build", fail)
+    with caplog.at_level(logging.WARNING, logger="sevi.alignment"):
+        assert alignment_compiled.load() is None
+    assert "running it eagerly" in caplog.text
