@@ -122,15 +122,15 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     """:func:`align_scores` on prepared rows (the per-layer hot path).
 
     The scores come back in float32 (or their own dtype when wider) with the key mask applied
-    (masked keys at about MASKED), ready for the softmax. On the CPU, float32 rows whose knobs are all
-    on run :func:`align_tensors` compiled ahead of time (models/alignment_compiled.py: the same
-    function, traced, without per-op dispatch); everything else runs it eagerly.
+    (masked keys at about MASKED), ready for the softmax. On the CPU, float32 rows run
+    :func:`align_tensors` compiled ahead of time (models/alignment_compiled.py: the same function,
+    traced, without per-op dispatch); everything else runs it eagerly.
     """
     args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
-    compiled = (compiled_operator() if rows.all_on and scores.dtype == torch.float32 and rows.blend.dtype ==
-                torch.float32 and scores.device.type == "cpu" and scores.is_contiguous() else None)
+    compiled = (compiled_operator() if scores.dtype == torch.float32 and rows.blend.dtype == torch.float32
+                and scores.device.type == "cpu" and scores.is_contiguous() else None)
     if compiled is not None:
-        out, semantic, core, glob, stage1, stage2 = compiled.run(args)
+        out, semantic, core, glob, stage1, stage2 = compiled.run((*args, rows.on))
     else:
         out, semantic, core, glob, stage1, stage2 = align_tensors(*args, on=None if rows.all_on else rows.on)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
@@ -139,7 +139,8 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
 def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
                   kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The operator on the fields of :class:`PreparedRows` (`on` None: every row's omega > 0).
+    """The operator on the fields of :class:`PreparedRows` (`on` None: every row's omega > 0, the eager
+    path's shortcut; the compiled one always takes it).
 
     Returns the aligned scores and the semantic, core, global, stage-1-moved and stage-2-moved head
     masks. Every op here runs once per aligned layer, so the formulation keeps their number and their

@@ -34,12 +34,13 @@ _MAX = 1 << 20  # bound of each dynamic size (export wants one)
 
 class _Operator(torch.nn.Module):
     def forward(self, scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor,
-                other_keys: torch.Tensor, kappa: torch.Tensor, blend: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return alignment.align_tensors(scores, key_bias, semantic_keys, other_keys, kappa, blend)
+                other_keys: torch.Tensor, kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor,
+                ) -> tuple[torch.Tensor, ...]:
+        return alignment.align_tensors(scores, key_bias, semantic_keys, other_keys, kappa, blend, on)
 
 
 class CompiledOperator:
-    """Calls the compiled package: the six float32 inputs of `align_tensors` in, its six outputs out."""
+    """Calls the compiled package: the inputs of `align_tensors` in (`on` given), its six outputs out."""
 
     def __init__(self, package: Path) -> None:
         self._loader = torch._inductor.aoti_load_package(str(package)).loader
@@ -53,13 +54,13 @@ def _example() -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
     keys = torch.rand(r, 1, k, generator=gen)
     return (torch.randn(r, h, k, generator=gen), torch.zeros(r, 1, k), (keys < 0.3).float(), (keys > 0.6).float(),
-            torch.full((r, 1), 0.2), torch.full((r, 1, 1), 0.5))
+            torch.full((r, 1), 0.2), torch.full((r, 1, 1), 0.5), torch.tensor([[True], [False], [True]]))
 
 
 def _build(target: Path) -> None:
     rows, heads, keys = (torch.export.Dim(n, min=1, max=_MAX) for n in ("rows", "heads", "keys"))
     per_row = {0: rows, 2: keys}
-    dynamic = ({0: rows, 1: heads, 2: keys}, per_row, per_row, per_row, {0: rows}, {0: rows})
+    dynamic = ({0: rows, 1: heads, 2: keys}, per_row, per_row, per_row, {0: rows}, {0: rows}, {0: rows})
     program = torch.export.export(_Operator(), _example(), dynamic_shapes=dynamic)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed: safe with several workers

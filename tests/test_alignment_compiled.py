@@ -33,8 +33,9 @@ def compiled() -> alignment_compiled.CompiledOperator:
 @pytest.mark.parametrize(("r", "h", "k"), [(1, 8, 50), (8, 8, 111), (3, 32, 600), (16, 4, 7), (1, 1, 2), (5, 16, 130)])
 def test_compiled_equals_eager(compiled: alignment_compiled.CompiledOperator, r: int, h: int, k: int) -> None:
     scores, rows = _inputs(r, h, k, seed=r * 1000 + h * 10 + k)
+    on = torch.arange(r)[:, None] % 3 != 1  # some rows with omega == 0 (when there are several)
     args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
-    got, want = compiled.run(args), align_tensors(*args)
+    got, want = compiled.run((*args, on)), align_tensors(*args, on=on)
     for g, w in zip(got[1:], want[1:], strict=True):  # head groups and the heads each stage moved: identical
         assert torch.equal(g, w)
     valid = rows.key_bias == 0
@@ -52,16 +53,15 @@ def test_align_prepared_takes_the_compiled_operator_for_float32_cpu_rows(
     run = compiled.run
     monkeypatch.setattr(compiled, "run", lambda args: calls.append(1) or run(args))
     align_prepared(scores, rows)
-    assert calls == [1]
-    # Eager where the compiled graph does not apply: float64, non-contiguous scores, some omega == 0.
-    align_prepared(scores.double(), rows)
-    align_prepared(scores.transpose(0, 1).contiguous().transpose(0, 1), rows)
     off = prepare_rows(rows.key_bias[:, 0] == 0, rows.semantic_keys[:, 0] > 0, rows.other_keys[:, 0] > 0,
                        torch.tensor([2.0, 0.0, 2.0, 2.0]), rows.kappa[:, 0])
-    out, groups = align_prepared(scores, off)
-    assert calls == [1]
-    eager, *_ = align_tensors(scores, off.key_bias, off.semantic_keys, off.other_keys, off.kappa, off.blend, off.on)
-    assert torch.equal(out, eager) and not bool(groups.stage1[1].any())  # type: ignore[index]
+    out, groups = align_prepared(scores, off)  # a row with omega == 0: compiled too, and left unmoved
+    assert calls == [1, 1] and not bool(groups.stage1[1].any()) and not bool(groups.stage2[1].any())  # type: ignore[index]
+    assert torch.equal(out[1], (scores + off.key_bias)[1])
+    # Eager where the compiled graph does not apply: float64 scores or knobs, non-contiguous scores.
+    align_prepared(scores.double(), rows)
+    align_prepared(scores.transpose(0, 1).contiguous().transpose(0, 1), rows)
+    assert calls == [1, 1]
 
 
 def test_turned_off_or_unbuildable_means_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
