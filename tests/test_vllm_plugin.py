@@ -186,9 +186,10 @@ def _random_cpu_cache(n_blocks: int, heads: int, bs: int, hd: int, seed: int) ->
     return cache, k_t, v_t
 
 
-@pytest.mark.parametrize("num_keys", [20, 32, 64, 75])  # a partial block, one full, two full, 2 + a partial
-def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, kv_path: str) -> None:
-    bs, hd, g, rep = 32, 32, 2, 3
+# (keys, block size): a partial block, one full, two full, 2 + a partial; vLLM's CPU block of 128 keys.
+@pytest.mark.parametrize(("num_keys", "bs"), [(20, 32), (32, 32), (64, 32), (75, 32), (111, 128), (300, 128)])
+def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, bs: int, kv_path: str) -> None:
+    hd, g, rep = 32, 2, 3
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys)
     nb = -(-num_keys // bs)
     blocks = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(i))[:nb] for i in range(4)])
@@ -206,8 +207,10 @@ def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, kv_
         torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g), want_v, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bs", [24, 40])  # blocks that are not a whole number of the kernel's 16-key tiles
-def test_block_wise_scores_and_values_with_odd_block_sizes(bs: int, kv_path: str) -> None:
+# 24, 40: blocks that are not a whole number of the kernel's 16-key tiles; 128 (vLLM's CPU block), 256:
+# whole spans of tiles (the streaming path), the last one partial.
+@pytest.mark.parametrize("bs", [24, 40, 128, 256])
+def test_block_wise_scores_and_values_for_any_block_size(bs: int, kv_path: str) -> None:
     n_blocks, g, rep, hd, num_keys = 6, 2, 2, 32, 2 * bs + 5
     gen = torch.Generator().manual_seed(bs)
     k, v = torch.randn(n_blocks, g, bs, hd, generator=gen), torch.randn(n_blocks, g, bs, hd, generator=gen)

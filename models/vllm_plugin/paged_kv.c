@@ -18,6 +18,46 @@
 /* GCC/Clang vector extension: a tile as one value (the compiler maps it to the ISA's registers);
  * aligned(4) because cache rows are only float-aligned. */
 typedef float tile __attribute__((vector_size(CH * sizeof(float)), aligned(4)));
+/* Tiles accumulated at once while streaming through a block: as many as the vector registers hold
+ * (8 x 512 bits of AVX-512's 32 registers; 4 x 2 x 256 bits of AVX2's 16). */
+#ifdef __AVX512F__
+#define SPAN 8
+#else
+#define SPAN 4
+#endif
+
+/* K as [D, block], a span of SPAN * CH keys from key s0 of the block, all inside it: each d row of the
+ * span is read once, in order (one memory stream per block), into SPAN register tiles. */
+static inline void scores_span(const float *restrict qh, const float *restrict kb, int64_t D, int64_t sd,
+                               int64_t s0, int64_t m, float scale, float *restrict o) {
+    tile acc[SPAN];
+    for (int t = 0; t < SPAN; t++) acc[t] = (tile){0};
+    for (int64_t d = 0; d < D; d++) {
+        const float qd = qh[d];
+        const tile *row = (const tile *)(kb + d * sd + s0);
+        for (int t = 0; t < SPAN; t++) acc[t] += qd * row[t];
+    }
+    if (m == SPAN * CH) {
+        for (int t = 0; t < SPAN; t++) ((tile *)(o + s0))[t] = acc[t] * scale;
+    } else { /* the keys past m are in the block but not the sequence's: computed, not stored */
+        for (int64_t i = 0; i < m; i++) o[s0 + i] = acc[i / CH][i % CH] * scale;
+    }
+}
+
+/* V as [block, D] with D = NT * CH: out[:] += sum over the block's first w keys of p[n] * V[n], each
+ * key's row read once, in order, into NT register tiles. */
+static inline __attribute__((always_inline)) void values_block(const float *restrict ph, const float *restrict vb,
+                                                                int64_t w, int64_t sn, float *restrict o,
+                                                                const int NT) {
+    tile acc[8];
+    for (int t = 0; t < NT; t++) acc[t] = (tile){0};
+    for (int64_t n = 0; n < w; n++) {
+        const float pk = ph[n];
+        const tile *row = (const tile *)(vb + n * sn);
+        for (int t = 0; t < NT; t++) acc[t] += pk * row[t];
+    }
+    for (int t = 0; t < NT; t++) ((tile *)o)[t] += acc[t];
+}
 
 /* out[r][g*rep+h][k] = scale * (q[r][g][h] . K(r, g, k)), k < K */
 void sevi_paged_scores(const float *restrict q, const float *restrict kc, const int64_t *restrict blocks,
@@ -34,7 +74,10 @@ void sevi_paged_scores(const float *restrict q, const float *restrict kc, const 
                 for (int64_t h = 0; h < rep; h++) {
                     const float *qh = qg + h * D;
                     float *o = og + h * K + k0;
-                    if (sn == 1) { /* K as [D, block]: a tile of CH keys, accumulated over d */
+                    if (sn == 1 && bs % (SPAN * CH) == 0) { /* the CPU layout, blocks of whole spans */
+                        for (int64_t s0 = 0; s0 < w; s0 += SPAN * CH)
+                            scores_span(qh, kb, D, sd, s0, w - s0 < SPAN * CH ? w - s0 : SPAN * CH, scale, o);
+                    } else if (sn == 1) { /* K as [D, block]: a tile of CH keys, accumulated over d */
                         int64_t n0 = 0;
                         for (; n0 + CH <= w; n0 += CH) {
                             tile acc = {0};
@@ -84,7 +127,18 @@ void sevi_paged_values(const float *restrict p, const float *restrict vc, const 
                 for (int64_t h = 0; h < rep; h++) {
                     const float *ph = pg + h * K + k0;
                     float *o = og + h * D;
-                    if (sd == 1 && D % CH == 0) { /* V as [block, D]: a tile of CH values, accumulated over keys */
+                    if (sd == 1 && D % CH == 0 && D / CH <= 8) { /* the CPU layout: stream through the block */
+                        switch (D / CH) { /* a constant tile count per case: the tiles stay in registers */
+                        case 1: values_block(ph, vb, w, sn, o, 1); break;
+                        case 2: values_block(ph, vb, w, sn, o, 2); break;
+                        case 3: values_block(ph, vb, w, sn, o, 3); break;
+                        case 4: values_block(ph, vb, w, sn, o, 4); break;
+                        case 5: values_block(ph, vb, w, sn, o, 5); break;
+                        case 6: values_block(ph, vb, w, sn, o, 6); break;
+                        case 7: values_block(ph, vb, w, sn, o, 7); break;
+                        default: values_block(ph, vb, w, sn, o, 8); break;
+                        }
+                    } else if (sd == 1 && D % CH == 0) { /* V as [block, D]: a tile of CH values, accumulated over keys */
                         for (int64_t d0 = 0; d0 < D; d0 += CH) {
                             tile acc = {0};
                             for (int64_t n = 0; n < w; n++) acc += ph[n] * *(const tile *)(vb + n * sn + d0);
