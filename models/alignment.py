@@ -1,8 +1,9 @@
 """The SEVI alignment operator (spec section 2), on one query row per (sequence, head).
 
 Pure torch and shared by every engine: the transformers attention hook and the vLLM backend both call
-:func:`align_scores`. Input rows are independent, so callers flatten (batch x aligned rows) into the
-leading dimension and pass per-row masks and knobs.
+:func:`align_prepared` (:func:`align_scores` for one-off use). Input rows are independent, so callers
+flatten (batch x aligned rows) into the leading dimension and pass per-row masks and knobs. On the CPU
+the operator runs compiled ahead of time by torch from this very code (models/alignment_compiled.py).
 """
 
 from __future__ import annotations
