@@ -41,6 +41,13 @@ def default_cpu_threads(cores: int | None = None) -> int:
     return max(1, cores - 1)
 
 
+def set_torch_threads(n: int) -> None:
+    """Set the calling thread's torch threads, before the model loads. A no-op when already `n`: once
+    vLLM's CPU worker has started in this process it forbids the call (and logs a warning)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 class EngineError(RuntimeError):
     """The engine failed while running a request (not the request's fault)."""
 
@@ -184,6 +191,7 @@ class QueuedEngine(Engine):
         try:
             self._load()
             self.compute_threads = torch.get_num_threads()
+            self._log.info("torch threads", extra={"fields": {"threads": self.compute_threads}})
         except Exception as exc:  # noqa: BLE001 - any load failure is reported through /health and /ready
             self._load_error = f"failed to load {self._model_dir}{self._load_context}: {exc}"
             self._log.exception(f"model load failed{self._load_context}")

@@ -30,6 +30,7 @@ from server.engines.base import (
     GenerationStats,
     QueuedEngine,
     default_cpu_threads,
+    set_torch_threads,
 )
 from server.settings import Settings
 
@@ -133,8 +134,8 @@ class TransformersEngine(QueuedEngine):
     def _load(self) -> None:
         on_cpu = torch.device(self._device).type == "cpu"
         threads = self._torch_threads or (default_cpu_threads() if on_cpu else None)
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if threads:
+            set_torch_threads(threads)
         if on_cpu:
             compiled_operator()  # built (or loaded) now, not in the first aligned request
         pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else None

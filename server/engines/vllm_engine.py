@@ -44,6 +44,7 @@ from server.engines.base import (
     GenerationStats,
     QueuedEngine,
     default_cpu_threads,
+    set_torch_threads,
 )
 from server.settings import Settings
 
@@ -67,17 +68,6 @@ class _DropRepeatedThreadWarning(logging.Filter):
 
 
 _THREAD_WARNING_FILTER = _DropRepeatedThreadWarning()
-
-
-def _set_cpu_threads(n: int) -> None:
-    import torch
-
-    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_THREAD_WARNING_FILTER)  # once per process
-    # Before vLLM's CPU worker starts (it forbids the call afterwards); a second engine in the same
-    # process finds the count already set.
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    log.info("torch threads", extra={"fields": {"threads": torch.get_num_threads()}})
 
 
 class VllmOptions(BaseSettings):
@@ -104,11 +94,11 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent | BaseException]
     stats: GenerationStats
+    output: TextStream  # the generated ids and text
     submitted: float = field(default_factory=time.perf_counter)
     main_id: str = ""
     contrast_id: str | None = None
     prompt_len: int = 0
-    output: TextStream | None = None  # made at the first token (by then the tokenizer is loaded)
     admitted: bool = False
     cancelled: bool = False
     finished: bool = False
@@ -184,7 +174,8 @@ class VllmEngine(QueuedEngine):
     # ---- the async side -------------------------------------------------------------------------------
     def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue[Any], stats: GenerationStats) -> _Job:
-        return _Job(request, loop, queue, stats)
+        sp = request.sampling  # generate() makes jobs only once loaded, so the tokenizer is there
+        return _Job(request, loop, queue, stats, TextStream(self._tokenizer, sp.stop, sp.max_tokens))
 
     def _queue_depth(self) -> int:
         # Requests vLLM holds past the batch wait too: count them against the queue bound.
@@ -236,7 +227,8 @@ class VllmEngine(QueuedEngine):
 
         register()  # vLLM calls it too; explicit so a source checkout without entry points still works
         if current_platform.is_cpu():
-            _set_cpu_threads(self._torch_threads or default_cpu_threads())
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_THREAD_WARNING_FILTER)  # once per process
+            set_torch_threads(self._torch_threads or default_cpu_threads())
         t0 = time.perf_counter()
         path = Path(self._model_dir)
         config = json.loads((path / "config.json").read_text())
@@ -356,24 +348,17 @@ class VllmEngine(QueuedEngine):
             if not job.finished and out.finished:
                 # vLLM ended it for a reason the token rules above did not see (e.g. context full).
                 reason = (out.outputs[0].finish_reason if out.outputs else None) or "length"
-                events.append(self._event(job, None, self._output(job).flush(), reason))
+                events.append(self._event(job, None, job.output.flush(), reason))
             if job.finished:
                 self._release(job, vllm_done=bool(out.finished))
             if events:
                 self._post_many(job, events)
 
     def _advance(self, job: _Job, token: int) -> TokenEvent:
-        output = self._output(job)
         if token in self._eos:
-            return self._event(job, token, output.flush(), "stop")
-        new_text, finish = output.append(token)
+            return self._event(job, token, job.output.flush(), "stop")
+        new_text, finish = job.output.append(token)
         return self._event(job, token, new_text, finish)
-
-    def _output(self, job: _Job) -> TextStream:
-        if job.output is None:
-            sp = job.request.sampling
-            job.output = TextStream(self._tokenizer, sp.stop, sp.max_tokens)
-        return job.output
 
     def _event(self, job: _Job, token: int | None, text: str, finish: str | None) -> TokenEvent:
         telemetry = None
@@ -381,7 +366,7 @@ class VllmEngine(QueuedEngine):
             job.finished = True
             job.stats.engine_s = time.perf_counter() - job.submitted
             telemetry = self._collect_telemetry(job)
-        return TokenEvent(job.request.request_id, token, text, finish, job.prompt_len, len(self._output(job).token_ids),
+        return TokenEvent(job.request.request_id, token, text, finish, job.prompt_len, len(job.output.token_ids),
                           telemetry)
 
     def _collect_telemetry(self, job: _Job) -> dict[str, int]:
