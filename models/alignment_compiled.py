@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import platform
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from models import alignment
+from models.build_cache import cached_file
 
 log = logging.getLogger("sevi.alignment")
 
@@ -57,24 +57,25 @@ def _example() -> tuple[torch.Tensor, ...]:
             torch.full((r, 1), 0.2), torch.full((r, 1, 1), 0.5), torch.tensor([[True], [False], [True]]))
 
 
-def _build(target: Path) -> None:
+def _build(path: Path) -> None:
     rows, heads, keys = (torch.export.Dim(n, min=1, max=_MAX) for n in ("rows", "heads", "keys"))
     per_row = {0: rows, 2: keys}
     dynamic = ({0: rows, 1: heads, 2: keys}, per_row, per_row, per_row, {0: rows}, {0: rows}, {0: rows})
     program = torch.export.export(_Operator(), _example(), dynamic_shapes=dynamic)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed: safe with several workers
-        built = Path(tmp) / target.name
-        torch._inductor.aoti_compile_and_package(program, package_path=str(built))
-        os.replace(built, target)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
-def _package_path() -> Path:
+def _package_name() -> str:
     source = Path(alignment.__file__).read_bytes() + Path(__file__).read_bytes()
     key = b"|".join([source, torch.__version__.encode(), torch.backends.cpu.get_cpu_capability().encode(),
                      platform.python_version().encode(), platform.machine().encode()])
-    folder = Path(os.environ.get("SEVI_KERNEL_CACHE", Path.home() / ".cache" / "sevi-serve"))
-    return folder / f"alignment-{hashlib.sha256(key).hexdigest()[:16]}.pt2"
+    return f"alignment-{hashlib.sha256(key).hexdigest()[:16]}.pt2"
+
+
+def _build_logged(path: Path) -> None:
+    t0 = time.perf_counter()
+    _build(path)
+    log.info("alignment operator compiled", extra={"fields": {"seconds": round(time.perf_counter() - t0, 1)}})
 
 
 def load() -> CompiledOperator | None:
@@ -82,14 +83,8 @@ def load() -> CompiledOperator | None:
     if os.environ.get("SEVI_COMPILED_OPERATOR", "1") == "0":
         return None
     with _LOCK:
-        target = _package_path()
         try:
-            if not target.exists():
-                t0 = time.perf_counter()
-                _build(target)
-                log.info("alignment operator compiled", extra={"fields": {
-                    "path": str(target), "seconds": round(time.perf_counter() - t0, 1)}})
-            return CompiledOperator(target)
+            return CompiledOperator(cached_file(_package_name(), _build_logged))
         except Exception as exc:  # noqa: BLE001 - any failure leaves the eager operator, which is correct
             log.warning("alignment operator not compiled (%s: %s); running it eagerly", type(exc).__name__, exc)
             return None

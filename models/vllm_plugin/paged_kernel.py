@@ -17,10 +17,11 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from models.build_cache import cached_file
 
 log = logging.getLogger("sevi.vllm")
 
@@ -84,17 +85,12 @@ def _flags() -> list[str]:
 def _build(compiler: str) -> Path:
     flags = _flags()
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("SEVI_KERNEL_CACHE", Path.home() / ".cache" / "sevi-serve"))
-    target = folder / f"paged_kv-{digest}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, renamed: safe with several workers
-        built = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(built)], check=True,
+
+    def compile_to(path: Path) -> None:
+        subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(path)], check=True,
                        capture_output=True, timeout=120)
-        os.replace(built, target)
-    return target
+
+    return cached_file(f"paged_kv-{digest}.so", compile_to)
 
 
 @functools.lru_cache(maxsize=1)
