@@ -230,6 +230,37 @@ def test_block_wise_scores_and_values_for_any_block_size(bs: int, kv_path: str) 
         torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g), want_v, rtol=1e-5, atol=1e-5)
 
 
+def test_rows_of_different_lengths_read_only_their_own_keys() -> None:
+    """With key counts the kernel neither reads past a row's own keys (NaN there changes nothing) nor
+    leaves garbage in its scores there (0, for the key mask to drop)."""
+    from models.vllm_plugin.paged_kernel import kernel
+
+    assert kernel() is not None, "the C kernel did not build here"
+    bs, g, rep, hd, num_keys = 128, 2, 2, 32, 300
+    cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=11)
+    counts = torch.tensor([300, 130, 1, 257])  # a partial span, one key, the first key of a third block
+    blocks = torch.arange(12).view(4, 3)  # each row its own blocks
+    k, v = read_cpu_kv(cache, blocks, k_t, v_t)
+    q = torch.randn(4, g, rep, hd, generator=torch.Generator().manual_seed(2))
+    valid = torch.arange(num_keys)[None, :] < counts[:, None]  # [R, K]
+    want = torch.matmul(q, k[:, :, :num_keys].transpose(-1, -2)).mul(0.3).reshape(4, g * rep, num_keys)
+    want = want.masked_fill(~valid[:, None], 0.0)
+    probs = torch.softmax(torch.randn(4, g * rep, num_keys).masked_fill(~valid[:, None], float("-inf")), -1)
+    want_v = torch.matmul(probs.view(4, g, rep, num_keys), v[:, :, :num_keys])
+    paged = paged_cpu_kv(cache, k_t, v_t)
+    for r, count in enumerate(counts.tolist()):  # poison every slot past each row's count, through the views
+        for j in range(3):
+            first = max(count - j * bs, 0)
+            for view, transposed in ((paged.key, k_t), (paged.value, v_t)):
+                block = view[int(blocks[r, j])]
+                (block[:, :, first:] if transposed else block[:, first:]).fill_(float("nan"))
+    assert bool(cache.isnan().any())
+    got = block_scores(q, paged, blocks.reshape(-1), num_keys, 0.3, key_counts=counts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g, key_counts=counts), want_v,
+                               rtol=1e-5, atol=1e-5)
+
+
 def k_blocks(cache: torch.Tensor, k_t: bool) -> torch.Tensor:
     """K `[N, G, bs, D]` row-major from the CPU cache."""
     n, g, bs, two_d = cache.shape
@@ -331,6 +362,7 @@ def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
         fresh = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
         assert derived is not None and fresh is not None and derived is not fresh
         assert derived.num_keys == fresh.num_keys and torch.equal(derived.blocks, fresh.blocks)
+        assert torch.equal(derived.key_count, fresh.key_count)
         assert derived.prepared.all_on == fresh.prepared.all_on
         for name in PREPARED_TENSORS:
             a, b = getattr(derived.prepared, name), getattr(fresh.prepared, name)
@@ -339,6 +371,7 @@ def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
             ra, rb = derived.rows_at(layer), fresh.rows_at(layer)
             assert ra is not None and rb is not None and ra.identity == rb.identity
             assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.block_index, rb.block_index)
+            assert torch.equal(ra.key_count, rb.key_count)
             assert all(torch.equal(getattr(ra.prepared, f), getattr(rb.prepared, f)) for f in PREPARED_TENSORS)
         plan = derived
     # A step that is not one more decode token per row, or a changed batch, is built afresh.

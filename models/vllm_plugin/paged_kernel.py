@@ -33,16 +33,17 @@ _PTR = ctypes.c_void_p
 class PagedKernel:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._scores = lib.sevi_paged_scores
-        self._scores.argtypes = [_PTR, _PTR, _PTR] + [_I64] * 11 + [ctypes.c_float, _PTR]
+        self._scores.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 11 + [ctypes.c_float, _PTR]
         self._scores.restype = None
         self._values = lib.sevi_paged_values
-        self._values.argtypes = [_PTR, _PTR, _PTR] + [_I64] * 11 + [_PTR]
+        self._values.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 11 + [_PTR]
         self._values.restype = None
 
     def scores(self, q: torch.Tensor, key: torch.Tensor, transposed: bool, block_index: torch.Tensor,
-               num_keys: int, scale: float) -> torch.Tensor:
+               num_keys: int, scale: float, key_counts: torch.Tensor | None = None) -> torch.Tensor:
         """q `[R, G, rep, D]` float32; key: the cache's K view (`[N, G, D, bs]` when transposed, else
-        `[N, G, bs, D]`); block_index `[R * nb]` long -> scores `[R, G * rep, num_keys]`."""
+        `[N, G, bs, D]`); block_index `[R * nb]` long -> scores `[R, G * rep, num_keys]`.
+        key_counts: long `[R]`, the keys each row reads (0 past them), or None for all."""
         r, g, rep, d = q.shape
         q = q.contiguous()
         blocks = block_index.contiguous()
@@ -50,14 +51,16 @@ class PagedKernel:
         sb, sg, s2, s3 = key.stride()
         sd, sn = (s2, s3) if transposed else (s3, s2)
         out = torch.empty(r, g * rep, num_keys, dtype=torch.float32)
-        self._scores(q.data_ptr(), key.data_ptr(), blocks.data_ptr(), r, blocks.shape[0] // max(r, 1), g, rep, d,
-                     bs, num_keys, sb, sg, sd, sn, scale, out.data_ptr())
+        self._scores(q.data_ptr(), key.data_ptr(), blocks.data_ptr(), _lens(key_counts), r,
+                     blocks.shape[0] // max(r, 1), g, rep, d, bs, num_keys, sb, sg, sd, sn, scale, out.data_ptr())
         return out
 
     def values(self, probs: torch.Tensor, value: torch.Tensor, transposed: bool, block_index: torch.Tensor,
-               num_kv_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+               num_kv_heads: int, out: torch.Tensor | None = None,
+               key_counts: torch.Tensor | None = None) -> torch.Tensor:
         """probs `[R, H, K]` float32; value: the cache's V view -> `[R, G, rep, D]` (into `out`, contiguous
-        float32, when given)."""
+        float32, when given). key_counts: long `[R]`, the keys each row reads (their probabilities past
+        them must be 0), or None for all."""
         r, h, k = probs.shape
         g, rep = num_kv_heads, h // num_kv_heads
         probs = probs.contiguous()
@@ -67,9 +70,17 @@ class PagedKernel:
         sn, sd = (s3, s2) if transposed else (s2, s3)
         if out is None:
             out = torch.empty(r, g, rep, d, dtype=torch.float32)
-        self._values(probs.data_ptr(), value.data_ptr(), blocks.data_ptr(), r, blocks.shape[0] // max(r, 1), g, rep,
-                     d, bs, k, sb, sg, sn, sd, out.data_ptr())
+        self._values(probs.data_ptr(), value.data_ptr(), blocks.data_ptr(), _lens(key_counts), r,
+                     blocks.shape[0] // max(r, 1), g, rep, d, bs, k, sb, sg, sn, sd, out.data_ptr())
         return out.view(r, g, rep, d)
+
+
+def _lens(key_counts: torch.Tensor | None) -> int | None:
+    """The kernels' `lens` pointer (NULL: every row reads all keys)."""
+    if key_counts is None:
+        return None
+    assert key_counts.dtype == torch.int64 and key_counts.is_contiguous() and key_counts.device.type == "cpu"
+    return key_counts.data_ptr()  # type: ignore[no-any-return]
 
 
 def _flags() -> list[str]:

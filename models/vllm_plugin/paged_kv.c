@@ -6,6 +6,9 @@
  * layout (K as [D, block], V as [block, D]) and row-major layouts are read as they lie.
  *
  * Row r reads blocks blocks[r*nb .. r*nb+nb-1]; key k of a row lies in its block k / bs at slot k % bs.
+ * Rows are K keys wide, of which row r reads its first lens[r] (its causal keys; all K when lens is
+ * NULL): rows of different lengths in one batch read only their own keys. Scores past a row's length
+ * are written as 0 (the caller's key mask drops them); their probabilities must be 0 and are not read.
  * Query head h of KV head g is q[r][g][h] (GQA: rep query heads per KV head share its K and V).
  *
  * Speed: the CPU layout's loops keep a tile of CH outputs in a local accumulator across the whole
@@ -59,17 +62,21 @@ static inline __attribute__((always_inline)) void values_block(const float *rest
     for (int t = 0; t < NT; t++) ((tile *)o)[t] += acc[t];
 }
 
-/* out[r][g*rep+h][k] = scale * (q[r][g][h] . K(r, g, k)), k < K */
+/* out[r][g*rep+h][k] = scale * (q[r][g][h] . K(r, g, k)), k < lens[r]; 0 for lens[r] <= k < K */
 void sevi_paged_scores(const float *restrict q, const float *restrict kc, const int64_t *restrict blocks,
-                       int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D, int64_t bs, int64_t K,
-                       int64_t sb, int64_t sg, int64_t sd, int64_t sn, float scale, float *restrict out) {
+                       const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
+                       int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sd, int64_t sn, float scale,
+                       float *restrict out) {
     for (int64_t r = 0; r < R; r++) {
+        const int64_t Kr = lens && lens[r] < K ? lens[r] : K;
         for (int64_t g = 0; g < G; g++) {
             const float *qg = q + (r * G + g) * rep * D;
             float *og = out + (r * G + g) * rep * K;
-            for (int64_t j = 0; j < nb && j * bs < K; j++) {
+            for (int64_t h = 0; h < rep; h++)
+                for (int64_t k = Kr; k < K; k++) og[h * K + k] = 0.0f;
+            for (int64_t j = 0; j < nb && j * bs < Kr; j++) {
                 const int64_t k0 = j * bs;
-                const int64_t w = K - k0 < bs ? K - k0 : bs;
+                const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
                 const float *kb = kc + blocks[r * nb + j] * sb + g * sg;
                 for (int64_t h = 0; h < rep; h++) {
                     const float *qh = qg + h * D;
@@ -111,18 +118,19 @@ void sevi_paged_scores(const float *restrict q, const float *restrict kc, const 
     }
 }
 
-/* out[r][g][h][:] = sum_k p[r][g*rep+h][k] * V(r, g, k), k < K */
+/* out[r][g][h][:] = sum_k p[r][g*rep+h][k] * V(r, g, k), k < lens[r] */
 void sevi_paged_values(const float *restrict p, const float *restrict vc, const int64_t *restrict blocks,
-                       int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D, int64_t bs, int64_t K,
-                       int64_t sb, int64_t sg, int64_t sn, int64_t sd, float *restrict out) {
+                       const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
+                       int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sn, int64_t sd, float *restrict out) {
     for (int64_t r = 0; r < R; r++) {
+        const int64_t Kr = lens && lens[r] < K ? lens[r] : K;
         for (int64_t g = 0; g < G; g++) {
             const float *pg = p + (r * G + g) * rep * K;
             float *og = out + (r * G + g) * rep * D;
             for (int64_t i = 0; i < rep * D; i++) og[i] = 0.0f;
-            for (int64_t j = 0; j < nb && j * bs < K; j++) {
+            for (int64_t j = 0; j < nb && j * bs < Kr; j++) {
                 const int64_t k0 = j * bs;
-                const int64_t w = K - k0 < bs ? K - k0 : bs;
+                const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
                 const float *vb = vc + blocks[r * nb + j] * sb + g * sg;
                 for (int64_t h = 0; h < rep; h++) {
                     const float *ph = pg + h * K + k0;

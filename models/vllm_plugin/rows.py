@@ -14,7 +14,8 @@ whatever its size, and the step runs every aligned layer, so everything that doe
 layer (row indices, block indices, masks, the alignment's prepared inputs) is built once per step by
 the first aligned layer (:class:`StepPlan`, :class:`RowSet`), and a layer does: gather the blocks it
 reads (one `index_select` each for K and V, straight from the cache's own layout, no permute), one
-batched matmul per block for q.K, the alignment, softmax, one batched matmul for probs.V, one write.
+batched matmul per block for q.K, the alignment with its softmax, one batched matmul for probs.V, one
+write.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class RowSet:
     token_index: torch.Tensor  # long [R]: row in the flattened query / output
     batch_row: torch.Tensor  # long [R]: batch index of each row (telemetry)
     block_index: torch.Tensor  # long [R * nb]: cache block read by (row, block); a row reads its sequence's
+    key_count: torch.Tensor  # long [R]: keys each row reads (its causal ones; the plan's K is the widest)
     prepared: PreparedRows  # masks / knobs in the alignment's kernel shapes, [R, ...] with K = num_keys
     identity: bool  # token_index == arange(R): the rows are the whole query, in order
 
@@ -67,6 +69,7 @@ class StepPlan:
     seq_slot: torch.Tensor  # long [R]: index into `blocks` (one slot per distinct sequence)
     blocks: torch.Tensor  # long [S, nb]: block ids covering every key of each sequence
     num_keys: int  # K: keys read per row (max seq_len over the aligned sequences)
+    key_count: torch.Tensor  # long [R]: each row's own keys (position + 1), at most K
     prepared: PreparedRows  # every aligned row's masks / knobs in the alignment's kernel shapes
     omega: torch.Tensor  # float32 [R]
     kappa: torch.Tensor  # float32 [R]
@@ -119,7 +122,7 @@ class StepPlan:
         p = self.prepared
         return RowSet(
             token_index=tok, batch_row=pick(self.batch_row),
-            block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1),
+            block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1), key_count=pick(self.key_count),
             prepared=p if keep is None else select_rows(p, keep),
             identity=keep is None and self.covers_all_tokens,
         )
@@ -148,7 +151,7 @@ class StepPlan:
         prepared = with_new_key(self.prepared, position)
         return StepPlan(
             token_index=self.token_index, batch_row=self.batch_row, seq_slot=self.seq_slot, blocks=blocks,
-            num_keys=num_keys, prepared=prepared, omega=self.omega, kappa=self.kappa, start_layer=self.start_layer,
+            num_keys=num_keys, key_count=self.key_count + 1, prepared=prepared, omega=self.omega, kappa=self.kappa, start_layer=self.start_layer,
             min_start=self.min_start, max_start=self.max_start, starts=self.starts, num_tokens=self.num_tokens,
             decode=(tensors, qsl, expect + 1, position, seqs),
         )
@@ -209,7 +212,7 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
         decode = (t, query_start_loc[: n + 1].clone(), seq_lens[:n] + 1, position, seqs_table)
     return StepPlan(
         token_index=token_index.to(device), batch_row=batch_row.to(device), seq_slot=slot_of[batch_row].to(device),
-        blocks=blocks, num_keys=num_keys,
+        blocks=blocks, num_keys=num_keys, key_count=(position + 1).to(device),
         prepared=prepare_rows(valid, (semantic & valid.cpu()).to(device), (other & valid.cpu()).to(device),
                               omega, kappa),
         omega=omega, kappa=kappa, start_layer=start.to(device), min_start=starts[0], max_start=starts[-1],
@@ -249,9 +252,11 @@ def _kernel_for(cache: PagedKV) -> PagedKernel | None:
 
 
 def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_keys: int,
-                 scale: float, use_kernel: bool = True) -> torch.Tensor:
+                 scale: float, use_kernel: bool = True, key_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Pre-softmax scores `[R, H, num_keys]` of rows `q` (`[R, G, rep, D]`, float32) against the keys of
     the blocks `block_index` (`[R * nb]`, row-major: row r reads blocks r*nb .. r*nb+nb-1).
+    key_counts (long `[R]`): the keys each row needs; the rest of its scores are left to the key mask
+    (the kernel writes 0 there and reads nothing past them; the torch path computes them all).
 
     On CPU, the C kernel of paged_kernel.py reads the blocks in place. Otherwise, in torch: the query
     heads of a KV head are grouped along the row axis of one matmul (GQA without repeating K), and K
@@ -260,7 +265,7 @@ def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num
     """
     kern = _kernel_for(cache) if use_kernel else None
     if kern is not None:
-        return kern.scores(q, cache.key, cache.key_transposed, block_index, num_keys, scale)
+        return kern.scores(q, cache.key, cache.key_transposed, block_index, num_keys, scale, key_counts)
     r = q.shape[0]
     nb = block_index.shape[0] // max(r, 1)
     if nb == 1:
@@ -287,12 +292,14 @@ def _scores_on(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: i
 
 
 def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_kv_heads: int,
-                 out: torch.Tensor | None = None, use_kernel: bool = True) -> torch.Tensor:
+                 out: torch.Tensor | None = None, use_kernel: bool = True,
+                 key_counts: torch.Tensor | None = None) -> torch.Tensor:
     """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]`, written into `out` (`[R, H, D]`
-    float32, contiguous) when given. Blocks are read like :func:`block_scores` reads them."""
+    float32, contiguous) when given. Blocks are read like :func:`block_scores` reads them; with
+    key_counts, probabilities past a row's count must be 0 (the kernel does not read those keys)."""
     kern = _kernel_for(cache) if use_kernel else None
     if kern is not None:
-        return kern.values(probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out)
+        return kern.values(probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out, key_counts)
     r, _, num_keys = probs.shape
     nb = block_index.shape[0] // max(r, 1)
     if nb == 1:
@@ -341,12 +348,12 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     r = rows.token_index.shape[0]
     q = query[:r] if rows.identity else query.index_select(0, rows.token_index)
     q = _f32(q).view(r, num_kv_heads, rep, head_dim)
-    scores = block_scores(q, cache, rows.block_index, plan.num_keys, scale)  # [R, H, K]
-    aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
-    probs = torch.softmax(aligned, dim=-1)
+    scores = block_scores(q, cache, rows.block_index, plan.num_keys, scale, key_counts=rows.key_count)  # [R, H, K]
+    probs, groups = align_prepared(scores, rows.prepared, probs=True)
     out = output.view(n_tokens, n_heads, head_dim)
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
-    new = block_values(probs, cache, rows.block_index, num_kv_heads, out[:r] if direct else None)
+    new = block_values(probs, cache, rows.block_index, num_kv_heads, out[:r] if direct else None,
+                       key_counts=rows.key_count)
     if not direct:
         out.index_copy_(0, rows.token_index, new.view(r, n_heads, head_dim).to(out.dtype))
     if state is not None:
