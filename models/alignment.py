@@ -148,11 +148,11 @@ def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: t
     """The operator on the fields of :class:`PreparedRows` (`on` None: every row's omega > 0, the eager
     path's shortcut; the compiled one always takes it).
 
-    Returns the aligned scores (their softmax over the keys with `probs`) and the semantic, core, global, stage-1-moved and stage-2-moved head
-    masks. Every op here runs once per aligned layer, so the formulation keeps their number and their
-    cost low: masks are float weights (multiplies and adds instead of masked copies or K-wide
-    `where`s), and each stage is one `lerp` toward the row's target with a per-head weight that is 0
-    for the heads the stage does not move. Tensors only (no dataclasses), so that torch.export can
+    Returns the aligned scores (their softmax over the keys with `probs`) and the semantic, core, global,
+    stage-1-moved and stage-2-moved head masks. Every op here runs once per aligned layer, so the formulation
+    keeps their number and their cost low: masks are float weights (multiplies and adds instead of masked
+    copies or K-wide `where`s), and each stage is one `lerp` toward the row's target with a per-head weight
+    that is 0 for the heads the stage does not move. Tensors only (no dataclasses), so that torch.export can
     trace it.
     """
     s = scores + key_bias  # float32, or the scores' dtype when wider

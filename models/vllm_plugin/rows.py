@@ -151,8 +151,9 @@ class StepPlan:
         prepared = with_new_key(self.prepared, position)
         return StepPlan(
             token_index=self.token_index, batch_row=self.batch_row, seq_slot=self.seq_slot, blocks=blocks,
-            num_keys=num_keys, key_count=self.key_count + 1, prepared=prepared, omega=self.omega, kappa=self.kappa, start_layer=self.start_layer,
-            min_start=self.min_start, max_start=self.max_start, starts=self.starts, num_tokens=self.num_tokens,
+            num_keys=num_keys, key_count=self.key_count + 1, prepared=prepared, omega=self.omega, kappa=self.kappa,
+            start_layer=self.start_layer, min_start=self.min_start, max_start=self.max_start, starts=self.starts,
+            num_tokens=self.num_tokens,
             decode=(tensors, qsl, expect + 1, position, seqs),
         )
 
