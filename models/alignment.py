@@ -68,17 +68,24 @@ def select_rows(rows: PreparedRows, index: torch.Tensor) -> PreparedRows:
                         rows.blend[index], on, rows.all_on or bool(on.all()))
 
 
-def with_new_key(rows: PreparedRows, at: torch.Tensor) -> PreparedRows:
+def with_new_key(rows: PreparedRows, at: torch.Tensor | None = None) -> PreparedRows:
     """The rows one decode step later: one key wider, the new key (the token just generated: valid,
-    semantic, not "other") at column `at` (long `[R]`) of each widened row, the last column or, when
-    rows have different lengths, the one after the row's own last key."""
+    semantic, not "other") at the new last column of every row (`at` None), or, when rows have
+    different lengths, at column `at` (long `[R]`): the one after each row's own last key."""
     r = rows.key_bias.shape[0]
-    col = at.to(rows.key_bias.device).view(r, 1)
-    pad = torch.nn.functional.pad
-    bias = pad(rows.key_bias.view(r, -1), (0, 1), value=MASKED).scatter_(1, col, 0.0)
-    semantic = pad(rows.semantic_keys.view(r, -1), (0, 1)).scatter_(1, col, 1.0)
-    other = pad(rows.other_keys, (0, 1))
-    return replace(rows, key_bias=bias[:, None, :], semantic_keys=semantic[:, None, :], other_keys=other)
+
+    def column(value: float) -> torch.Tensor:
+        return torch.full((), value, device=rows.key_bias.device).expand(r, 1, 1)
+
+    if at is None:  # one op per mask: append the new key's column
+        bias = torch.cat((rows.key_bias, column(0.0)), -1)
+        semantic = torch.cat((rows.semantic_keys, column(1.0)), -1)
+    else:  # append a masked column, then set each row's new key where it lies
+        col = at.to(rows.key_bias.device).view(r, 1, 1)
+        bias = torch.cat((rows.key_bias, column(MASKED)), -1).scatter_(2, col, 0.0)
+        semantic = torch.cat((rows.semantic_keys, column(0.0)), -1).scatter_(2, col, 1.0)
+    other = torch.cat((rows.other_keys, column(0.0)), -1)
+    return replace(rows, key_bias=bias, semantic_keys=semantic, other_keys=other)
 
 
 def _classify(biased: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,

@@ -181,7 +181,7 @@ class _Plan:
         sequence, now the new token, with one more key (that token: valid, text side, not image)."""
         r = self.valid.shape[0]
         yes = torch.ones(r, 1, dtype=torch.bool, device=self.valid.device)
-        prepared = with_new_key(self.rows, torch.full((r,), self.k_len, device=yes.device))
+        prepared = with_new_key(self.rows)  # every row one key longer: the new key is the last
         return _Plan(self.seq, self.start_layer, 0, 1, yes, True, torch.cat([self.valid, yes], 1),
                      torch.cat([self.semantic, yes], 1), torch.cat([self.other, ~yes], 1), self.omega, self.kappa,
                      self.k_len + 1, prepared)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -123,3 +125,27 @@ def test_span_masks_per_family() -> None:
     assert semantic[0].tolist() == [False, False, False, False, True, True, True, False]
     assert other[0].tolist() == [True, True, True, True, False, False, False, False]  # LLaVA: all keys <= e
     assert other[1].tolist() == [False, True, True, True, False, False, False, False]  # Qwen: image span only
+
+
+def test_with_new_key_equals_masks_built_one_key_wider() -> None:
+    """A decode step's masks, derived from the last step's, equal those prepared afresh: rows of one
+    length (the new key is every row's last column) and rows of different lengths (each row's own)."""
+    from models.alignment import prepare_rows, with_new_key
+
+    e, k = 4, 10
+    keys = torch.arange(k + 1)
+    for last_key in (torch.tensor([9, 9, 9]), torch.tensor([9, 6, 5])):  # each row's last key now (past e)
+        position = last_key + 1  # the new key of each row
+
+        def prepared(width: int, pos: torch.Tensor) -> Any:
+            j = keys[None, :width]
+            valid = j <= pos[:, None]
+            return prepare_rows(valid, (j > e) & valid, (j <= e) & valid, torch.tensor([1.0, 0.0, 2.0]),
+                                torch.full((3,), 0.5))
+
+        before, want = prepared(k, last_key), prepared(k + 1, position)
+        same_length = bool((last_key == k - 1).all())
+        got = with_new_key(before, None if same_length else position)
+        for name in ("key_bias", "semantic_keys", "other_keys", "kappa", "blend", "on"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert got.key_bias.is_contiguous() and got.semantic_keys.is_contiguous() and got.other_keys.is_contiguous()
