@@ -126,40 +126,39 @@ def classify_heads(
     return classify_prepared(scores, rows)
 
 
-def align_prepared(scores: torch.Tensor, rows: PreparedRows,
-                   probs: bool = False) -> tuple[torch.Tensor, HeadGroups]:
+def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tensor, HeadGroups]:
     """:func:`align_scores` on prepared rows (the per-layer hot path).
 
     The scores come back in float32 (or their own dtype when wider) with the key mask applied
-    (masked keys at about MASKED), ready for the softmax; with `probs`, already through it (the
-    attention weights: what both engines go on with). On the CPU, float32 rows asking for `probs` run
+    (masked keys at about MASKED), ready for the softmax. On the CPU, float32 rows run
     :func:`align_tensors` compiled ahead of time (models/alignment_compiled.py: the same function,
-    traced, without per-op dispatch, the softmax fused into its last loops); everything else runs it
-    eagerly.
+    traced, without per-op dispatch); everything else runs it eagerly.
+
+    The softmax stays outside: compiled into the graph it cost 90 us more per layer than torch's own
+    at 8 rows x 650 keys in the served model (its passes over the scores are worse than aten's).
     """
     args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
     # The compiled code assumes the contiguous strides it was traced with: anything else runs eagerly.
-    compiled = (compiled_operator() if probs and scores.dtype == torch.float32 and rows.blend.dtype == torch.float32
+    compiled = (compiled_operator() if scores.dtype == torch.float32 and rows.blend.dtype == torch.float32
                 and scores.device.type == "cpu" and all(a.is_contiguous() for a in (*args, rows.on)) else None)
     if compiled is not None:
         out, semantic, core, glob, stage1, stage2 = compiled.run((*args, rows.on))
     else:
-        out, semantic, core, glob, stage1, stage2 = align_tensors(*args, on=None if rows.all_on else rows.on,
-                                                                  probs=probs)
+        out, semantic, core, glob, stage1, stage2 = align_tensors(*args, on=None if rows.all_on else rows.on)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
 
 
 def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
-                  kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor | None = None, probs: bool = False,
+                  kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The operator on the fields of :class:`PreparedRows` (`on` None: every row's omega > 0, the eager
     path's shortcut; the compiled one always takes it).
 
-    Returns the aligned scores (their softmax over the keys with `probs`) and the semantic, core, global,
-    stage-1-moved and stage-2-moved head masks. Every op here runs once per aligned layer, so the formulation
-    keeps their number and their cost low: masks are float weights (multiplies and adds instead of masked
-    copies or K-wide `where`s), and each stage is one `lerp` toward the row's target with a per-head weight
-    that is 0 for the heads the stage does not move. Tensors only (no dataclasses), so that torch.export can
+    Returns the aligned scores and the semantic, core, global, stage-1-moved and stage-2-moved head
+    masks. Every op here runs once per aligned layer, so the formulation keeps their number and their
+    cost low: masks are float weights (multiplies and adds instead of masked copies or K-wide
+    `where`s), and each stage is one `lerp` toward the row's target with a per-head weight that is 0
+    for the heads the stage does not move. Tensors only (no dataclasses), so that torch.export can
     trace it.
     """
     s = scores + key_bias  # float32, or the scores' dtype when wider
@@ -183,8 +182,6 @@ def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: t
     w1 = (stage1.unsqueeze(-1) * blend).to(s.dtype)  # no-op casts unless knobs and scores differ
     w2 = (stage2.unsqueeze(-1) * blend).to(s.dtype)
     out = torch.lerp(torch.lerp(s, global_mean, w1), core_max, w2)
-    if probs:
-        out = torch.softmax(out, dim=-1)
     return out, semantic, core, glob, stage1, stage2
 
 

@@ -36,12 +36,11 @@ class _Operator(torch.nn.Module):
     def forward(self, scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor,
                 other_keys: torch.Tensor, kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor,
                 ) -> tuple[torch.Tensor, ...]:
-        return alignment.align_tensors(scores, key_bias, semantic_keys, other_keys, kappa, blend, on, probs=True)
+        return alignment.align_tensors(scores, key_bias, semantic_keys, other_keys, kappa, blend, on)
 
 
 class CompiledOperator:
-    """Calls the compiled package: the inputs of `align_tensors` in (`on` given), its six outputs out,
-    the first one the attention weights (`probs=True`: the softmax is part of the graph)."""
+    """Calls the compiled package: the inputs of `align_tensors` in (`on` given), its six outputs out."""
 
     def __init__(self, package: Path) -> None:
         self._loader = torch._inductor.aoti_load_package(str(package)).loader

@@ -264,7 +264,8 @@ def sevi_attention_forward(
     q_grouped = q.reshape(n_seq, kv_heads, n_rep * n_rows, head_dim)
     scores = torch.matmul(q_grouped, k.transpose(-1, -2)).view(n_seq, n_heads, n_rows, k_len) * scale
     flat = scores.permute(0, 2, 1, 3).reshape(n_seq * n_rows, n_heads, k_len)  # rows x heads x keys
-    probs, stages = align_prepared(flat, plan.rows, probs=True)
+    aligned, stages = align_prepared(flat, plan.rows)
+    probs = torch.softmax(aligned, dim=-1)  # masked keys already at MASKED
     probs = probs.view(n_seq, n_rows, n_heads, k_len).permute(0, 2, 1, 3)  # [S, H, R, K]
     new = torch.matmul(probs.reshape(n_seq, kv_heads, n_rep * n_rows, k_len), v)
     new = new.view(n_seq, n_heads, n_rows, head_dim).transpose(1, 2).to(query.dtype)  # [S, R, H, D]

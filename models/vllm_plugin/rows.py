@@ -14,8 +14,7 @@ whatever its size, and the step runs every aligned layer, so everything that doe
 layer (row indices, block indices, masks, the alignment's prepared inputs) is built once per step by
 the first aligned layer (:class:`StepPlan`, :class:`RowSet`), and a layer does: gather the blocks it
 reads (one `index_select` each for K and V, straight from the cache's own layout, no permute), one
-batched matmul per block for q.K, the alignment with its softmax, one batched matmul for probs.V, one
-write.
+batched matmul per block for q.K, the alignment, softmax, one batched matmul for probs.V, one write.
 """
 
 from __future__ import annotations
@@ -352,7 +351,8 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     q = query[:r] if rows.identity else query.index_select(0, rows.token_index)
     q = _f32(q).view(r, num_kv_heads, rep, head_dim)
     scores = block_scores(q, cache, rows.block_index, plan.num_keys, scale, key_counts=rows.key_count)  # [R, H, K]
-    probs, groups = align_prepared(scores, rows.prepared, probs=True)
+    aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
+    probs = torch.softmax(aligned, dim=-1)
     out = output.view(n_tokens, n_heads, head_dim)
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
     new = block_values(probs, cache, rows.block_index, num_kv_heads, out[:r] if direct else None,
