@@ -1,7 +1,7 @@
 """vLLM engine vs the reference engine, and SEVI's cost inside vLLM. Prints one table; not a test.
 
     python -m bench.engines [--model DIR | --layers 8 --heads 16 [--image-tokens 576]] [--max-tokens 64]
-                            [--repeats 3] [--threads 1]
+                            [--repeats 3] [--threads 1] [--dtype bfloat16]
 
 Same model, prompt and images, greedy decoding, both engines as the server runs them (the reference
 engine is `TransformersEngine`, the vLLM engine `VllmEngine` with its defaults, torch.compile on), each
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default); "
                         "1 gives the steadiest figures on a shared machine")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference engine (vLLM ratios only)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and KV cache dtype of both engines (bfloat16: how large models fit on CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         # Before vLLM starts: its CPU worker forbids set_num_threads afterwards.
@@ -136,10 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     from server.engines.vllm_engine import VllmEngine
 
     t0 = time.perf_counter()
-    vllm = start(VllmEngine(str(model_dir), model_name="bench", max_batch_size=8))
+    vllm = start(VllmEngine(str(model_dir), model_name="bench", max_batch_size=8, dtype=args.dtype))
     vllm_start = time.perf_counter() - t0
     ref = None if args.no_reference else start(TransformersEngine(str(model_dir), model_name="bench",
-                                                                  max_batch_size=8))
+                                                                  max_batch_size=8, dtype=args.dtype))
     layers = vllm.num_layers
     knobs = dict(omega=3.0, start_layer=1, kappa=0.6)
     variants = {"unaligned": resolve_alignment(0, layers),
@@ -171,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(engine.stop())
 
     best = {name: max(r[name] for r in rounds) for name, _ in settings}
-    print(f"model: {model_dir}  layers: {layers}  threads: {args.threads or 'default'}  greedy  vLLM start: "
-          f"{vllm_start:.0f} s  (tokens/s, best of {args.repeats} interleaved rounds)")
+    print(f"model: {model_dir}  layers: {layers}  dtype: {args.dtype}  threads: {args.threads or 'default'}  greedy  "
+          f"vLLM start: {vllm_start:.0f} s  (tokens/s, best of {args.repeats} interleaved rounds)")
     for name, _ in settings:
         print(f"  {name:<40} {best[name]:8.1f}   rounds: {' '.join(f'{r[name]:.0f}' for r in rounds)}")
 

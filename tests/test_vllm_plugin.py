@@ -172,29 +172,39 @@ def test_pair_with_partner_missing_is_dissolved_and_neither_sampling_waits() -> 
     assert torch.equal(proc.apply(logits.clone()), logits) and "q" in STATE.dissolved_pairs
 
 
-def _random_cpu_cache(n_blocks: int, heads: int, bs: int, hd: int, seed: int) -> tuple[torch.Tensor, bool, bool]:
+def _random_cpu_cache(n_blocks: int, heads: int, bs: int, hd: int, seed: int,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool, bool]:
     """A CPU cache filled through the kernel's own writer (every slot), and its probed K/V layout."""
     from vllm import _custom_ops as ops
 
     gen = torch.Generator().manual_seed(seed)
-    cache = torch.zeros(n_blocks, heads, bs, 2 * hd)
+    cache = torch.zeros(n_blocks, heads, bs, 2 * hd, dtype=dtype)
     kc, vc = cache.view(n_blocks, heads, 2 * bs, hd).chunk(2, dim=2)
     n = n_blocks * bs
-    k, v = torch.randn(n, heads, hd, generator=gen), torch.randn(n, heads, hd, generator=gen)
+    k, v = torch.randn(n, heads, hd, generator=gen).to(dtype), torch.randn(n, heads, hd, generator=gen).to(dtype)
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(n, dtype=torch.long), "vec")
-    k_t, v_t = cache_layout("vec", torch.float32, bs, hd)
+    k_t, v_t = cache_layout("vec", dtype, bs, hd)
     return cache, k_t, v_t
 
 
 # (keys, block size): a partial block, one full, two full, 2 + a partial; vLLM's CPU block of 128 keys.
-@pytest.mark.parametrize(("num_keys", "bs"), [(20, 32), (32, 32), (64, 32), (75, 32), (111, 128), (300, 128)])
-def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, bs: int, kv_path: str) -> None:
+# The 16-bit caches (vLLM's --dtype bfloat16 / float16) on the larger shapes.
+@pytest.mark.parametrize(("num_keys", "bs", "dtype"), [
+    (20, 32, torch.float32), (32, 32, torch.float32), (64, 32, torch.float32), (75, 32, torch.float32),
+    (111, 128, torch.float32), (300, 128, torch.float32), (75, 32, torch.bfloat16), (300, 128, torch.bfloat16),
+    (75, 32, torch.float16), (300, 128, torch.float16)])
+def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, bs: int, dtype: torch.dtype,
+                                                             kv_path: str) -> None:
     hd, g, rep = 32, 2, 3
-    cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys)
+    cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys, dtype=dtype)
+    if kv_path == "kernel":  # the C kernel reads every dtype vLLM's CPU cache comes in
+        from models.vllm_plugin.rows import _kernel_for
+
+        assert _kernel_for(paged_cpu_kv(cache, k_t, v_t)) is not None
     nb = -(-num_keys // bs)
     blocks = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(i))[:nb] for i in range(4)])
     k, v = read_cpu_kv(cache, blocks, k_t, v_t)  # [R, G, nb * bs, D], the plain gathered reading
-    k, v = k[:, :, :num_keys], v[:, :, :num_keys]
+    k, v = k[:, :, :num_keys].float(), v[:, :, :num_keys].float()
     q = torch.randn(4, g, rep, hd)
     want = torch.matmul(q, k.transpose(-1, -2)).mul(0.3).reshape(4, g * rep, num_keys)
     # The CPU layout (K transposed on AVX2), and a row-major one like FlashAttention's.
@@ -295,19 +305,21 @@ def _dense(plan: Any, layer: int, query: torch.Tensor, stock: torch.Tensor, cach
         if int(plan.start_layer[i]) > layer:
             continue
         k, v = read_cpu_kv(cache, table[b : b + 1].long(), k_t, v_t)
-        k = k[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)  # [H, K, D]
-        v = v[0, :, : plan.num_keys].repeat_interleave(heads // g, 0)
-        scores = torch.einsum("hd,hkd->hk", query[tok], k)[None] * hd**-0.5
+        k = k[0, :, : plan.num_keys].repeat_interleave(heads // g, 0).float()  # [H, K, D]
+        v = v[0, :, : plan.num_keys].repeat_interleave(heads // g, 0).float()
+        scores = torch.einsum("hd,hkd->hk", query[tok].float(), k)[None] * hd**-0.5
         aligned, _ = align_scores(scores, plan.valid[i : i + 1], plan.semantic[i : i + 1], plan.other[i : i + 1],
                                   plan.omega[i : i + 1], plan.kappa[i : i + 1])
         probs = torch.softmax(aligned.masked_fill(~plan.valid[i, None, None], float("-inf")), -1)
-        want[tok] = torch.einsum("hk,hkd->hd", probs[0], v).reshape(-1)
+        want[tok] = torch.einsum("hk,hkd->hd", probs[0], v).reshape(-1).to(want.dtype)
     return want
 
 
-def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str, dtype: torch.dtype) -> None:
     """Mixed step: a recomputing prefill (several aligned rows of one sequence), decode rows whose keys span
-    several blocks, a row with a later start layer, and rows that must stay untouched."""
+    several blocks, a row with a later start layer, and rows that must stay untouched. In float32, and in
+    bfloat16 as vLLM runs a model served with --dtype bfloat16 (query, cache and output all bfloat16)."""
     proc = processor()
     knobs = dict(omega=2.0, kappa=0.6)
     early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
@@ -320,19 +332,22 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str) -> None
     seq = torch.tensor([15, 73, 14, 53])
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_len.cumsum(0)])
     bs, hd, g, heads = 32, 32, 2, 4
-    cache, k_t, v_t = _random_cpu_cache(16, g, bs, hd, seed=7)
+    cache, k_t, v_t = _random_cpu_cache(16, g, bs, hd, seed=7, dtype=dtype)
     table = torch.randperm(16, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
     plan = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"))
     assert plan is not None and plan.token_index.tolist() == [11, 12, 13, 14, 15, 17]
     n_tokens = int(qsl[-1])
-    query = torch.randn(n_tokens, heads, hd, generator=torch.Generator().manual_seed(5))
-    stock = torch.randn(n_tokens, heads * hd, generator=torch.Generator().manual_seed(6))
+    query = torch.randn(n_tokens, heads, hd, generator=torch.Generator().manual_seed(5)).to(dtype)
+    stock = torch.randn(n_tokens, heads * hd, generator=torch.Generator().manual_seed(6)).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16 output: rounded to 8 bits of mantissa
     for layer in (1, 3):
         out = stock.clone()
         STATE.step_counts, STATE.pending = None, []
         align_layer(plan, layer, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, STATE)
-        torch.testing.assert_close(out, _dense(plan, layer, query, stock, cache, table, k_t, v_t, g),
-                                   rtol=1e-5, atol=1e-5)
+        want = _dense(plan, layer, query, stock, cache, table, k_t, v_t, g)
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+        # The aligned rows written (sequence 3's from its start layer on), nothing else.
+        assert int((out != stock).any(-1).sum()) == (5 if layer == 1 else 6)
         # Telemetry: one aligned row per (row, layer); sequence 3 only from its start layer on.
         counts = STATE.counts()
         assert counts is not None and counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])

@@ -2,7 +2,8 @@
 
 Why: the torch path (rows.py) must first copy each row's K and V blocks into one tensor to batch the
 matmul; at real prompt lengths (600 keys) that copy is half of the alignment's cost per layer. The C
-kernel reads the blocks where they lie. It is built once per source and ISA with the system C compiler
+kernel reads the blocks where they lie, float32, bfloat16 or float16 (the 16-bit ones widened to float32
+as they are loaded). It is built once per source and ISA with the system C compiler
 into a cache folder (`SEVI_KERNEL_CACHE`, default `~/.cache/sevi-serve`); where there is no compiler,
 or `SEVI_PAGED_KERNEL=0`, :func:`kernel` returns None and rows.py keeps its torch path. The alignment
 operator itself stays in torch (models/alignment.py); this is only how K and V are read.
@@ -30,19 +31,27 @@ _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
 
+# The cache's element types, as paged_kv.c numbers them (queries, probabilities and outputs are float32).
+_ELEMENT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 class PagedKernel:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._scores = lib.sevi_paged_scores
-        self._scores.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 11 + [ctypes.c_float, _PTR]
+        self._scores.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 12 + [ctypes.c_float, _PTR]
         self._scores.restype = None
         self._values = lib.sevi_paged_values
-        self._values.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 11 + [_PTR]
+        self._values.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 12 + [_PTR]
         self._values.restype = None
+        lib.sevi_paged_element_types.restype = _I64
+        built = int(lib.sevi_paged_element_types())
+        self.cache_dtypes = frozenset(dt for dt, et in _ELEMENT_TYPES.items() if built >> et & 1)
 
     def scores(self, q: torch.Tensor, key: torch.Tensor, transposed: bool, block_index: torch.Tensor,
                num_keys: int, scale: float, key_counts: torch.Tensor | None = None) -> torch.Tensor:
         """q `[R, G, rep, D]` float32; key: the cache's K view (`[N, G, D, bs]` when transposed, else
-        `[N, G, bs, D]`); block_index `[R * nb]` long -> scores `[R, G * rep, num_keys]`.
+        `[N, G, bs, D]`, of a dtype in `cache_dtypes`); block_index `[R * nb]` long -> float32 scores
+        `[R, G * rep, num_keys]`.
         key_counts: long `[R]`, the keys each row reads (0 past them), or None for all."""
         r, g, rep, d = q.shape
         q = q.contiguous()
@@ -51,14 +60,14 @@ class PagedKernel:
         sb, sg, s2, s3 = key.stride()
         sd, sn = (s2, s3) if transposed else (s3, s2)
         out = torch.empty(r, g * rep, num_keys, dtype=torch.float32)
-        self._scores(q.data_ptr(), key.data_ptr(), blocks.data_ptr(), _lens(key_counts), r,
-                     blocks.shape[0] // max(r, 1), g, rep, d, bs, num_keys, sb, sg, sd, sn, scale, out.data_ptr())
+        self._scores(q.data_ptr(), key.data_ptr(), blocks.data_ptr(), _lens(key_counts), _ELEMENT_TYPES[key.dtype],
+                     r, blocks.shape[0] // max(r, 1), g, rep, d, bs, num_keys, sb, sg, sd, sn, scale, out.data_ptr())
         return out
 
     def values(self, probs: torch.Tensor, value: torch.Tensor, transposed: bool, block_index: torch.Tensor,
                num_kv_heads: int, out: torch.Tensor | None = None,
                key_counts: torch.Tensor | None = None) -> torch.Tensor:
-        """probs `[R, H, K]` float32; value: the cache's V view -> `[R, G, rep, D]` (into `out`, contiguous
+        """probs `[R, H, K]` float32; value: the cache's V view -> float32 `[R, G, rep, D]` (into `out`, contiguous
         float32, when given). key_counts: long `[R]`, the keys each row reads (their probabilities past
         them must be 0), or None for all."""
         r, h, k = probs.shape
@@ -70,7 +79,8 @@ class PagedKernel:
         sn, sd = (s3, s2) if transposed else (s2, s3)
         if out is None:
             out = torch.empty(r, g, rep, d, dtype=torch.float32)
-        self._values(probs.data_ptr(), value.data_ptr(), blocks.data_ptr(), _lens(key_counts), r,
+        self._values(probs.data_ptr(), value.data_ptr(), blocks.data_ptr(), _lens(key_counts),
+                     _ELEMENT_TYPES[value.dtype], r,
                      blocks.shape[0] // max(r, 1), g, rep, d, bs, k, sb, sg, sn, sd, out.data_ptr())
         return out.view(r, g, rep, d)
 
@@ -89,8 +99,8 @@ def _flags() -> list[str]:
     # each build their own.
     isa = torch.backends.cpu.get_cpu_capability()
     if isa.startswith("AVX512"):
-        return ["-O3", "-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"]
-    return ["-O3", "-mavx2", "-mfma"] if isa.startswith("AVX2") else ["-O3"]
+        return ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mprefer-vector-width=512"]
+    return ["-O3", "-mavx2", "-mfma", "-mf16c"] if isa.startswith("AVX2") else ["-O3"]
 
 
 def _build(compiler: str) -> Path:
@@ -98,7 +108,8 @@ def _build(compiler: str) -> Path:
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
 
     def compile_to(path: Path) -> None:
-        subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(path)], check=True,
+        # -Wno-psabi: gcc notes that 64-byte vector returns change the ABI; they are all inlined.
+        subprocess.run([compiler, *flags, "-Wno-psabi", "-shared", "-fPIC", str(_SOURCE), "-o", str(path)], check=True,
                        capture_output=True, timeout=120)
 
     return cached_file(f"paged_kv-{digest}.so", compile_to)

@@ -1,9 +1,11 @@
 /* Paged q.K and p.V for the aligned rows, read in place from vLLM's block cache (no gathered copy).
  *
  * Built on first use by paged_kernel.py (gcc -O3 -shared); rows.py falls back to its gather + bmm
- * path when no compiler is there. float32 only. A cache view is addressed by element strides: key
- * (block, kv head, d, n) at b*sb + g*sg + d*sd + n*sn, likewise for values, so both the CPU kernel's
- * layout (K as [D, block], V as [block, D]) and row-major layouts are read as they lie.
+ * path when no compiler is there. The cache holds float32, bfloat16 or float16 values (`et`, read as
+ * float32, half the bytes for the 16-bit ones); queries, probabilities and outputs are float32. A cache
+ * view is addressed by element strides: key (block, kv head, d, n) at b*sb + g*sg + d*sd + n*sn,
+ * likewise for values, so both the CPU kernel's layout (K as [D, block], V as [block, D]) and
+ * row-major layouts are read as they lie.
  *
  * Row r reads blocks blocks[r*nb .. r*nb+nb-1]; key k of a row lies in its block k / bs at slot k % bs.
  * Rows are K keys wide, of which row r reads its first lens[r] (its causal keys; all K when lens is
@@ -14,13 +16,21 @@
  * Speed: the CPU layout's loops keep a tile of CH outputs in a local accumulator across the whole
  * reduction (gcc keeps it in vector registers: one load and one FMA per input vector, no store per
  * step), and `restrict` tells gcc that outputs do not alias the cache. Other layouts take plain loops.
+ * Each loop is written once over an element type that is a compile-time constant in every caller
+ * (always_inline), so each type gets its own specialised code.
  */
 #include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define CH 16 /* outputs per register tile: one AVX-512 vector or two AVX2 vectors */
 /* GCC/Clang vector extension: a tile as one value (the compiler maps it to the ISA's registers);
  * aligned(4) because cache rows are only float-aligned. */
 typedef float tile __attribute__((vector_size(CH * sizeof(float)), aligned(4)));
+typedef uint16_t half_tile __attribute__((vector_size(CH * sizeof(uint16_t)), aligned(2)));
+typedef uint32_t word_tile __attribute__((vector_size(CH * sizeof(uint32_t))));
 /* Tiles accumulated at once while streaming through a block: as many as the vector registers hold
  * (8 x 512 bits of AVX-512's 32 registers; 4 x 2 x 256 bits of AVX2's 16). */
 #ifdef __AVX512F__
@@ -29,16 +39,61 @@ typedef float tile __attribute__((vector_size(CH * sizeof(float)), aligned(4)));
 #define SPAN 4
 #endif
 
-/* K as [D, block], a span of SPAN * CH keys from key s0 of the block, all inside it: each d row of the
- * span is read once, in order (one memory stream per block), into SPAN register tiles. */
-static inline void scores_span(const float *restrict qh, const float *restrict kb, int64_t D, int64_t sd,
-                               int64_t s0, int64_t m, float scale, float *restrict o) {
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Element types this build reads (bit et set): float16 needs the compiler's _Float16. */
+int64_t sevi_paged_element_types(void) {
+#ifdef __FLT16_MAX__
+    return (1 << F32) | (1 << BF16) | (1 << F16);
+#else
+    return (1 << F32) | (1 << BF16);
+#endif
+}
+
+/* CH cache values from element i on, as float32. bfloat16 is the top half of a float32. */
+ALWAYS_INLINE tile load_tile(const void *restrict base, int64_t i, const int et) {
+    if (et == BF16) {
+        const half_tile h = *(const half_tile *)((const uint16_t *)base + i);
+        return (tile)(__builtin_convertvector(h, word_tile) << 16);
+    }
+#ifdef __FLT16_MAX__
+    if (et == F16) {
+#if defined(__AVX512F__)
+        return (tile)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+#else
+        tile t;
+        for (int j = 0; j < CH; j++) t[j] = (float)((const _Float16 *)base)[i + j];
+        return t;
+#endif
+    }
+#endif
+    return *(const tile *)((const float *)base + i);
+}
+
+ALWAYS_INLINE float load_one(const void *restrict base, int64_t i, const int et) {
+    if (et == BF16) {
+        const uint32_t w = (uint32_t)((const uint16_t *)base)[i] << 16;
+        float f;
+        memcpy(&f, &w, sizeof f);
+        return f;
+    }
+#ifdef __FLT16_MAX__
+    if (et == F16) return (float)((const _Float16 *)base)[i];
+#endif
+    return ((const float *)base)[i];
+}
+
+/* K as [D, block], a span of SPAN * CH keys from key s0 of the block at kb, all inside it: each d row
+ * of the span is read once, in order (one memory stream per block), into SPAN register tiles. */
+ALWAYS_INLINE void scores_span(const float *restrict qh, const void *restrict kc, int64_t kb, int64_t D,
+                               int64_t sd, int64_t s0, int64_t m, float scale, float *restrict o, const int et) {
     tile acc[SPAN];
     for (int t = 0; t < SPAN; t++) acc[t] = (tile){0};
     for (int64_t d = 0; d < D; d++) {
         const float qd = qh[d];
-        const tile *row = (const tile *)(kb + d * sd + s0);
-        for (int t = 0; t < SPAN; t++) acc[t] += qd * row[t];
+        const int64_t row = kb + d * sd + s0;
+        for (int t = 0; t < SPAN; t++) acc[t] += qd * load_tile(kc, row + t * CH, et);
     }
     if (m == SPAN * CH) {
         for (int t = 0; t < SPAN; t++) ((tile *)(o + s0))[t] = acc[t] * scale;
@@ -49,24 +104,23 @@ static inline void scores_span(const float *restrict qh, const float *restrict k
 
 /* V as [block, D] with D = NT * CH: out[:] += sum over the block's first w keys of p[n] * V[n], each
  * key's row read once, in order, into NT register tiles. */
-static inline __attribute__((always_inline)) void values_block(const float *restrict ph, const float *restrict vb,
-                                                                int64_t w, int64_t sn, float *restrict o,
-                                                                const int NT) {
+ALWAYS_INLINE void values_block(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t w,
+                                int64_t sn, float *restrict o, const int NT, const int et) {
     tile acc[8];
     for (int t = 0; t < NT; t++) acc[t] = (tile){0};
     for (int64_t n = 0; n < w; n++) {
         const float pk = ph[n];
-        const tile *row = (const tile *)(vb + n * sn);
-        for (int t = 0; t < NT; t++) acc[t] += pk * row[t];
+        const int64_t row = vb + n * sn;
+        for (int t = 0; t < NT; t++) acc[t] += pk * load_tile(vc, row + t * CH, et);
     }
     for (int t = 0; t < NT; t++) ((tile *)o)[t] += acc[t];
 }
 
 /* out[r][g*rep+h][k] = scale * (q[r][g][h] . K(r, g, k)), k < lens[r]; 0 for lens[r] <= k < K */
-void sevi_paged_scores(const float *restrict q, const float *restrict kc, const int64_t *restrict blocks,
-                       const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
-                       int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sd, int64_t sn, float scale,
-                       float *restrict out) {
+ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, const int64_t *restrict blocks,
+                          const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
+                          int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sd, int64_t sn, float scale,
+                          float *restrict out, const int et) {
     for (int64_t r = 0; r < R; r++) {
         const int64_t Kr = lens && lens[r] < K ? lens[r] : K;
         for (int64_t g = 0; g < G; g++) {
@@ -77,38 +131,37 @@ void sevi_paged_scores(const float *restrict q, const float *restrict kc, const 
             for (int64_t j = 0; j < nb && j * bs < Kr; j++) {
                 const int64_t k0 = j * bs;
                 const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
-                const float *kb = kc + blocks[r * nb + j] * sb + g * sg;
+                const int64_t kb = blocks[r * nb + j] * sb + g * sg;
                 for (int64_t h = 0; h < rep; h++) {
                     const float *qh = qg + h * D;
                     float *o = og + h * K + k0;
                     if (sn == 1 && bs % (SPAN * CH) == 0) { /* the CPU layout, blocks of whole spans */
                         for (int64_t s0 = 0; s0 < w; s0 += SPAN * CH)
-                            scores_span(qh, kb, D, sd, s0, w - s0 < SPAN * CH ? w - s0 : SPAN * CH, scale, o);
+                            scores_span(qh, kc, kb, D, sd, s0, w - s0 < SPAN * CH ? w - s0 : SPAN * CH, scale, o, et);
                     } else if (sn == 1) { /* K as [D, block]: a tile of CH keys, accumulated over d */
                         int64_t n0 = 0;
                         for (; n0 + CH <= w; n0 += CH) {
                             tile acc = {0};
-                            for (int64_t d = 0; d < D; d++) acc += qh[d] * *(const tile *)(kb + d * sd + n0);
+                            for (int64_t d = 0; d < D; d++) acc += qh[d] * load_tile(kc, kb + d * sd + n0, et);
                             *(tile *)(o + n0) = acc * scale;
                         }
                         if (n0 < w && n0 + CH <= bs) { /* last, partial tile: the slots past w are in the
                                                            block (never NaN-checked, never stored) */
                             tile acc = {0};
-                            for (int64_t d = 0; d < D; d++) acc += qh[d] * *(const tile *)(kb + d * sd + n0);
+                            for (int64_t d = 0; d < D; d++) acc += qh[d] * load_tile(kc, kb + d * sd + n0, et);
                             acc *= scale;
                             for (int64_t i = 0; i < w - n0; i++) o[n0 + i] = acc[i];
                         } else if (n0 < w) {
                             for (int64_t n = n0; n < w; n++) {
                                 float acc = 0.0f;
-                                for (int64_t d = 0; d < D; d++) acc += qh[d] * kb[d * sd + n];
+                                for (int64_t d = 0; d < D; d++) acc += qh[d] * load_one(kc, kb + d * sd + n, et);
                                 o[n] = acc * scale;
                             }
                         }
                     } else { /* K as [block, D]: one dot product per key */
                         for (int64_t n = 0; n < w; n++) {
-                            const float *kr = kb + n * sn;
                             float acc = 0.0f;
-                            for (int64_t d = 0; d < D; d++) acc += qh[d] * kr[d * sd];
+                            for (int64_t d = 0; d < D; d++) acc += qh[d] * load_one(kc, kb + n * sn + d * sd, et);
                             o[n] = acc * scale;
                         }
                     }
@@ -119,9 +172,10 @@ void sevi_paged_scores(const float *restrict q, const float *restrict kc, const 
 }
 
 /* out[r][g][h][:] = sum_k p[r][g*rep+h][k] * V(r, g, k), k < lens[r] */
-void sevi_paged_values(const float *restrict p, const float *restrict vc, const int64_t *restrict blocks,
-                       const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
-                       int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sn, int64_t sd, float *restrict out) {
+ALWAYS_INLINE void values(const float *restrict p, const void *restrict vc, const int64_t *restrict blocks,
+                          const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
+                          int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sn, int64_t sd, float *restrict out,
+                          const int et) {
     for (int64_t r = 0; r < R; r++) {
         const int64_t Kr = lens && lens[r] < K ? lens[r] : K;
         for (int64_t g = 0; g < G; g++) {
@@ -131,37 +185,63 @@ void sevi_paged_values(const float *restrict p, const float *restrict vc, const 
             for (int64_t j = 0; j < nb && j * bs < Kr; j++) {
                 const int64_t k0 = j * bs;
                 const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
-                const float *vb = vc + blocks[r * nb + j] * sb + g * sg;
+                const int64_t vb = blocks[r * nb + j] * sb + g * sg;
                 for (int64_t h = 0; h < rep; h++) {
                     const float *ph = pg + h * K + k0;
                     float *o = og + h * D;
                     if (sd == 1 && D % CH == 0 && D / CH <= 8) { /* the CPU layout: stream through the block */
                         switch (D / CH) { /* a constant tile count per case: the tiles stay in registers */
-                        case 1: values_block(ph, vb, w, sn, o, 1); break;
-                        case 2: values_block(ph, vb, w, sn, o, 2); break;
-                        case 3: values_block(ph, vb, w, sn, o, 3); break;
-                        case 4: values_block(ph, vb, w, sn, o, 4); break;
-                        case 5: values_block(ph, vb, w, sn, o, 5); break;
-                        case 6: values_block(ph, vb, w, sn, o, 6); break;
-                        case 7: values_block(ph, vb, w, sn, o, 7); break;
-                        default: values_block(ph, vb, w, sn, o, 8); break;
+                        case 1: values_block(ph, vc, vb, w, sn, o, 1, et); break;
+                        case 2: values_block(ph, vc, vb, w, sn, o, 2, et); break;
+                        case 3: values_block(ph, vc, vb, w, sn, o, 3, et); break;
+                        case 4: values_block(ph, vc, vb, w, sn, o, 4, et); break;
+                        case 5: values_block(ph, vc, vb, w, sn, o, 5, et); break;
+                        case 6: values_block(ph, vc, vb, w, sn, o, 6, et); break;
+                        case 7: values_block(ph, vc, vb, w, sn, o, 7, et); break;
+                        default: values_block(ph, vc, vb, w, sn, o, 8, et); break;
                         }
                     } else if (sd == 1 && D % CH == 0) { /* V as [block, D]: a tile of CH values, accumulated over keys */
                         for (int64_t d0 = 0; d0 < D; d0 += CH) {
                             tile acc = {0};
-                            for (int64_t n = 0; n < w; n++) acc += ph[n] * *(const tile *)(vb + n * sn + d0);
+                            for (int64_t n = 0; n < w; n++) acc += ph[n] * load_tile(vc, vb + n * sn + d0, et);
                             *(tile *)(o + d0) += acc;
                         }
                     } else { /* any other layout: one dot product per output value */
                         for (int64_t d = 0; d < D; d++) {
-                            const float *vr = vb + d * sd;
                             float acc = 0.0f;
-                            for (int64_t n = 0; n < w; n++) acc += ph[n] * vr[n * sn];
+                            for (int64_t n = 0; n < w; n++) acc += ph[n] * load_one(vc, vb + n * sn + d * sd, et);
                             o[d] += acc;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/* The exported entries: one specialised copy of each loop per element type. */
+void sevi_paged_scores(const float *restrict q, const void *restrict kc, const int64_t *restrict blocks,
+                       const int64_t *restrict lens, int64_t et, int64_t R, int64_t nb, int64_t G, int64_t rep,
+                       int64_t D, int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sd, int64_t sn, float scale,
+                       float *restrict out) {
+    switch (et) {
+    case BF16: scores(q, kc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sd, sn, scale, out, BF16); break;
+#ifdef __FLT16_MAX__
+    case F16: scores(q, kc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sd, sn, scale, out, F16); break;
+#endif
+    default: scores(q, kc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sd, sn, scale, out, F32); break;
+    }
+}
+
+void sevi_paged_values(const float *restrict p, const void *restrict vc, const int64_t *restrict blocks,
+                       const int64_t *restrict lens, int64_t et, int64_t R, int64_t nb, int64_t G, int64_t rep,
+                       int64_t D, int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sn, int64_t sd,
+                       float *restrict out) {
+    switch (et) {
+    case BF16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, BF16); break;
+#ifdef __FLT16_MAX__
+    case F16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, F16); break;
+#endif
+    default: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, F32); break;
     }
 }

@@ -247,10 +247,12 @@ def _zero(device: torch.device) -> torch.Tensor:
 
 
 def _kernel_for(cache: PagedKV) -> PagedKernel | None:
-    """The C kernel where it applies (a float32 cache in CPU memory, and the kernel built)."""
-    if cache.key.device.type != "cpu" or cache.key.dtype != torch.float32 or cache.value.dtype != torch.float32:
+    """The C kernel where it applies (a cache in CPU memory of a dtype it reads, and the kernel built)."""
+    kern = kernel()
+    if (kern is None or cache.key.device.type != "cpu" or cache.key.dtype not in kern.cache_dtypes
+            or cache.value.dtype != cache.key.dtype):
         return None
-    return kernel()
+    return kern
 
 
 def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_keys: int,
