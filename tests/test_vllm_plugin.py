@@ -271,6 +271,34 @@ def test_rows_of_different_lengths_read_only_their_own_keys() -> None:
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most weights underflow to 0, as in peaked heads
+def test_values_kernel_takes_the_softmax_as_torch_does(spread: float) -> None:
+    """The kernel's softmax (in place, vectorised exp, before p.V) equals torch's, masked keys and rows of
+    different lengths included; its p.V equals the torch path's on torch's softmax."""
+    from models.alignment import MASKED
+    from models.vllm_plugin.paged_kernel import kernel
+
+    assert kernel() is not None, "the C kernel did not build here"
+    bs, g, rep, hd, num_keys = 128, 2, 3, 32, 300
+    cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=5)
+    paged = paged_cpu_kv(cache, k_t, v_t)
+    counts = torch.tensor([300, 131, 17, 1])
+    blocks = torch.arange(12).view(4, 3)
+    gen = torch.Generator().manual_seed(int(spread))
+    scores = torch.randn(4, g * rep, num_keys, generator=gen) * spread
+    mask = (torch.arange(num_keys)[None, :] >= counts[:, None]) | (torch.rand(4, num_keys, generator=gen) < 0.1)
+    mask[:, 0] = False
+    scores = scores.masked_fill(mask[:, None], MASKED)
+    want_p = torch.softmax(scores, -1)
+    want = block_values(want_p, paged, blocks.reshape(-1), g, use_kernel=False)
+    inplace = scores.clone()
+    got = block_values(inplace, paged, blocks.reshape(-1), g, key_counts=counts, softmax=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    own = torch.arange(num_keys)[None, None, :] < counts[:, None, None]  # what each row's softmax covers
+    torch.testing.assert_close(inplace[own.expand_as(inplace)], want_p[own.expand_as(want_p)], rtol=2e-6, atol=1e-12)
+    assert bool((inplace.masked_select(mask[:, None] & own) == 0).all())  # masked keys: exactly 0
+
+
 def k_blocks(cache: torch.Tensor, k_t: bool) -> torch.Tensor:
     """K `[N, G, bs, D]` row-major from the CPU cache."""
     n, g, bs, two_d = cache.shape

@@ -41,7 +41,7 @@ class PagedKernel:
         self._scores.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 12 + [ctypes.c_float, _PTR]
         self._scores.restype = None
         self._values = lib.sevi_paged_values
-        self._values.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 12 + [_PTR]
+        self._values.argtypes = [_PTR, _PTR, _PTR, _PTR] + [_I64] * 12 + [_PTR, _I64]
         self._values.restype = None
         lib.sevi_paged_element_types.restype = _I64
         built = int(lib.sevi_paged_element_types())
@@ -65,13 +65,16 @@ class PagedKernel:
         return out
 
     def values(self, probs: torch.Tensor, value: torch.Tensor, transposed: bool, block_index: torch.Tensor,
-               num_kv_heads: int, out: torch.Tensor | None = None,
-               key_counts: torch.Tensor | None = None) -> torch.Tensor:
-        """probs `[R, H, K]` float32; value: the cache's V view -> float32 `[R, G, rep, D]` (into `out`, contiguous
-        float32, when given). key_counts: long `[R]`, the keys each row reads (their probabilities past
-        them must be 0), or None for all."""
+               num_kv_heads: int, out: torch.Tensor | None = None, key_counts: torch.Tensor | None = None,
+               softmax: bool = False) -> torch.Tensor:
+        """probs `[R, H, K]` float32; value: the cache's V view -> float32 `[R, G, rep, D]` (into `out`,
+        contiguous float32, when given). key_counts: long `[R]`, the keys each row reads (their
+        probabilities past them must be 0), or None for all. softmax: `probs` holds scores; their softmax
+        over each row's keys is taken first, in place (`probs` must then be contiguous: it is overwritten)."""
         r, h, k = probs.shape
         g, rep = num_kv_heads, h // num_kv_heads
+        if softmax:
+            assert probs.is_contiguous() and probs.dtype == torch.float32, "softmax in place needs float32 rows"
         probs = probs.contiguous()
         blocks = block_index.contiguous()
         bs, d = (value.shape[-1], value.shape[-2]) if transposed else (value.shape[-2], value.shape[-1])
@@ -80,8 +83,8 @@ class PagedKernel:
         if out is None:
             out = torch.empty(r, g, rep, d, dtype=torch.float32)
         self._values(probs.data_ptr(), value.data_ptr(), blocks.data_ptr(), _lens(key_counts),
-                     _ELEMENT_TYPES[value.dtype], r,
-                     blocks.shape[0] // max(r, 1), g, rep, d, bs, k, sb, sg, sn, sd, out.data_ptr())
+                     _ELEMENT_TYPES[value.dtype], r, blocks.shape[0] // max(r, 1), g, rep, d, bs, k, sb, sg, sn, sd,
+                     out.data_ptr(), int(softmax))
         return out.view(r, g, rep, d)
 
 

@@ -20,6 +20,7 @@
  * (always_inline), so each type gets its own specialised code.
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -31,6 +32,7 @@
 typedef float tile __attribute__((vector_size(CH * sizeof(float)), aligned(4)));
 typedef uint16_t half_tile __attribute__((vector_size(CH * sizeof(uint16_t)), aligned(2)));
 typedef uint32_t word_tile __attribute__((vector_size(CH * sizeof(uint32_t))));
+typedef int32_t int_tile __attribute__((vector_size(CH * sizeof(int32_t))));
 /* Tiles accumulated at once while streaming through a block: as many as the vector registers hold
  * (8 x 512 bits of AVX-512's 32 registers; 4 x 2 x 256 bits of AVX2's 16). */
 #ifdef __AVX512F__
@@ -82,6 +84,53 @@ ALWAYS_INLINE float load_one(const void *restrict base, int64_t i, const int et)
     if (et == F16) return (float)((const _Float16 *)base)[i];
 #endif
     return ((const float *)base)[i];
+}
+
+/* exp(x) for x <= 0 (a score minus its row's max): 2^n * e^r with x = n ln2 + r, |r| <= ln2 / 2, e^r by
+ * its degree-7 Taylor polynomial (relative error about 1e-8, below float32's rounding); exactly 0 below
+ * -87 (masked keys, MASKED minus the max), where 2^n would leave the float range. */
+ALWAYS_INLINE tile exp_tile(tile x) {
+    const int_tile keep = x > -87.0f; /* -1 (all bits) where x is in range */
+    x = (tile)(((int_tile)x & keep) | ((int_tile)((tile){0} - 87.0f) & ~keep));
+    const int_tile n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, int_tile); /* round, x <= 0 */
+    const tile nf = __builtin_convertvector(n, tile);
+    const tile r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f; /* ln 2, split: exact n ln2 */
+    tile e = 1.0f / 5040 + r * (1.0f / 40320);
+    e = 1.0f / 720 + r * e;
+    e = 1.0f / 120 + r * e;
+    e = 1.0f / 24 + r * e;
+    e = 1.0f / 6 + r * e;
+    e = 0.5f + r * e;
+    e = 1.0f + r * e;
+    e = 1.0f + r * e;
+    const int_tile two_n = (n + 127) << 23; /* 2^n as float bits, n >= -126 */
+    return (tile)((int_tile)(e * (tile)two_n) & keep);
+}
+
+/* p[0..w) <- softmax(p[0..w)) in place. */
+static void softmax_row(float *restrict p, int64_t w) {
+    float m = -INFINITY;
+    for (int64_t k = 0; k < w; k++) m = p[k] > m ? p[k] : m;
+    tile sum = {0};
+    int64_t k = 0;
+    for (; k + CH <= w; k += CH) {
+        tile x;
+        memcpy(&x, p + k, sizeof x);
+        x = exp_tile(x - m);
+        memcpy(p + k, &x, sizeof x);
+        sum += x;
+    }
+    if (k < w) { /* the tail, through a padded tile */
+        tile x = (tile){0} - INFINITY;
+        memcpy(&x, p + k, (size_t)(w - k) * sizeof(float));
+        x = exp_tile(x - m);
+        memcpy(p + k, &x, (size_t)(w - k) * sizeof(float));
+        sum += x;
+    }
+    float total = 0.0f;
+    for (int i = 0; i < CH; i++) total += sum[i];
+    const float inv = 1.0f / total;
+    for (k = 0; k < w; k++) p[k] *= inv;
 }
 
 /* K as [D, block], a span of SPAN * CH keys from key s0 of the block at kb, all inside it: each d row
@@ -171,16 +220,20 @@ ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, cons
     }
 }
 
-/* out[r][g][h][:] = sum_k p[r][g*rep+h][k] * V(r, g, k), k < lens[r] */
-ALWAYS_INLINE void values(const float *restrict p, const void *restrict vc, const int64_t *restrict blocks,
+/* out[r][g][h][:] = sum_k p[r][g*rep+h][k] * V(r, g, k), k < lens[r]. With `normalize`, p holds scores
+ * and is first turned into their softmax over each row's keys, in place (the row is in L1 then: one
+ * pass over the scores from memory instead of torch's softmax making its own). */
+ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int64_t *restrict blocks,
                           const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
                           int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sn, int64_t sd, float *restrict out,
-                          const int et) {
+                          int64_t normalize, const int et) {
     for (int64_t r = 0; r < R; r++) {
         const int64_t Kr = lens && lens[r] < K ? lens[r] : K;
         for (int64_t g = 0; g < G; g++) {
-            const float *pg = p + (r * G + g) * rep * K;
+            float *pg = p + (r * G + g) * rep * K;
             float *og = out + (r * G + g) * rep * D;
+            if (normalize)
+                for (int64_t h = 0; h < rep; h++) softmax_row(pg + h * K, Kr);
             for (int64_t i = 0; i < rep * D; i++) og[i] = 0.0f;
             for (int64_t j = 0; j < nb && j * bs < Kr; j++) {
                 const int64_t k0 = j * bs;
@@ -233,15 +286,15 @@ void sevi_paged_scores(const float *restrict q, const void *restrict kc, const i
     }
 }
 
-void sevi_paged_values(const float *restrict p, const void *restrict vc, const int64_t *restrict blocks,
+void sevi_paged_values(float *restrict p, const void *restrict vc, const int64_t *restrict blocks,
                        const int64_t *restrict lens, int64_t et, int64_t R, int64_t nb, int64_t G, int64_t rep,
                        int64_t D, int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sn, int64_t sd,
-                       float *restrict out) {
+                       float *restrict out, int64_t normalize) {
     switch (et) {
-    case BF16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, BF16); break;
+    case BF16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, normalize, BF16); break;
 #ifdef __FLT16_MAX__
-    case F16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, F16); break;
+    case F16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, normalize, F16); break;
 #endif
-    default: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, F32); break;
+    default: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, normalize, F32); break;
     }
 }

@@ -14,7 +14,7 @@ whatever its size, and the step runs every aligned layer, so everything that doe
 layer (row indices, block indices, masks, the alignment's prepared inputs) is built once per step by
 the first aligned layer (:class:`StepPlan`, :class:`RowSet`), and a layer does: gather the blocks it
 reads (one `index_select` each for K and V, straight from the cache's own layout, no permute), one
-batched matmul per block for q.K, the alignment, softmax, one batched matmul for probs.V, one write.
+batched matmul per block for q.K, the alignment, softmax and probs.V (one kernel call), one write.
 """
 
 from __future__ import annotations
@@ -297,13 +297,18 @@ def _scores_on(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: i
 
 def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_kv_heads: int,
                  out: torch.Tensor | None = None, use_kernel: bool = True,
-                 key_counts: torch.Tensor | None = None) -> torch.Tensor:
+                 key_counts: torch.Tensor | None = None, softmax: bool = False) -> torch.Tensor:
     """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]`, written into `out` (`[R, H, D]`
     float32, contiguous) when given. Blocks are read like :func:`block_scores` reads them; with
-    key_counts, probabilities past a row's count must be 0 (the kernel does not read those keys)."""
+    key_counts, probabilities past a row's count must be 0 (the kernel does not read those keys).
+    softmax: `probs` are scores (masked keys at MASKED); their softmax is taken first, by the kernel
+    in place while each row is in cache (so `probs` is overwritten), or by torch."""
     kern = _kernel_for(cache) if use_kernel else None
-    if kern is not None:
-        return kern.values(probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out, key_counts)
+    if kern is not None and (not softmax or (probs.is_contiguous() and probs.dtype == torch.float32)):
+        return kern.values(probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out, key_counts,
+                           softmax)
+    if softmax:
+        probs = torch.softmax(probs, dim=-1)
     r, _, num_keys = probs.shape
     nb = block_index.shape[0] // max(r, 1)
     if nb == 1:
@@ -354,11 +359,10 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     q = _f32(q).view(r, num_kv_heads, rep, head_dim)
     scores = block_scores(q, cache, rows.block_index, plan.num_keys, scale, key_counts=rows.key_count)  # [R, H, K]
     aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
-    probs = torch.softmax(aligned, dim=-1)
     out = output.view(n_tokens, n_heads, head_dim)
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
-    new = block_values(probs, cache, rows.block_index, num_kv_heads, out[:r] if direct else None,
-                       key_counts=rows.key_count)
+    new = block_values(aligned, cache, rows.block_index, num_kv_heads, out[:r] if direct else None,
+                       key_counts=rows.key_count, softmax=True)
     if not direct:
         out.index_copy_(0, rows.token_index, new.view(r, n_heads, head_dim).to(out.dtype))
     if state is not None:
