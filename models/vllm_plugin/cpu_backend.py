@@ -8,8 +8,9 @@ The paged cache is `[num_blocks, kv_heads, block_size, 2 * head_size]`: per (blo
 then a V region of `block_size * head_size` values each. How the kernel orders values inside a region
 depends on its ISA (on the AVX2 build K is stored transposed, `[head_size, block_size]`, V row-major),
 so the layout is probed once per (ISA, dtype, block, head size) by writing known K/V through
-`cpu_attn_reshape_and_cache` and reading them back; an unknown layout refuses to start rather than
-align against garbage.
+`cpu_attn_reshape_and_cache` and reading them back. Layouts that are no strided view (the AMX
+kernel's, for bfloat16 on CPUs with AMX) are learned as a permutation of each block region and read by
+gathering; anything else refuses to run rather than align against garbage.
 """
 
 from __future__ import annotations
@@ -40,19 +41,29 @@ def layer_index(name: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-@functools.lru_cache(maxsize=16)
-def cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[bool, bool]:
-    """(K transposed, V transposed) inside a block region, measured with the kernel's own cache writer."""
-    kv_heads, n_blocks = 2, 2
+def _write_probe(isa: str, dtype: torch.dtype, block_size: int, head_size: int, k: torch.Tensor,
+                 v: torch.Tensor, first_slot: int = 1) -> torch.Tensor:
+    """Block regions `[n_blocks, kv_heads, 2, block_size * head_size]` after the kernel's own cache writer
+    stored `k`, `v` (`[n, kv_heads, head_size]`) at slots first_slot .. first_slot + n - 1."""
+    n, kv_heads = k.shape[0], k.shape[1]
+    n_blocks = -(-(n + first_slot) // block_size)
     cache = torch.zeros(n_blocks, kv_heads, block_size, 2 * head_size, dtype=dtype)
     key_cache, value_cache = cache.view(n_blocks, kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
-    n = block_size + 3
+    ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), key_cache, value_cache,
+                                   torch.arange(n, dtype=torch.long) + first_slot, isa)
+    return cache.view(n_blocks, kv_heads, 2, block_size * head_size)
+
+
+@functools.lru_cache(maxsize=16)
+def cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[bool, bool] | None:
+    """(K transposed, V transposed) inside a block region, measured with the kernel's own cache writer;
+    None when neither is the layout (see :func:`cache_order`)."""
+    kv_heads, n = 2, block_size + 3
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(n, kv_heads, head_size, generator=gen).to(dtype)
     v = torch.randn(n, kv_heads, head_size, generator=gen).to(dtype)
-    slots = torch.arange(n, dtype=torch.long) + 1
-    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
-    regions = cache.view(n_blocks, kv_heads, 2, block_size * head_size)
+    regions = _write_probe(isa, dtype, block_size, head_size, k, v)
+    n_blocks, slots = regions.shape[0], torch.arange(n) + 1
 
     def read(part: int, transposed: bool) -> torch.Tensor:
         r = regions[:, :, part]
@@ -64,9 +75,48 @@ def cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
     for part, want in ((0, k), (1, v)):
         options = [t for t in (False, True) if torch.equal(read(part, t), want)]
         if not options:
-            raise RuntimeError(f"SEVI: unknown CPU KV cache layout for isa={isa} dtype={dtype}; cannot read K/V")
+            return None
         found.append(options[0])
     return found[0], found[1]
+
+
+@functools.lru_cache(maxsize=16)
+def cache_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a layout that is not a strided view (the AMX kernel keeps K in tiles of 16 keys x pairs of
+    dims, V in pairs of keys): where each (slot, d) of a block lies in its region, K's then V's, long
+    `[block_size * head_size]` in row-major (slot, d) order. Learned by writing each slot's and each
+    dim's number (in base-128 digits, exact in 16-bit floats; 0 marks what was not written) through the
+    kernel's own writer, then checked on random values; anything but a permutation refuses to run."""
+    digits, size = 128, block_size * head_size
+    slot = torch.arange(block_size)[:, None].expand(block_size, head_size)
+    dim = torch.arange(head_size)[None, :].expand(block_size, head_size)
+
+    def written(number: torch.Tensor) -> torch.Tensor:  # [block_size, head_size] -> K's and V's regions
+        x = number.to(torch.float32)[:, None, :]  # one KV head, the slots of block 0
+        return _write_probe(isa, dtype, block_size, head_size, x, x, first_slot=0)[0, 0].to(torch.float32)
+
+    lo_s, hi_s, lo_d, hi_d = (written(x) for x in (slot % digits + 1, slot // digits + 1, dim % digits + 1,
+                                                  dim // digits + 1))
+    unknown = RuntimeError(f"SEVI: unknown CPU KV cache layout for isa={isa} dtype={dtype}; cannot read K/V")
+    orders = []
+    for part in (0, 1):
+        if bool((lo_s[part] == 0).any()):
+            raise unknown
+        slot_at = (lo_s[part] - 1) + (hi_s[part] - 1) * digits  # the (slot, d) stored at each region position
+        index = (slot_at * head_size + (lo_d[part] - 1) + (hi_d[part] - 1) * digits).long()
+        if not torch.equal(index.sort().values, torch.arange(size)):
+            raise unknown
+        order = torch.empty(size, dtype=torch.long)
+        order[index] = torch.arange(size)
+        orders.append(order)
+    gen = torch.Generator().manual_seed(1)  # check: random values in a second, full block
+    k = torch.randn(2 * block_size, 1, head_size, generator=gen).to(dtype)
+    v = torch.randn(2 * block_size, 1, head_size, generator=gen).to(dtype)
+    regions = _write_probe(isa, dtype, block_size, head_size, k, v, first_slot=0)
+    for part, want in ((0, k), (1, v)):
+        if not torch.equal(regions[1, 0, part][orders[part]].view(block_size, head_size), want[block_size:, 0]):
+            raise unknown
+    return orders[0], orders[1]
 
 
 def read_cpu_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, k_t: bool,
@@ -99,6 +149,22 @@ def paged_cpu_kv(kv_cache: torch.Tensor, k_t: bool, v_t: bool) -> PagedKV:
         return regions[:, :, i].unflatten(-1, (head_size, block_size) if transposed else (block_size, head_size))
 
     return PagedKV(part(0, k_t), part(1, v_t), k_t, v_t)
+
+
+def ordered_cpu_kv(kv_cache: torch.Tensor, k_order: torch.Tensor, v_order: torch.Tensor) -> PagedKV:
+    """The CPU cache as flat block regions with the orders of :func:`cache_order` (layouts that are not a
+    strided view)."""
+    n_blocks, kv_heads, block_size, two_d = kv_cache.shape
+    regions = kv_cache.view(n_blocks, kv_heads, 2, block_size * two_d // 2)
+    return PagedKV(regions[:, :, 0], regions[:, :, 1], False, False, k_order, v_order, two_d // 2)
+
+
+def cpu_kv(kv_cache: torch.Tensor, isa: str, head_size: int) -> PagedKV:
+    """This layer's cache as the aligned rows read it: strided views where the layout is one, else orders."""
+    layout = cache_layout(isa, kv_cache.dtype, kv_cache.shape[2], head_size)
+    if layout is not None:
+        return paged_cpu_kv(kv_cache, *layout)
+    return ordered_cpu_kv(kv_cache, *cache_order(isa, kv_cache.dtype, kv_cache.shape[2], head_size))
 
 
 class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -134,8 +200,7 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
             return output
         assert plan is not None and self._layer is not None
         if self._paged is None or self._paged[0] is not kv_cache:
-            k_t, v_t = cache_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
-            self._paged = (kv_cache, paged_cpu_kv(kv_cache, k_t, v_t))
+            self._paged = (kv_cache, cpu_kv(kv_cache, layer.isa, self.head_size))
         align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads,
                     STATE)
         return output

@@ -34,15 +34,23 @@ class PagedKV:
 
     key: `[num_blocks, kv_heads, head_size, block_size]` when `key_transposed` (the AVX2 CPU kernel)
     else `[num_blocks, kv_heads, block_size, head_size]`; value likewise with `value_transposed`.
+    Layouts no strided view describes (the AMX kernel's tiles of key pairs) come as flat block regions
+    `[num_blocks, kv_heads, block_size * head_size]` with `key_order` / `value_order`: for each (slot, d)
+    in row-major order, its place in the region (read by gathering; the C kernel does not take them).
     """
 
     key: torch.Tensor
     value: torch.Tensor
     key_transposed: bool
     value_transposed: bool
+    key_order: torch.Tensor | None = None  # long [block_size * head_size]
+    value_order: torch.Tensor | None = None
+    head_size: int = 0  # with the orders: D of the flat regions
 
     @property
     def block_size(self) -> int:
+        if self.key_order is not None:
+            return self.key.shape[-1] // self.head_size
         return self.key.shape[-1] if self.key_transposed else self.key.shape[-2]
 
 
@@ -222,9 +230,14 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     )
 
 
-def _blocks(view: torch.Tensor, transposed: bool, index: torch.Tensor, width: int) -> torch.Tensor:
+def _blocks(view: torch.Tensor, transposed: bool, index: torch.Tensor, width: int,
+            order: torch.Tensor | None = None, head_size: int = 0) -> torch.Tensor:
     """The blocks at `index`, each cut to its first `width` keys: `[len(index), G, D, width]` when
-    transposed, else `[len(index), G, width, D]`. One copy, of only what is read."""
+    transposed, else `[len(index), G, width, D]`. One copy, of only what is read (two for an `order`ed
+    layout: the blocks, then their values put in (slot, d) order)."""
+    if order is not None:
+        blocks = view.index_select(0, index)[..., order].unflatten(-1, (-1, head_size))
+        return blocks if width == blocks.shape[2] else blocks[:, :, :width].contiguous()
     if width == (view.shape[-1] if transposed else view.shape[-2]):
         return view.index_select(0, index)  # whole blocks: no slice
     src = view[..., :width] if transposed else view[:, :, :width]
@@ -250,7 +263,7 @@ def _kernel_for(cache: PagedKV) -> PagedKernel | None:
     """The C kernel where it applies (a cache in CPU memory of a dtype it reads, and the kernel built)."""
     kern = kernel()
     if (kern is None or cache.key.device.type != "cpu" or cache.key.dtype not in kern.cache_dtypes
-            or cache.value.dtype != cache.key.dtype):
+            or cache.value.dtype != cache.key.dtype or cache.key_order is not None):
         return None
     return kern
 
@@ -285,7 +298,7 @@ def _scores_on(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: i
                scale: float) -> torch.Tensor:
     """Scores `[R, H, nb * width]` against `nb` blocks per row, each read up to `width` keys."""
     r, g, rep, d = q.shape
-    k = _f32(_blocks(cache.key, cache.key_transposed, block_index, width))
+    k = _f32(_blocks(cache.key, cache.key_transposed, block_index, width, cache.key_order, cache.head_size))
     k = k.view(r * nb * g, d, width) if cache.key_transposed else k.view(r * nb * g, width, d).transpose(1, 2)
     qb = q if nb == 1 else q.unsqueeze(1).expand(r, nb, g, rep, d)
     s = torch.baddbmm(_zero(q.device), qb.reshape(r * nb * g, rep, d), k, beta=0.0, alpha=scale)
@@ -326,7 +339,7 @@ def _values_on(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, n
     r, h, n = probs.shape
     g, rep = num_kv_heads, h // num_kv_heads
     width = n // nb
-    v = _f32(_blocks(cache.value, cache.value_transposed, block_index, width))
+    v = _f32(_blocks(cache.value, cache.value_transposed, block_index, width, cache.value_order, cache.head_size))
     d = v.shape[-2] if cache.value_transposed else v.shape[-1]
     v = v.view(r * nb * g, d, width).transpose(1, 2) if cache.value_transposed else v.view(r * nb * g, width, d)
     if nb == 1:
