@@ -109,10 +109,20 @@ ALWAYS_INLINE tile exp_tile(tile x) {
 
 /* p[0..w) <- softmax(p[0..w)) in place. */
 static void softmax_row(float *restrict p, int64_t w) {
-    float m = -INFINITY;
-    for (int64_t k = 0; k < w; k++) m = p[k] > m ? p[k] : m;
-    tile sum = {0};
+    /* The max a tile at a time (gcc does not vectorise a float max reduction without -ffast-math). */
+    tile top = (tile){0} - INFINITY;
     int64_t k = 0;
+    for (; k + CH <= w; k += CH) {
+        tile x;
+        memcpy(&x, p + k, sizeof x);
+        const int_tile more = x > top;
+        top = (tile)(((int_tile)x & more) | ((int_tile)top & ~more));
+    }
+    float m = -INFINITY;
+    for (int i = 0; i < CH; i++) m = top[i] > m ? top[i] : m;
+    for (; k < w; k++) m = p[k] > m ? p[k] : m;
+    tile sum = {0};
+    k = 0;
     for (; k + CH <= w; k += CH) {
         tile x;
         memcpy(&x, p + k, sizeof x);
