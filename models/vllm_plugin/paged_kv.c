@@ -143,10 +143,10 @@ static void softmax_row(float *restrict p, int64_t w) {
     for (k = 0; k < w; k++) p[k] *= inv;
 }
 
-/* K as [D, block], a span of SPAN * CH keys from key s0 of the block at kb, all inside it: each d row
- * of the span is read once, in order (one memory stream per block), into SPAN register tiles. */
+/* K as [D, block], a span of SPAN * CH keys from key s0 of the block at kb, all of them the row's: each
+ * d row of the span is read once, in order (one memory stream per block), into SPAN register tiles. */
 ALWAYS_INLINE void scores_span(const float *restrict qh, const void *restrict kc, int64_t kb, int64_t D,
-                               int64_t sd, int64_t s0, int64_t m, float scale, float *restrict o, const int et) {
+                               int64_t sd, int64_t s0, float scale, float *restrict o, const int et) {
     tile acc[SPAN];
     for (int t = 0; t < SPAN; t++) acc[t] = (tile){0};
     for (int64_t d = 0; d < D; d++) {
@@ -154,11 +154,7 @@ ALWAYS_INLINE void scores_span(const float *restrict qh, const void *restrict kc
         const int64_t row = kb + d * sd + s0;
         for (int t = 0; t < SPAN; t++) acc[t] += qd * load_tile(kc, row + t * CH, et);
     }
-    if (m == SPAN * CH) {
-        for (int t = 0; t < SPAN; t++) ((tile *)(o + s0))[t] = acc[t] * scale;
-    } else { /* the keys past m are in the block but not the sequence's: computed, not stored */
-        for (int64_t i = 0; i < m; i++) o[s0 + i] = acc[i / CH][i % CH] * scale;
-    }
+    for (int t = 0; t < SPAN; t++) ((tile *)(o + s0))[t] = acc[t] * scale;
 }
 
 /* V as [block, D] with D = NT * CH: out[:] += sum over the block's first w keys of p[n] * V[n], each
@@ -194,11 +190,13 @@ ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, cons
                 for (int64_t h = 0; h < rep; h++) {
                     const float *qh = qg + h * D;
                     float *o = og + h * K + k0;
-                    if (sn == 1 && bs % (SPAN * CH) == 0) { /* the CPU layout, blocks of whole spans */
-                        for (int64_t s0 = 0; s0 < w; s0 += SPAN * CH)
-                            scores_span(qh, kc, kb, D, sd, s0, w - s0 < SPAN * CH ? w - s0 : SPAN * CH, scale, o, et);
-                    } else if (sn == 1) { /* K as [D, block]: a tile of CH keys, accumulated over d */
+                    if (sn == 1) { /* K as [D, block] (the CPU layout) */
                         int64_t n0 = 0;
+                        /* Whole spans of the row's keys first; the rest a tile of CH keys at a time, so a
+                         * short row reads only the tiles it needs, not a whole span of the block. */
+                        if (bs % (SPAN * CH) == 0)
+                            for (; n0 + SPAN * CH <= w; n0 += SPAN * CH)
+                                scores_span(qh, kc, kb, D, sd, n0, scale, o, et);
                         for (; n0 + CH <= w; n0 += CH) {
                             tile acc = {0};
                             for (int64_t d = 0; d < D; d++) acc += qh[d] * load_tile(kc, kb + d * sd + n0, et);
