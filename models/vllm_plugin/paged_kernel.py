@@ -6,7 +6,8 @@ kernel reads the blocks where they lie, float32, bfloat16 or float16 (the 16-bit
 as they are loaded). It is built once per source and ISA with the system C compiler
 into a cache folder (`SEVI_KERNEL_CACHE`, default `~/.cache/sevi-serve`); where there is no compiler,
 or `SEVI_PAGED_KERNEL=0`, :func:`kernel` returns None and rows.py keeps its torch path. The alignment
-operator itself stays in torch (models/alignment.py); this is only how K and V are read.
+operator itself stays in torch (models/alignment.py); this is how K and V are read, plus the softmax
+of the aligned scores, taken inside the p.V call while each row is in cache.
 """
 
 from __future__ import annotations
