@@ -87,8 +87,9 @@ class StepPlan:
     num_tokens: int  # rows in the flattened query (the step's scheduled tokens)
     # For the next step (:meth:`next_step`): set when every batch row is one decode token and every
     # row with alignment on is aligned, so the next step over the same rows differs only by one key:
-    # (row tensors, query_start_loc, next seq_lens, positions, sequences, every row K keys long).
-    decode: tuple[RowTensors, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
+    # (row tensors, query_start_loc, next seq_lens, sequences, every row K keys long); each row's position
+    # is its key count - 1, so the next step's new key lies at column `key_count`.
+    decode: tuple[RowTensors, torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
     _sets: dict[int, RowSet | None] = field(default_factory=dict)
 
     @property
@@ -147,22 +148,21 @@ class StepPlan:
         """
         if self.decode is None:
             return None
-        tensors, qsl, expect, position, seqs, same_length = self.decode
+        tensors, qsl, expect, seqs, same_length = self.decode
         n = expect.shape[0]
         if (state.tensors() is not tensors or seq_lens.shape[0] < n or query_start_loc.shape[0] < n + 1
                 or not torch.equal(query_start_loc[: n + 1], qsl) or not torch.equal(seq_lens[:n], expect)):
             return None
         num_keys = self.num_keys + 1
-        position = position + 1
         nb = -(-num_keys // block_size)
         blocks = self.blocks if nb == self.blocks.shape[1] else block_table[seqs, :nb].to(torch.long)
-        prepared = with_new_key(self.prepared, None if same_length else position)
+        prepared = with_new_key(self.prepared, None if same_length else self.key_count)
         return StepPlan(
             token_index=self.token_index, batch_row=self.batch_row, seq_slot=self.seq_slot, blocks=blocks,
             num_keys=num_keys, key_count=self.key_count + 1, prepared=prepared, omega=self.omega, kappa=self.kappa,
             start_layer=self.start_layer, min_start=self.min_start, max_start=self.max_start, starts=self.starts,
             num_tokens=self.num_tokens,
-            decode=(tensors, qsl, expect + 1, position, seqs, same_length),
+            decode=(tensors, qsl, expect + 1, seqs, same_length),
         )
 
 
@@ -218,8 +218,8 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     valid = valid.to(device)
     decode = None
     if bool((q_len == 1).all()) and total == int(t.enabled.sum()):
-        decode = (t, query_start_loc[: n + 1].clone(), seq_lens[:n] + 1, position, seqs_table,
-                  bool((position == num_keys - 1).all()))
+        same_length = bool((position == num_keys - 1).all())
+        decode = (t, query_start_loc[: n + 1].clone(), seq_lens[:n] + 1, seqs_table, same_length)
     return StepPlan(
         token_index=token_index.to(device), batch_row=batch_row.to(device), seq_slot=slot_of[batch_row].to(device),
         blocks=blocks, num_keys=num_keys, key_count=(position + 1).to(device),
