@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -197,7 +198,7 @@ def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, bs:
                                                              kv_path: str) -> None:
     hd, g, rep = 32, 2, 3
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys, dtype=dtype)
-    if kv_path == "kernel":  # the C kernel reads every dtype vLLM's CPU cache comes in
+    if kv_path.startswith("kernel"):  # the C kernel reads every dtype vLLM's CPU cache comes in
         from models.vllm_plugin.rows import _kernel_for
 
         assert _kernel_for(paged_cpu_kv(cache, k_t, v_t)) is not None
@@ -218,10 +219,13 @@ def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, bs:
 
 
 # 24, 40: blocks that are not a whole number of the kernel's 16-key tiles; 128 (vLLM's CPU block), 256:
-# whole spans of tiles (the streaming path), the last one partial.
+# whole spans of tiles (the streaming path), the last one partial. (query heads per KV head, head size): the
+# kernel takes several heads of a KV head in one pass (2, 4, 8 at once, as registers allow), one at a time
+# otherwise (3 heads: 2 + 1; 48 dims: 3 tiles per head have no case).
 @pytest.mark.parametrize("bs", [24, 40, 128, 256])
-def test_block_wise_scores_and_values_for_any_block_size(bs: int, kv_path: str) -> None:
-    n_blocks, g, rep, hd, num_keys = 6, 2, 2, 32, 2 * bs + 5
+@pytest.mark.parametrize(("rep", "hd"), [(2, 32), (1, 64), (4, 64), (8, 32), (3, 48), (2, 128)])
+def test_block_wise_scores_and_values_for_any_block_size(bs: int, rep: int, hd: int, kv_path: str) -> None:
+    n_blocks, g, num_keys = 6, 2, 2 * bs + 5
     gen = torch.Generator().manual_seed(bs)
     k, v = torch.randn(n_blocks, g, bs, hd, generator=gen), torch.randn(n_blocks, g, bs, hd, generator=gen)
     nb = -(-num_keys // bs)
@@ -240,13 +244,11 @@ def test_block_wise_scores_and_values_for_any_block_size(bs: int, kv_path: str) 
         torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g), want_v, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_of_different_lengths_read_only_their_own_keys() -> None:
+@pytest.mark.parametrize("rep", [1, 2, 4])
+def test_rows_of_different_lengths_read_only_their_own_keys(rep: int, kernel_build: str) -> None:
     """With key counts the kernel neither reads past a row's own keys (NaN there changes nothing) nor
     leaves garbage in its scores there (0, for the key mask to drop)."""
-    from models.vllm_plugin.paged_kernel import kernel
-
-    assert kernel() is not None, "the C kernel did not build here"
-    bs, g, rep, hd, num_keys = 128, 2, 2, 32, 300
+    bs, g, hd, num_keys = 128, 2, 32, 300
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=11)
     counts = torch.tensor([300, 130, 1, 257])  # a partial span, one key, the first key of a third block
     blocks = torch.arange(12).view(4, 3)  # each row its own blocks
@@ -272,13 +274,10 @@ def test_rows_of_different_lengths_read_only_their_own_keys() -> None:
 
 
 @pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most weights underflow to 0, as in peaked heads
-def test_values_kernel_takes_the_softmax_as_torch_does(spread: float) -> None:
+def test_values_kernel_takes_the_softmax_as_torch_does(spread: float, kernel_build: str) -> None:
     """The kernel's softmax (in place, vectorised exp, before p.V) equals torch's, masked keys and rows of
     different lengths included; its p.V equals the torch path's on torch's softmax."""
     from models.alignment import MASKED
-    from models.vllm_plugin.paged_kernel import kernel
-
-    assert kernel() is not None, "the C kernel did not build here"
     bs, g, rep, hd, num_keys = 128, 2, 3, 32, 300
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=5)
     paged = paged_cpu_kv(cache, k_t, v_t)
@@ -345,15 +344,45 @@ def v_blocks(cache: torch.Tensor, v_t: bool) -> torch.Tensor:
     return r.view(n, g, two_d // 2, bs).transpose(-1, -2) if v_t else r.view(n, g, bs, two_d // 2)
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@functools.lru_cache(maxsize=1)
+def _avx2_kernel() -> Any:
+    from models.vllm_plugin.paged_kernel import flags_for, load
+
+    flags = flags_for("AVX2")
+    assert flags is not None
+    return load(flags)
+
+
+def _use_kernel(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make rows.py read K/V with the C kernel as built for this CPU ("native") or for AVX2 ("avx2": its own
+    tile width, 8 floats, not AVX-512's 16; where the CPU has AVX2)."""
+    import models.vllm_plugin.rows as rows
+
+    if build == "avx2":
+        if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+            pytest.skip("this CPU has no AVX2")
+        assert _avx2_kernel() is not None, "the AVX2 kernel did not build here"
+        monkeypatch.setattr(rows, "kernel", _avx2_kernel)
+    else:
+        assert rows.kernel() is not None, "the C kernel did not build here"
+
+
+@pytest.fixture(params=["native", "avx2"])
+def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The C kernel, both builds (see _use_kernel)."""
+    _use_kernel(str(request.param), monkeypatch)
+    return str(request.param)
+
+
+@pytest.fixture(params=["kernel", "kernel-avx2", "torch"])
 def kv_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways the aligned rows read K/V: the C kernel (in place) and the torch gather + bmm."""
+    """Every way the aligned rows read K/V: the C kernel in place (both builds) and the torch gather + bmm."""
     import models.vllm_plugin.rows as rows
 
     if request.param == "torch":
         monkeypatch.setattr(rows, "kernel", lambda: None)
     else:
-        assert rows.kernel() is not None, "the C kernel did not build here"
+        _use_kernel("avx2" if request.param == "kernel-avx2" else "native", monkeypatch)
     return str(request.param)
 
 
