@@ -8,10 +8,11 @@ the operator runs compiled ahead of time by torch from this very code (models/al
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,17 @@ def with_new_key(rows: PreparedRows, at: torch.Tensor | None = None) -> Prepared
     """The rows one decode step later: one key wider, the new key (the token just generated: valid,
     semantic, not "other") at the new last column of every row (`at` None), or, when rows have
     different lengths, at column `at` (long `[R]`): the one after each row's own last key."""
-    r = rows.key_bias.shape[0]
-
-    def column(value: float) -> torch.Tensor:
-        return torch.full((), value, device=rows.key_bias.device).expand(r, 1, 1)
-
-    if at is None:  # one op per mask: append the new key's column
-        bias = torch.cat((rows.key_bias, column(0.0)), -1)
-        semantic = torch.cat((rows.semantic_keys, column(1.0)), -1)
-    else:  # append a masked column, then set each row's new key where it lies
-        col = at.to(rows.key_bias.device).view(r, 1, 1)
-        bias = torch.cat((rows.key_bias, column(MASKED)), -1).scatter_(2, col, 0.0)
-        semantic = torch.cat((rows.semantic_keys, column(0.0)), -1).scatter_(2, col, 1.0)
-    other = torch.cat((rows.other_keys, column(0.0)), -1)
-    return replace(rows, key_bias=bias, semantic_keys=semantic, other_keys=other)
+    # One pad per mask (a single op: this runs every decode step), then for rows of different lengths
+    # one scatter to set each row's new key where it lies.
+    if at is None:
+        bias = F.pad(rows.key_bias, (0, 1), value=0.0)
+        semantic = F.pad(rows.semantic_keys, (0, 1), value=1.0)
+    else:
+        col = at.to(rows.key_bias.device).view(-1, 1, 1)
+        bias = F.pad(rows.key_bias, (0, 1), value=MASKED).scatter_(2, col, 0.0)
+        semantic = F.pad(rows.semantic_keys, (0, 1), value=0.0).scatter_(2, col, 1.0)
+    other = F.pad(rows.other_keys, (0, 1), value=0.0)
+    return PreparedRows(bias, semantic, other, rows.kappa, rows.blend, rows.on, rows.all_on)
 
 
 def _classify(biased: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
@@ -137,15 +135,30 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     The softmax stays outside: compiled into the graph it cost 90 us more per layer than torch's own
     at 8 rows x 650 keys in the served model (its passes over the scores are worse than aten's).
     """
-    args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
-    # The compiled code assumes the contiguous strides it was traced with: anything else runs eagerly.
-    compiled = (compiled_operator() if scores.dtype == torch.float32 and rows.blend.dtype == torch.float32
-                and scores.device.type == "cpu" and all(a.is_contiguous() for a in (*args, rows.on)) else None)
+    compiled = compiled_for(rows) if scores.dtype == torch.float32 and scores.is_contiguous() else None
     if compiled is not None:
-        out, semantic, core, glob, stage1, stage2 = compiled.run((*args, rows.on))
+        out, semantic, core, glob, stage1, stage2 = compiled.run(operator_inputs(scores, rows))
     else:
-        out, semantic, core, glob, stage1, stage2 = align_tensors(*args, on=None if rows.all_on else rows.on)
+        out, semantic, core, glob, stage1, stage2 = align_tensors(
+            scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
+            on=None if rows.all_on else rows.on)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
+
+
+def compiled_for(rows: PreparedRows) -> Any:
+    """The compiled operator where it runs these rows (float32 knobs in CPU memory, contiguous: its code
+    assumes the strides it was traced with), else None. The scores must be float32 and contiguous too."""
+    if rows.blend.dtype != torch.float32 or rows.key_bias.device.type != "cpu" or not all(
+            t.is_contiguous() for t in (rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
+                                        rows.on)):
+        return None
+    return compiled_operator()
+
+
+def operator_inputs(scores: torch.Tensor, rows: PreparedRows) -> list[torch.Tensor]:
+    """The compiled operator's inputs, in its order (:func:`align_tensors`' arguments, `on` given); it
+    returns the aligned scores and the semantic, core, global, stage-1 and stage-2 head masks."""
+    return [scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend, rows.on]
 
 
 def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,

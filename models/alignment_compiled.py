@@ -45,8 +45,8 @@ class CompiledOperator:
     def __init__(self, package: Path) -> None:
         self._loader = torch._inductor.aoti_load_package(str(package)).loader
 
-    def run(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(self._loader.run(list(args)))
+    def run(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._loader.run(args)  # type: ignore[no-any-return]
 
 
 def _example() -> tuple[torch.Tensor, ...]:

@@ -36,7 +36,7 @@ def test_compiled_equals_eager(compiled: alignment_compiled.CompiledOperator, r:
     scores, rows = _inputs(r, h, k, seed=r * 1000 + h * 10 + k)
     on = torch.arange(r)[:, None] % 3 != 1  # some rows with omega == 0 (when there are several)
     args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
-    got, want = compiled.run((*args, on)), align_tensors(*args, on=on)
+    got, want = compiled.run([*args, on]), align_tensors(*args, on=on)
     for g, w in zip(got[1:], want[1:], strict=True):  # head groups and the heads each stage moved: identical
         assert torch.equal(g, w)
     valid = rows.key_bias == 0

@@ -433,7 +433,11 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str, dtype: 
     for layer in (1, 3):
         out = stock.clone()
         STATE.step_counts, STATE.pending = None, []
-        align_layer(plan, layer, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, STATE)
+        paged = paged_cpu_kv(cache, k_t, v_t)
+        # With the C kernel the layer runs bound calls (kernel + compiled operator), else the general path.
+        rows = plan.rows_at(layer)
+        assert rows is not None and (rows.bound(paged, hd**-0.5, g, heads, hd) is not None) == (kv_path != "torch")
+        align_layer(plan, layer, query, out, paged, hd**-0.5, g, STATE)
         want = _dense(plan, layer, query, stock, cache, table, k_t, v_t, g)
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
         # The aligned rows written (sequence 3's from its start layer on), nothing else.

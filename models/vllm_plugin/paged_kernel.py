@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +49,37 @@ class PagedKernel:
         built = int(lib.sevi_paged_element_types())
         self.cache_dtypes = frozenset(dt for dt, et in _ELEMENT_TYPES.items() if built >> et & 1)
 
+    def scores_args(self, key: torch.Tensor, transposed: bool, blocks: torch.Tensor, key_counts: torch.Tensor | None,
+                    num_keys: int, scale: float, rows: int, kv_heads: int, rep: int, head_dim: int) -> tuple[Any, ...]:
+        """The arguments of `sevi_paged_scores` between the cache pointer and the output pointer: all that
+        the aligned layers of one step share (their caches have one shape and layout), so that a step
+        builds them once (:meth:`run_scores`). blocks: long `[R * nb]`, contiguous (its pointer is taken)."""
+        bs = key.shape[-1] if transposed else key.shape[-2]
+        sb, sg, s2, s3 = key.stride()
+        sd, sn = (s2, s3) if transposed else (s3, s2)
+        return (blocks.data_ptr(), _lens(key_counts), _ELEMENT_TYPES[key.dtype], rows, blocks.shape[0] // max(rows, 1),
+                kv_heads, rep, head_dim, bs, num_keys, sb, sg, sd, sn, scale)
+
+    def values_args(self, value: torch.Tensor, transposed: bool, blocks: torch.Tensor,
+                    key_counts: torch.Tensor | None, num_keys: int, rows: int, kv_heads: int,
+                    rep: int) -> tuple[Any, ...]:
+        """Likewise for `sevi_paged_values` (:meth:`run_values`)."""
+        bs, d = (value.shape[-1], value.shape[-2]) if transposed else (value.shape[-2], value.shape[-1])
+        sb, sg, s2, s3 = value.stride()
+        sn, sd = (s3, s2) if transposed else (s2, s3)
+        return (blocks.data_ptr(), _lens(key_counts), _ELEMENT_TYPES[value.dtype], rows,
+                blocks.shape[0] // max(rows, 1), kv_heads, rep, d, bs, num_keys, sb, sg, sn, sd)
+
+    def run_scores(self, q: int, key: int, args: tuple[Any, ...], out: int) -> None:
+        """q.K for data pointers q (float32 `[R, G, rep, D]`, contiguous), key (the cache) and out (float32
+        `[R, G * rep, K]`), with the rest from :meth:`scores_args`."""
+        self._scores(q, key, *args, out)
+
+    def run_values(self, probs: int, value: int, args: tuple[Any, ...], out: int, softmax: bool) -> None:
+        """p.V for data pointers probs (float32 `[R, H, K]`, contiguous; overwritten by its softmax with
+        `softmax`), value (the cache) and out (float32 `[R, H, D]`), with the rest from :meth:`values_args`."""
+        self._values(probs, value, *args, out, int(softmax))
+
     def scores(self, q: torch.Tensor, key: torch.Tensor, transposed: bool, block_index: torch.Tensor,
                num_keys: int, scale: float, key_counts: torch.Tensor | None = None) -> torch.Tensor:
         """q `[R, G, rep, D]` float32; key: the cache's K view (`[N, G, D, bs]` when transposed, else
@@ -57,12 +89,9 @@ class PagedKernel:
         r, g, rep, d = q.shape
         q = q.contiguous()
         blocks = block_index.contiguous()
-        bs = key.shape[-1] if transposed else key.shape[-2]
-        sb, sg, s2, s3 = key.stride()
-        sd, sn = (s2, s3) if transposed else (s3, s2)
         out = torch.empty(r, g * rep, num_keys, dtype=torch.float32)
-        self._scores(q.data_ptr(), key.data_ptr(), blocks.data_ptr(), _lens(key_counts), _ELEMENT_TYPES[key.dtype],
-                     r, blocks.shape[0] // max(r, 1), g, rep, d, bs, num_keys, sb, sg, sd, sn, scale, out.data_ptr())
+        args = self.scores_args(key, transposed, blocks, key_counts, num_keys, scale, r, g, rep, d)
+        self.run_scores(q.data_ptr(), key.data_ptr(), args, out.data_ptr())
         return out
 
     def values(self, probs: torch.Tensor, value: torch.Tensor, transposed: bool, block_index: torch.Tensor,
@@ -78,14 +107,11 @@ class PagedKernel:
             assert probs.is_contiguous() and probs.dtype == torch.float32, "softmax in place needs float32 rows"
         probs = probs.contiguous()
         blocks = block_index.contiguous()
-        bs, d = (value.shape[-1], value.shape[-2]) if transposed else (value.shape[-2], value.shape[-1])
-        sb, sg, s2, s3 = value.stride()
-        sn, sd = (s3, s2) if transposed else (s2, s3)
+        d = value.shape[-2] if transposed else value.shape[-1]
         if out is None:
             out = torch.empty(r, g, rep, d, dtype=torch.float32)
-        self._values(probs.data_ptr(), value.data_ptr(), blocks.data_ptr(), _lens(key_counts),
-                     _ELEMENT_TYPES[value.dtype], r, blocks.shape[0] // max(r, 1), g, rep, d, bs, k, sb, sg, sn, sd,
-                     out.data_ptr(), int(softmax))
+        args = self.values_args(value, transposed, blocks, key_counts, k, r, g, rep)
+        self.run_values(probs.data_ptr(), value.data_ptr(), args, out.data_ptr(), softmax)
         return out.view(r, g, rep, d)
 
 
