@@ -12,9 +12,11 @@ is aligned again over its own causal keys, which the spec says equals the cached
 Cost model (the reason for the shapes below): on CPU each torch op costs microseconds of dispatch
 whatever its size, and the step runs every aligned layer, so everything that does not depend on the
 layer (row indices, block indices, masks, the alignment's prepared inputs) is built once per step by
-the first aligned layer (:class:`StepPlan`, :class:`RowSet`), and a layer does: gather the blocks it
-reads (one `index_select` each for K and V, straight from the cache's own layout, no permute), one
-batched matmul per block for q.K, the alignment, softmax and probs.V (one kernel call), one write.
+the first aligned layer (:class:`StepPlan`, :class:`RowSet`). On the CPU a layer then makes three calls
+with arguments bound once per step (:class:`BoundLayer`): q.K by the C kernel reading the blocks in
+place, the compiled operator, softmax and p.V by the C kernel. Elsewhere (GPU, no compiler) it gathers
+the blocks it reads (one `index_select` each for K and V, in the cache's own layout), one batched
+matmul per block for q.K, the operator, softmax and p.V, one write.
 """
 
 from __future__ import annotations
