@@ -36,3 +36,14 @@ def test_dockerfile_installs_with_the_makefile_recipe_ci_runs() -> None:
     for path in re.findall(r"^COPY (\S+) ", docker, re.M):
         for part in path.split():
             assert (ROOT / part).exists(), part
+
+
+def test_dockerfile_run_commands_parse_as_shell() -> None:
+    """Docker cannot run here: at least each RUN command (continuation lines joined) is valid sh."""
+    import subprocess
+
+    docker = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    commands = re.findall(r"^RUN (.+)$", docker, re.M)
+    assert len(commands) >= 2
+    for command in commands:
+        subprocess.run(["sh", "-n", "-c", command], check=True)
