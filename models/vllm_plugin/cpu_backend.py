@@ -24,12 +24,11 @@ from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
-    CPUAttentionMetadata,
 )
 
 from models.alignment import compiled_operator
 from models.vllm_plugin.paged_kernel import kernel
-from models.vllm_plugin.rows import PagedKV, StepPlan, align_layer, build_plan
+from models.vllm_plugin.rows import PagedKV, align_layer, step_plan
 from models.vllm_plugin.state import STATE
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
@@ -168,8 +167,9 @@ def cpu_kv(kv_cache: torch.Tensor, isa: str, head_size: int) -> PagedKV:
 
 
 class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
-    _layer: int | None = None
+    _layer: int | None = None  # decoder layer number; None: not a layer SEVI aligns (encoder, unnamed)
     _layer_known = False
+    _plain = False  # plain causal attention, the only kind the recomputation reproduces
     _paged: tuple[torch.Tensor, PagedKV] | None = None  # this layer's cache tensor and its block views
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -181,19 +181,16 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        plan = None
-        if attn_metadata is not None and STATE.rows and self.attn_type == "decoder":
-            STATE.observe_seq_lens(attn_metadata.seq_lens)
+        plan = rows = None
+        if attn_metadata is not None and STATE.rows:
             if not self._layer_known:
-                self._layer = layer_index(getattr(layer, "layer_name", ""))
-                self._layer_known = True
-            if self._layer is not None and STATE.tensors().any_enabled:
-                plan = _step_plan(attn_metadata, kv_cache.shape[2])
-        rows = plan.rows_at(self._layer) if plan is not None and self._layer is not None else None
+                self._know(layer)
+            if self._layer is not None:
+                plan = step_plan(STATE, attn_metadata, kv_cache.shape[2], _CPU)
+                rows = plan.rows_at(self._layer) if plan is not None else None
         # When the aligned rows are the whole batch the stock result would be overwritten entirely:
-        # skip the kernel (the cache write is a separate op, do_kv_cache_update). Only for plain causal
-        # attention, the only kind the recomputation reproduces.
-        if rows is None or not rows.identity or not self._plain() or output_scale is not None:
+        # skip the kernel (the cache write is a separate op, do_kv_cache_update).
+        if rows is None or not rows.identity or not self._plain or output_scale is not None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
         if rows is None:
@@ -201,24 +198,18 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         assert plan is not None and self._layer is not None
         if self._paged is None or self._paged[0] is not kv_cache:
             self._paged = (kv_cache, cpu_kv(kv_cache, layer.isa, self.head_size))
-        align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads,
-                    STATE)
+        align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads, STATE, rows)
         return output
 
-    def _plain(self) -> bool:
-        return (self.alibi_slopes is None and self.sliding_window in (-1, None) and not self.logits_soft_cap
-                and self.sinks is None)
+    def _know(self, layer: Any) -> None:
+        """What does not change between steps, found at the first forward (the layer name comes with it)."""
+        self._layer = layer_index(getattr(layer, "layer_name", "")) if self.attn_type == "decoder" else None
+        self._plain = (self.alibi_slopes is None and self.sliding_window in (-1, None) and not self.logits_soft_cap
+                       and self.sinks is None)
+        self._layer_known = True
 
 
-def _step_plan(md: CPUAttentionMetadata, block_size: int) -> StepPlan | None:
-    """The plan for this step's metadata, built at the first layer and reused by the others."""
-    cached = STATE.plan_cache
-    if cached is not None and cached[0] == STATE.step and cached[1] == id(md):
-        return cached[2]  # type: ignore[no-any-return]
-    plan = build_plan(STATE, md.query_start_loc, md.seq_lens, md.block_table, block_size, torch.device("cpu"),
-                      md.num_actual_tokens, cached[2] if cached is not None else None)
-    STATE.plan_cache = (STATE.step, id(md), plan)
-    return plan
+_CPU = torch.device("cpu")
 
 
 class SeviCPUAttentionBackend(CPUAttentionBackend):

@@ -18,7 +18,7 @@ import torch
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
 from models.vllm_plugin.cpu_backend import layer_index
-from models.vllm_plugin.rows import PagedKV, align_layer, build_plan
+from models.vllm_plugin.rows import PagedKV, align_layer, step_plan
 from models.vllm_plugin.state import STATE
 
 
@@ -39,22 +39,14 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
                               output_block_scale)
         if attn_metadata is None or not STATE.rows or self.attn_type != "decoder":
             return out
-        STATE.observe_seq_lens(attn_metadata.seq_lens)
         if not self._layer_known:
             self._layer = layer_index(getattr(layer, "layer_name", ""))
             self._layer_known = True
-        if self._layer is None or not STATE.tensors().any_enabled:
+        if self._layer is None:
             return out
         if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
             raise RuntimeError(f"SEVI: unexpected FlashAttention cache shape {tuple(kv_cache.shape)}")
-        cached = STATE.plan_cache
-        if cached is not None and cached[0] == STATE.step and cached[1] == id(attn_metadata):
-            plan = cached[2]
-        else:
-            plan = build_plan(STATE, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                              attn_metadata.block_table, kv_cache.shape[2], query.device,
-                              attn_metadata.num_actual_tokens, cached[2] if cached is not None else None)
-            STATE.plan_cache = (STATE.step, id(attn_metadata), plan)
+        plan = step_plan(STATE, attn_metadata, kv_cache.shape[2], query.device)
         if plan is None:
             return out
         align_layer(plan, self._layer, query, output, paged_flash_kv(kv_cache), self.scale, self.num_kv_heads,

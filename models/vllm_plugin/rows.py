@@ -162,6 +162,7 @@ class StepPlan:
     # is its key count - 1, so the next step's new key lies at column `key_count`.
     decode: tuple[RowTensors, torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
     _sets: dict[int, RowSet | None] = field(default_factory=dict)
+    _by_layer: dict[int, RowSet | None] = field(default_factory=dict)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -185,9 +186,12 @@ class StepPlan:
 
     def rows_at(self, layer: int) -> RowSet | None:
         """The rows aligned in `layer`, built on first use and shared by every layer with the same set."""
+        if layer in self._by_layer:  # every aligned layer asks, every step: one lookup
+            return self._by_layer[layer]
         opened = sum(1 for s in self.starts if s <= layer)  # the row set grows with the layer
         if opened not in self._sets:
             self._sets[opened] = self._row_set(layer) if opened else None
+        self._by_layer[layer] = self._sets[opened]
         return self._sets[opened]
 
     def _row_set(self, layer: int) -> RowSet | None:
@@ -235,6 +239,22 @@ class StepPlan:
             num_tokens=self.num_tokens,
             decode=(tensors, qsl, expect + 1, seqs, same_length),
         )
+
+
+def step_plan(state: WorkerState, md: Any, block_size: int, device: torch.device) -> StepPlan | None:
+    """This step's plan from its attention metadata `md` (query_start_loc, seq_lens, block_table,
+    num_actual_tokens): built at the step's first attention layer, which also keeps the step's seq_lens
+    (pair lockstep checks), and reused by its other layers (one lookup each)."""
+    cached = state.plan_cache
+    if cached is not None and cached[0] == state.step and cached[1] == id(md):
+        return cached[2]  # type: ignore[no-any-return]
+    state.observe_seq_lens(md.seq_lens)
+    plan = None
+    if state.tensors().any_enabled:
+        plan = build_plan(state, md.query_start_loc, md.seq_lens, md.block_table, block_size, device,
+                          md.num_actual_tokens, cached[2] if cached is not None else None)
+    state.plan_cache = (state.step, id(md), plan)
+    return plan
 
 
 def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
@@ -425,15 +445,14 @@ def _values_on(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, n
 
 
 def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.Tensor, cache: PagedKV,
-                scale: float, num_kv_heads: int, state: WorkerState | None) -> None:
+                scale: float, num_kv_heads: int, state: WorkerState | None, rows: RowSet | None = None) -> None:
     """Overwrite `output` rows of this layer's aligned rows with SEVI-aligned attention.
 
     query: [T, H, D]; output: [T, H * D] or [T, H, D] (written in place); state: where the layer's
-    telemetry is recorded (:meth:`WorkerState.record`, counted once per step).
+    telemetry is recorded (:meth:`WorkerState.record`, counted once per step); rows: `plan.rows_at(layer)`
+    where the caller has it already.
     """
-    if layer < plan.min_start:
-        return
-    rows = plan.rows_at(layer)
+    rows = rows if rows is not None else plan.rows_at(layer)
     if rows is None:
         return
     n_tokens, n_heads, head_dim = query.shape
