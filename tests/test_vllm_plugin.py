@@ -22,7 +22,14 @@ from models.contrastive import contrast_logits  # noqa: E402
 from models.vllm_plugin.cpu_backend import cache_layout, layer_index, paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E402
 from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: E402
-from models.vllm_plugin.rows import PagedKV, align_layer, block_scores, block_values, build_plan  # noqa: E402
+from models.vllm_plugin.rows import (  # noqa: E402
+    PagedKV,
+    align_layer,
+    block_scores,
+    block_values,
+    build_plan,
+    step_plan,
+)
 from models.vllm_plugin.state import STATE  # noqa: E402
 
 IMAGE = 5
@@ -488,6 +495,40 @@ def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
     assert plan.next_step(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, 16) is None
     _add(proc, [(1, early, prompt, [4])], 4)
     assert plan.next_step(STATE, qsl, seq + 1, table, 16) is None
+
+
+def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attention layer of a step builds the plan (and keeps the step's seq_lens); the others get
+    the same plan by one lookup; the next decode step derives its plan from it; a batch without aligned
+    rows never builds one."""
+    import models.vllm_plugin.rows as rows
+
+    built: list[object] = []
+    build = rows.build_plan
+    monkeypatch.setattr(rows, "build_plan", lambda *a, **k: built.append(1) or build(*a, **k))
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
+    prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
+    _add(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [4])], 2)
+
+    def md(seq: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(query_start_loc=torch.arange(3, dtype=torch.int32), seq_lens=torch.tensor(seq),
+                               block_table=torch.arange(4).view(2, 2).int(), num_actual_tokens=2)
+
+    STATE.begin_step(False)
+    first = md([15, 13])
+    plan = step_plan(STATE, first, 16, torch.device("cpu"))
+    assert plan is not None and built == [1] and STATE.seq_lens is not None and int(STATE.seq_lens[0]) == 15
+    for _ in range(3):  # the step's other layers
+        assert step_plan(STATE, first, 16, torch.device("cpu")) is plan
+    assert built == [1]
+    STATE.begin_step(False)
+    nxt = step_plan(STATE, md([16, 14]), 16, torch.device("cpu"))
+    assert nxt is not None and nxt is not plan and nxt.num_keys == plan.num_keys + 1  # the next step: a key more
+    _add(proc, [(0, None, prompt, [11] * 4)], 2)  # alignment off for the whole batch
+    STATE.begin_step(True)
+    built.clear()
+    assert step_plan(STATE, md([17, 15]), 16, torch.device("cpu")) is None and built == []
 
 
 def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
