@@ -285,13 +285,12 @@ ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, cons
     }
 }
 
-/* values_block on the next heads of a KV head, as many of the `left` ones as one case takes (the count is
- * returned): head count and tile count NT = D / CH are constants in each case, so the accumulators stay in
- * registers; one head at a time for the pairs without a case. */
+/* values_block on the next heads of a KV head for nt <= 8 tiles of their D values (from vb and o on), as many
+ * of the `left` heads as one case takes (the count is returned): head count and tile count are constants in
+ * each case, so the accumulators stay in registers; one head at a time for the pairs without a case. */
 ALWAYS_INLINE int values_heads(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t w, int64_t sn,
-                               int64_t K, int64_t D, float *restrict o, int64_t left, const int et) {
+                               int64_t K, int64_t D, float *restrict o, int64_t nt, int64_t left, const int et) {
 #define VB(C, NT) do { values_block(ph, vc, vb, w, sn, K, D, o, C, NT, et); return C; } while (0)
-    const int64_t nt = D / CH;
     switch (head_chunk(left, nt) * 16 + nt) {
     case 8 * 16 + 1: VB(8, 1);
     case 8 * 16 + 2: VB(8, 2);
@@ -336,29 +335,23 @@ ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int6
                 const int64_t k0 = j * bs;
                 const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
                 const int64_t vb = blocks[r * nb + j] * sb + g * sg;
-                if (sd == 1 && D % CH == 0 && D / CH <= 8) { /* the CPU layout: stream through the block, each
-                                                                V row loaded once for several heads */
-                    for (int64_t h = 0; h < rep;)
-                        h += values_heads(pg + h * K + k0, vc, vb, w, sn, K, D, og + h * D, rep - h, et);
+                if (sd == 1 && D % CH == 0) { /* the CPU layout: stream through the block, each V row loaded
+                                                 once for several heads, 8 tiles of it at a time */
+                    for (int64_t d0 = 0; d0 < D; d0 += 8 * CH) {
+                        const int64_t nt = (D - d0) / CH < 8 ? (D - d0) / CH : 8;
+                        for (int64_t h = 0; h < rep;)
+                            h += values_heads(pg + h * K + k0, vc, vb + d0, w, sn, K, D, og + h * D + d0, nt, rep - h,
+                                              et);
+                    }
                     continue;
                 }
-                for (int64_t h = 0; h < rep; h++) {
-                    const float *ph = pg + h * K + k0;
-                    float *o = og + h * D;
-                    if (sd == 1 && D % CH == 0) { /* V as [block, D]: a tile of CH values, accumulated over keys */
-                        for (int64_t d0 = 0; d0 < D; d0 += CH) {
-                            tile acc = {0};
-                            for (int64_t n = 0; n < w; n++) acc += ph[n] * load_tile(vc, vb + n * sn + d0, et);
-                            *(tile *)(o + d0) += acc;
-                        }
-                    } else { /* any other layout: one dot product per output value */
-                        for (int64_t d = 0; d < D; d++) {
-                            float acc = 0.0f;
-                            for (int64_t n = 0; n < w; n++) acc += ph[n] * load_one(vc, vb + n * sn + d * sd, et);
-                            o[d] += acc;
-                        }
+                for (int64_t h = 0; h < rep; h++) /* any other layout: one dot product per output value */
+                    for (int64_t d = 0; d < D; d++) {
+                        float acc = 0.0f;
+                        for (int64_t n = 0; n < w; n++)
+                            acc += pg[h * K + k0 + n] * load_one(vc, vb + n * sn + d * sd, et);
+                        og[h * D + d] += acc;
                     }
-                }
             }
         }
     }
