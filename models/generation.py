@@ -42,6 +42,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work, as vLLM's --ignore-eos)
 
 
 @dataclass
@@ -290,7 +291,7 @@ class DecodeBatch:
 
     def _advance(self, s: _RequestState, token: int) -> TokenEvent:
         finish: str | None
-        if token in self.owner.eos_ids:
+        if token in self.owner.eos_ids and not s.request.sampling.ignore_eos:
             new_text, finish = s.output.flush(), "stop"
         else:
             new_text, finish = s.output.append(token)

@@ -257,3 +257,18 @@ def test_cancel_removes_a_request_mid_batch(tiny_model: Callable[[str], Referenc
         seen.update(ev.request_id for ev in batch.step())
     assert seen == {"keep"}
     assert batch.states["keep"].token_ids == run_to_completion(model, [keep])["keep"].token_ids
+
+
+def test_ignore_eos_runs_to_max_tokens(tiny_model: Callable[[str], ReferenceModel],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Benchmarks set ignore_eos so that every request does the same work: with it an EOS token is generated
+    like any other (same ids as before); without it the request stops there."""
+    model = tiny_model("llava")
+    p = resolve_alignment(0, model.num_layers)
+    full = run_to_completion(model, [_req("f", p, 1, 8)])["f"]
+    assert len(full.token_ids) == 8
+    monkeypatch.setattr(model, "eos_ids", {full.token_ids[2]})  # make the third token an EOS
+    stopped = run_to_completion(model, [_req("s", p, 1, 8)])["s"]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
+    kept = run_to_completion(model, [_req("k", p, 1, 8, ignore_eos=True)])["k"]
+    assert kept.token_ids == full.token_ids and kept.finish_reason == "length"

@@ -221,3 +221,31 @@ def test_engine_computes_on_every_core_but_one(live: LiveServer) -> None:
     from server.engines.base import default_cpu_threads
 
     assert live.settings.torch_threads is None and live.engine.compute_threads == default_cpu_threads()
+
+
+def test_ignore_eos_runs_to_max_tokens(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in the reference engine: with ignore_eos an EOS token neither stops vLLM (stop_token_ids) nor the
+    engine's own token rules; without it the request stops there."""
+    params = resolve_alignment(0, live.engine.num_layers)
+
+    def run(rid: str, **sampling: Any) -> tuple[list[int], str | None]:
+        req = GenerationRequest(rid, user_message(PROMPT), [random_image(1)], params,
+                                SamplingParams(max_tokens=8, **sampling))
+
+        async def go() -> tuple[list[int], str | None]:
+            ids, finish = [], None
+            async for ev in live.engine.generate(req):
+                if ev.token_id is not None:
+                    ids.append(ev.token_id)
+                finish = ev.finish_reason or finish
+            return ids, finish
+
+        return asyncio.run(go())
+
+    full, _ = run("full")
+    assert len(full) == 8
+    monkeypatch.setattr(live.engine, "_eos", {full[2]})  # make the third token an EOS
+    stopped, finish = run("stopped")
+    assert finish == "stop" and len(stopped) <= 3
+    kept, finish = run("kept", ignore_eos=True)
+    assert kept == full and finish == "length"

@@ -284,7 +284,8 @@ class VllmEngine(QueuedEngine):
             text = self._prompt_text(req)
             base: dict[str, Any] = dict(
                 max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
-                stop_token_ids=sorted(self._eos), detokenize=False, output_kind=RequestOutputKind.DELTA)
+                stop_token_ids=[] if sp.ignore_eos else sorted(self._eos), ignore_eos=sp.ignore_eos,
+                detokenize=False, output_kind=RequestOutputKind.DELTA)
             main_sp = SamplingParams(**base, extra_args=to_extra_args(
                 params, role="main" if contrast else None, pair=pair, key=job.main_id))
             prompt = self._prompt(text, req.images, salt=params if params.active else None)
@@ -355,7 +356,7 @@ class VllmEngine(QueuedEngine):
                 self._post_many(job, events)
 
     def _advance(self, job: _Job, token: int) -> TokenEvent:
-        if token in self._eos:
+        if token in self._eos and not job.request.sampling.ignore_eos:
             return self._event(job, token, job.output.flush(), "stop")
         new_text, finish = job.output.append(token)
         return self._event(job, token, new_text, finish)
