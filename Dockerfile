@@ -15,7 +15,7 @@ ENV PYTHONUNBUFFERED=1 \
 # make: the install recipe; libnuma1: vLLM's CPU worker binds threads/memory per NUMA node; curl: healthcheck;
 # gcc, g++: torch.compile (on by default), the SEVI paged K/V kernel and the compiled alignment operator build
 # their CPU code at start-up (cached in ~/.cache). CPU image: tcmalloc preloaded for every process, as vLLM's
-# CPU docs advise and `make serve` does (10-25% faster on CPU; see the Makefile).
+# CPU docs advise and `make serve` does (15-40% faster on CPU here; see the Makefile).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make libnuma1 curl gcc g++ \
     && if [ "$VLLM" = cpu ]; then \

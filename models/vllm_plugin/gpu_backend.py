@@ -44,11 +44,11 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
             self._layer_known = True
         if self._layer is None:
             return out
+        plan = step_plan(STATE, attn_metadata, kv_cache.shape[2], query.device)
+        if plan is None:  # no aligned rows: the stock output stands
+            return out
         if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
             raise RuntimeError(f"SEVI: unexpected FlashAttention cache shape {tuple(kv_cache.shape)}")
-        plan = step_plan(STATE, attn_metadata, kv_cache.shape[2], query.device)
-        if plan is None:
-            return out
         align_layer(plan, self._layer, query, output, paged_flash_kv(kv_cache), self.scale, self.num_kv_heads,
                     STATE)
         return out
