@@ -49,7 +49,7 @@ def decode_tokens_per_s(model: ReferenceModel, c: float, contrast: bool, batch: 
     params = resolve_alignment(c, model.num_layers, contrast=contrast)
     requests = [
         GenerationRequest(f"r{i}", user_message("please describe this image"), [_image(i)], params,
-                          SamplingParams(max_tokens=tokens, temperature=1.0, seed=i))
+                          SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True))
         for i in range(batch)
     ]
     now = time.process_time if clock == "cpu" else time.perf_counter
