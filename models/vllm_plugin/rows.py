@@ -77,7 +77,6 @@ class RowSet:
     key_count: torch.Tensor  # long [R]: keys each row reads (its causal ones; the plan's K is the widest)
     prepared: PreparedRows  # masks / knobs in the alignment's kernel shapes, [R, ...] with K = num_keys
     identity: bool  # token_index == arange(R): the rows are the whole query, in order
-    num_keys: int  # K
     _bound: dict[tuple[Any, ...], BoundLayer | None] = field(default_factory=dict)
 
     def bound(self, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int, head_dim: int) -> BoundLayer | None:
@@ -117,7 +116,8 @@ class BoundLayer:
         operator = compiled_for(rows.prepared)
         if kern is None or operator is None:
             return None
-        r, rep, num_keys = rows.token_index.shape[0], n_heads // num_kv_heads, rows.num_keys
+        # K: the width of the masks the operator takes, which the scores buffer must match
+        r, rep, num_keys = rows.token_index.shape[0], n_heads // num_kv_heads, rows.prepared.key_bias.shape[-1]
         blocks, counts = rows.block_index.contiguous(), rows.key_count.contiguous()
         scores = torch.empty(r, n_heads, num_keys, dtype=torch.float32)
         return BoundLayer(
@@ -208,7 +208,7 @@ class StepPlan:
             token_index=tok, batch_row=pick(self.batch_row),
             block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1), key_count=pick(self.key_count),
             prepared=p if keep is None else select_rows(p, keep),
-            identity=keep is None and self.covers_all_tokens, num_keys=self.num_keys,
+            identity=keep is None and self.covers_all_tokens,
         )
 
     def next_step(self, state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
