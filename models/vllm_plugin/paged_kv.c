@@ -52,6 +52,9 @@ typedef int32_t int_tile __attribute__((vector_size(CH * sizeof(int32_t))));
 #endif
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 3
+#endif
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* Element types this build reads (bit et set): float16 needs the compiler's _Float16. */
@@ -96,6 +99,15 @@ ALWAYS_INLINE float load_one(const void *restrict base, int64_t i, const int et)
     if (et == F16) return (float)((const _Float16 *)base)[i];
 #endif
     return ((const float *)base)[i];
+}
+
+/* Ask for the cache line holding element i of the region the loop reads next (pf < 0: none). Why: the
+ * loops stream one block region at a time (16 KB for 128 keys x 32 floats), and the hardware prefetcher
+ * stops at each page and starts over at each new region; a step's aligned layers read K and V from
+ * memory, not cache (8 rows x 650 keys x 8 KV heads: 5 MB each per layer), so q.K and p.V were
+ * memory-bound at 26 GB/s where a plain sequential sum reaches 40. */
+ALWAYS_INLINE void prefetch_at(const void *restrict base, int64_t pf, int64_t i, const int et) {
+    if (pf >= 0) __builtin_prefetch((const char *)base + (pf + i) * (et == F32 ? 4 : 2), 0, PF_LOCALITY);
 }
 
 /* exp(x) for x <= 0 (a score minus its row's max): 2^n * e^r with x = n ln2 + r, |r| <= ln2 / 2, e^r by
@@ -160,7 +172,7 @@ static void softmax_row(float *restrict p, int64_t w) {
  * order (one memory stream per block), and serves every head; REP * T accumulator tiles stay in
  * registers. `keep` < T * CH: only the first `keep` scores of the last tile are stored (a partial tile
  * whose slots past the row's keys are still in the block: read, never stored). */
-ALWAYS_INLINE void scores_tiles(const float *restrict qg, const void *restrict kc, int64_t kb, int64_t D,
+ALWAYS_INLINE void scores_tiles(const float *restrict qg, const void *restrict kc, int64_t kb, int64_t pf, int64_t D,
                                 int64_t sd, int64_t n0, float scale, float *restrict o, int64_t K, int64_t keep,
                                 const int REP, const int T, const int et) {
     tile acc[16]; /* REP * T of them (a fixed size: gcc keeps no variable-length array in registers) */
@@ -168,7 +180,10 @@ ALWAYS_INLINE void scores_tiles(const float *restrict qg, const void *restrict k
     for (int64_t d = 0; d < D; d++) {
         const int64_t row = kb + d * sd + n0;
         tile kt[SPAN];
-        for (int t = 0; t < T; t++) kt[t] = load_tile(kc, row + t * CH, et);
+        for (int t = 0; t < T; t++) {
+            kt[t] = load_tile(kc, row + t * CH, et);
+            prefetch_at(kc, pf, d * sd + n0 + t * CH, et);
+        }
         for (int h = 0; h < REP; h++) {
             const float qd = qg[h * D + d];
             for (int t = 0; t < T; t++) acc[h * T + t] += qd * kt[t];
@@ -186,14 +201,14 @@ ALWAYS_INLINE void scores_tiles(const float *restrict qg, const void *restrict k
 /* The first w keys of one block (K as [D, block]) for REP heads: spans of T tiles, then single tiles, then
  * a last partial tile where the block holds it, then one key at a time (blocks that are no whole number
  * of tiles). A short row or a sequence's last block reads only the tiles it needs. */
-ALWAYS_INLINE void scores_block(const float *restrict qg, const void *restrict kc, int64_t kb, int64_t D,
+ALWAYS_INLINE void scores_block(const float *restrict qg, const void *restrict kc, int64_t kb, int64_t pf, int64_t D,
                                 int64_t sd, int64_t w, int64_t bs, float scale, float *restrict o, int64_t K,
                                 const int REP, const int T, const int et) {
     int64_t n0 = 0;
-    for (; n0 + T * CH <= w; n0 += T * CH) scores_tiles(qg, kc, kb, D, sd, n0, scale, o, K, T * CH, REP, T, et);
-    for (; n0 + CH <= w; n0 += CH) scores_tiles(qg, kc, kb, D, sd, n0, scale, o, K, CH, REP, 1, et);
+    for (; n0 + T * CH <= w; n0 += T * CH) scores_tiles(qg, kc, kb, pf, D, sd, n0, scale, o, K, T * CH, REP, T, et);
+    for (; n0 + CH <= w; n0 += CH) scores_tiles(qg, kc, kb, pf, D, sd, n0, scale, o, K, CH, REP, 1, et);
     if (n0 < w && n0 + CH <= bs) {
-        scores_tiles(qg, kc, kb, D, sd, n0, scale, o, K, w - n0, REP, 1, et);
+        scores_tiles(qg, kc, kb, pf, D, sd, n0, scale, o, K, w - n0, REP, 1, et);
         return;
     }
     for (int h = 0; h < REP; h++)
@@ -207,7 +222,7 @@ ALWAYS_INLINE void scores_block(const float *restrict qg, const void *restrict k
 /* V as [block, D] with D = NT * CH, the REP query heads of one KV head at once (head h's probabilities at
  * ph + h * K, its output at o + h * D): out += sum over the block's first w keys of p[n] * V[n], each key's
  * row read once, in order, into NT tiles that serve every head (REP * NT accumulators in registers). */
-ALWAYS_INLINE void values_block(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t w,
+ALWAYS_INLINE void values_block(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t pf, int64_t w,
                                 int64_t sn, int64_t K, int64_t D, float *restrict o, const int REP, const int NT,
                                 const int et) {
     tile acc[16]; /* REP * NT of them */
@@ -215,7 +230,10 @@ ALWAYS_INLINE void values_block(const float *restrict ph, const void *restrict v
     for (int64_t n = 0; n < w; n++) {
         const int64_t row = vb + n * sn;
         tile vt[8];
-        for (int t = 0; t < NT; t++) vt[t] = load_tile(vc, row + t * CH, et);
+        for (int t = 0; t < NT; t++) {
+            vt[t] = load_tile(vc, row + t * CH, et);
+            prefetch_at(vc, pf, n * sn + t * CH, et);
+        }
         for (int h = 0; h < REP; h++) {
             const float pk = ph[h * K + n];
             for (int t = 0; t < NT; t++) acc[h * NT + t] += pk * vt[t];
@@ -242,6 +260,18 @@ static inline int head_chunk(int64_t left, int64_t per_head) {
 /* Key tiles per span for c heads at once: as many as fit beside their accumulators, at most SPAN. */
 #define TILES(c) (ACC / (c) >= SPAN ? SPAN : ACC / (c) >= 1 ? ACC / (c) : 1)
 
+/* Where the region after (r, g, block j) starts (the next block of the row's head, else the first block of
+ * its next head or row), for prefetching; -1 after the last. */
+static inline int64_t next_region(const int64_t *restrict blocks, const int64_t *restrict lens, int64_t r, int64_t g,
+                                  int64_t j, int64_t R, int64_t nb, int64_t G, int64_t bs, int64_t K, int64_t sb,
+                                  int64_t sg) {
+    const int64_t Kr = lens && lens[r] < K ? lens[r] : K;
+    if (j + 1 < nb && (j + 1) * bs < Kr) return blocks[r * nb + j + 1] * sb + g * sg;
+    if (g + 1 < G) return blocks[r * nb] * sb + (g + 1) * sg;
+    if (r + 1 < R) return blocks[(r + 1) * nb] * sb;
+    return -1;
+}
+
 /* out[r][g*rep+h][k] = scale * (q[r][g][h] . K(r, g, k)), k < lens[r]; 0 for lens[r] <= k < K */
 ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, const int64_t *restrict blocks,
                           const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
@@ -258,16 +288,17 @@ ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, cons
                 const int64_t k0 = j * bs;
                 const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
                 const int64_t kb = blocks[r * nb + j] * sb + g * sg;
+                const int64_t pf = next_region(blocks, lens, r, g, j, R, nb, G, bs, K, sb, sg);
                 if (sn == 1) { /* K as [D, block] (the CPU layout): each K tile loaded once for several heads */
                     for (int64_t h = 0; h < rep;) {
                         const int c = head_chunk(rep - h, 1);
                         const float *qh = qg + h * D;
                         float *o = og + h * K + k0;
                         switch (c) { /* a constant head count per case: the accumulators stay in registers */
-                        case 8: scores_block(qh, kc, kb, D, sd, w, bs, scale, o, K, 8, TILES(8), et); break;
-                        case 4: scores_block(qh, kc, kb, D, sd, w, bs, scale, o, K, 4, TILES(4), et); break;
-                        case 2: scores_block(qh, kc, kb, D, sd, w, bs, scale, o, K, 2, TILES(2), et); break;
-                        default: scores_block(qh, kc, kb, D, sd, w, bs, scale, o, K, 1, TILES(1), et); break;
+                        case 8: scores_block(qh, kc, kb, pf, D, sd, w, bs, scale, o, K, 8, TILES(8), et); break;
+                        case 4: scores_block(qh, kc, kb, pf, D, sd, w, bs, scale, o, K, 4, TILES(4), et); break;
+                        case 2: scores_block(qh, kc, kb, pf, D, sd, w, bs, scale, o, K, 2, TILES(2), et); break;
+                        default: scores_block(qh, kc, kb, pf, D, sd, w, bs, scale, o, K, 1, TILES(1), et); break;
                         }
                         h += c;
                     }
@@ -288,9 +319,9 @@ ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, cons
 /* values_block on the next heads of a KV head for nt <= 8 tiles of their D values (from vb and o on), as many
  * of the `left` heads as one case takes (the count is returned): head count and tile count are constants in
  * each case, so the accumulators stay in registers; one head at a time for the pairs without a case. */
-ALWAYS_INLINE int values_heads(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t w, int64_t sn,
+ALWAYS_INLINE int values_heads(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t pf, int64_t w, int64_t sn,
                                int64_t K, int64_t D, float *restrict o, int64_t nt, int64_t left, const int et) {
-#define VB(C, NT) do { values_block(ph, vc, vb, w, sn, K, D, o, C, NT, et); return C; } while (0)
+#define VB(C, NT) do { values_block(ph, vc, vb, pf, w, sn, K, D, o, C, NT, et); return C; } while (0)
     switch (head_chunk(left, nt) * 16 + nt) {
     case 8 * 16 + 1: VB(8, 1);
     case 8 * 16 + 2: VB(8, 2);
@@ -335,12 +366,13 @@ ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int6
                 const int64_t k0 = j * bs;
                 const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
                 const int64_t vb = blocks[r * nb + j] * sb + g * sg;
+                const int64_t pf = next_region(blocks, lens, r, g, j, R, nb, G, bs, K, sb, sg);
                 if (sd == 1 && D % CH == 0) { /* the CPU layout: stream through the block, each V row loaded
                                                  once for several heads, 8 tiles of it at a time */
                     for (int64_t d0 = 0; d0 < D; d0 += 8 * CH) {
                         const int64_t nt = (D - d0) / CH < 8 ? (D - d0) / CH : 8;
                         for (int64_t h = 0; h < rep;)
-                            h += values_heads(pg + h * K + k0, vc, vb + d0, w, sn, K, D, og + h * D + d0, nt, rep - h,
+                            h += values_heads(pg + h * K + k0, vc, vb + d0, pf < 0 ? pf : pf + d0, w, sn, K, D, og + h * D + d0, nt, rep - h,
                                               et);
                     }
                     continue;
