@@ -282,8 +282,8 @@ def test_rows_of_different_lengths_read_only_their_own_keys(rep: int, kernel_bui
 
 @pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most weights underflow to 0, as in peaked heads
 def test_values_kernel_takes_the_softmax_as_torch_does(spread: float, kernel_build: str) -> None:
-    """The kernel's softmax (in place, vectorised exp, before p.V) equals torch's, masked keys and rows of
-    different lengths included; its p.V equals the torch path's on torch's softmax."""
+    """The kernel's softmax (vectorised exp in place before p.V, the division after) equals torch's, masked
+    keys and rows of different lengths included; its p.V equals the torch path's on torch's softmax."""
     from models.alignment import MASKED
     bs, g, rep, hd, num_keys = 128, 2, 3, 32, 300
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=5)
@@ -300,9 +300,13 @@ def test_values_kernel_takes_the_softmax_as_torch_does(spread: float, kernel_bui
     inplace = scores.clone()
     got = block_values(inplace, paged, blocks.reshape(-1), g, key_counts=counts, softmax=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    own = torch.arange(num_keys)[None, None, :] < counts[:, None, None]  # what each row's softmax covers
-    torch.testing.assert_close(inplace[own.expand_as(inplace)], want_p[own.expand_as(want_p)], rtol=2e-6, atol=1e-12)
-    assert bool((inplace.masked_select(mask[:, None] & own) == 0).all())  # masked keys: exactly 0
+    # The scores become exp(score - row max) over each row's own keys (the output is divided by their
+    # sum): normalised, torch's softmax; masked keys exactly 0.
+    own = torch.arange(num_keys)[None, None, :] < counts[:, None, None]
+    exps = inplace.masked_fill(~own, 0.0)
+    torch.testing.assert_close(exps / exps.sum(-1, keepdim=True), want_p.masked_fill(~own, 0.0), rtol=2e-6,
+                               atol=1e-12)
+    assert bool((inplace.masked_select(mask[:, None] & own) == 0).all())
 
 
 @pytest.mark.parametrize("hd", [32, 128])

@@ -76,8 +76,9 @@ class PagedKernel:
         self._scores(q, key, *args, out)
 
     def run_values(self, probs: int, value: int, args: tuple[Any, ...], out: int, softmax: bool) -> None:
-        """p.V for data pointers probs (float32 `[R, H, K]`, contiguous; overwritten by its softmax with
-        `softmax`), value (the cache) and out (float32 `[R, H, D]`), with the rest from :meth:`values_args`."""
+        """p.V for data pointers probs (float32 `[R, H, K]`, contiguous; with `softmax` it holds scores and
+        is scratch: overwritten by exp(score - max)), value (the cache) and out (float32 `[R, H, D]`), with the
+        rest from :meth:`values_args`."""
         self._values(probs, value, *args, out, int(softmax))
 
     def scores(self, q: torch.Tensor, key: torch.Tensor, transposed: bool, block_index: torch.Tensor,
@@ -99,8 +100,9 @@ class PagedKernel:
                softmax: bool = False) -> torch.Tensor:
         """probs `[R, H, K]` float32; value: the cache's V view -> float32 `[R, G, rep, D]` (into `out`,
         contiguous float32, when given). key_counts: long `[R]`, the keys each row reads (their
-        probabilities past them must be 0), or None for all. softmax: `probs` holds scores; their softmax
-        over each row's keys is taken first, in place (`probs` must then be contiguous: it is overwritten)."""
+        probabilities past them must be 0), or None for all. softmax: `probs` holds scores; the output is
+        p.V of their softmax over each row's keys (`probs` must then be contiguous: it is overwritten with
+        exp(score - row max), the output divided by their sum)."""
         r, h, k = probs.shape
         g, rep = num_kv_heads, h // num_kv_heads
         if softmax:

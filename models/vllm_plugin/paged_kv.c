@@ -18,8 +18,8 @@
  * step), and `restrict` tells gcc that outputs do not alias the cache. The query heads of a KV head
  * (GQA) are taken together, so each K or V tile is loaded once for all of them (q.K of 8 rows x 16 heads
  * x 150 keys, 2 heads per KV head: 18.5 -> 15.5 us, p.V 18.9 -> 12.9; 4 per KV head: 28 -> 17, 32 -> 15).
- * Accumulators are fixed-size arrays: gcc keeps no variable-length array in registers. Other layouts
- * take plain loops.
+ * Accumulators are fixed-size arrays: gcc keeps no variable-length array in registers. While a block is
+ * streamed the next one is prefetched (prefetch_at). Other layouts take plain loops.
  * Each loop is written once over an element type that is a compile-time constant in every caller
  * (always_inline), so each type gets its own specialised code.
  */
@@ -101,11 +101,13 @@ ALWAYS_INLINE float load_one(const void *restrict base, int64_t i, const int et)
     return ((const float *)base)[i];
 }
 
-/* Ask for the cache line holding element i of the region the loop reads next (pf < 0: none). Why: the
- * loops stream one block region at a time (16 KB for 128 keys x 32 floats), and the hardware prefetcher
- * stops at each page and starts over at each new region; a step's aligned layers read K and V from
- * memory, not cache (8 rows x 650 keys x 8 KV heads: 5 MB each per layer), so q.K and p.V were
- * memory-bound at 26 GB/s where a plain sequential sum reaches 40. */
+/* Ask for the cache line of element i of the region the loop reads next, which starts at element pf (< 0:
+ * none); the loops call it at the offset they are reading in the current region, so the next region
+ * arrives one region ahead. Why: the loops stream one block region at a time (16 KB for 128 keys x 32
+ * floats) and the hardware prefetcher stops at each page and starts over at each new region; a step's
+ * aligned layers read K and V from memory, not cache (8 rows x 650 keys x 8 KV heads: 5 MB each per
+ * layer), where q.K ran at 26 GB/s and a plain sequential sum reaches 40 (8 layers in turn, per layer:
+ * q.K 205 -> 167 us, p.V 225 -> 157). */
 ALWAYS_INLINE void prefetch_at(const void *restrict base, int64_t pf, int64_t i, const int et) {
     if (pf >= 0) __builtin_prefetch((const char *)base + (pf + i) * (et == F32 ? 4 : 2), 0, PF_LOCALITY);
 }
@@ -131,8 +133,9 @@ ALWAYS_INLINE tile exp_tile(tile x) {
     return (tile)((int_tile)(e * (tile)two_n) & keep);
 }
 
-/* p[0..w) <- softmax(p[0..w)) in place. */
-static void softmax_row(float *restrict p, int64_t w) {
+/* p[0..w) <- exp(p[0..w) - max) in place; returns their sum (the softmax's denominator: the caller
+ * divides the p.V output by it, one multiply per output value instead of one per key). */
+static float exp_row(float *restrict p, int64_t w) {
     /* The max a tile at a time (gcc does not vectorise a float max reduction without -ffast-math). */
     tile top = (tile){0} - INFINITY;
     int64_t k = 0;
@@ -163,8 +166,7 @@ static void softmax_row(float *restrict p, int64_t w) {
     }
     float total = 0.0f;
     for (int i = 0; i < CH; i++) total += sum[i];
-    const float inv = 1.0f / total;
-    for (k = 0; k < w; k++) p[k] *= inv;
+    return total;
 }
 
 /* K as [D, block]: T tiles of keys from key n0 of the block at kb, for the REP query heads of one KV head
@@ -316,11 +318,12 @@ ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, cons
     }
 }
 
-/* values_block on the next heads of a KV head for nt <= 8 tiles of their D values (from vb and o on), as many
+/* values_block on the next heads of a KV head for nt <= 8 tiles of their D values (from vb, pf and o on), as many
  * of the `left` heads as one case takes (the count is returned): head count and tile count are constants in
  * each case, so the accumulators stay in registers; one head at a time for the pairs without a case. */
-ALWAYS_INLINE int values_heads(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t pf, int64_t w, int64_t sn,
-                               int64_t K, int64_t D, float *restrict o, int64_t nt, int64_t left, const int et) {
+ALWAYS_INLINE int values_heads(const float *restrict ph, const void *restrict vc, int64_t vb, int64_t pf, int64_t w,
+                               int64_t sn, int64_t K, int64_t D, float *restrict o, int64_t nt, int64_t left,
+                               const int et) {
 #define VB(C, NT) do { values_block(ph, vc, vb, pf, w, sn, K, D, o, C, NT, et); return C; } while (0)
     switch (head_chunk(left, nt) * 16 + nt) {
     case 8 * 16 + 1: VB(8, 1);
@@ -347,9 +350,10 @@ ALWAYS_INLINE int values_heads(const float *restrict ph, const void *restrict vc
 #undef VB
 }
 
-/* out[r][g][h][:] = sum_k p[r][g*rep+h][k] * V(r, g, k), k < lens[r]. With `normalize`, p holds scores
- * and is first turned into their softmax over each row's keys, in place (the row is in L1 then: one
- * pass over the scores from memory instead of torch's softmax making its own). */
+/* out[r][g][h][:] = sum_k p[r][g*rep+h][k] * V(r, g, k), k < lens[r]. With `normalize`, p holds scores:
+ * each row's keys are first turned into exp(score - max) in place (the row is in L1 then: one pass over
+ * the scores from memory instead of torch's softmax making its own), and the outputs are divided by
+ * their sum: the softmax, without a pass to normalise p itself. */
 ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int64_t *restrict blocks,
                           const int64_t *restrict lens, int64_t R, int64_t nb, int64_t G, int64_t rep, int64_t D,
                           int64_t bs, int64_t K, int64_t sb, int64_t sg, int64_t sn, int64_t sd, float *restrict out,
@@ -359,8 +363,8 @@ ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int6
         for (int64_t g = 0; g < G; g++) {
             float *pg = p + (r * G + g) * rep * K;
             float *og = out + (r * G + g) * rep * D;
-            if (normalize)
-                for (int64_t h = 0; h < rep; h++) softmax_row(pg + h * K, Kr);
+            float total[rep]; /* each head's softmax denominator, with `normalize` */
+            for (int64_t h = 0; h < rep; h++) total[h] = normalize ? exp_row(pg + h * K, Kr) : 1.0f;
             for (int64_t i = 0; i < rep * D; i++) og[i] = 0.0f;
             for (int64_t j = 0; j < nb && j * bs < Kr; j++) {
                 const int64_t k0 = j * bs;
@@ -371,9 +375,10 @@ ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int6
                                                  once for several heads, 8 tiles of it at a time */
                     for (int64_t d0 = 0; d0 < D; d0 += 8 * CH) {
                         const int64_t nt = (D - d0) / CH < 8 ? (D - d0) / CH : 8;
+                        const int64_t pf0 = pf < 0 ? pf : pf + d0;
                         for (int64_t h = 0; h < rep;)
-                            h += values_heads(pg + h * K + k0, vc, vb + d0, pf < 0 ? pf : pf + d0, w, sn, K, D, og + h * D + d0, nt, rep - h,
-                                              et);
+                            h += values_heads(pg + h * K + k0, vc, vb + d0, pf0, w, sn, K, D, og + h * D + d0, nt,
+                                              rep - h, et);
                     }
                     continue;
                 }
@@ -385,6 +390,11 @@ ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int6
                         og[h * D + d] += acc;
                     }
             }
+            for (int64_t h = 0; h < rep; h++) /* the softmax's division, on D outputs instead of Kr keys */
+                if (normalize && total[h] > 0.0f) {
+                    const float inv = 1.0f / total[h];
+                    for (int64_t d = 0; d < D; d++) og[h * D + d] *= inv;
+                }
         }
     }
 }

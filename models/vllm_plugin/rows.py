@@ -405,8 +405,8 @@ def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor,
     """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]`, written into `out` (`[R, H, D]`
     float32, contiguous) when given. Blocks are read like :func:`block_scores` reads them; with
     key_counts, probabilities past a row's count must be 0 (the kernel does not read those keys).
-    softmax: `probs` are scores (masked keys at MASKED); their softmax is taken first, by the kernel
-    in place while each row is in cache (so `probs` is overwritten), or by torch."""
+    softmax: `probs` are scores (masked keys at MASKED) and the output is p.V of their softmax, taken by
+    the kernel while each row is in cache (`probs` is then overwritten: scratch), or by torch."""
     kern = _kernel_for(cache) if use_kernel else None
     if kern is not None and (not softmax or (probs.is_contiguous() and probs.dtype == torch.float32)):
         return kern.values(probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out, key_counts,
