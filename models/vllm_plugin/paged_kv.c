@@ -52,9 +52,8 @@ typedef int32_t int_tile __attribute__((vector_size(CH * sizeof(int32_t))));
 #endif
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
-#ifndef PF_LOCALITY
+/* Prefetch hint: 3 = into L1 (2, 1 and 0 measured the same within noise). */
 #define PF_LOCALITY 3
-#endif
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* Element types this build reads (bit et set): float16 needs the compiler's _Float16. */
