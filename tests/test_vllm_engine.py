@@ -109,8 +109,25 @@ def check_mixed_batch(engine: Engine, ref: ReferenceModel) -> None:
     assert any(got[f"explicit+cd/{i}"][0] != got[f"explicit/{i}"][0] for i in range(len(images)))
 
 
-def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceModel) -> None:
+def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceModel,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.vllm_plugin.cpu_backend as cpu_backend
+
+    shares: list[tuple[int, int]] = []  # (rows the stock kernel computed, rows in the step), per step and row set
+    stock_rows = cpu_backend.stock_rows
+
+    def spied(md: Any, *args: Any, **kwargs: Any) -> Any:
+        found = stock_rows(md, *args, **kwargs)
+        if found is not None:
+            shares.append((found.tokens.shape[0], md.num_actual_tokens))
+        return found
+
+    monkeypatch.setattr(cpu_backend, "stock_rows", spied)
     check_mixed_batch(live.engine, ref)
+    # Steps whose aligned rows are some sequences' whole query (decode rows beside contrast and
+    # unaligned rows) ran the stock kernel on the other rows only, and the tokens still equal the
+    # reference engine's.
+    assert any(0 < stock < total for stock, total in shares)
 
 
 def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(

@@ -458,6 +458,75 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str, dtype: 
         assert counts is not None and counts[:, 0].tolist() == ([4, 1, 0, 0] if layer == 1 else [4, 1, 0, 1])
 
 
+def _stock_attention(query: torch.Tensor, cache: torch.Tensor, md: Any) -> torch.Tensor:
+    """vLLM's CPU kernel on `md`'s rows, called as CPUAttentionBackendImpl.forward calls it."""
+    from vllm import _custom_ops as ops
+
+    n_blocks, kv_heads, bs, _ = cache.shape
+    key_cache, value_cache = cache.view(n_blocks, kv_heads, 2 * bs, -1).chunk(2, dim=2)
+    out = torch.zeros(md.num_actual_tokens, query.shape[1], query.shape[2], dtype=query.dtype)
+    ops.cpu_attention_with_kv_cache(
+        query=query[: md.num_actual_tokens], key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=md.query_start_loc, seq_lens=md.seq_lens, scale=query.shape[2] ** -0.5, causal=True,
+        alibi_slopes=None, sliding_window=-1, block_table=md.block_table, softcap=0,
+        scheduler_metadata=md.scheduler_metadata, s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0,
+        kv_cache_dtype="auto")
+    return out
+
+
+def test_stock_kernel_runs_only_on_the_sequences_not_wholly_aligned() -> None:
+    """A step with a prefill chunk (its last rows aligned), an aligned decode row, an unaligned one and one
+    whose start layer comes later: per layer the stock kernel's metadata keeps the sequences with an
+    unaligned row, and its output on them equals the full call's at the same rows."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    from models.vllm_plugin.cpu_stock import stock_rows
+
+    proc = processor()
+    knobs = dict(omega=2.0, kappa=0.6)
+    early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
+    late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
+    prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
+    _add(proc, [(0, early, prompt, [11, 12, 13]), (1, early, prompt, [11] * 60), (2, None, prompt, [4]),
+                (3, late, prompt, [11] * 40)], 4)
+    q_len = torch.tensor([15, 1, 1, 1])
+    seq = torch.tensor([15, 73, 14, 53], dtype=torch.int32)
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_len.cumsum(0)]).int()
+    bs, hd, g, heads = 32, 32, 2, 4
+    cache, _, _ = _random_cpu_cache(16, g, bs, hd, seed=7)
+    table = torch.randperm(16, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
+    plan = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"))
+    assert plan is not None
+    n_tokens = int(qsl[-1])
+    md = CPUAttentionMetadata(
+        num_actual_tokens=n_tokens, max_query_len=15, query_start_loc=qsl, max_seq_len=73, seq_lens=seq,
+        block_table=table, slot_mapping=torch.arange(n_tokens), causal=True,
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=4, num_heads=heads, num_kv_heads=g, head_dim=hd, seq_lens=seq, dtype=torch.float32,
+            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=True))
+    query = torch.randn(n_tokens, heads, hd, generator=torch.Generator().manual_seed(5))
+    full = _stock_attention(query, cache, md)
+    kw = dict(num_heads=heads, num_kv_heads=g, head_dim=hd, dtype=torch.float32, isa="vec", kv_cache_dtype="auto")
+    # Layer 1: sequence 1's decode row is its whole query; sequence 0 keeps its prompt rows, 3 starts later.
+    # Layer 3: sequence 3's row too.
+    for layer, kept in ((1, [0, 2, 3]), (3, [0, 2])):
+        rows = plan.rows_at(layer)
+        assert rows is not None
+        found = stock_rows(md, rows.batch_row, **kw)  # type: ignore[arg-type]
+        assert found is not None and found.metadata is not None
+        want_tokens = torch.cat([torch.arange(int(qsl[b]), int(qsl[b + 1])) for b in kept])
+        assert torch.equal(found.tokens, want_tokens)
+        assert found.metadata.seq_lens.tolist() == seq[kept].tolist()
+        assert torch.equal(found.metadata.block_table, table[kept])
+        part = _stock_attention(query.index_select(0, found.tokens), cache, found.metadata)
+        torch.testing.assert_close(part, full[found.tokens], rtol=1e-6, atol=1e-6)
+    # Every sequence keeps an unaligned row: the stock call as is; every row aligned: no stock rows.
+    assert stock_rows(md, torch.tensor([0]), **kw) is None  # type: ignore[arg-type]
+    none_left = stock_rows(md, torch.tensor([0] * 15 + [1, 2, 3]), **kw)  # type: ignore[arg-type]
+    assert none_left is not None and none_left.tokens.numel() == 0 and none_left.metadata is None
+
+
 PREPARED_TENSORS = ("key_bias", "semantic_keys", "other_keys", "kappa", "blend", "on")
 
 

@@ -2,7 +2,8 @@
 
 Registered over `CPU_ATTN` for every model by :func:`models.vllm_plugin.register`; `get_name()` stays
 "CPU_ATTN" because vLLM keys platform checks on it. Batches without aligned rows cost one attribute
-check per layer; batches whose every row is aligned in a layer skip the stock kernel there.
+check per layer; in a layer the stock kernel computes only the rows that are not aligned there
+(skipped when every row is, run on the other sequences when some sequences' whole query is: cpu_stock.py).
 
 The paged cache is `[num_blocks, kv_heads, block_size, 2 * head_size]`: per (block, head) a K region
 then a V region of `block_size * head_size` values each. How the kernel orders values inside a region
@@ -27,8 +28,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from models.alignment import compiled_operator
+from models.vllm_plugin.cpu_stock import StockRows, stock_rows
 from models.vllm_plugin.paged_kernel import kernel
-from models.vllm_plugin.rows import PagedKV, align_layer, step_plan
+from models.vllm_plugin.rows import PagedKV, RowSet, align_layer, step_plan
 from models.vllm_plugin.state import STATE
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
@@ -188,11 +190,18 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
             if self._layer is not None:
                 plan = step_plan(STATE, attn_metadata, kv_cache.shape[2], _CPU)
                 rows = plan.rows_at(self._layer) if plan is not None else None
-        # When the aligned rows are the whole batch the stock result would be overwritten entirely:
-        # skip the kernel (the cache write is a separate op, do_kv_cache_update).
-        if rows is None or not rows.identity or not self._plain or output_scale is not None:
+        # The stock kernel computes only the rows that are not aligned here (the cache write is a separate
+        # op, do_kv_cache_update): when every row is aligned it is skipped, when some sequences' whole
+        # query is aligned it runs on the others (cpu_stock.py), else on every row.
+        stock = None if rows is None or not self._plain or output_scale is not None else self._stock(
+            layer, query, attn_metadata, rows)
+        if stock is None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
+        elif stock.tokens.shape[0]:
+            part = output.new_empty((stock.tokens.shape[0], *output.shape[1:]))
+            super().forward(layer, query.index_select(0, stock.tokens), key, value, kv_cache, stock.metadata, part)
+            output.index_copy_(0, stock.tokens, part)
         if rows is None:
             return output
         assert plan is not None and self._layer is not None
@@ -200,6 +209,19 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
             self._paged = (kv_cache, cpu_kv(kv_cache, layer.isa, self.head_size))
         align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads, STATE, rows)
         return output
+
+    def _stock(self, layer: Any, query: torch.Tensor, md: Any, rows: RowSet) -> StockRows | None:
+        """The stock kernel's rows for this step and row set (built by the first layer that asks)."""
+        if rows.identity:
+            return _NO_STOCK_ROWS
+        key = (STATE.step, id(md), id(rows))
+        if key not in _STOCK_CACHE:
+            if _STOCK_CACHE and next(iter(_STOCK_CACHE))[0] != STATE.step:
+                _STOCK_CACHE.clear()  # an earlier step's
+            _STOCK_CACHE[key] = stock_rows(
+                md, rows.batch_row, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size, dtype=query.dtype, isa=layer.isa, kv_cache_dtype=self.kv_cache_dtype)
+        return _STOCK_CACHE[key]
 
     def _know(self, layer: Any) -> None:
         """What does not change between steps, found at the first forward (the layer name comes with it)."""
@@ -210,6 +232,9 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
 
 
 _CPU = torch.device("cpu")
+_NO_STOCK_ROWS = StockRows(torch.empty(0, dtype=torch.long), None)
+# Stock rows per (step, metadata, row set): the layers of a step share them.
+_STOCK_CACHE: dict[tuple[int, int, int], StockRows | None] = {}
 
 
 class SeviCPUAttentionBackend(CPUAttentionBackend):
