@@ -130,6 +130,49 @@ def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceMod
     assert any(0 < stock < total for stock, total in shares)
 
 
+def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref: ReferenceModel,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aligned requests join while others decode: their prefill steps hold aligned decode rows, so the
+    stock kernel runs on the joining prompt's rows alone, in place (one range); every output still equals
+    the reference engine's for the same request."""
+    import models.vllm_plugin.cpu_backend as cpu_backend
+
+    spans: list[tuple[int, int]] = []
+    stock_rows = cpu_backend.stock_rows
+
+    def spied(*args: Any, **kwargs: Any) -> Any:
+        found = stock_rows(*args, **kwargs)
+        if found is not None and found.span is not None:
+            spans.append(found.span)
+        return found
+
+    monkeypatch.setattr(cpu_backend, "stock_rows", spied)
+    params = knob_set(ref.num_layers)["explicit"]
+    reqs = [GenerationRequest(f"join/{i}", user_message(PROMPT), [random_image(10 + i)], params,
+                              SamplingParams(max_tokens=12, ignore_eos=True)) for i in range(3)]
+
+    async def staggered() -> dict[str, list[int]]:
+        async def one(req: GenerationRequest, after: asyncio.Event | None, started: asyncio.Event) -> list[int]:
+            if after is not None:
+                await after.wait()
+            ids: list[int] = []
+            async for ev in live.engine.generate(req):
+                if ev.token_id is not None:
+                    ids.append(ev.token_id)
+                    if len(ids) == 3:
+                        started.set()  # the next request joins once this one decodes
+            return ids
+
+        events = [asyncio.Event() for _ in reqs]
+        runs = [one(r, events[i - 1] if i else None, events[i]) for i, r in enumerate(reqs)]
+        return dict(zip([r.request_id for r in reqs], await asyncio.gather(*runs), strict=True))
+
+    got = asyncio.run(staggered())
+    assert spans  # a prompt's rows ran alone through the stock kernel, in place
+    for r in reqs:
+        assert got[r.request_id] == run_to_completion(ref, [r])[r.request_id].token_ids, r.request_id
+
+
 def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(
         live: LiveServer, ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch) -> None:
     import models.vllm_plugin.rows as rows

@@ -521,6 +521,11 @@ def test_stock_kernel_runs_only_on_the_sequences_not_wholly_aligned() -> None:
         assert torch.equal(found.metadata.block_table, table[kept])
         part = _stock_attention(query.index_select(0, found.tokens), cache, found.metadata)
         torch.testing.assert_close(part, full[found.tokens], rtol=1e-6, atol=1e-6)
+        assert found.span is None  # rows of several sequences with an aligned one between: gathered
+    # Only the prefill chunk keeps unaligned rows (the decode rows all aligned): one range, read in place.
+    chunk = stock_rows(md, torch.tensor([0, 1, 2, 3]), **kw)  # type: ignore[arg-type]
+    assert chunk is not None and chunk.span == (0, 15) and torch.equal(chunk.tokens, torch.arange(15))
+    torch.testing.assert_close(_stock_attention(query[:15], cache, chunk.metadata), full[:15], rtol=1e-6, atol=1e-6)
     # Every sequence keeps an unaligned row: the stock call as is; every row aligned: no stock rows.
     assert stock_rows(md, torch.tensor([0]), **kw) is None  # type: ignore[arg-type]
     none_left = stock_rows(md, torch.tensor([0] * 15 + [1, 2, 3]), **kw)  # type: ignore[arg-type]

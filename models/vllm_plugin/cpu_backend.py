@@ -198,6 +198,9 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         if stock is None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
+        elif stock.span is not None:
+            first, end = stock.span
+            super().forward(layer, query[first:end], key, value, kv_cache, stock.metadata, output[first:end])
         elif stock.tokens.shape[0]:
             part = output.new_empty((stock.tokens.shape[0], *output.shape[1:]))
             super().forward(layer, query.index_select(0, stock.tokens), key, value, kv_cache, stock.metadata, part)

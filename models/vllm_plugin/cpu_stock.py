@@ -26,6 +26,10 @@ class StockRows:
 
     tokens: torch.Tensor  # long [T']: rows of the flattened query the stock kernel computes (empty: none)
     metadata: Any  # CPUAttentionMetadata of those rows' sequences only; None when `tokens` is empty
+    # (first, end) when the rows are one contiguous range (a request's prefill chunk beside aligned decode
+    # rows, the usual case in a stream of requests): the kernel then reads and writes them in place, where
+    # gathering 650 prompt rows and scattering their outputs back would copy megabytes per layer.
+    span: tuple[int, int] | None = None
 
 
 def stock_rows(md: Any, batch_row: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -61,4 +65,5 @@ def stock_rows(md: Any, batch_row: torch.Tensor, *, num_heads: int, num_kv_heads
             num_reqs=int(keep.shape[0]), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1,
             isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=kv_cache_dtype))
-    return StockRows(tokens, metadata)
+    first, last = int(tokens[0]), int(tokens[-1])
+    return StockRows(tokens, metadata, (first, last + 1) if last - first + 1 == total else None)
