@@ -28,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from models.alignment import compiled_operator
-from models.vllm_plugin.cpu_stock import StockRows, stock_rows
+from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_kernel import kernel
 from models.vllm_plugin.rows import PagedKV, RowSet, align_layer, step_plan
 from models.vllm_plugin.state import STATE
@@ -214,17 +214,15 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         return output
 
     def _stock(self, layer: Any, query: torch.Tensor, md: Any, rows: RowSet) -> StockRows | None:
-        """The stock kernel's rows for this step and row set (built by the first layer that asks)."""
+        """The stock kernel's rows for this step and row set (built by the first layer that asks; the row set
+        belongs to the plan built from this step's metadata `md`)."""
         if rows.identity:
-            return _NO_STOCK_ROWS
-        key = (STATE.step, id(md), id(rows))
-        if key not in _STOCK_CACHE:
-            if _STOCK_CACHE and next(iter(_STOCK_CACHE))[0] != STATE.step:
-                _STOCK_CACHE.clear()  # an earlier step's
-            _STOCK_CACHE[key] = stock_rows(
+            return NO_STOCK_ROWS
+        if "stock" not in rows.derived:
+            rows.derived["stock"] = stock_rows(
                 md, rows.batch_row, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                 head_dim=self.head_size, dtype=query.dtype, isa=layer.isa, kv_cache_dtype=self.kv_cache_dtype)
-        return _STOCK_CACHE[key]
+        return rows.derived["stock"]  # type: ignore[no-any-return]
 
     def _know(self, layer: Any) -> None:
         """What does not change between steps, found at the first forward (the layer name comes with it)."""
@@ -235,9 +233,6 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
 
 
 _CPU = torch.device("cpu")
-_NO_STOCK_ROWS = StockRows(torch.empty(0, dtype=torch.long), None)
-# Stock rows per (step, metadata, row set): the layers of a step share them.
-_STOCK_CACHE: dict[tuple[int, int, int], StockRows | None] = {}
 
 
 class SeviCPUAttentionBackend(CPUAttentionBackend):

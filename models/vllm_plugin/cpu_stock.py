@@ -33,6 +33,10 @@ class StockRows:
     span: tuple[int, int] | None = None
 
 
+# The stock kernel has no rows left (every row of the step is aligned): it is skipped.
+NO_STOCK_ROWS = StockRows(torch.empty(0, dtype=torch.long), None)
+
+
 def stock_rows(md: Any, batch_row: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
                dtype: torch.dtype, isa: str, kv_cache_dtype: str) -> StockRows | None:
     """The rows left to the stock kernel when the aligned rows (`batch_row`: the batch index of each, long
@@ -49,7 +53,7 @@ def stock_rows(md: Any, batch_row: torch.Tensor, *, num_heads: int, num_kv_heads
     if keep.shape[0] == n:
         return None
     if keep.shape[0] == 0:
-        return StockRows(torch.empty(0, dtype=torch.long), None)
+        return NO_STOCK_ROWS
     q_keep = q_len[keep]
     start = torch.zeros(keep.shape[0] + 1, dtype=qsl.dtype)
     start[1:] = torch.cumsum(q_keep, 0)

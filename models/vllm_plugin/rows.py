@@ -78,6 +78,9 @@ class RowSet:
     prepared: PreparedRows  # masks / knobs in the alignment's kernel shapes, [R, ...] with K = num_keys
     identity: bool  # token_index == arange(R): the rows are the whole query, in order
     _bound: dict[tuple[Any, ...], BoundLayer | None] = field(default_factory=dict)
+    # What a backend derives once per row set and shares across the step's layers (the CPU backend: the
+    # rows its stock kernel still computes). A row set lives one step, so nothing here goes stale.
+    derived: dict[str, Any] = field(default_factory=dict)
 
     def bound(self, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int, head_dim: int) -> BoundLayer | None:
         """The calls of this step's layers with all they share bound (:class:`BoundLayer`), built by the
