@@ -86,6 +86,14 @@ def with_new_key(rows: PreparedRows, at: torch.Tensor | None = None) -> Prepared
     return PreparedRows(bias, semantic, other, rows.kappa, rows.blend, rows.on, rows.all_on)
 
 
+def add_key_(rows: PreparedRows, key_count: torch.Tensor) -> None:
+    """In place, one decode step on, in masks allocated wider than the rows' keys: each row's next key (column
+    `key_count`, long `[R]`: the keys it had) is the token just generated: valid, semantic, not "other"."""
+    col = key_count.to(rows.key_bias.device).view(-1, 1, 1)
+    rows.key_bias.scatter_(2, col, 0.0)
+    rows.semantic_keys.scatter_(2, col, 1.0)
+
+
 def _classify(biased: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
               kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(semantic, core) head masks `[R, H]` from float32 scores that already carry the key bias.

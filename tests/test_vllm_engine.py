@@ -134,7 +134,9 @@ def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref:
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Aligned requests join while others decode: their prefill steps hold aligned decode rows, so the
     stock kernel runs on the joining prompt's rows alone, in place (one range); every output still equals
-    the reference engine's for the same request."""
+    the reference engine's for the same request. Long enough that each row's keys pass vLLM's block of 128
+    at a different step: a row reaching its new block while a longer one already had two must read the
+    block's new id (one stale id from the step plan changed these tokens)."""
     import models.vllm_plugin.cpu_backend as cpu_backend
 
     spans: list[tuple[int, int]] = []
@@ -149,7 +151,7 @@ def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref:
     monkeypatch.setattr(cpu_backend, "stock_rows", spied)
     params = knob_set(ref.num_layers)["explicit"]
     reqs = [GenerationRequest(f"join/{i}", user_message(PROMPT), [random_image(10 + i)], params,
-                              SamplingParams(max_tokens=12, ignore_eos=True)) for i in range(3)]
+                              SamplingParams(max_tokens=140, ignore_eos=True)) for i in range(3)]
 
     async def staggered() -> dict[str, list[int]]:
         async def one(req: GenerationRequest, after: asyncio.Event | None, started: asyncio.Event) -> list[int]:

@@ -23,7 +23,9 @@ from models.vllm_plugin.cpu_backend import cache_layout, layer_index, paged_cpu_
 from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E402
 from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: E402
 from models.vllm_plugin.rows import (  # noqa: E402
+    GROWTH,
     PagedKV,
+    StepPlan,
     align_layer,
     block_scores,
     block_values,
@@ -115,9 +117,11 @@ def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
     plan = build_plan(STATE, qsl, seq, table, 32, torch.device("cpu"))
     assert plan is not None
     assert plan.token_index.tolist() == [5, 9]  # last prompt row of row 0, the decode row of row 2
-    assert plan.batch_row.tolist() == [0, 2] and plan.num_keys == 8
-    assert plan.semantic[0].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # e=2 < j <= 5
-    assert plan.other[1].tolist() == [True] * 3 + [False] * 5  # LLaVA: every key up to e
+    assert plan.batch_row.tolist() == [0, 2] and plan.key_count.tolist() == [6, 8]
+    # The masks are wider than the widest row (room to grow in place): nothing past a row's keys is valid.
+    assert plan.num_keys == 8 + GROWTH and not plan.valid[:, 8:].any()
+    assert plan.semantic[0, :8].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # e=2 < j <= 5
+    assert plan.other[1, :8].tolist() == [True] * 3 + [False] * 5  # LLaVA: every key up to e
     # A partial prefill chunk that stops before the last prompt row aligns nothing.
     assert build_plan(STATE, torch.tensor([0, 3, 3, 3, 3]), torch.tensor([3, 0, 0, 0]), table, 32,
                       torch.device("cpu")) is None
@@ -535,9 +539,33 @@ def test_stock_kernel_runs_only_on_the_sequences_not_wholly_aligned() -> None:
 PREPARED_TENSORS = ("key_bias", "semantic_keys", "other_keys", "kappa", "blend", "on")
 
 
-def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
-    """Decode over the same rows: the plan derived from the last step's (one more key per row, a new
-    block when the keys reach it) equals the one built from scratch; anything else is built afresh."""
+def _assert_same_rows(moved: StepPlan, fresh: StepPlan) -> None:
+    """A plan moved on in place selects the same rows as one built afresh, with the same masks over every row's
+    keys (the widths may differ: each is the widest row plus the room the plan had when built)."""
+    assert torch.equal(moved.key_count, fresh.key_count) and torch.equal(moved.blocks, fresh.blocks)
+    width = int(moved.key_count.max())
+    for plan in (moved, fresh):
+        past = torch.arange(plan.num_keys)[None, :] >= plan.key_count[:, None]
+        assert not (plan.valid & past).any() and not (plan.semantic & past).any() and not (plan.other & past).any()
+    for name in ("valid", "semantic", "other"):
+        assert torch.equal(getattr(moved, name)[:, :width], getattr(fresh, name)[:, :width]), name
+    for layer in (1, 3):
+        ra, rb = moved.rows_at(layer), fresh.rows_at(layer)
+        assert ra is not None and rb is not None and ra.identity == rb.identity
+        assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.block_index, rb.block_index)
+        assert torch.equal(ra.key_count, rb.key_count)
+        for name in ("key_bias", "semantic_keys", "other_keys"):
+            assert torch.equal(getattr(ra.prepared, name)[..., :width], getattr(rb.prepared, name)[..., :width])
+        assert torch.equal(ra.prepared.kappa, rb.prepared.kappa) and torch.equal(ra.prepared.blend, rb.prepared.blend)
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["after-decode", "after-prefill"])
+def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: bool) -> None:
+    """Decode over the same rows: the last step's plan, moved on in place (one more key per row), selects and
+    masks what a plan built from scratch does, its row sets and their bound calls kept; a step it cannot
+    take (not one more decode token per row, a changed batch, no room left) is built afresh.
+    joined: the first step is the one where row 2 joined (its whole prompt one chunk, beside the other rows'
+    decode tokens)."""
     proc = processor()
     knobs = dict(omega=2.0, kappa=0.6)
     early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
@@ -545,34 +573,69 @@ def test_decode_plan_derived_from_the_last_step_equals_a_fresh_one() -> None:
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
     _add(proc, [(0, early, prompt, [11] * 19), (1, None, prompt, [4]), (2, late, prompt, [11] * 3),
                 (3, early, [1, 7, 8], [5])], 4)
-    table = torch.randperm(16, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
+    table = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
+    bs = 32
     qsl = torch.arange(5, dtype=torch.int32)
-    seq = torch.tensor([31, 14, 16, 4], dtype=torch.int32)  # row 0 reaches its second block of 16 next step
-    plan = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
+    seq = torch.tensor([31, 14, 16, 4], dtype=torch.int32)
+    first_qsl = qsl
+    if joined:  # row 2 joins: its whole prompt is its chunk, its last prompt row the one aligned
+        seq[2] = len(prompt)
+        first_qsl = torch.tensor([0, 1, 2, 2 + len(prompt), 3 + len(prompt)], dtype=torch.int32)
+    plan = build_plan(STATE, first_qsl, seq, table, bs, torch.device("cpu"))
     assert plan is not None and plan.decode is not None
+    assert plan.token_index.tolist() == ([0, 1 + len(prompt)] if joined else [0, 2])  # row 3 has no image
+    assert plan.room == 1  # row 0 fills its first block of 32 with the next key
+    bound = None if joined else plan.rows_at(1)
+    seq = seq + 1
+    moved = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=plan)
+    assert moved is plan and plan.room == 0
+    assert joined or plan.rows_at(1) is bound  # kept: the rows did not move in the query
+    _assert_same_rows(moved, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
+    # No room left (row 0's next key starts a block the plan never read): built afresh, then moved on again.
+    seq = seq + 1
+    again = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=plan)
+    assert again is not None and again is not plan and again.blocks.shape[1] == 2
+    assert again.room == min(GROWTH, 32 - int(seq[2]))  # row 2 comes to its block end first
     for _ in range(3):
         seq = seq + 1
-        derived = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"), previous=plan)
-        fresh = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
-        assert derived is not None and fresh is not None and derived is not fresh
-        assert derived.num_keys == fresh.num_keys and torch.equal(derived.blocks, fresh.blocks)
-        assert torch.equal(derived.key_count, fresh.key_count)
-        assert derived.prepared.all_on == fresh.prepared.all_on
-        for name in PREPARED_TENSORS:
-            a, b = getattr(derived.prepared, name), getattr(fresh.prepared, name)
-            assert a.shape == b.shape and torch.equal(a, b), name
-        for layer in (1, 3):
-            ra, rb = derived.rows_at(layer), fresh.rows_at(layer)
-            assert ra is not None and rb is not None and ra.identity == rb.identity
-            assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.block_index, rb.block_index)
-            assert torch.equal(ra.key_count, rb.key_count)
-            assert all(torch.equal(getattr(ra.prepared, f), getattr(rb.prepared, f)) for f in PREPARED_TENSORS)
-        plan = derived
-    # A step that is not one more decode token per row, or a changed batch, is built afresh.
-    assert plan.next_step(STATE, qsl, seq + 2, table, 16) is None
-    assert plan.next_step(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, 16) is None
+        assert build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=again) is again
+        _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
+    # A step that is not one more decode token per row, or a changed batch, is not one to move on to.
+    assert not again.advance(STATE, qsl, seq + 2)
+    assert not again.advance(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1)
     _add(proc, [(1, early, prompt, [4])], 4)
-    assert plan.next_step(STATE, qsl, seq + 1, table, 16) is None
+    assert not again.advance(STATE, qsl, seq + 1)
+    # A prefill that aligns several rows of a sequence (recomputed after a preemption) is not one to move on.
+    redo = build_plan(STATE, torch.tensor([0, 31, 32, 33, 34], dtype=torch.int32), torch.tensor([31, 14, 16, 4]),
+                      table, bs, torch.device("cpu"))
+    assert redo is not None and redo.token_index.shape[0] > 4 and redo.decode is None and redo.room == 0
+
+
+def test_a_row_reaching_a_new_block_rebuilds_the_plan_even_when_the_widest_row_does_not() -> None:
+    """vLLM writes a new block's id into the block table when a sequence's keys reach it. A shorter row
+    crossing into its next block while the widest row stays within its blocks must read the new id, not
+    whatever the table held there when the plan was built."""
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
+    prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
+    _add(proc, [(0, on, prompt, [11] * 30), (1, on, prompt, [11] * 3)], 2)
+    table = torch.tensor([[1, 2, 3], [4, 99, 98]], dtype=torch.int32)  # row 1's second block: not yet allocated
+    qsl = torch.arange(3, dtype=torch.int32)
+    seq = torch.tensor([40, 14], dtype=torch.int32)
+    plan = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
+    assert plan is not None
+    for _ in range(4):
+        seq = seq + 1
+        if int(seq[1]) == 17:
+            table[1, 1] = 5  # the step that brings row 1's 17th key
+        plan = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"), previous=plan)
+        assert plan is not None
+        fresh = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
+        assert fresh is not None
+        _assert_same_rows(plan, fresh)
+        rows = plan.rows_at(1)
+        assert rows is not None and rows.block_index.view(2, -1)[1, : -(-int(seq[1]) // 16)].tolist() == (
+            [4, 5] if int(seq[1]) > 16 else [4])
 
 
 def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -601,8 +664,9 @@ def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch
         assert step_plan(STATE, first, 16, torch.device("cpu")) is plan
     assert built == [1]
     STATE.begin_step(False)
+    keys = plan.key_count.clone()
     nxt = step_plan(STATE, md([16, 14]), 16, torch.device("cpu"))
-    assert nxt is not None and nxt is not plan and nxt.num_keys == plan.num_keys + 1  # the next step: a key more
+    assert nxt is plan and torch.equal(nxt.key_count, keys + 1) and built == [1, 1]  # moved on: a key more
     _add(proc, [(0, None, prompt, [11] * 4)], 2)  # alignment off for the whole batch
     STATE.begin_step(True)
     built.clear()

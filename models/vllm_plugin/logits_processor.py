@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
@@ -103,10 +104,9 @@ class SeviLogitsProcessor(LogitsProcessor):
             request = parse_row_request(extra, STATE.num_layers)
         except AlignmentParamError:  # validated in the front end already; never fail a worker step
             return None
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
-        mask = ids == STATE.image_token_id
-        found = torch.nonzero(mask)
-        last = int(found[-1, 0]) if found.numel() else -1
+        mask = np.asarray(prompt_ids, dtype=np.int64) == STATE.image_token_id
+        found = np.flatnonzero(mask)
+        last = int(found[-1]) if found.size else -1
         return Row(request=request, prompt_len=len(prompt_ids), last_image=last, image_mask=mask,
                    output_ids=output_ids, temperature=float(params.temperature), top_p=float(params.top_p),
                    seed=params.seed)

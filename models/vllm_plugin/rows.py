@@ -11,12 +11,13 @@ is aligned again over its own causal keys, which the spec says equals the cached
 
 Cost model (the reason for the shapes below): on CPU each torch op costs microseconds of dispatch
 whatever its size, and the step runs every aligned layer, so everything that does not depend on the
-layer (row indices, block indices, masks, the alignment's prepared inputs) is built once per step by
-the first aligned layer (:class:`StepPlan`, :class:`RowSet`). On the CPU a layer then makes three calls
-with arguments bound once per step (:class:`BoundLayer`): q.K by the C kernel reading the blocks in
-place, the compiled operator, softmax and p.V by the C kernel. Elsewhere (GPU, no compiler) it gathers
-the blocks it reads (one `index_select` each for K and V, in the cache's own layout), one batched
-matmul per block for q.K, the operator, softmax and p.V, one write.
+layer (row indices, block indices, masks, the alignment's prepared inputs) is built by the first aligned
+layer (:class:`StepPlan`, :class:`RowSet`), and the decode steps that follow over the same rows move it on
+in place (a key more per row: three small ops) until the masks' room or a row's block runs out. On the
+CPU a layer then makes three calls with arguments bound once per plan (:class:`BoundLayer`): q.K by the C
+kernel reading the blocks in place, the compiled operator, softmax and p.V by the C kernel. Elsewhere (GPU,
+no compiler) it gathers the blocks it reads (one `index_select` each for K and V, in the cache's own
+layout), one batched matmul per block for q.K, the operator, softmax and p.V, one write.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.alignment import (
     PreparedRows,
+    add_key_,
     align_prepared,
     compiled_for,
     operator_inputs,
     prepare_rows,
     select_rows,
     span_masks,
-    with_new_key,
 )
 from models.vllm_plugin.paged_kernel import PagedKernel, kernel
 from models.vllm_plugin.state import RowTensors, WorkerState
@@ -78,8 +80,8 @@ class RowSet:
     prepared: PreparedRows  # masks / knobs in the alignment's kernel shapes, [R, ...] with K = num_keys
     identity: bool  # token_index == arange(R): the rows are the whole query, in order
     _bound: dict[tuple[Any, ...], BoundLayer | None] = field(default_factory=dict)
-    # What a backend derives once per row set and shares across the step's layers (the CPU backend: the
-    # rows its stock kernel still computes). A row set lives one step, so nothing here goes stale.
+    # What a backend derives once per row set and step and shares across the step's layers (the CPU backend:
+    # the rows its stock kernel still computes); cleared when the plan moves on to the next step.
     derived: dict[str, Any] = field(default_factory=dict)
 
     def bound(self, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int, head_dim: int) -> BoundLayer | None:
@@ -102,7 +104,8 @@ class BoundLayer:
     call reads it before the next layer runs). A layer passes only its query, its cache and its output.
 
     Why: at one row the three calls compute for about 3 us and their argument handling cost 12 more (24.7
-    -> 12.3 us per layer cache-hot); every decoder layer past the start layer pays it every step.
+    -> 12.3 us per layer cache-hot); every decoder layer past the start layer pays it every step. The
+    bound tensors are the plan's: moved on in place (key counts, masks), the calls read the next step's.
     """
 
     kernel: PagedKernel
@@ -141,15 +144,21 @@ class BoundLayer:
         return stage1, stage2
 
 
+# Keys a plan's masks may grow by in place before it is rebuilt: each column past a row's keys costs the
+# operator a little on every aligned layer; each rebuild costs a fresh plan (about 100 us).
+GROWTH = 16
+
+
 @dataclass
 class StepPlan:
-    """Layer-independent parts of one step's alignment work, built once at the first layer."""
+    """Layer-independent parts of one step's alignment work, built once at the first layer and moved on in
+    place by the decode steps that follow (:meth:`advance`)."""
 
     token_index: torch.Tensor  # long [R]: row in the flattened query / output
     batch_row: torch.Tensor  # long [R]: batch index of each aligned row
     seq_slot: torch.Tensor  # long [R]: index into `blocks` (one slot per distinct sequence)
     blocks: torch.Tensor  # long [S, nb]: block ids covering every key of each sequence
-    num_keys: int  # K: keys read per row (max seq_len over the aligned sequences)
+    num_keys: int  # K: the masks' width, the widest row's keys and room to grow in place; a row reads its own
     key_count: torch.Tensor  # long [R]: each row's own keys (position + 1), at most K
     prepared: PreparedRows  # every aligned row's masks / knobs in the alignment's kernel shapes
     omega: torch.Tensor  # float32 [R]
@@ -159,11 +168,13 @@ class StepPlan:
     max_start: int
     starts: list[int]  # distinct start layers, ascending: each opens a larger set of rows
     num_tokens: int  # rows in the flattened query (the step's scheduled tokens)
-    # For the next step (:meth:`next_step`): set when every batch row is one decode token and every
-    # row with alignment on is aligned, so the next step over the same rows differs only by one key:
-    # (row tensors, query_start_loc, next seq_lens, sequences, every row K keys long); each row's position
-    # is its key count - 1, so the next step's new key lies at column `key_count`.
-    decode: tuple[RowTensors, torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
+    # For :meth:`advance`, set when each aligned sequence has one aligned row and every row with alignment on
+    # is aligned (a decode step, or a prefill step's last prompt row beside decode rows): (row tensors, the
+    # next step's seq_lens). Each row's position is its key count - 1: its next key lies at column key_count.
+    decode: tuple[RowTensors, torch.Tensor] | None = None
+    # Decode steps :meth:`advance` may still take: every row's next key must lie within the masks' width and
+    # in a block the row already had (vLLM writes a new block's id into the table only when keys reach it).
+    room: int = 0
     _sets: dict[int, RowSet | None] = field(default_factory=dict)
     _by_layer: dict[int, RowSet | None] = field(default_factory=dict)
 
@@ -214,34 +225,53 @@ class StepPlan:
             identity=keep is None and self.covers_all_tokens,
         )
 
-    def next_step(self, state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                  block_table: torch.Tensor, block_size: int) -> StepPlan | None:
-        """This step's plan derived from the last one, or None when it cannot be (then build afresh).
+    def advance(self, state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> bool:
+        """Move this plan on to this step, in place, when it is one decode token per batch row over the same
+        rows, every seq_len one more, and there is room; False when it cannot (then build afresh).
 
-        It can when the last step was all decode over the same batch rows (`decode`) and this one is
-        too: one query row per batch row and every seq_len one more. Each aligned row is then its
-        sequence's new token, and its masks gain that one key: valid, semantic (it lies past the
-        image and the prompt), not "other". Block ids already read stay the same (vLLM only appends
-        blocks to a running request); a new block is looked up when the keys reach it.
+        Each aligned row is then its sequence's new token, and its masks gain that one key: valid, semantic
+        (it lies past the image and the prompt), not "other" (:func:`add_key_`); its key count grows by
+        one. The row sets and their bound calls hold the same tensors, so they move on with the plan (a
+        row set's own copies, for rows past a later start layer, are moved on likewise). After a prefill
+        step (a request joined) the rows keep their order but move in the query (row b is now token b):
+        the row sets are then built again.
         """
-        if self.decode is None:
-            return None
-        tensors, qsl, expect, seqs, same_length = self.decode
+        if self.decode is None or self.room == 0:
+            return False
+        tensors, expect = self.decode
         n = expect.shape[0]
         if (state.tensors() is not tensors or seq_lens.shape[0] < n or query_start_loc.shape[0] < n + 1
-                or not torch.equal(query_start_loc[: n + 1], qsl) or not torch.equal(seq_lens[:n], expect)):
-            return None
-        num_keys = self.num_keys + 1
-        nb = -(-num_keys // block_size)
-        blocks = self.blocks if nb == self.blocks.shape[1] else block_table[seqs, :nb].to(torch.long)
-        prepared = with_new_key(self.prepared, None if same_length else self.key_count)
-        return StepPlan(
-            token_index=self.token_index, batch_row=self.batch_row, seq_slot=self.seq_slot, blocks=blocks,
-            num_keys=num_keys, key_count=self.key_count + 1, prepared=prepared, omega=self.omega, kappa=self.kappa,
-            start_layer=self.start_layer, min_start=self.min_start, max_start=self.max_start, starts=self.starts,
-            num_tokens=self.num_tokens,
-            decode=(tensors, qsl, expect + 1, seqs, same_length),
-        )
+                or not torch.equal(query_start_loc[: n + 1], _arange(n + 1, query_start_loc))
+                or not torch.equal(seq_lens[:n], expect)):
+            return False
+        if self.num_tokens != n:
+            self.token_index, self.num_tokens = self.batch_row, n
+            self._sets.clear()
+            self._by_layer.clear()
+        for rows in self._sets.values():
+            if rows is None:
+                continue
+            rows.derived.clear()  # e.g. the stock kernel's metadata, which holds this step's seq_lens
+            if rows.key_count is not self.key_count:
+                add_key_(rows.prepared, rows.key_count)
+                rows.key_count.add_(1)
+        add_key_(self.prepared, self.key_count)
+        self.key_count.add_(1)
+        expect.add_(1)
+        self.room -= 1
+        return True
+
+
+_ARANGES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    """0 .. n - 1 in the dtype and device of `like` (query_start_loc of an all-decode step), kept per size."""
+    key = (n, like.dtype, like.device)
+    found = _ARANGES.get(key)
+    if found is None:
+        found = _ARANGES[key] = torch.arange(n, dtype=like.dtype, device=like.device)
+    return found
 
 
 def step_plan(state: WorkerState, md: Any, block_size: int, device: torch.device) -> StepPlan | None:
@@ -266,61 +296,63 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     """The rows of this step that need alignment, or None when there are none (stock path only).
 
     num_tokens: the step's scheduled tokens (vLLM's `num_actual_tokens`); default `query_start_loc[-1]`.
-    previous: the last step's plan; a decode step over the same rows is derived from it.
+    previous: the last step's plan; a decode step over the same rows moves it on in place.
     """
-    if previous is not None:
-        plan = previous.next_step(state, query_start_loc, seq_lens, block_table, block_size)
-        if plan is not None:
-            return plan
+    if previous is not None and previous.advance(state, query_start_loc, seq_lens):
+        return previous
     t = state.tensors()
     n = state.batch_size
     if not t.any_enabled or n == 0 or seq_lens.shape[0] < n:
         return None
-    seq = seq_lens[:n].to(torch.long).cpu()
-    qsl = query_start_loc[: n + 1].to(torch.long).cpu()
+    # Index arithmetic in numpy (a fresh plan runs at every batch change: on a few dozen numbers a numpy op
+    # costs a third of a torch one); the masks below are torch, from the alignment's own span_masks.
+    seq = seq_lens[:n].cpu().numpy().astype(np.int64)
+    qsl = query_start_loc[: n + 1].cpu().numpy().astype(np.int64)
     q_len = qsl[1:] - qsl[:-1]
     # Rows at positions >= align_from are the last `count` rows of each sequence's chunk.
-    count = torch.where(t.enabled, (seq - t.align_from).clamp(min=0), torch.zeros_like(seq))
-    count = torch.minimum(count, q_len)
+    count = np.minimum(np.where(t.enabled, np.maximum(seq - t.align_from, 0), 0), q_len)
     total = int(count.sum())
     if total == 0:
         return None
-    batch_row = torch.repeat_interleave(torch.arange(n), count)  # [R]
-    first = torch.cumsum(count, 0) - count  # first aligned row of each sequence, within R
-    k = torch.arange(total) - first[batch_row]
+    batch_row = np.repeat(np.arange(n), count)  # [R]
+    first = np.cumsum(count) - count  # first aligned row of each sequence, within R
+    k = np.arange(total) - first[batch_row]
     token_index = qsl[batch_row + 1] - count[batch_row] + k
     position = seq[batch_row] - count[batch_row] + k  # 0-based position of each aligned row
 
-    seqs = torch.nonzero(count > 0).squeeze(1)  # [S]
-    slot_of = torch.full((n,), -1, dtype=torch.long)
-    slot_of[seqs] = torch.arange(seqs.shape[0])
-    num_keys = int(seq[seqs].max())
-    nb = -(-num_keys // block_size)
-    seqs_table = seqs.to(block_table.device)
+    seqs = np.flatnonzero(count > 0)  # [S]
+    slot_of = np.full(n, -1, dtype=np.int64)
+    slot_of[seqs] = np.arange(seqs.shape[0])
+    widest = int(seq[seqs].max())
+    nb = -(-widest // block_size)
+    seqs_table = torch.from_numpy(seqs).to(block_table.device)
     blocks = block_table[seqs_table, :nb].to(torch.long)
+    room = 0
+    if total == seqs.shape[0] == int(t.enabled.sum()):  # decode steps may move this plan on (StepPlan.advance)
+        room = min(GROWTH, int(((-(position + 1)) % block_size).min()))
+    num_keys = widest + room
 
-    keys = torch.arange(num_keys)
-    valid = keys[None, :] <= position[:, None]
-    width = t.image_keys.shape[1]
-    image_keys = torch.zeros(total, num_keys, dtype=torch.bool)
-    image_keys[:, : min(width, num_keys)] = t.image_keys[batch_row, : min(width, num_keys)]
-    other_only = torch.full((total,), state.other_is_image_only, dtype=torch.bool)
-    semantic, other = span_masks(keys, position, t.last_image[batch_row], image_keys, other_only)
+    width = min(t.image_keys.shape[1], num_keys)
+    image_keys = np.zeros((total, num_keys), dtype=bool)
+    image_keys[:, :width] = t.image_keys[batch_row, :width]
+    pos = torch.from_numpy(position)
+    valid = torch.arange(num_keys)[None, :] <= pos[:, None]
+    semantic, other = span_masks(torch.arange(num_keys), pos, torch.from_numpy(t.last_image[batch_row]),
+                                 torch.from_numpy(image_keys), torch.full((total,), state.other_is_image_only))
     start = t.start_layer[batch_row]
     starts = sorted(set(start.tolist()))
-    omega, kappa = t.omega[batch_row].to(device), t.kappa[batch_row].to(device)
-    valid = valid.to(device)
-    decode = None
-    if bool((q_len == 1).all()) and total == int(t.enabled.sum()):
-        same_length = bool((position == num_keys - 1).all())
-        decode = (t, query_start_loc[: n + 1].clone(), seq_lens[:n] + 1, seqs_table, same_length)
+    omega, kappa = (torch.from_numpy(x[batch_row]).to(device) for x in (t.omega, t.kappa))
+    decode = (t, seq_lens[:n] + 1) if room else None
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(device)
+
     return StepPlan(
-        token_index=token_index.to(device), batch_row=batch_row.to(device), seq_slot=slot_of[batch_row].to(device),
-        blocks=blocks, num_keys=num_keys, key_count=(position + 1).to(device),
-        prepared=prepare_rows(valid, (semantic & valid.cpu()).to(device), (other & valid.cpu()).to(device),
-                              omega, kappa),
-        omega=omega, kappa=kappa, start_layer=start.to(device), min_start=starts[0], max_start=starts[-1],
-        starts=starts, num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens, decode=decode,
+        token_index=tensor(token_index), batch_row=tensor(batch_row), seq_slot=tensor(slot_of[batch_row]),
+        blocks=blocks, num_keys=num_keys, key_count=tensor(position + 1),
+        prepared=prepare_rows(valid.to(device), semantic.to(device), other.to(device), omega, kappa),
+        omega=omega, kappa=kappa, start_layer=tensor(start), min_start=starts[0], max_start=starts[-1],
+        starts=starts, num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens, decode=decode, room=room,
     )
 
 
@@ -465,7 +497,7 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
     new = out[:r] if direct else torch.empty(r, n_heads, head_dim, dtype=torch.float32, device=q.device)
     bound = rows.bound(cache, scale, num_kv_heads, n_heads, head_dim)
-    if bound is not None:  # the C kernel and the compiled operator, arguments bound once per step
+    if bound is not None:  # the C kernel and the compiled operator, arguments bound once per plan
         stage1, stage2 = bound.run(q, cache, new)
     else:
         scores = block_scores(q.view(r, num_kv_heads, n_heads // num_kv_heads, head_dim), cache, rows.block_index,

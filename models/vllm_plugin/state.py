@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.vllm_plugin.params import RowRequest
@@ -32,7 +33,7 @@ class Row:
     request: RowRequest
     prompt_len: int
     last_image: int  # e: index of the last image token, -1 without an image
-    image_mask: torch.Tensor  # bool [prompt_len]: which prompt positions are image tokens
+    image_mask: np.ndarray  # bool [prompt_len]: which prompt positions are image tokens
     output_ids: list[int]
     temperature: float
     top_p: float
@@ -47,15 +48,18 @@ class Row:
 
 @dataclass
 class RowTensors:
-    """Dense per-batch-row views of the rows, rebuilt only when the batch changes."""
+    """Dense per-batch-row arrays of the rows, rebuilt only when the batch changes.
 
-    enabled: torch.Tensor  # bool [B]
-    omega: torch.Tensor  # float32 [B]
-    kappa: torch.Tensor  # float32 [B]
-    start_layer: torch.Tensor  # long [B]
-    last_image: torch.Tensor  # long [B]
-    align_from: torch.Tensor  # long [B]: the last prompt row; every later row is aligned too
-    image_keys: torch.Tensor  # bool [B, P]: image positions of each prompt, padded with False
+    numpy, not torch: the step plan's index arithmetic on these few dozen numbers runs at every batch
+    change, where a torch op costs 2-4x a numpy one (rows.build_plan)."""
+
+    enabled: np.ndarray  # bool [B]
+    omega: np.ndarray  # float32 [B]
+    kappa: np.ndarray  # float32 [B]
+    start_layer: np.ndarray  # int64 [B]
+    last_image: np.ndarray  # int64 [B]
+    align_from: np.ndarray  # int64 [B]: the last prompt row; every later row is aligned too
+    image_keys: np.ndarray  # bool [B, P]: image positions of each prompt, padded with False
     any_enabled: bool
 
 
@@ -216,25 +220,26 @@ class WorkerState:
     def _build(self) -> RowTensors:
         n = len(self.rows)
         live = [(i, r) for i, r in enumerate(self.rows) if r is not None and r.aligned]
-        enabled = torch.zeros(n, dtype=torch.bool)
-        omega = torch.zeros(n, dtype=torch.float32)
-        kappa = torch.zeros(n, dtype=torch.float32)
-        start = torch.zeros(n, dtype=torch.long)
-        last = torch.full((n,), -1, dtype=torch.long)
-        align_from = torch.zeros(n, dtype=torch.long)
+        index = np.array([i for i, _ in live], dtype=np.int64)
+        params = [r.request.alignment for _, r in live if r.request.alignment is not None]  # all: r.aligned
+
+        def per_row(values: list[Any], dtype: Any, fill: Any = 0) -> np.ndarray:
+            out = np.full(n, fill, dtype=dtype)
+            out[index] = values
+            return out
+
         width = max((r.prompt_len for _, r in live), default=0)
-        image_keys = torch.zeros(n, width, dtype=torch.bool)
+        image_keys = np.zeros((n, width), dtype=bool)
         for i, r in live:
-            params = r.request.alignment
-            assert params is not None
-            enabled[i] = True
-            omega[i] = params.omega
-            kappa[i] = params.kappa
-            start[i] = params.start_layer
-            last[i] = r.last_image
-            align_from[i] = r.prompt_len - 1
             image_keys[i, : r.prompt_len] = r.image_mask
-        return RowTensors(enabled, omega, kappa, start, last, align_from, image_keys, bool(live))
+        return RowTensors(
+            enabled=per_row([True] * len(live), bool, False),
+            omega=per_row([p.omega for p in params], np.float32),
+            kappa=per_row([p.kappa for p in params], np.float32),
+            start_layer=per_row([p.start_layer for p in params], np.int64),
+            last_image=per_row([r.last_image for _, r in live], np.int64, -1),
+            align_from=per_row([r.prompt_len - 1 for _, r in live], np.int64),
+            image_keys=image_keys, any_enabled=bool(live))
 
 
 STATE = WorkerState()
