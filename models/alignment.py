@@ -86,6 +86,15 @@ def with_new_key(rows: PreparedRows, at: torch.Tensor | None = None) -> Prepared
     return PreparedRows(bias, semantic, other, rows.kappa, rows.blend, rows.on, rows.all_on)
 
 
+def widen(rows: PreparedRows, width: int) -> PreparedRows:
+    """The rows' masks `width` keys wide: the keys added are masked, neither semantic nor "other"."""
+    extra = width - rows.key_bias.shape[-1]
+    if extra <= 0:
+        return rows
+    return PreparedRows(F.pad(rows.key_bias, (0, extra), value=MASKED), F.pad(rows.semantic_keys, (0, extra)),
+                        F.pad(rows.other_keys, (0, extra)), rows.kappa, rows.blend, rows.on, rows.all_on)
+
+
 def add_key_(rows: PreparedRows, key_count: torch.Tensor) -> None:
     """In place, one decode step on, in masks allocated wider than the rows' keys: each row's next key (column
     `key_count`, long `[R]`: the keys it had) is the token just generated: valid, semantic, not "other"."""

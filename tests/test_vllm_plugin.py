@@ -119,7 +119,7 @@ def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
     assert plan.token_index.tolist() == [5, 9]  # last prompt row of row 0, the decode row of row 2
     assert plan.batch_row.tolist() == [0, 2] and plan.key_count.tolist() == [6, 8]
     # The masks are wider than the widest row (room to grow in place): nothing past a row's keys is valid.
-    assert plan.num_keys == 8 + GROWTH and not plan.valid[:, 8:].any()
+    assert plan.num_keys == 32 and not plan.valid[:, 8:].any()  # up to the end of the rows' block of 32
     assert plan.semantic[0, :8].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # e=2 < j <= 5
     assert plan.other[1, :8].tolist() == [True] * 3 + [False] * 5  # LLaVA: every key up to e
     # A partial prefill chunk that stops before the last prompt row aligns nothing.
@@ -562,8 +562,9 @@ def _assert_same_rows(moved: StepPlan, fresh: StepPlan) -> None:
 @pytest.mark.parametrize("joined", [False, True], ids=["after-decode", "after-prefill"])
 def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: bool) -> None:
     """Decode over the same rows: the last step's plan, moved on in place (one more key per row), selects and
-    masks what a plan built from scratch does, its row sets and their bound calls kept; a step it cannot
-    take (not one more decode token per row, a changed batch, no room left) is built afresh.
+    masks what a plan built from scratch does, its row sets and their bound calls kept until its room is
+    spent (then block ids read again); a step it cannot take (not one more decode token per row, a changed
+    batch) is built afresh.
     joined: the first step is the one where row 2 joined (its whole prompt one chunk, beside the other rows'
     decode tokens)."""
     proc = processor()
@@ -591,27 +592,30 @@ def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: 
     assert moved is plan and plan.room == 0
     assert joined or plan.rows_at(1) is bound  # kept: the rows did not move in the query
     _assert_same_rows(moved, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
-    # No room left (row 0's next key starts a block the plan never read): built afresh, then moved on again.
+    # No room left (row 0's next key starts a block the plan never read): the block ids are read again, the
+    # masks widened, the row sets built again; then it moves on as before.
     seq = seq + 1
+    kept = plan.rows_at(1)
     again = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=plan)
-    assert again is not None and again is not plan and again.blocks.shape[1] == 2
+    assert again is plan and again.blocks.shape[1] == 2 and again.rows_at(1) is not kept
     assert again.room == min(GROWTH, 32 - int(seq[2]))  # row 2 comes to its block end first
+    _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
     for _ in range(3):
         seq = seq + 1
         assert build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=again) is again
         _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
     # A step that is not one more decode token per row, or a changed batch, is not one to move on to.
-    assert not again.advance(STATE, qsl, seq + 2)
-    assert not again.advance(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1)
+    assert not again.advance(STATE, qsl, seq + 2, table, bs)
+    assert not again.advance(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, bs)
     _add(proc, [(1, early, prompt, [4])], 4)
-    assert not again.advance(STATE, qsl, seq + 1)
+    assert not again.advance(STATE, qsl, seq + 1, table, bs)
     # A prefill that aligns several rows of a sequence (recomputed after a preemption) is not one to move on.
     redo = build_plan(STATE, torch.tensor([0, 31, 32, 33, 34], dtype=torch.int32), torch.tensor([31, 14, 16, 4]),
                       table, bs, torch.device("cpu"))
-    assert redo is not None and redo.token_index.shape[0] > 4 and redo.decode is None and redo.room == 0
+    assert redo is not None and redo.token_index.shape[0] > 4 and redo.decode is None
 
 
-def test_a_row_reaching_a_new_block_rebuilds_the_plan_even_when_the_widest_row_does_not() -> None:
+def test_a_row_reaching_a_new_block_reads_its_id_even_when_the_widest_row_does_not() -> None:
     """vLLM writes a new block's id into the block table when a sequence's keys reach it. A shorter row
     crossing into its next block while the widest row stays within its blocks must read the new id, not
     whatever the table held there when the plan was built."""

@@ -37,6 +37,7 @@ from models.alignment import (
     prepare_rows,
     select_rows,
     span_masks,
+    widen,
 )
 from models.vllm_plugin.paged_kernel import PagedKernel, kernel
 from models.vllm_plugin.state import RowTensors, WorkerState
@@ -144,9 +145,9 @@ class BoundLayer:
         return stage1, stage2
 
 
-# Keys a plan's masks may grow by in place before it is rebuilt: each column past a row's keys costs the
-# operator a little on every aligned layer; each rebuild costs a fresh plan (about 100 us).
-GROWTH = 16
+# Keys a plan's masks grow by at a time: each column past a row's keys costs the operator a little on every
+# aligned layer (8 rows x 8 heads: 64 columns, about 2.4 us), each widening a few ops and the row sets rebuilt.
+GROWTH = 64
 
 
 @dataclass
@@ -170,10 +171,12 @@ class StepPlan:
     num_tokens: int  # rows in the flattened query (the step's scheduled tokens)
     # For :meth:`advance`, set when each aligned sequence has one aligned row and every row with alignment on
     # is aligned (a decode step, or a prefill step's last prompt row beside decode rows): (row tensors, the
-    # next step's seq_lens). Each row's position is its key count - 1: its next key lies at column key_count.
-    decode: tuple[RowTensors, torch.Tensor] | None = None
-    # Decode steps :meth:`advance` may still take: every row's next key must lie within the masks' width and
-    # in a block the row already had (vLLM writes a new block's id into the table only when keys reach it).
+    # next step's seq_lens, the sequences' batch rows). Each row's position is its key count - 1: its next
+    # key lies at column key_count.
+    decode: tuple[RowTensors, torch.Tensor, torch.Tensor] | None = None
+    # Decode steps :meth:`advance` takes before it looks at the block table again: every row's next key must
+    # lie within the masks' width and in a block the row already had (vLLM writes a new block's id into the
+    # table only when the keys reach it).
     room: int = 0
     _sets: dict[int, RowSet | None] = field(default_factory=dict)
     _by_layer: dict[int, RowSet | None] = field(default_factory=dict)
@@ -225,25 +228,29 @@ class StepPlan:
             identity=keep is None and self.covers_all_tokens,
         )
 
-    def advance(self, state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> bool:
+    def advance(self, state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                block_table: torch.Tensor, block_size: int) -> bool:
         """Move this plan on to this step, in place, when it is one decode token per batch row over the same
-        rows, every seq_len one more, and there is room; False when it cannot (then build afresh).
+        rows and every seq_len one more; False when it is not (then build afresh).
 
         Each aligned row is then its sequence's new token, and its masks gain that one key: valid, semantic
         (it lies past the image and the prompt), not "other" (:func:`add_key_`); its key count grows by
         one. The row sets and their bound calls hold the same tensors, so they move on with the plan (a
-        row set's own copies, for rows past a later start layer, are moved on likewise). After a prefill
-        step (a request joined) the rows keep their order but move in the query (row b is now token b):
-        the row sets are then built again.
+        row set's own copies, for rows past a later start layer, are moved on likewise). When the room is
+        spent the block ids are read again and the masks widened if needed (:meth:`_make_room`); after a
+        prefill step (a request joined) the rows keep their order but move in the query (row b is now
+        token b). Either way the row sets are built again at their first layer.
         """
-        if self.decode is None or self.room == 0:
+        if self.decode is None:
             return False
-        tensors, expect = self.decode
+        tensors, expect, seqs = self.decode
         n = expect.shape[0]
         if (state.tensors() is not tensors or seq_lens.shape[0] < n or query_start_loc.shape[0] < n + 1
                 or not torch.equal(query_start_loc[: n + 1], _arange(n + 1, query_start_loc))
                 or not torch.equal(seq_lens[:n], expect)):
             return False
+        if self.room == 0:
+            self._make_room(block_table, block_size, seqs)
         if self.num_tokens != n:
             self.token_index, self.num_tokens = self.batch_row, n
             self._sets.clear()
@@ -260,6 +267,22 @@ class StepPlan:
         expect.add_(1)
         self.room -= 1
         return True
+
+    def _make_room(self, block_table: torch.Tensor, block_size: int, seqs: torch.Tensor) -> None:
+        """Before this step's keys are added: the sequences' block ids read again (this step's new keys may
+        lie in blocks vLLM just allocated), the masks widened when the widest row needs it, and the room
+        that gives (at least this step)."""
+        keys = self.key_count.cpu().numpy() + 1  # each row's keys this step
+        widest = int(keys.max())
+        nb = -(-widest // block_size)
+        self.blocks = block_table[seqs, :nb].to(torch.long)
+        room = min(GROWTH, int((-keys % block_size).min()))
+        if widest + room > self.num_keys:
+            self.num_keys = widest + room
+            self.prepared = widen(self.prepared, self.num_keys)
+        self.room = room + 1
+        self._sets.clear()
+        self._by_layer.clear()
 
 
 _ARANGES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -298,7 +321,7 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     num_tokens: the step's scheduled tokens (vLLM's `num_actual_tokens`); default `query_start_loc[-1]`.
     previous: the last step's plan; a decode step over the same rows moves it on in place.
     """
-    if previous is not None and previous.advance(state, query_start_loc, seq_lens):
+    if previous is not None and previous.advance(state, query_start_loc, seq_lens, block_table, block_size):
         return previous
     t = state.tensors()
     n = state.batch_size
@@ -327,9 +350,8 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     nb = -(-widest // block_size)
     seqs_table = torch.from_numpy(seqs).to(block_table.device)
     blocks = block_table[seqs_table, :nb].to(torch.long)
-    room = 0
-    if total == seqs.shape[0] == int(t.enabled.sum()):  # decode steps may move this plan on (StepPlan.advance)
-        room = min(GROWTH, int(((-(position + 1)) % block_size).min()))
+    moves_on = total == seqs.shape[0] == int(t.enabled.sum())  # decode steps may move it on (StepPlan.advance)
+    room = min(GROWTH, int(((-(position + 1)) % block_size).min())) if moves_on else 0
     num_keys = widest + room
 
     width = min(t.image_keys.shape[1], num_keys)
@@ -342,7 +364,7 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     start = t.start_layer[batch_row]
     starts = sorted(set(start.tolist()))
     omega, kappa = (torch.from_numpy(x[batch_row]).to(device) for x in (t.omega, t.kappa))
-    decode = (t, seq_lens[:n] + 1) if room else None
+    decode = (t, seq_lens[:n] + 1, seqs_table) if moves_on else None
 
     def tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(device)
