@@ -130,13 +130,15 @@ def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceMod
     assert any(0 < stock < total for stock, total in shares)
 
 
-def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref: ReferenceModel,
+@pytest.mark.parametrize("knobs", ["explicit", "explicit+cd"])
+def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref: ReferenceModel, knobs: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Aligned requests join while others decode: their prefill steps hold aligned decode rows, so the
     stock kernel runs on the joining prompt's rows alone, in place (one range); every output still equals
     the reference engine's for the same request. Long enough that each row's keys pass vLLM's block of 128
     at a different step: a row reaching its new block while a longer one already had two must read the
-    block's new id (one stale id from the step plan changed these tokens)."""
+    block's new id (one stale id from the step plan changed these tokens). With contrastive decoding each
+    request adds an unaligned contrast row, which the stock kernel computes beside the aligned ones."""
     import models.vllm_plugin.cpu_backend as cpu_backend
 
     spans: list[tuple[int, int]] = []
@@ -149,7 +151,7 @@ def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref:
         return found
 
     monkeypatch.setattr(cpu_backend, "stock_rows", spied)
-    params = knob_set(ref.num_layers)["explicit"]
+    params = knob_set(ref.num_layers)[knobs]
     reqs = [GenerationRequest(f"join/{i}", user_message(PROMPT), [random_image(10 + i)], params,
                               SamplingParams(max_tokens=140, ignore_eos=True)) for i in range(3)]
 
@@ -170,7 +172,7 @@ def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref:
         return dict(zip([r.request_id for r in reqs], await asyncio.gather(*runs), strict=True))
 
     got = asyncio.run(staggered())
-    assert spans  # a prompt's rows ran alone through the stock kernel, in place
+    assert spans or params.contrast  # a prompt's rows ran alone through the stock kernel, in place
     for r in reqs:
         assert got[r.request_id] == run_to_completion(ref, [r])[r.request_id].token_ids, r.request_id
 
