@@ -40,7 +40,7 @@ from models.alignment import (
     widen,
 )
 from models.vllm_plugin.paged_kernel import PagedKernel, kernel
-from models.vllm_plugin.state import RowTensors, WorkerState
+from models.vllm_plugin.state import RowArrays, WorkerState
 
 
 @dataclass(frozen=True)
@@ -170,10 +170,10 @@ class StepPlan:
     starts: list[int]  # distinct start layers, ascending: each opens a larger set of rows
     num_tokens: int  # rows in the flattened query (the step's scheduled tokens)
     # For :meth:`advance`, set when each aligned sequence has one aligned row and every row with alignment on
-    # is aligned (a decode step, or a prefill step's last prompt row beside decode rows): (row tensors, the
+    # is aligned (a decode step, or a prefill step's last prompt row beside decode rows): (row arrays, the
     # next step's seq_lens, the sequences' batch rows). Each row's position is its key count - 1: its next
     # key lies at column key_count.
-    decode: tuple[RowTensors, torch.Tensor, torch.Tensor] | None = None
+    decode: tuple[RowArrays, torch.Tensor, torch.Tensor] | None = None
     # Decode steps :meth:`advance` takes before it looks at the block table again: every row's next key must
     # lie within the masks' width and in a block the row already had (vLLM writes a new block's id into the
     # table only when the keys reach it).
@@ -243,9 +243,9 @@ class StepPlan:
         """
         if self.decode is None:
             return False
-        tensors, expect, seqs = self.decode
+        arrays, expect, seqs = self.decode
         n = expect.shape[0]
-        if (state.tensors() is not tensors or seq_lens.shape[0] < n or query_start_loc.shape[0] < n + 1
+        if (state.arrays() is not arrays or seq_lens.shape[0] < n or query_start_loc.shape[0] < n + 1
                 or not torch.equal(query_start_loc[: n + 1], _arange(n + 1, query_start_loc))
                 or not torch.equal(seq_lens[:n], expect)):
             return False
@@ -306,7 +306,7 @@ def step_plan(state: WorkerState, md: Any, block_size: int, device: torch.device
         return cached[2]  # type: ignore[no-any-return]
     state.observe_seq_lens(md.seq_lens)
     plan = None
-    if state.tensors().any_enabled:
+    if state.arrays().any_enabled:
         plan = build_plan(state, md.query_start_loc, md.seq_lens, md.block_table, block_size, device,
                           md.num_actual_tokens, cached[2] if cached is not None else None)
     state.plan_cache = (state.step, id(md), plan)
@@ -323,7 +323,7 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     """
     if previous is not None and previous.advance(state, query_start_loc, seq_lens, block_table, block_size):
         return previous
-    t = state.tensors()
+    t = state.arrays()
     n = state.batch_size
     if not t.any_enabled or n == 0 or seq_lens.shape[0] < n:
         return None

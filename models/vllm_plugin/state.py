@@ -47,7 +47,7 @@ class Row:
 
 
 @dataclass
-class RowTensors:
+class RowArrays:
     """Dense per-batch-row arrays of the rows, rebuilt only when the batch changes.
 
     numpy, not torch: the step plan's index arithmetic on these few dozen numbers runs at every batch
@@ -71,7 +71,7 @@ class WorkerState:
         self.num_layers = 0
         self.eos_token_id: int | None = None
         self.step = 0
-        self._tensors: RowTensors | None = None
+        self._arrays: RowArrays | None = None
         # Scratch written by the attention backend, folded into the rows when the batch changes.
         self.step_counts: torch.Tensor | None = None  # long [B, 4], telemetry since the last fold (see counts())
         # Per-layer (batch rows, stage-1 heads, stage-2 heads), counted in batches by counts().
@@ -143,7 +143,7 @@ class WorkerState:
         if row is not None:
             self._file(row)
             self.rows[index] = None
-            self._tensors = None
+            self._arrays = None
             pair = row.request.pair
             if pair is not None and not any(r is not None and r.request.pair == pair for r in self.rows):
                 self.dissolved_pairs.discard(pair)  # both rows gone: nothing reads the mark any more
@@ -156,7 +156,7 @@ class WorkerState:
             earlier = self.filed.pop(key)
             row.telemetry = [int(earlier.get(n, 0)) for n in TELEMETRY_FIELDS]
         self.rows[index] = row
-        self._tensors = None
+        self._arrays = None
 
     def move(self, a: int, b: int, swap: bool) -> None:
         while len(self.rows) <= max(a, b):
@@ -165,14 +165,14 @@ class WorkerState:
             self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
         else:
             self.rows[b], self.rows[a] = self.rows[a], None
-        self._tensors = None
+        self._arrays = None
 
     def truncate(self, batch_size: int) -> None:
         for i in range(batch_size, len(self.rows)):
             if self.rows[i] is not None:
                 self.remove(i)
         del self.rows[batch_size:]
-        self._tensors = None
+        self._arrays = None
 
     def _file(self, row: Row) -> None:
         key = row.request.key
@@ -212,12 +212,12 @@ class WorkerState:
     def batch_size(self) -> int:
         return len(self.rows)
 
-    def tensors(self) -> RowTensors:
-        if self._tensors is None:
-            self._tensors = self._build()
-        return self._tensors
+    def arrays(self) -> RowArrays:
+        if self._arrays is None:
+            self._arrays = self._build()
+        return self._arrays
 
-    def _build(self) -> RowTensors:
+    def _build(self) -> RowArrays:
         n = len(self.rows)
         live = [(i, r) for i, r in enumerate(self.rows) if r is not None and r.aligned]
         index = np.array([i for i, _ in live], dtype=np.int64)
@@ -232,7 +232,7 @@ class WorkerState:
         image_keys = np.zeros((n, width), dtype=bool)
         for i, r in live:
             image_keys[i, : r.prompt_len] = r.image_mask
-        return RowTensors(
+        return RowArrays(
             enabled=per_row([True] * len(live), bool, False),
             omega=per_row([p.omega for p in params], np.float32),
             kappa=per_row([p.kappa for p in params], np.float32),
