@@ -73,15 +73,13 @@ def with_new_key(rows: PreparedRows, at: torch.Tensor | None = None) -> Prepared
     """The rows one decode step later: one key wider, the new key (the token just generated: valid,
     semantic, not "other") at the new last column of every row (`at` None), or, when rows have
     different lengths, at column `at` (long `[R]`): the one after each row's own last key."""
-    # One pad per mask (a single op: this runs every decode step), then for rows of different lengths
-    # one scatter to set each row's new key where it lies.
-    if at is None:
-        bias = F.pad(rows.key_bias, (0, 1), value=0.0)
-        semantic = F.pad(rows.semantic_keys, (0, 1), value=1.0)
-    else:
-        col = at.to(rows.key_bias.device).view(-1, 1, 1)
-        bias = F.pad(rows.key_bias, (0, 1), value=MASKED).scatter_(2, col, 0.0)
-        semantic = F.pad(rows.semantic_keys, (0, 1), value=0.0).scatter_(2, col, 1.0)
+    if at is not None:
+        widened = widen(rows, rows.key_bias.shape[-1] + 1)
+        add_key_(widened, at)
+        return widened
+    # One pad per mask (a single op: the reference engine runs this every decode step).
+    bias = F.pad(rows.key_bias, (0, 1), value=0.0)
+    semantic = F.pad(rows.semantic_keys, (0, 1), value=1.0)
     other = F.pad(rows.other_keys, (0, 1), value=0.0)
     return PreparedRows(bias, semantic, other, rows.kappa, rows.blend, rows.on, rows.all_on)
 

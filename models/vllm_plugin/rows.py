@@ -253,8 +253,7 @@ class StepPlan:
             self._make_room(block_table, block_size, seqs)
         if self.num_tokens != n:
             self.token_index, self.num_tokens = self.batch_row, n
-            self._sets.clear()
-            self._by_layer.clear()
+            self._forget_row_sets()
         for rows in self._sets.values():
             if rows is None:
                 continue
@@ -276,13 +275,24 @@ class StepPlan:
         widest = int(keys.max())
         nb = -(-widest // block_size)
         self.blocks = block_table[seqs, :nb].to(torch.long)
-        room = min(GROWTH, int((-keys % block_size).min()))
+        room = _room(keys, block_size)
         if widest + room > self.num_keys:
             self.num_keys = widest + room
             self.prepared = widen(self.prepared, self.num_keys)
         self.room = room + 1
+        self._forget_row_sets()
+
+    def _forget_row_sets(self) -> None:
+        """The row sets (and their bound calls) are built again at their first layer: they hold token
+        indices, block indices and mask tensors that just changed."""
         self._sets.clear()
         self._by_layer.clear()
+
+
+def _room(keys: np.ndarray, block_size: int) -> int:
+    """Decode steps a plan may take in place from rows with `keys` keys each: up to GROWTH, and no row's next
+    key past the blocks it has (vLLM fills in a block's id when the keys reach it)."""
+    return min(GROWTH, int((-keys % block_size).min()))
 
 
 _ARANGES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -351,7 +361,7 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     seqs_table = torch.from_numpy(seqs).to(block_table.device)
     blocks = block_table[seqs_table, :nb].to(torch.long)
     moves_on = total == seqs.shape[0] == int(t.enabled.sum())  # decode steps may move it on (StepPlan.advance)
-    room = min(GROWTH, int(((-(position + 1)) % block_size).min())) if moves_on else 0
+    room = _room(position + 1, block_size) if moves_on else 0
     num_keys = widest + room
 
     width = min(t.image_keys.shape[1], num_keys)
