@@ -8,6 +8,7 @@ the operator runs compiled ahead of time by torch from this very code (models/al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,21 +197,42 @@ def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: t
     cost low: masks are float weights (multiplies and adds instead of masked copies or K-wide
     `where`s), and each stage is one `lerp` toward the row's target with a per-head weight that is 0
     for the heads the stage does not move. Tensors only (no dataclasses), so that torch.export can
-    trace it.
+    trace it. It is :func:`head_partials` then :func:`blend_targets`, the two halves a tensor-parallel
+    shard runs on either side of its collective (:func:`align_sharded`).
     """
     s = scores + key_bias  # float32, or the scores' dtype when wider
+    semantic, core, glob, global_sum, n_global, core_max, n_core = head_partials(s, semantic_keys, other_keys, kappa)
+    out, stage1, stage2 = blend_targets(s, semantic, glob, global_sum, n_global, core_max, n_core, blend, on)
+    return out, semantic, core, glob, stage1, stage2
+
+
+def head_partials(s: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor, kappa: torch.Tensor,
+                  ) -> tuple[torch.Tensor, ...]:
+    """The heads' groups and the cross-head quantities the stages need, in forms that add up over shards
+    of the heads: (semantic, core, global) masks `[R, H]`, the global heads' score sum `[R, 1, K]` and
+    count `[R, 1]`, the element-wise max of the core heads' scores `[R, 1, K]` and their count `[R, 1]`.
+    `s`: scores with the key bias added."""
     semantic, core = _classify(s.float(), semantic_keys, other_keys, kappa)
     glob = semantic ^ core  # core heads are semantic heads: the rest of them are global
     glob_w = glob.to(s.dtype)
     n_global = glob_w.sum(-1, keepdim=True)  # [R, 1]
-    global_mean = torch.matmul((glob_w / n_global.clamp(min=1)).unsqueeze(1), s)  # [R, 1, K]
+    global_sum = torch.matmul(glob_w.unsqueeze(1), s)  # [R, 1, K]
     # MASKED on non-core heads makes max() pick core heads only; rows without core heads are excluded
-    # by the stage-2 condition below (their weight is 0), and the value stays finite.
+    # by the stage-2 condition (their weight is 0), and the value stays finite.
     core_bias = torch.where(core, 0.0, MASKED).unsqueeze(-1)  # [R, H, 1]: an add, not a K-wide where
     core_max = (s + core_bias).amax(1, keepdim=True)  # [R, 1, K]
+    n_core = core.to(s.dtype).sum(-1, keepdim=True)  # [R, 1]
+    return semantic, core, glob, global_sum, n_global, core_max, n_core
 
+
+def blend_targets(s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, global_sum: torch.Tensor,
+                  n_global: torch.Tensor, core_max: torch.Tensor, n_core: torch.Tensor, blend: torch.Tensor,
+                  on: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both stages from the cross-head quantities of :func:`head_partials` (over every head of the layer):
+    the aligned scores and the heads each stage moved `[R, H]`."""
+    global_mean = global_sum / n_global.clamp(min=1).unsqueeze(-1)  # [R, 1, K]
     stage1 = ~semantic & (n_global > 0)
-    stage2 = glob & core.any(-1, keepdim=True)
+    stage2 = glob & (n_core > 0)
     if on is not None:
         stage1, stage2 = stage1 & on, stage2 & on
     # (s + omega * target) / (1 + omega) == lerp(s, target, omega / (1 + omega)); a weight of 0 leaves
@@ -219,7 +241,35 @@ def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: t
     w1 = (stage1.unsqueeze(-1) * blend).to(s.dtype)  # no-op casts unless knobs and scores differ
     w2 = (stage2.unsqueeze(-1) * blend).to(s.dtype)
     out = torch.lerp(torch.lerp(s, global_mean, w1), core_max, w2)
-    return out, semantic, core, glob, stage1, stage2
+    return out, stage1, stage2
+
+
+# Gathers a tensor from every shard of a layer's heads: `[R, C]` in, `[shards, R, C]` out, in shard order.
+ShardGather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def align_sharded(scores: torch.Tensor, rows: PreparedRows, gather: ShardGather,
+                  ) -> tuple[torch.Tensor, HeadGroups, torch.Tensor]:
+    """:func:`align_prepared` for one shard of a layer's heads (tensor parallelism: each worker holds some
+    of the query heads). Classification is per head; the global heads' mean, the core heads' max and the
+    "both groups non-empty" tests are over every head of the layer, so each shard's partial sums, maxima
+    and counts are gathered (one collective: `gather`) and combined in shard order, the same on every
+    shard. Returns the aligned scores of this shard's heads, its head groups (stage masks: its heads
+    moved), and per row whether each stage moved any head of any shard (bool `[R, 2]`, for telemetry)."""
+    s = scores + rows.key_bias
+    semantic, core, glob, global_sum, n_global, core_max, n_core = head_partials(
+        s, rows.semantic_keys, rows.other_keys, rows.kappa)
+    k = s.shape[-1]
+    n_other = (~semantic).to(s.dtype).sum(-1, keepdim=True)
+    every = gather(torch.cat([global_sum[:, 0], core_max[:, 0], n_global, n_core, n_other], -1))  # [W, R, 2K + 3]
+    global_sum, core_max = every[..., :k].sum(0).unsqueeze(1), every[..., k: 2 * k].amax(0).unsqueeze(1)
+    n_global, n_core, n_other = every[..., 2 * k:].sum(0).split(1, -1)
+    on = None if rows.all_on else rows.on
+    out, stage1, stage2 = blend_targets(s, semantic, glob, global_sum, n_global, core_max, n_core, rows.blend, on)
+    moved = torch.cat([(n_other > 0) & (n_global > 0), (n_global > 0) & (n_core > 0)], -1)  # [R, 2]
+    if on is not None:
+        moved &= on
+    return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2), moved
 
 
 # models.alignment_compiled.CompiledOperator once loaded; False where it cannot be (or is turned off).

@@ -324,7 +324,11 @@ def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int) -> None:
     from models.vllm_plugin.rows import _kernel_for
 
     bs, g, rep, n_blocks, num_keys = 128, 2, 2, 6, 300
-    assert cache_layout("amx", torch.bfloat16, bs, hd) is None
+    try:
+        layout = cache_layout("amx", torch.bfloat16, bs, hd)
+    except RuntimeError as err:  # vLLM's AVX2-only build (AVX2 machines) has no AMX cache writer
+        pytest.skip(f"this vLLM build has no AMX cache writer: {err}")
+    assert layout is None
     gen = torch.Generator().manual_seed(hd)
     cache = torch.zeros(n_blocks, g, bs, 2 * hd, dtype=torch.bfloat16)
     kc, vc = cache.view(n_blocks, g, 2 * bs, hd).chunk(2, dim=2)

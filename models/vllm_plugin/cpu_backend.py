@@ -32,6 +32,7 @@ from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_kernel import kernel
 from models.vllm_plugin.rows import PagedKV, RowSet, align_layer, step_plan
 from models.vllm_plugin.state import STATE
+from models.vllm_plugin.tensor_parallel import head_shards
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
@@ -180,6 +181,7 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         # first aligned request.
         kernel()
         compiled_operator()
+        self._shards = head_shards()  # None with one worker: no collective
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -210,7 +212,8 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         assert plan is not None and self._layer is not None
         if self._paged is None or self._paged[0] is not kv_cache:
             self._paged = (kv_cache, cpu_kv(kv_cache, layer.isa, self.head_size))
-        align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads, STATE, rows)
+        align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads, STATE, rows,
+                    self._shards)
         return output
 
     def _stock(self, layer: Any, query: torch.Tensor, md: Any, rows: RowSet) -> StockRows | None:

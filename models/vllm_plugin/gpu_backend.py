@@ -14,12 +14,15 @@ Only this module imports FlashAttention, and only on CUDA platforms.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
 from models.vllm_plugin.cpu_backend import layer_index
 from models.vllm_plugin.rows import PagedKV, align_layer, step_plan
 from models.vllm_plugin.state import STATE
+from models.vllm_plugin.tensor_parallel import head_shards
 
 
 def paged_flash_kv(kv_cache: torch.Tensor) -> PagedKV:
@@ -32,6 +35,10 @@ def paged_flash_kv(kv_cache: torch.Tensor) -> PagedKV:
 class SeviFlashAttentionImpl(FlashAttentionImpl):
     _layer: int | None = None
     _layer_known = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shards = head_shards()  # None with one GPU: no collective
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -50,7 +57,7 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
         if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
             raise RuntimeError(f"SEVI: unexpected FlashAttention cache shape {tuple(kv_cache.shape)}")
         align_layer(plan, self._layer, query, output, paged_flash_kv(kv_cache), self.scale, self.num_kv_heads,
-                    STATE)
+                    STATE, shards=self._shards)
         return out
 
 

@@ -24,6 +24,7 @@ aborts it). Waiting is not an option: vLLM appends a sampled token to every row 
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -171,7 +172,7 @@ class SeviLogitsProcessor(LogitsProcessor):
         """The reference engine's sampler (models.generation.DecodeBatch._sample), draw for draw."""
         gen = self._generators.get(pair)
         if gen is None:
-            seed = row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            seed = row.seed if row.seed is not None else pair_seed(pair)
             gen = torch.Generator().manual_seed(seed)
             self._generators[pair] = gen
             while len(self._generators) > _MAX_GENERATORS:
@@ -182,6 +183,12 @@ class SeviLogitsProcessor(LogitsProcessor):
             keep = sorted_p.cumsum(-1) - sorted_p < row.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=gen)[0])
+
+
+def pair_seed(pair: str) -> int:
+    """The seed of an unseeded sampled pair, derived from its id: every tensor-parallel worker samples the
+    pair and must draw the same token (a worker's own RNG would differ from the others')."""
+    return int.from_bytes(hashlib.sha256(pair.encode()).digest()[:8], "little") >> 2
 
 
 def _row(index: int | None) -> Row:

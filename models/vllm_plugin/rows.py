@@ -30,8 +30,10 @@ import torch
 
 from models.alignment import (
     PreparedRows,
+    ShardGather,
     add_key_,
     align_prepared,
+    align_sharded,
     compiled_for,
     operator_inputs,
     prepare_rows,
@@ -512,12 +514,15 @@ def _values_on(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, n
 
 
 def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.Tensor, cache: PagedKV,
-                scale: float, num_kv_heads: int, state: WorkerState | None, rows: RowSet | None = None) -> None:
+                scale: float, num_kv_heads: int, state: WorkerState | None, rows: RowSet | None = None,
+                shards: ShardGather | None = None) -> None:
     """Overwrite `output` rows of this layer's aligned rows with SEVI-aligned attention.
 
     query: [T, H, D]; output: [T, H * D] or [T, H, D] (written in place); state: where the layer's
     telemetry is recorded (:meth:`WorkerState.record`, counted once per step); rows: `plan.rows_at(layer)`
-    where the caller has it already.
+    where the caller has it already; shards: with tensor parallelism, the gather over the workers that
+    hold the layer's other heads (`query` holds this worker's): the operator then exchanges its
+    cross-head quantities (:func:`models.alignment.align_sharded`), one collective per aligned layer.
     """
     rows = rows if rows is not None else plan.rows_at(layer)
     if rows is None:
@@ -528,17 +533,21 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     out = output.view(n_tokens, n_heads, head_dim)
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
     new = out[:r] if direct else torch.empty(r, n_heads, head_dim, dtype=torch.float32, device=q.device)
-    bound = rows.bound(cache, scale, num_kv_heads, n_heads, head_dim)
+    bound = rows.bound(cache, scale, num_kv_heads, n_heads, head_dim) if shards is None else None
+    moved = None
     if bound is not None:  # the C kernel and the compiled operator, arguments bound once per plan
         stage1, stage2 = bound.run(q, cache, new)
     else:
         scores = block_scores(q.view(r, num_kv_heads, n_heads // num_kv_heads, head_dim), cache, rows.block_index,
                               plan.num_keys, scale, key_counts=rows.key_count)  # [R, H, K]
-        aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
+        if shards is None:
+            aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
+        else:
+            aligned, groups, moved = align_sharded(scores, rows.prepared, shards)
         block_values(aligned, cache, rows.block_index, num_kv_heads, new, key_counts=rows.key_count, softmax=True)
         assert groups.stage1 is not None and groups.stage2 is not None
         stage1, stage2 = groups.stage1, groups.stage2
     if not direct:
         out.index_copy_(0, rows.token_index, new.to(out.dtype))
     if state is not None:
-        state.record(rows.batch_row, stage1, stage2)
+        state.record(rows.batch_row, stage1, stage2, moved)

@@ -75,7 +75,7 @@ class WorkerState:
         # Scratch written by the attention backend, folded into the rows when the batch changes.
         self.step_counts: torch.Tensor | None = None  # long [B, 4], telemetry since the last fold (see counts())
         # Per-layer (batch rows, stage-1 heads, stage-2 heads), counted in batches by counts().
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.seq_lens: torch.Tensor | None = None  # this step's seq_lens per row (lockstep checks)
         self.plan_cache: tuple[int, int, Any] | None = None  # (step, id(metadata), plan)
         self.filed: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -115,23 +115,29 @@ class WorkerState:
         self.seq_lens = None
         self.step += 1
 
-    def record(self, batch_row: torch.Tensor, stage1: torch.Tensor, stage2: torch.Tensor) -> None:
-        """Note one layer's aligned rows (`[R]` batch indices) and the heads `[R, H]` each stage moved."""
-        self.pending.append((batch_row, stage1, stage2))
+    def record(self, batch_row: torch.Tensor, stage1: torch.Tensor, stage2: torch.Tensor,
+               rows_moved: torch.Tensor | None = None) -> None:
+        """Note one layer's aligned rows (`[R]` batch indices) and the heads `[R, H]` each stage moved.
+        rows_moved (bool `[R, 2]`): whether each stage moved any head of the layer, where this worker
+        holds only some of its heads (tensor parallelism); else it is read from the stage masks."""
+        self.pending.append((batch_row, stage1, stage2, rows_moved))
 
     def counts(self) -> torch.Tensor | None:
         """Telemetry `[B, 4]` not yet folded into the rows (None if nothing was aligned since): the
         pending layers are counted here, one reduction per set of rows (the layers of a step share
         one, and so do the decode steps of an unchanged batch)."""
-        by_rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        by_rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
         for item in self.pending:
             by_rows.setdefault(id(item[0]), []).append(item)
         self.pending = []
         for items in by_rows.values():
             rows = items[0][0]
-            moved = torch.stack([m for _, s1, s2 in items for m in (s1, s2)]).unflatten(0, (len(items), 2))
+            moved = torch.stack([m for _, s1, s2, _ in items for m in (s1, s2)]).unflatten(0, (len(items), 2))
+            flags = [f for *_, f in items if f is not None]
+            # Rows a stage moved: from this worker's heads, or as the layer's shards agreed (tensor parallel).
+            stage_rows = torch.stack(flags).sum(0) if flags else moved.any(-1).sum(0).t()
             per_row = torch.cat([torch.full((rows.shape[0], 1), len(items), dtype=torch.long, device=rows.device),
-                                 moved.any(-1).sum(0).t(), moved.sum((0, 1, 3))[:, None]], 1)  # [R, 4]
+                                 stage_rows, moved.sum((0, 1, 3))[:, None]], 1)  # [R, 4]
             if self.step_counts is None:
                 self.step_counts = torch.zeros(self.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long,
                                                device=rows.device)

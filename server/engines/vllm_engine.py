@@ -137,7 +137,7 @@ class VllmEngine(QueuedEngine):
         self._cancelled = 0
         self._failed = 0
         self._counter = 0
-        self._telemetry: Any = None  # models.vllm_plugin.state.STATE when workers share this process
+        self._worker_state: Any = None  # models.vllm_plugin.state.STATE when the worker shares this process
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:
@@ -153,8 +153,8 @@ class VllmEngine(QueuedEngine):
         if engine is not None:
             with contextlib.suppress(Exception):
                 engine.engine_core.shutdown()
-        if self._telemetry is not None:
-            self._telemetry.reset()  # one vLLM engine per process at a time: the plugin state is global
+        if self._worker_state is not None:
+            self._worker_state.reset()  # one vLLM engine per process at a time: the plugin state is global
 
     @property
     def ready(self) -> bool:
@@ -261,7 +261,7 @@ class VllmEngine(QueuedEngine):
         self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
                       and kwargs["distributed_executor_backend"] == "uni")
-        self._telemetry = STATE if in_process else None
+        self._worker_state = STATE if in_process else None
         log.info("vLLM model loaded", extra={"fields": {"model": self._model_dir, "layers": self._num_layers,
                                                         "seconds": round(time.perf_counter() - t0, 3)}})
 
@@ -371,10 +371,12 @@ class VllmEngine(QueuedEngine):
                           telemetry)
 
     def _collect_telemetry(self, job: _Job) -> dict[str, int]:
-        if self._telemetry is None:
-            return {}
-        found = self._telemetry.collect(job.main_id) or {}
-        return {k: int(v) for k, v in found.items()}
+        """The request's telemetry from every vLLM worker (one `collective_rpc`: in-process with the `uni`
+        executor, a message round trip with `mp` / `ray`), merged over shards and stages."""
+        from models.vllm_plugin.telemetry import collect_on_worker, merge
+
+        replies = self._engine.collective_rpc(collect_on_worker, args=([job.main_id],))
+        return merge(replies, job.main_id)
 
     def _release(self, job: _Job, vllm_done: bool) -> None:
         """Bookkeeping for a job that ended here; stop its rows in vLLM unless vLLM finished the main one."""
