@@ -12,6 +12,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+# Requests decoding at once where max_batch_size is unset: the reference engine everywhere, the vLLM engine on
+# CPU (a few cores: a larger batch makes every step slower). On a GPU the vLLM engine follows vLLM's own
+# defaults instead (server/engines/vllm_engine.py: vllm_batch_args).
+DEFAULT_MAX_BATCH_SIZE = 8
 
 
 class Settings(BaseSettings):
@@ -36,7 +40,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of the engine "
                                        "(default on CPU: every core but one, left to the HTTP loop).")
 
-    max_batch_size: int = Field(8, ge=1, description="Most requests decoding at once.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most requests decoding at once (default: 8; the vLLM engine on a GPU: vLLM's "
+                                "own max_num_seqs for the device, half of it in requests).")
     max_cohorts: int = Field(
         2, ge=1, description="Most batches interleaved step by step, so new arrivals need not wait for a batch to end.")
     max_queue: int = Field(64, ge=1, description="Most requests waiting for a batch slot; beyond it 503 + Retry-After.")

@@ -32,7 +32,7 @@ from server.engines.base import (
     default_cpu_threads,
     set_torch_threads,
 )
-from server.settings import Settings
+from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
 
 log = logging.getLogger("sevi.engine")
 
@@ -81,7 +81,8 @@ class TransformersEngine(QueuedEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TransformersEngine:
-        return cls(str(settings.model), model_name=settings.model_id, max_batch_size=settings.max_batch_size,
+        batch = settings.max_batch_size if settings.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
+        return cls(str(settings.model), model_name=settings.model_id, max_batch_size=batch,
                    max_queue=settings.max_queue, max_cohorts=settings.max_cohorts, dtype=settings.dtype,
                    device=settings.device, torch_threads=settings.torch_threads,
                    contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None)

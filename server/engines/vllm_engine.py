@@ -46,7 +46,7 @@ from server.engines.base import (
     default_cpu_threads,
     set_torch_threads,
 )
-from server.settings import Settings
+from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
 
 log = logging.getLogger("sevi.engine.vllm")
 
@@ -110,14 +110,16 @@ class VllmEngine(QueuedEngine):
     _load_context = " with vLLM"
     _log = log
 
-    def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
+    def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int | None = None, max_queue: int = 64,
                  dtype: str = "float32", contrast_pool_dir: str | None = None, max_images_per_request: int = 4,
                  torch_threads: int | None = None, options: VllmOptions | None = None) -> None:
         super().__init__()
         self._torch_threads = torch_threads
         self._model_dir = model_dir
         self._model_name = model_name
-        self._max_batch = max_batch_size
+        # None: the device's default, resolved at load (vllm_batch_args); until then the CPU's, for the stats.
+        self._batch_setting = max_batch_size
+        self._max_batch = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
         self._max_queue = max_queue
         self._dtype = dtype
         self._pool_dir = contrast_pool_dir
@@ -235,9 +237,9 @@ class VllmEngine(QueuedEngine):
         opts = self.options
         text_cfg = config.get("text_config", config)
         self._num_layers = int(text_cfg["num_hidden_layers"])
+        batch_args, usage_context = vllm_batch_args(self._batch_setting, _on_gpu())
         kwargs: dict[str, Any] = dict(
-            model=str(path), dtype=self._dtype, seed=opts.seed, max_model_len=opts.max_model_len,
-            max_num_seqs=2 * self._max_batch,  # a contrast row per request at most
+            model=str(path), dtype=self._dtype, seed=opts.seed, max_model_len=opts.max_model_len, **batch_args,
             tensor_parallel_size=opts.tensor_parallel_size, pipeline_parallel_size=opts.pipeline_parallel_size,
             distributed_executor_backend=opts.distributed_executor_backend or (
                 "uni" if opts.tensor_parallel_size * opts.pipeline_parallel_size == 1 else None),
@@ -258,7 +260,9 @@ class VllmEngine(QueuedEngine):
         self._tokenizer = self._processor.tokenizer
         self._pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else ContrastPool.default()
         self._eos = _eos_ids(path, self._tokenizer)
-        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
+        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
+        # The queue bound and the stats count requests: two sequences each at most (a contrast row).
+        self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
         in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
                       and kwargs["distributed_executor_backend"] == "uni")
         self._worker_state = STATE if in_process else None
@@ -417,6 +421,32 @@ class VllmEngine(QueuedEngine):
 
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             job.loop.call_soon_threadsafe(deliver)
+
+
+def vllm_batch_args(max_batch_size: int | None, on_gpu: bool) -> tuple[dict[str, Any], Any]:
+    """vLLM's batch limits (EngineArgs fields) and the usage context (a vLLM `UsageContext`) that picks the
+    defaults of those left out.
+
+    A max_batch_size the user set holds on any device: two sequences per request (a contrast row at most).
+    Unset, on a GPU: vLLM's own defaults, the ones `vllm serve` picks for the device (its server usage context:
+    max_num_seqs 256, 1024 on GPUs of 70 GB and more other than the A100), since a GPU batches hundreds of
+    sequences at little cost per row. On CPU: 8 requests (16 sequences), as before; a larger batch only makes
+    each step slower on a few cores (vLLM's own server would take 128 sequences there).
+    """
+    from vllm.usage.usage_lib import UsageContext
+
+    # On GPU the server context also sizes max_num_batched_tokens by device; on CPU it stays vLLM's default.
+    context = UsageContext.OPENAI_API_SERVER if on_gpu else UsageContext.ENGINE_CONTEXT
+    if max_batch_size is None and on_gpu:
+        return {}, context
+    batch = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
+    return {"max_num_seqs": 2 * batch}, context
+
+
+def _on_gpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda_alike())
 
 
 def _has_entry_point(group: str, name: str) -> bool:
