@@ -249,6 +249,11 @@ class VllmEngine(QueuedEngine):
         )
         if not config.get("architectures") and config.get("model_type") in _ARCHITECTURES:
             kwargs["hf_overrides"] = {"architectures": [_ARCHITECTURES[config["model_type"]]]}
+        if current_platform.is_cpu() and opts.pipeline_parallel_size > 1 and opts.enforce_eager:
+            # vLLM's CPU workers allocate the buffers a later pipeline stage receives into only in their compile
+            # warm-up, which eager mode skips: the first step would fail (vLLM 0.32).
+            log.warning("enforce_eager ignored: vLLM's CPU pipeline stages need the compiled model's warm-up")
+            kwargs["enforce_eager"] = False
         if current_platform.is_cuda():
             # FULL CUDA graphs would replay the stock attention and skip the alignment (gpu_backend.py).
             kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
