@@ -60,6 +60,10 @@ class Metrics:
                                           buckets=tuple(i / 10 for i in range(11)), registry=r)
         self.heads_reweighted = Counter("sevi_heads_reweighted", "Attention heads re-weighted by SEVI (telemetry).",
                                         registry=r)
+        self.contrast_dissolved = Counter(
+            "sevi_contrast_pairs_dissolved", "Requests whose contrastive decoding pair fell out of lockstep, so part "
+            "of the output was decoded without contrast (telemetry contrast_dissolved; the vLLM engine's scheduler "
+            "keeps pairs together, so this should stay 0).", registry=r)
         self.cancelled = Counter("sevi_cancelled_requests", "Requests cancelled by the server.", ["reason"],
                                  registry=r)
         r.register(_EngineCollector(engine_stats))

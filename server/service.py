@@ -150,9 +150,13 @@ class Run:
             heads = (ev.telemetry or {}).get("heads_reweighted", 0)
             if heads:
                 self.metrics.heads_reweighted.inc(heads)
+            dissolved = bool((ev.telemetry or {}).get("contrast_dissolved"))
+            if dissolved:
+                self.metrics.contrast_dissolved.inc()
             self._log(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                       finish_reason=ev.finish_reason, engine_ms=round(self.stats.engine_s * 1000, 3),
-                      queue_ms=round(self.stats.queue_s * 1000, 3), heads_reweighted=heads)
+                      queue_ms=round(self.stats.queue_s * 1000, 3), heads_reweighted=heads,
+                      **({"contrast_dissolved": True} if dissolved else {}))
 
     def _cancelled(self, reason: str) -> None:
         self.metrics.cancelled.labels(reason).inc()

@@ -34,7 +34,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from models.conservativeness import AlignmentParamError
 from models.contrastive import contrast_logits
-from models.vllm_plugin.params import has_sevi_args, parse_row_request
+from models.vllm_plugin.params import SEED_KEY, has_sevi_args, parse_row_request
 from models.vllm_plugin.state import STATE, Row
 
 if TYPE_CHECKING:
@@ -108,9 +108,10 @@ class SeviLogitsProcessor(LogitsProcessor):
         mask = np.asarray(prompt_ids, dtype=np.int64) == STATE.image_token_id
         found = np.flatnonzero(mask)
         last = int(found[-1]) if found.size else -1
+        seed = params.seed if params.seed is not None else extra.get(SEED_KEY)  # type: ignore[union-attr]
         return Row(request=request, prompt_len=len(prompt_ids), last_image=last, image_mask=mask,
                    output_ids=output_ids, temperature=float(params.temperature), top_p=float(params.top_p),
-                   seed=params.seed)
+                   seed=int(seed) if seed is not None else None)
 
     def _index_pairs(self) -> None:
         pairs: dict[str, list[int | None]] = {}

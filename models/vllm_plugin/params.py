@@ -8,7 +8,10 @@ same flat keys in `vllm_xargs` (flat because `vllm_xargs` values must be scalars
 - `sevi_role` (`main` | `contrast`) and `sevi_pair` (an id shared by the two rows): contrastive
   decoding pairs, written by our engine only (a contrast row needs a contrast image, which the engine
   supplies);
-- `sevi_id`: a key under which the worker files the request's alignment telemetry.
+- `sevi_id`: a key under which the worker files the request's alignment telemetry;
+- `sevi_seed`: a sampled pair's seed. The engine gives it here instead of `SamplingParams.seed`: the logits
+  processor samples the pair itself, and vLLM's own per-request generator would be rewound after every
+  partial prefill chunk, which CPU generators refuse (`CPU Generator does not use offset`).
 
 Only torch-free code lives here: the front end (validate_params) imports it before any model exists.
 """
@@ -25,6 +28,7 @@ KNOB_KEYS = ("conservativeness", "omega", "start_layer", "kappa")
 ROLE_KEY = "sevi_role"
 PAIR_KEY = "sevi_pair"
 ID_KEY = "sevi_id"
+SEED_KEY = "sevi_seed"
 ROLES = ("main", "contrast")
 # Without a model at hand (vLLM's front end validates before the worker exists), start_layer is only
 # checked for being a non-negative integer; the worker clamps nothing, a layer past the depth aligns none.
@@ -98,13 +102,15 @@ def _integer(extra: Mapping[str, Any], name: str) -> int | None:
 
 
 def to_extra_args(alignment: AlignmentParams, *, role: str | None = None, pair: str | None = None,
-                  key: str | None = None) -> dict[str, Any]:
+                  key: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """The extra_args our engine sends for a resolved parameter set (explicit values, no re-mapping)."""
     out: dict[str, Any] = {"conservativeness": alignment.conservativeness, "omega": alignment.omega,
                            "start_layer": alignment.start_layer, "kappa": alignment.kappa}
     if role is not None:
         out[ROLE_KEY] = role
         out[PAIR_KEY] = pair
+        if seed is not None:
+            out[SEED_KEY] = seed
     if key is not None:
         out[ID_KEY] = key
     return out

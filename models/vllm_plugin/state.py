@@ -161,6 +161,9 @@ class WorkerState:
         if key is not None and key in self.filed:  # resumed after preemption: keep counting
             earlier = self.filed.pop(key)
             row.telemetry = [int(earlier.get(n, 0)) for n in TELEMETRY_FIELDS]
+            pair = row.request.pair
+            if pair is not None and "contrast_steps" in earlier:  # a pair resumed together (scheduler.py)
+                self.contrast_steps[pair] = self.contrast_steps.get(pair, 0) + int(earlier["contrast_steps"])
         self.rows[index] = row
         self._arrays = None
 

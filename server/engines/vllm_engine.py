@@ -49,6 +49,7 @@ from server.engines.base import (
 from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
 
 log = logging.getLogger("sevi.engine.vllm")
+SCHEDULER_CLS = "models.vllm_plugin.scheduler.SeviScheduler"
 
 # vLLM reads the architecture from config.json; folders saved from a bare config may lack it.
 _ARCHITECTURES = {
@@ -84,8 +85,11 @@ class VllmOptions(BaseSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enforce_eager: bool = Field(False, description="No torch.compile / CUDA graphs: starts 10-60 s sooner, "
                                 "decodes ~15% slower on CPU (measured in bench/engines.py).")
-    prefix_caching: bool = Field(True, description="Prefix cache; aligned requests get an alignment cache salt.")
+    prefix_caching: bool = Field(True, description="Prefix cache (aligned requests cache only the blocks before "
+                                 "their last prompt row: models/vllm_plugin/scheduler.py).")
     seed: int = 0
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Further vLLM EngineArgs as JSON, e.g. "
+                                        "SEVI_VLLM_ENGINE_ARGS='{\"max_num_batched_tokens\": 4096}'.")
 
 
 @dataclass(eq=False)
@@ -247,6 +251,10 @@ class VllmEngine(QueuedEngine):
             enforce_eager=opts.enforce_eager,
             gpu_memory_utilization=opts.gpu_memory_utilization, disable_log_stats=False,
         )
+        # Contrast pairs scheduled in lockstep, and no aligned row in the prefix cache (scheduler.py). Synchronous
+        # scheduling: the pairs' lockstep is decided from each step's outputs before the next step is planned.
+        kwargs.update(scheduler_cls=SCHEDULER_CLS, async_scheduling=False)
+        kwargs.update(opts.engine_args)
         if not config.get("architectures") and config.get("model_type") in _ARCHITECTURES:
             kwargs["hf_overrides"] = {"architectures": [_ARCHITECTURES[config["model_type"]]]}
         if current_platform.is_cpu() and opts.pipeline_parallel_size > 1 and opts.enforce_eager:
@@ -295,16 +303,20 @@ class VllmEngine(QueuedEngine):
                 max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
                 stop_token_ids=[] if sp.ignore_eos else sorted(self._eos), ignore_eos=sp.ignore_eos,
                 detokenize=False, output_kind=RequestOutputKind.DELTA)
+            if contrast:  # the logits processor samples a pair with this seed (params.py: sevi_seed)
+                base["seed"] = None
+            seed = sp.seed if contrast else None
             main_sp = SamplingParams(**base, extra_args=to_extra_args(
-                params, role="main" if contrast else None, pair=pair, key=job.main_id))
-            prompt = self._prompt(text, req.images, salt=params if params.active else None)
+                params, role="main" if contrast else None, pair=pair, key=job.main_id, seed=seed))
+            prompt = self._prompt(text, req.images)
             if contrast:
                 assert self._pool is not None
                 images = req.contrast_images or self._pool.draw(sp.seed, req.images[0], k=len(req.images))
                 job.contrast_id = job.main_id + ":contrast"
-                c_sp = SamplingParams(**base, extra_args=to_extra_args(params, role="contrast", pair=pair))
+                c_sp = SamplingParams(**base, extra_args=to_extra_args(params, role="contrast", pair=pair,
+                                                                        seed=seed))
                 # Contrast first, main second, both before the next step(): admitted in the same step.
-                self._engine.add_request(job.contrast_id, self._prompt(text, images, salt=None), c_sp)
+                self._engine.add_request(job.contrast_id, self._prompt(text, images), c_sp)
             self._engine.add_request(job.main_id, prompt, main_sp)
         except (ValueError, TypeError, VLLMValidationError) as exc:  # vLLM's validation (incl. SEVI's): a 400
             if job.contrast_id is not None:
@@ -333,14 +345,13 @@ class VllmEngine(QueuedEngine):
         return str(self._processor.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False))
 
     @staticmethod
-    def _prompt(text: str, images: list[Any], salt: Any) -> dict[str, Any]:
+    def _prompt(text: str, images: list[Any]) -> dict[str, Any]:
+        # No cache salt: the scheduler keeps aligned rows out of the prefix cache, so every cached block is the
+        # unmodified model's and is exact for any request (scheduler.py).
         prompt: dict[str, Any] = {"prompt": text}
         if images:
             rgb = [im.convert("RGB") for im in images]
             prompt["multi_modal_data"] = {"image": rgb[0] if len(rgb) == 1 else rgb}
-        if salt is not None:
-            # K/V of an aligned request's rows depend on its alignment: key its prefix-cache blocks by it.
-            prompt["cache_salt"] = f"sevi:{salt.omega!r}:{salt.start_layer}:{salt.kappa!r}"
         return prompt
 
     # ---- tokens out -----------------------------------------------------------------------------------
