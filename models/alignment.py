@@ -170,14 +170,15 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
 
 
-def compiled_for(rows: PreparedRows) -> Any:
+def compiled_for(rows: PreparedRows, sharded: bool = False) -> Any:
     """The compiled operator where it runs these rows (float32 knobs in CPU memory, contiguous: its code
-    assumes the strides it was traced with), else None. The scores must be float32 and contiguous too."""
+    assumes the strides it was traced with), else None. The scores must be float32 and contiguous too.
+    sharded: the two halves of :func:`align_sharded` instead (a pair)."""
     if rows.blend.dtype != torch.float32 or rows.key_bias.device.type != "cpu" or not all(
             t.is_contiguous() for t in (rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
                                         rows.on)):
         return None
-    return compiled_operator()
+    return compiled_sharded() if sharded else compiled_operator()
 
 
 def operator_inputs(scores: torch.Tensor, rows: PreparedRows) -> list[torch.Tensor]:
@@ -255,36 +256,72 @@ def align_sharded(scores: torch.Tensor, rows: PreparedRows, gather: ShardGather,
     "both groups non-empty" tests are over every head of the layer, so each shard's partial sums, maxima
     and counts are gathered (one collective: `gather`) and combined in shard order, the same on every
     shard. Returns the aligned scores of this shard's heads, its head groups (stage masks: its heads
-    moved), and per row whether each stage moved any head of any shard (bool `[R, 2]`, for telemetry)."""
-    s = scores + rows.key_bias
-    semantic, core, glob, global_sum, n_global, core_max, n_core = head_partials(
-        s, rows.semantic_keys, rows.other_keys, rows.kappa)
-    k = s.shape[-1]
-    n_other = (~semantic).to(s.dtype).sum(-1, keepdim=True)
-    every = gather(torch.cat([global_sum[:, 0], core_max[:, 0], n_global, n_core, n_other], -1))  # [W, R, 2K + 3]
-    global_sum, core_max = every[..., :k].sum(0).unsqueeze(1), every[..., k: 2 * k].amax(0).unsqueeze(1)
-    n_global, n_core, n_other = every[..., 2 * k:].sum(0).split(1, -1)
-    on = None if rows.all_on else rows.on
-    out, stage1, stage2 = blend_targets(s, semantic, glob, global_sum, n_global, core_max, n_core, rows.blend, on)
-    moved = torch.cat([(n_other > 0) & (n_global > 0), (n_global > 0) & (n_core > 0)], -1)  # [R, 2]
-    if on is not None:
-        moved &= on
+    moved), and per row whether each stage moved any head of any shard (bool `[R, 2]`, for telemetry).
+
+    On the CPU both halves run compiled ahead of time like the whole operator (the same functions,
+    traced), where the scores are float32 and contiguous."""
+    compiled = compiled_for(rows, sharded=True) if scores.dtype == torch.float32 and scores.is_contiguous() else None
+    if compiled is not None:
+        s, semantic, core, glob, packed = compiled[0].run([scores, *operator_inputs(scores, rows)[1:5]])
+        out, stage1, stage2, moved = compiled[1].run([s, semantic, glob, gather(packed), rows.blend, rows.on])
+    else:
+        s, semantic, core, glob, packed = shard_partials(scores, rows.key_bias, rows.semantic_keys, rows.other_keys,
+                                                         rows.kappa)
+        out, stage1, stage2, moved = shard_finish(s, semantic, glob, gather(packed), rows.blend,
+                                                  None if rows.all_on else rows.on)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2), moved
 
 
-# models.alignment_compiled.CompiledOperator once loaded; False where it cannot be (or is turned off).
-_COMPILED: Any = None
+def shard_partials(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
+                   kappa: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A shard's half before the exchange: the biased scores, its head groups, and what it contributes,
+    packed in one `[R, 2K + 3]` tensor: the global heads' score sum (K), the core heads' max (K), and the
+    counts of global, core and other heads."""
+    s = scores + key_bias
+    semantic, core, glob, global_sum, n_global, core_max, n_core = head_partials(s, semantic_keys, other_keys, kappa)
+    n_other = (~semantic).to(s.dtype).sum(-1, keepdim=True)
+    packed = torch.cat([global_sum[:, 0], core_max[:, 0], n_global, n_core, n_other], -1)
+    return s, semantic, core, glob, packed
+
+
+def shard_finish(s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, every: torch.Tensor, blend: torch.Tensor,
+                 on: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """A shard's half after the exchange: `every` (`[shards, R, 2K + 3]`, every shard's packed partials)
+    summed or maxed over the shards, then both stages on this shard's heads. Returns the aligned scores,
+    the stage masks of this shard's heads, and the rows each stage moved anywhere (bool `[R, 2]`)."""
+    k = s.shape[-1]
+    global_sum, core_max = every[..., :k].sum(0).unsqueeze(1), every[..., k: 2 * k].amax(0).unsqueeze(1)
+    counts = every[..., 2 * k:].sum(0)
+    n_global, n_core, n_other = counts[:, 0:1], counts[:, 1:2], counts[:, 2:3]
+    out, stage1, stage2 = blend_targets(s, semantic, glob, global_sum, n_global, core_max, n_core, blend, on)
+    moved = torch.cat([(n_other > 0) & (n_global > 0), (n_global > 0) & (n_core > 0)], -1)  # [R, 2]
+    if on is not None:
+        moved = moved & on
+    return out, stage1, stage2, moved
+
+
+# models.alignment_compiled packages once loaded, by name; False where one cannot be (or is turned off).
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled(name: str) -> Any:
+    if name not in _COMPILED:
+        from models.alignment_compiled import load  # it imports this module: resolved at first use
+
+        _COMPILED[name] = load(name) or False
+    return _COMPILED[name] or None
 
 
 def compiled_operator() -> Any:
     """The ahead-of-time compiled :func:`align_tensors`, built (or loaded from its cache) on the first
     call, or None where it is unavailable. Engines call it at load so that no request waits for it."""
-    global _COMPILED
-    if _COMPILED is None:
-        from models.alignment_compiled import load  # it imports this module: resolved at first use
+    return _compiled("operator")
 
-        _COMPILED = load() or False
-    return _COMPILED or None
+
+def compiled_sharded() -> tuple[Any, Any] | None:
+    """The compiled :func:`shard_partials` and :func:`shard_finish` (tensor parallelism), or None."""
+    first, second = _compiled("shard_partials"), _compiled("shard_finish")
+    return (first, second) if first is not None and second is not None else None
 
 
 def align_scores(

@@ -9,6 +9,8 @@ Python between the ops: 46 -> 6 us at one row, 57 -> 14 us at 8 rows x 111 keys 
 Built once per (operator source, torch version, CPU ISA) into a cache folder (`SEVI_KERNEL_CACHE`,
 default `~/.cache/sevi-serve`; about 10 s, with the system C++ compiler); afterwards loading takes
 milliseconds. `SEVI_COMPILED_OPERATOR=0`, or a failed build (no compiler), keeps the eager operator.
+With tensor parallelism the operator runs in two halves around the workers' exchange
+(:func:`models.alignment.align_sharded`); each half is compiled the same way, as a package of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import platform
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,8 +42,20 @@ class _Operator(torch.nn.Module):
         return alignment.align_tensors(scores, key_bias, semantic_keys, other_keys, kappa, blend, on)
 
 
+class _ShardPartials(torch.nn.Module):
+    def forward(self, scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor,
+                other_keys: torch.Tensor, kappa: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return alignment.shard_partials(scores, key_bias, semantic_keys, other_keys, kappa)
+
+
+class _ShardFinish(torch.nn.Module):
+    def forward(self, s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, every: torch.Tensor,
+                blend: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return alignment.shard_finish(s, semantic, glob, every, blend, on)
+
+
 class CompiledOperator:
-    """Calls the compiled package: the inputs of `align_tensors` in (`on` given), its six outputs out."""
+    """Calls a compiled package: the traced function's tensor inputs in, its outputs out."""
 
     def __init__(self, package: Path) -> None:
         self._loader = torch._inductor.aoti_load_package(str(package)).loader
@@ -57,34 +72,57 @@ def _example() -> tuple[torch.Tensor, ...]:
             torch.full((r, 1), 0.2), torch.full((r, 1, 1), 0.5), torch.tensor([[True], [False], [True]]))
 
 
-def _build(path: Path) -> None:
+def _program(name: str) -> torch.export.ExportedProgram:
+    """The traced function `name` with rows, heads and keys (and shards) as dynamic sizes."""
     rows, heads, keys = (torch.export.Dim(n, min=1, max=_MAX) for n in ("rows", "heads", "keys"))
     per_row = {0: rows, 2: keys}
-    dynamic = ({0: rows, 1: heads, 2: keys}, per_row, per_row, per_row, {0: rows}, {0: rows}, {0: rows})
-    program = torch.export.export(_Operator(), _example(), dynamic_shapes=dynamic)
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    scores, bias, semantic_keys, other_keys, kappa, blend, on = _example()
+    dynamic: tuple[dict[int, Any], ...]
+    if name == "operator":
+        dynamic = ({0: rows, 1: heads, 2: keys}, per_row, per_row, per_row, {0: rows}, {0: rows}, {0: rows})
+        return torch.export.export(_Operator(), _example(), dynamic_shapes=dynamic)
+    if name == "shard_partials":
+        dynamic = ({0: rows, 1: heads, 2: keys}, per_row, per_row, per_row, {0: rows})
+        return torch.export.export(_ShardPartials(), (scores, bias, semantic_keys, other_keys, kappa),
+                                   dynamic_shapes=dynamic)
+    if name == "shard_finish":
+        s, semantic, _, glob, packed = alignment.shard_partials(scores, bias, semantic_keys, other_keys, kappa)
+        every = torch.stack([packed, packed.flip(0)])  # two shards
+        shards = torch.export.Dim("shards", min=2, max=1 << 12)
+        dynamic = ({0: rows, 1: heads, 2: keys}, {0: rows, 1: heads}, {0: rows, 1: heads},
+                   {0: shards, 1: rows, 2: 2 * keys + 3}, {0: rows}, {0: rows})
+        return torch.export.export(_ShardFinish(), (s, semantic, glob, every, blend, on), dynamic_shapes=dynamic)
+    raise ValueError(f"no compiled function {name!r}")
 
 
-def _package_name() -> str:
+def _build(path: Path, name: str = "operator") -> None:
+    torch._inductor.aoti_compile_and_package(_program(name), package_path=str(path))
+
+
+def _package_name(name: str = "operator") -> str:
     source = Path(alignment.__file__).read_bytes() + Path(__file__).read_bytes()
     key = b"|".join([source, torch.__version__.encode(), torch.backends.cpu.get_cpu_capability().encode(),
                      platform.python_version().encode(), platform.machine().encode()])
-    return f"alignment-{hashlib.sha256(key).hexdigest()[:16]}.pt2"
+    prefix = "alignment" if name == "operator" else f"alignment-{name}"
+    return f"{prefix}-{hashlib.sha256(key).hexdigest()[:16]}.pt2"
 
 
-def _build_logged(path: Path) -> None:
+def _build_logged(path: Path, name: str) -> None:
     t0 = time.perf_counter()
-    _build(path)
-    log.info("alignment operator compiled", extra={"fields": {"seconds": round(time.perf_counter() - t0, 1)}})
+    _build(path, name)
+    log.info("alignment operator compiled", extra={"fields": {"function": name,
+                                                              "seconds": round(time.perf_counter() - t0, 1)}})
 
 
-def load() -> CompiledOperator | None:
-    """The compiled operator, built on first use; None (eager operator) when turned off or not buildable."""
+def load(name: str = "operator") -> CompiledOperator | None:
+    """The compiled function `name` (`operator`: :func:`alignment.align_tensors`; `shard_partials`,
+    `shard_finish`: the halves of :func:`alignment.align_sharded`), built on first use; None (eager) when
+    turned off or not buildable."""
     if os.environ.get("SEVI_COMPILED_OPERATOR", "1") == "0":
         return None
     with _LOCK:
         try:
-            return CompiledOperator(cached_file(_package_name(), _build_logged))
+            return CompiledOperator(cached_file(_package_name(name), lambda path: _build_logged(path, name)))
         except Exception as exc:  # noqa: BLE001 - any failure leaves the eager operator, which is correct
             log.warning("alignment operator not compiled (%s: %s); running it eagerly", type(exc).__name__, exc)
             return None

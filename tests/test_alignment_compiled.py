@@ -78,7 +78,7 @@ def test_turned_off_or_unbuildable_means_eager(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "1")
     monkeypatch.setenv("SEVI_KERNEL_CACHE", str(tmp_path))  # nothing cached here: a build is due
 
-    def fail(target: Path) -> None:
+    def fail(target: Path, name: str = "operator") -> None:
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(alignment_compiled, "_build", fail)

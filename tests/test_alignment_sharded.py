@@ -12,21 +12,23 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from models import alignment
 from models.alignment import HeadGroups, PreparedRows, align_prepared, align_sharded, prepare_rows, span_masks
 
 
-def _rows(seed: int, r: int = 6, k: int = 24, e: int = 9) -> tuple[torch.Tensor, PreparedRows]:
+def _rows(seed: int, r: int = 6, k: int = 24, e: int = 9, dtype: torch.dtype = torch.float64,
+          ) -> tuple[torch.Tensor, PreparedRows]:
     g = torch.Generator().manual_seed(seed)
     heads = 8
     # Per-head scales: some heads peaked, some flat, so every group is populated somewhere.
-    scores = torch.randn(r, heads, k, generator=g, dtype=torch.float64) * torch.linspace(0.5, 6, heads)[:, None]
+    scores = torch.randn(r, heads, k, generator=g, dtype=dtype) * torch.linspace(0.5, 6, heads, dtype=dtype)[:, None]
     pos = torch.randint(e + 2, k, (r,), generator=g)
     keys = torch.arange(k)
     valid = keys[None, :] <= pos[:, None]
     image = (keys[None, :] >= 2) & (keys[None, :] <= e)
     semantic, other = span_masks(keys, pos, torch.full((r,), e), image.expand(r, k), torch.tensor([False] * r))
-    omega = torch.tensor([0.0, 0.5, 3.0, 1.0, 4.0, 2.0], dtype=torch.float64)[:r]
-    kappa = torch.full((r,), 0.3, dtype=torch.float64)
+    omega = torch.tensor([0.0, 0.5, 3.0, 1.0, 4.0, 2.0], dtype=dtype)[:r]
+    kappa = torch.full((r,), 0.3, dtype=dtype)
     return scores, prepare_rows(valid, semantic, other, omega, kappa)
 
 
@@ -79,3 +81,28 @@ def test_shards_without_the_exchange_compute_another_method() -> None:
         valid = (rows.key_bias[:, 0] == 0)[:, None, :].expand_as(want)
         differs += int(not torch.allclose(alone[valid], want[valid]))
     assert differs >= 3
+
+
+def test_compiled_halves_equal_the_compiled_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 on the CPU: both halves run compiled ahead of time (as the whole operator does), and the
+    shards' result equals the whole layer's within float32 rounding (sums over shards, then over heads)."""
+    if alignment.compiled_sharded() is None or alignment.compiled_operator() is None:
+        pytest.skip("no C++ compiler: the compiled operator is not built here")
+    calls: list[int] = []
+    compiled = alignment.compiled_sharded()
+
+    def counted(rows: PreparedRows, sharded: bool = False) -> object:
+        calls.append(int(sharded))
+        return compiled if sharded else alignment.compiled_operator()
+
+    monkeypatch.setattr(alignment, "compiled_for", counted)
+    for seed in range(4):
+        scores, rows = _rows(seed, dtype=torch.float32)
+        want, groups = align_prepared(scores, rows)
+        got = _run_shards(scores, rows, 2)
+        valid = (rows.key_bias[:, 0] == 0)[:, None, :].expand_as(want)
+        aligned = torch.cat([out for out, _, _ in got], dim=1)
+        torch.testing.assert_close(aligned[valid], want[valid], rtol=1e-5, atol=1e-4)
+        for name in ("semantic", "core", "stage1", "stage2"):
+            assert torch.equal(torch.cat([getattr(g, name) for _, g, _ in got], 1), getattr(groups, name)), name
+    assert calls.count(1) == 8 and calls.count(0) == 4  # two shards a seed took the compiled halves

@@ -27,7 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackendImpl,
 )
 
-from models.alignment import compiled_operator
+from models.alignment import compiled_operator, compiled_sharded
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_kernel import kernel
 from models.vllm_plugin.rows import PagedKV, RowSet, align_layer, step_plan
@@ -182,6 +182,8 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         kernel()
         compiled_operator()
         self._shards = head_shards()  # None with one worker: no collective
+        if self._shards is not None:
+            compiled_sharded()  # the operator's halves on either side of the workers' exchange
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
