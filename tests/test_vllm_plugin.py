@@ -706,6 +706,23 @@ def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
     assert STATE.rows[2] is rows[0] and STATE.step_counts is None and not STATE.pending
 
 
+def test_a_row_replaced_by_a_condensing_move_files_its_telemetry() -> None:
+    """vLLM condenses its batch by moving rows into the slots of rows that left without listing those as
+    removed (seen with pipeline parallelism, whose two batches take turns in the persistent batch): the
+    replaced row's counters must be filed, not dropped, so they come back when it returns or is collected."""
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1), key="left")
+    stay = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1), key="stays")
+    _add(proc, [(0, on, [1, IMAGE, 7], []), (1, stay, [1, IMAGE, 8], [])], 2)
+    moved = torch.tensor([[False, True, False, False]] * 2)
+    STATE.record(torch.tensor([0, 1]), moved, moved)
+    # Row 0 left the batch; row 1 moves into its slot; vLLM lists no removal.
+    move = (1, 0, MoveDirectionality.UNIDIRECTIONAL)
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[], moved=[move]))
+    assert STATE.collect("left") == {"aligned_rows": 1, "stage1_rows": 1, "stage2_rows": 1, "heads_reweighted": 2}
+    assert STATE.collect("stays") == {"aligned_rows": 1, "stage1_rows": 1, "stage2_rows": 1, "heads_reweighted": 2}
+
+
 def test_align_layer_writes_every_row_when_the_stock_kernel_is_skipped(kv_path: str) -> None:
     """A decode step whose every row is aligned: the backend skips the stock kernel, so align_layer alone
     must write the whole output, for sequences of one block and of several (a block and a piece)."""

@@ -173,6 +173,9 @@ class WorkerState:
         if swap:
             self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
         else:
+            # vLLM condenses its batch by moving rows into the slots of rows that left, and does not list those
+            # as removed ("added or moved requests may replace existing requests"): file the one replaced.
+            self.remove(b)
             self.rows[b], self.rows[a] = self.rows[a], None
         self._arrays = None
 
