@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.engines import PROMPT, images, start
+from bench.engines import PROMPT, images, random_llava, start
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, SamplingParams, user_message
-from models.tiny import build
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,12 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stock-scheduler", action="store_true", help="vLLM's own scheduler (the engine before)")
     args = parser.parse_args(argv)
 
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = Path(tempfile.mkdtemp(prefix="bench-llava-"))
-        size, patch = {16: (32, 8), 144: (168, 14), 576: (336, 14)}[args.image_tokens]
-        build("llava", model_dir, seed=0, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-              image_size=size, patch=patch)
+    model_dir = args.model or random_llava(args.layers, args.heads, args.kv_heads, args.image_tokens)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from server.engines.vllm_engine import VllmEngine, VllmOptions
 

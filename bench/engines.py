@@ -98,6 +98,15 @@ def rate(run: Callable[[], int]) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def random_llava(layers: int, heads: int, kv_heads: int, image_tokens: int = 16) -> Path:
+    """A random LLaVA (head dim 32) in a temporary folder, with `image_tokens` (16, 144 or 576: LLaVA-1.5's
+    336 px / 14) per image."""
+    model_dir = Path(tempfile.mkdtemp(prefix="bench-llava-"))
+    size, patch = {16: (32, 8), 144: (168, 14), 576: (336, 14)}[image_tokens]
+    build("llava", model_dir, seed=0, layers=layers, heads=heads, kv_heads=kv_heads, image_size=size, patch=patch)
+    return model_dir
+
+
 def start(engine: Engine) -> Engine:
     asyncio.run(engine.start())
     while not engine.ready:
@@ -130,12 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
 
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = Path(tempfile.mkdtemp(prefix="bench-llava-"))
-        size, patch = {16: (32, 8), 144: (168, 14), 576: (336, 14)}[args.image_tokens]
-        build("llava", model_dir, seed=0, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-              image_size=size, patch=patch)
+    model_dir = args.model or random_llava(args.layers, args.heads, args.kv_heads, args.image_tokens)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from server.engines.transformers_engine import TransformersEngine
     from server.engines.vllm_engine import VllmEngine

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.engines import PROMPT, images, start
+from bench.engines import PROMPT, images, random_llava, start
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
-from models.tiny import build
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tensor_parallel * args.pipeline_parallel == 1:
         parser.error("give --tensor-parallel or --pipeline-parallel above 1")
 
-    model_dir = Path(tempfile.mkdtemp(prefix="bench-parallel-"))
-    build("llava", model_dir, seed=0, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads)
+    model_dir = random_llava(args.layers, args.heads, args.kv_heads)
     workers = args.tensor_parallel * args.pipeline_parallel
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(workers)))
     from server.engines.vllm_engine import VllmEngine, VllmOptions
