@@ -2,7 +2,7 @@
 
 Teams that already run `vllm serve` get SEVI per request through `vllm_xargs` (README: "vLLM's own
 server"); nothing of sevi-serve runs but the plugin, which vLLM loads through its entry points. The server
-runs in a subprocess on CPU (eager, 1 GiB of KV cache, prefix caching off as the README tells such users)
+runs in a subprocess on CPU (eager, 1 GiB of KV cache, prefix caching on with `--scheduler-cls` as the README tells)
 on the tiny random LLaVA; greedy outputs at several knob settings, sent together so they share batches,
 must equal the reference engine's for the same image, prompt and parameters (SEVI only: vLLM's server has
 no contrastive decoding). Tokens are compared by id (`return_token_ids`) and as text.
@@ -69,8 +69,9 @@ class VllmServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-               # Aligned rows' K/V depend on the knobs: none may come back from the prefix cache (README).
-               "--no-enable-prefix-caching"]
+               # The README's route: prefix caching on, with the scheduler that keeps aligned rows out of it
+               # (and contrast pairs in step, which this server has none of).
+               "--scheduler-cls", "models.vllm_plugin.scheduler.SeviScheduler"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
