@@ -19,7 +19,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # n
 from models.alignment import align_scores  # noqa: E402
 from models.conservativeness import resolve_alignment  # noqa: E402
 from models.contrastive import contrast_logits  # noqa: E402
-from models.vllm_plugin.cpu_backend import cache_layout, layer_index, paged_cpu_kv, read_cpu_kv  # noqa: E402
+from models.vllm_plugin.cpu_backend import cache_layout, paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E402
 from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: E402
 from models.vllm_plugin.rows import (  # noqa: E402
@@ -30,6 +30,7 @@ from models.vllm_plugin.rows import (  # noqa: E402
     block_scores,
     block_values,
     build_plan,
+    layer_index,
     step_plan,
 )
 from models.vllm_plugin.state import STATE  # noqa: E402

@@ -17,7 +17,6 @@ gathering; anything else refuses to run rather than align against garbage.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 import torch
@@ -30,17 +29,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 from models.alignment import compiled_operator, compiled_sharded
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_kernel import kernel
-from models.vllm_plugin.rows import PagedKV, RowSet, align_layer, step_plan
+from models.vllm_plugin.rows import PagedKV, RowSet, align_layer, layer_index, step_plan
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
-
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """Decoder layer number from a vLLM layer name (`language_model.model.layers.3.self_attn.attn`)."""
-    found = _LAYER_RE.findall(name)
-    return int(found[-1]) if found else None
 
 
 def _write_probe(isa: str, dtype: torch.dtype, block_size: int, head_size: int, k: torch.Tensor,

@@ -5,10 +5,12 @@ paged cache and overwritten. vLLM 0.32's FlashAttention cache is `[num_blocks, k
 2 * head_size]` with K in the first `head_size` channels and V in the rest (`kv_cache.transpose(1, 2)
 .split(head_size, -1)` in its forward), both row-major.
 
-Requirements on GPU (set by :mod:`server.engines.vllm_engine` when it starts vLLM): the attention op
-must run eagerly each step, so CUDA graphs may only be PIECEWISE (attention is a splitting op there);
-FULL graphs would replay the captured stock kernel and skip the alignment. Model Runner V1
-(`VLLM_USE_V2_MODEL_RUNNER=0`, set by the plugin) because V2's logits-processor API differs.
+Requirements on GPU: the attention op must run eagerly each step, so CUDA graphs may only be
+PIECEWISE (attention is a splitting op there); FULL graphs would replay the captured stock kernel and skip
+the alignment. The metadata builder declares no full-graph support, so vLLM itself drops FULL_AND_PIECEWISE
+(its GPU default) to PIECEWISE and refuses an explicit FULL, under sevi-serve's engine and `vllm serve`
+alike. Model Runner V1 (`VLLM_USE_V2_MODEL_RUNNER=0`, set by the plugin) because V2's logits-processor API
+differs. An fp8 KV cache is refused when the layers are built: the aligned rows read K and V as stored.
 Only this module imports FlashAttention, and only on CUDA platforms.
 """
 
@@ -17,10 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadataBuilder,
+)
 
-from models.vllm_plugin.cpu_backend import layer_index
-from models.vllm_plugin.rows import PagedKV, align_layer, step_plan
+from models.vllm_plugin.rows import PagedKV, align_layer, layer_index, step_plan
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
 
@@ -37,6 +43,11 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
     _layer_known = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype)
+        kv_cache_dtype = str(kwargs["kv_cache_dtype"] if "kv_cache_dtype" in kwargs else args[6])
+        if kv_cache_dtype.startswith("fp8"):
+            raise ValueError(f"SEVI recomputes aligned rows from the KV cache and does not read an fp8 cache "
+                             f"(kv_cache_dtype={kv_cache_dtype!r}): use kv_cache_dtype='auto'")
         super().__init__(*args, **kwargs)
         self._shards = head_shards()  # None with one GPU: no collective
 
@@ -61,10 +72,21 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
         return out
 
 
+class SeviFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        # A full graph would replay the stock kernel captured at start-up and skip SEVI's rows: none.
+        return AttentionCGSupport.NEVER
+
+
 class SeviFlashAttentionBackend(FlashAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "FLASH_ATTN"
+
+    @staticmethod
+    def get_builder_cls() -> type[SeviFlashAttentionMetadataBuilder]:
+        return SeviFlashAttentionMetadataBuilder
 
     @staticmethod
     def get_impl_cls() -> type[SeviFlashAttentionImpl]:

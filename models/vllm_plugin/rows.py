@@ -22,6 +22,7 @@ layout), one batched matmul per block for q.K, the operator, softmax and p.V, on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,14 @@ from models.alignment import (
 )
 from models.vllm_plugin.paged_kernel import PagedKernel, kernel
 from models.vllm_plugin.state import RowArrays, WorkerState
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder layer number from a vLLM layer name (`language_model.model.layers.3.self_attn.attn`)."""
+    found = _LAYER_RE.findall(name)
+    return int(found[-1]) if found else None
 
 
 @dataclass(frozen=True)
@@ -421,9 +430,11 @@ def _zero(device: torch.device) -> torch.Tensor:
 
 def _kernel_for(cache: PagedKV) -> PagedKernel | None:
     """The C kernel where it applies (a cache in CPU memory of a dtype it reads, and the kernel built)."""
+    if cache.key.device.type != "cpu":
+        return None  # before kernel(): a GPU never builds the CPU kernel
     kern = kernel()
-    if (kern is None or cache.key.device.type != "cpu" or cache.key.dtype not in kern.cache_dtypes
-            or cache.value.dtype != cache.key.dtype or cache.key_order is not None):
+    if (kern is None or cache.key.dtype not in kern.cache_dtypes or cache.value.dtype != cache.key.dtype
+            or cache.key_order is not None):
         return None
     return kern
 
