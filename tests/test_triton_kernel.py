@@ -1,0 +1,151 @@
+"""The Triton SEVI decode kernels (models/kernels) against the torch operator, on CPU through Triton's interpreter.
+
+Random paged caches at the heads of LLaVA-1.5-7B (32 x 128) and Qwen2-VL-7B (28 query / 4 KV heads x 128) at
+reduced key counts, rows of different lengths crossing blocks in shuffled block order, several images per
+prompt, float32 / float16 / bfloat16 caches, FlashAttention's layout and the CPU cache's (K transposed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (models.kernels also sets it without CUDA)
+
+from models.alignment import (  # noqa: E402
+    PreparedRows,
+    align_prepared,
+    prepare_rows,
+    shard_partials,
+    span_masks,
+)
+from models.kernels import triton_available  # noqa: E402
+
+_WHY = triton_available()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"Triton kernels untested: {_WHY}")
+
+if _WHY is None:
+    from models.kernels.sevi_decode import aligned_decode, paged_scores
+
+
+def paged_cache(n_blocks: int, g: int, bs: int, d: int, dtype: torch.dtype, layout: str,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+    """(K view, V view, K transposed, K and V as `[N, G, bs, D]` float32 for the reference).
+    flash: `[N, G, bs, 2D]`, K the first D channels; cpu: per (block, head) a K region ([D, bs]: transposed)
+    then a V region ([bs, D]), as vLLM's CPU cache on AVX2."""
+    k = torch.randn(n_blocks, g, bs, d, generator=gen).to(dtype)
+    v = torch.randn(n_blocks, g, bs, d, generator=gen).to(dtype)
+    if layout == "flash":
+        cache = torch.cat([k, v], -1)
+        return cache[..., :d], cache[..., d:], False, k.float(), v.float()
+    cache = torch.empty(n_blocks, g, bs, 2 * d, dtype=dtype)
+    regions = cache.view(n_blocks, g, 2, bs * d)
+    regions[:, :, 0] = k.transpose(-1, -2).reshape(n_blocks, g, bs * d)
+    regions[:, :, 1] = v.reshape(n_blocks, g, bs * d)
+    key = regions[:, :, 0].unflatten(-1, (d, bs))
+    value = regions[:, :, 1].unflatten(-1, (bs, d))
+    return key, value, True, k.float(), v.float()
+
+
+def masks(counts: list[int], width: int, images: list[tuple[int, int]], image_only: bool, omega: list[float],
+          kappa: float) -> PreparedRows:
+    """Rows whose prompt holds `images` (spans [first, last]); row r's query is at counts[r] - 1."""
+    r = len(counts)
+    pos = torch.tensor(counts) - 1
+    image = torch.zeros(r, width, dtype=torch.bool)
+    for first, last in images:
+        image[:, first : last + 1] = True
+    last_image = torch.full((r,), images[-1][1])
+    valid = torch.arange(width)[None, :] <= pos[:, None]
+    semantic, other = span_masks(torch.arange(width), pos, last_image, image, torch.full((r,), image_only))
+    return prepare_rows(valid, semantic, other, torch.tensor(omega), torch.full((r,), kappa))
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, counts: list[int],
+              rows: PreparedRows, scale: float) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """q.K on each row's gathered keys (0 past them), the torch operator, softmax, p.V: float32 `[R, H, D]`."""
+    r, h, d = q.shape
+    g, width = k.shape[1], rows.key_bias.shape[-1]
+    keys = k[blocks].permute(0, 2, 1, 3, 4).reshape(r, g, -1, d)[:, :, :width]  # [R, G, K, D]
+    vals = v[blocks].permute(0, 2, 1, 3, 4).reshape(r, g, -1, d)[:, :, :width]
+    rep = h // g
+    scores = torch.einsum("rgjd,rgkd->rgjk", q.view(r, g, rep, d), keys).reshape(r, h, width) * scale
+    scores = scores * (torch.arange(width)[None, None, :] < torch.tensor(counts)[:, None, None])
+    aligned, groups = align_prepared(scores.contiguous(), rows)
+    probs = torch.softmax(aligned, -1)
+    out = torch.einsum("rgjk,rgkd->rgjd", probs.view(r, g, rep, width), vals).reshape(r, h, d)
+    return out, aligned, groups
+
+
+CASES = {  # name: heads, kv heads, block size, row key counts, images (first, last), Qwen ("other": images only)
+    "llava-7b": (32, 32, 16, [100, 37, 70], [(1, 30)], False),
+    "llava-7b-2img": (32, 32, 32, [100, 70], [(1, 14), (18, 30)], False),
+    "qwen2vl-7b": (28, 4, 16, [190, 70, 113, 33], [(3, 40), (44, 30 + 52)], True),
+}
+
+
+# Every dtype and layout on the GQA shape (4 KV heads: cheap in the interpreter); the 32-KV-head shape (32 programs
+# per row and kernel, about 4 s a case here) on a selection that still covers each dtype and layout.
+MATRIX = [("qwen2vl-7b", layout, dtype) for layout in ("flash", "cpu")
+          for dtype in (torch.float32, torch.float16, torch.bfloat16)] + [
+    ("llava-7b", "flash", torch.float32), ("llava-7b", "cpu", torch.bfloat16), ("llava-7b-2img", "cpu", torch.float16)]
+
+
+@pytest.mark.parametrize(("case", "layout", "dtype"), MATRIX)
+def test_kernel_equals_torch_operator_softmax_and_pv(case: str, layout: str, dtype: torch.dtype) -> None:
+    heads, kv_heads, bs, counts, images, image_only = CASES[case]
+    d = 128
+    gen = torch.Generator().manual_seed(len(case) * 7 + bs)
+    width = max(counts) + 5  # masks wider than the widest row, as a plan with room to grow
+    nb = -(-width // bs)
+    n_blocks = len(counts) * nb + 3
+    key, value, k_t, k, v = paged_cache(n_blocks, kv_heads, bs, d, dtype, layout, gen)
+    blocks = torch.randperm(n_blocks, generator=gen)[: len(counts) * nb].view(len(counts), nb)  # shuffled
+    # Queries that make every head group appear: scaled so that heads differ in how peaked they are.
+    q = torch.randn(len(counts), heads, d, generator=gen) * torch.linspace(0.3, 3.0, heads)[None, :, None]
+    omega = [4.0, 0.5, 0.0, 1.0][: len(counts)]
+    rows = masks(counts, width, images, image_only, omega, kappa=0.2)
+    scale = d**-0.5
+    count_t = torch.tensor(counts)
+    out, groups, _ = aligned_decode(q, key, value, k_t, False, blocks.reshape(-1), count_t, rows,
+                                    scale, kv_heads)
+    want, _, want_groups = reference(q, k, v, blocks, counts, rows, scale)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert groups is not None
+    for name in ("semantic", "core", "global_", "stage1", "stage2"):
+        assert torch.equal(getattr(groups, name), getattr(want_groups, name)), name
+    # Not vacuous: both stages moved heads, and the result differs from plain attention.
+    assert bool(groups.stage1.any()) and bool(groups.stage2.any())
+    plain, _, _ = aligned_decode(q, key, value, k_t, False, blocks.reshape(-1), count_t, rows, scale, kv_heads,
+                                 align=False)
+    assert float((plain - out).abs().max()) > 1e-3
+
+
+def test_sharded_heads_equal_the_whole_layer() -> None:
+    """Tensor parallelism: two shards of the heads, each running kernel A, the torch operator around the gather
+    (align_sharded), kernel C, give the whole layer's output (the gather here: both shards' partials, in order)."""
+    heads, kv_heads, bs, counts, images, image_only = CASES["qwen2vl-7b"]
+    d, gen = 128, torch.Generator().manual_seed(3)
+    width = max(counts) + 1
+    nb = -(-width // bs)
+    key, value, k_t, k, v = paged_cache(len(counts) * nb, kv_heads, bs, d, torch.float32, "flash", gen)
+    blocks = torch.arange(len(counts) * nb).view(len(counts), nb)
+    q = torch.randn(len(counts), heads, d, generator=gen) * torch.linspace(0.3, 3.0, heads)[None, :, None]
+    rows = masks(counts, width, images, image_only, [2.0] * len(counts), kappa=0.2)
+    count_t, half, kv_half = torch.tensor(counts), heads // 2, kv_heads // 2
+    shard_q = [q[:, i * half:(i + 1) * half].contiguous() for i in range(2)]
+    shard_k = [key[:, i * kv_half:(i + 1) * kv_half] for i in range(2)]
+    shard_v = [value[:, i * kv_half:(i + 1) * kv_half] for i in range(2)]
+    packed = torch.stack([  # what each shard contributes to the gather, from its own heads' scores
+        shard_partials(paged_scores(shard_q[i], shard_k[i], k_t, blocks.reshape(-1), count_t, width, d**-0.5, kv_half),
+                       rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa)[4] for i in range(2)])
+    outs = []
+    for i in range(2):
+        part, groups, moved = aligned_decode(shard_q[i], shard_k[i], shard_v[i], k_t, False, blocks.reshape(-1),
+                                             count_t, rows, d**-0.5, kv_half, shards=lambda _: packed)
+        assert groups is not None and moved is not None and bool(moved.any())
+        outs.append(part)
+    want, _, _ = reference(q, k, v, blocks, counts, rows, d**-0.5)
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-5, atol=1e-5)
