@@ -682,6 +682,38 @@ def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch
     assert step_plan(STATE, md([17, 15]), 16, torch.device("cpu")) is None and built == []
 
 
+def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's steady state: with the step's row counts on the host (StepMetadata, from vLLM's host
+    copies), decode steps move the plan on, re-read block ids and widen masks without reading any tensor back
+    (on a GPU each read would make the host wait for the device). Checked by making every read-back raise for
+    200 decode steps that cross blocks of 16 and the masks' room many times."""
+    import models.vllm_plugin.rows as rows
+
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
+    prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
+    _add(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
+    table = torch.arange(64, dtype=torch.int32).view(2, 32)
+
+    def step(seq: list[int]) -> rows.StepPlan | None:
+        STATE.begin_step(False)
+        md = rows.StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor(seq), table, 2)
+        return step_plan(STATE, md, 16, torch.device("cpu"))
+
+    first = step([13, 12])
+    assert first is not None
+    with monkeypatch.context() as m:
+        for name in ("cpu", "tolist", "item", "numpy", "__bool__", "__int__"):
+            def refuse(*args: object, _name: str = name, **kwargs: object) -> None:
+                raise AssertionError(f"a decode step read a tensor back ({_name})")
+
+            m.setattr(torch.Tensor, name, refuse)
+        for n in range(1, 201):
+            assert step([13 + n, 12 + n]) is first  # moved on in place, never built afresh
+    assert first.key_count.tolist() == [213, 212] and first.key_count_host.tolist() == [213, 212]
+    assert first.blocks[0].tolist() == list(range(14))  # the block ids were read again as keys reached them
+
+
 def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
     """Layers' telemetry is counted when the batch changes (or many layers are pending), not per step:
     the totals per request must be the same as counting every layer at once, across a move of rows."""

@@ -26,7 +26,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from models.vllm_plugin.rows import PagedKV, align_layer, layer_index, step_plan
+from models.vllm_plugin.rows import PagedKV, StepMetadata, align_layer, layer_index, step_plan
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
 
@@ -62,7 +62,7 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
             self._layer_known = True
         if self._layer is None:
             return out
-        plan = step_plan(STATE, attn_metadata, kv_cache.shape[2], query.device)
+        plan = step_plan(STATE, attn_metadata.sevi_step, kv_cache.shape[2], query.device)
         if plan is None:  # no aligned rows: the stock output stands
             return out
         if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
@@ -77,6 +77,21 @@ class SeviFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
         # A full graph would replay the stock kernel captured at start-up and skip SEVI's rows: none.
         return AttentionCGSupport.NEVER
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        md: Any = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        md.sevi_step = host_step_metadata(md, common_attn_metadata)
+        return md
+
+
+def host_step_metadata(md: Any, common: Any) -> StepMetadata:
+    """The step plan's view of this step: vLLM's host copies of query_start_loc and seq_lens (exact without
+    speculative decoding, which the engine does not run), the device's block table. Built once per step, so
+    the plan reads no device tensor back in the steady state."""
+    seq_lens = common.seq_lens_cpu_upper_bound
+    if seq_lens is None:  # not filled in by this vLLM: one copy back per step
+        seq_lens = common.seq_lens.cpu()
+    return StepMetadata(common.query_start_loc_cpu, seq_lens, md.block_table, md.num_actual_tokens)
 
 
 class SeviFlashAttentionBackend(FlashAttentionBackend):

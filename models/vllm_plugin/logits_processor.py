@@ -140,7 +140,8 @@ class SeviLogitsProcessor(LogitsProcessor):
         if mains:
             self._combine(logits, mains, partners)
         if end_rows and STATE.eos_token_id is not None:
-            _force(logits, end_rows, [STATE.eos_token_id] * len(end_rows))
+            _force(logits, _indices(end_rows, logits.device), _indices([STATE.eos_token_id] * len(end_rows),
+                                                                        logits.device))
         return logits
 
     def _pair_state(self, pair: str, m: int | None, c: int | None) -> str:
@@ -157,9 +158,11 @@ class SeviLogitsProcessor(LogitsProcessor):
         return "end"
 
     def _combine(self, logits: torch.Tensor, mains: list[int], partners: list[int]) -> None:
-        m_idx = torch.tensor(mains, device=logits.device)
-        mixed = contrast_logits(logits[m_idx], logits[torch.tensor(partners, device=logits.device)])
-        tokens = mixed.argmax(-1).tolist()
+        # Greedy pairs stay on the device (no token is read back); a sampled pair's draw is the reference
+        # engine's CPU sampler, so it reads its row back.
+        rows = _indices(mains + partners, logits.device)
+        mixed = contrast_logits(logits[rows[: len(mains)]], logits[rows[len(mains):]])
+        tokens = mixed.argmax(-1)
         for k, m in enumerate(mains):
             row = _row(m)
             pair = row.request.pair
@@ -167,7 +170,7 @@ class SeviLogitsProcessor(LogitsProcessor):
             STATE.contrast_steps[pair] = STATE.contrast_steps.get(pair, 0) + 1
             if row.temperature >= _GREEDY_EPS:
                 tokens[k] = self._sample(pair, row, mixed[k])
-        _force(logits, mains + partners, tokens + tokens)
+        _force(logits, rows, tokens.repeat(2))
 
     def _sample(self, pair: str, row: Row, logits: torch.Tensor) -> int:
         """The reference engine's sampler (models.generation.DecodeBatch._sample), draw for draw."""
@@ -207,8 +210,15 @@ def _samples(index: int) -> bool:
     return int(STATE.seq_lens[index]) == row.prompt_len + len(row.output_ids)
 
 
-def _force(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
+def _indices(values: list[int], device: torch.device) -> torch.Tensor:
+    """Row or token ids on `device`. On a GPU through pinned memory and an asynchronous copy: a copy from
+    pageable memory would first wait for the device to finish its queue."""
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _force(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
     """One-hot logits: whatever vLLM's sampler does next (greedy, temperature, top-p), it picks `tokens`."""
-    idx = torch.tensor(rows, device=logits.device)
-    logits[idx] = float("-inf")
-    logits[idx, torch.tensor(tokens, device=logits.device)] = 0.0
+    logits[rows] = float("-inf")
+    logits[rows, tokens] = 0.0

@@ -42,6 +42,7 @@ from models.alignment import (
     span_masks,
     widen,
 )
+from models.kernels.choice import aligned_kernel
 from models.vllm_plugin.paged_kernel import PagedKernel, kernel
 from models.vllm_plugin.state import RowArrays, WorkerState
 
@@ -172,6 +173,7 @@ class StepPlan:
     blocks: torch.Tensor  # long [S, nb]: block ids covering every key of each sequence
     num_keys: int  # K: the masks' width, the widest row's keys and room to grow in place; a row reads its own
     key_count: torch.Tensor  # long [R]: each row's own keys (position + 1), at most K
+    key_count_host: np.ndarray  # the same on the host, moved on alongside: read without a device sync
     prepared: PreparedRows  # every aligned row's masks / knobs in the alignment's kernel shapes
     omega: torch.Tensor  # float32 [R]
     kappa: torch.Tensor  # float32 [R]
@@ -274,6 +276,7 @@ class StepPlan:
                 rows.key_count.add_(1)
         add_key_(self.prepared, self.key_count)
         self.key_count.add_(1)
+        self.key_count_host += 1
         expect.add_(1)
         self.room -= 1
         return True
@@ -282,7 +285,7 @@ class StepPlan:
         """Before this step's keys are added: the sequences' block ids read again (this step's new keys may
         lie in blocks vLLM just allocated), the masks widened when the widest row needs it, and the room
         that gives (at least this step)."""
-        keys = self.key_count.cpu().numpy() + 1  # each row's keys this step
+        keys = self.key_count_host + 1  # each row's keys this step
         widest = int(keys.max())
         nb = -(-widest // block_size)
         self.blocks = block_table[seqs, :nb].to(torch.long)
@@ -318,10 +321,24 @@ def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
     return found
 
 
+@dataclass(frozen=True)
+class StepMetadata:
+    """What the step plan reads of a step's attention metadata, with the batch's row counts on the host.
+
+    On a GPU, vLLM's attention metadata holds query_start_loc and seq_lens on the device; reading them (and
+    comparing them from one step to the next) would make the host wait for the device in every step. vLLM
+    keeps host copies in its common metadata, which a backend's metadata builder passes on in this form."""
+
+    query_start_loc: torch.Tensor  # long [B + 1], host
+    seq_lens: torch.Tensor  # [B], host
+    block_table: torch.Tensor  # [B, max blocks], the device's
+    num_actual_tokens: int
+
+
 def step_plan(state: WorkerState, md: Any, block_size: int, device: torch.device) -> StepPlan | None:
     """This step's plan from its attention metadata `md` (query_start_loc, seq_lens, block_table,
-    num_actual_tokens): built at the step's first attention layer, which also keeps the step's seq_lens
-    (pair lockstep checks), and reused by its other layers (one lookup each)."""
+    num_actual_tokens; a :class:`StepMetadata` on a GPU): built at the step's first attention layer, which also
+    keeps the step's seq_lens (pair lockstep checks), and reused by its other layers (one lookup each)."""
     cached = state.plan_cache
     if cached is not None and cached[0] == state.step and cached[1] == id(md):
         return cached[2]  # type: ignore[no-any-return]
@@ -392,7 +409,7 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
 
     return StepPlan(
         token_index=tensor(token_index), batch_row=tensor(batch_row), seq_slot=tensor(slot_of[batch_row]),
-        blocks=blocks, num_keys=num_keys, key_count=tensor(position + 1),
+        blocks=blocks, num_keys=num_keys, key_count=tensor(position + 1), key_count_host=position + 1,
         prepared=prepare_rows(valid.to(device), semantic.to(device), other.to(device), omega, kappa),
         omega=omega, kappa=kappa, start_layer=tensor(start), min_start=starts[0], max_start=starts[-1],
         starts=starts, num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens, decode=decode, room=room,
@@ -544,18 +561,29 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     out = output.view(n_tokens, n_heads, head_dim)
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
     new = out[:r] if direct else torch.empty(r, n_heads, head_dim, dtype=torch.float32, device=q.device)
-    bound = rows.bound(cache, scale, num_kv_heads, n_heads, head_dim) if shards is None else None
+    choice = aligned_kernel()
+    bound = rows.bound(cache, scale, num_kv_heads, n_heads, head_dim) if shards is None and choice == "c" else None
     moved = None
     if bound is not None:  # the C kernel and the compiled operator, arguments bound once per plan
         stage1, stage2 = bound.run(q, cache, new)
+    elif choice == "triton" and cache.key_order is None:  # the Triton kernels, reading the blocks in place
+        from models.kernels.sevi_decode import aligned_decode
+
+        _, groups, moved = aligned_decode(q, cache.key, cache.value, cache.key_transposed, cache.value_transposed,
+                                          rows.block_index, rows.key_count, rows.prepared, scale, num_kv_heads,
+                                          new, shards=shards)
+        assert groups is not None and groups.stage1 is not None and groups.stage2 is not None
+        stage1, stage2 = groups.stage1, groups.stage2
     else:
+        c_kernel = choice == "c"  # "torch": gather + bmm even where the C kernel is built
         scores = block_scores(q.view(r, num_kv_heads, n_heads // num_kv_heads, head_dim), cache, rows.block_index,
-                              plan.num_keys, scale, key_counts=rows.key_count)  # [R, H, K]
+                              plan.num_keys, scale, use_kernel=c_kernel, key_counts=rows.key_count)  # [R, H, K]
         if shards is None:
             aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
         else:
             aligned, groups, moved = align_sharded(scores, rows.prepared, shards)
-        block_values(aligned, cache, rows.block_index, num_kv_heads, new, key_counts=rows.key_count, softmax=True)
+        block_values(aligned, cache, rows.block_index, num_kv_heads, new, use_kernel=c_kernel, key_counts=rows.key_count,
+                     softmax=True)
         assert groups.stage1 is not None and groups.stage2 is not None
         stage1, stage2 = groups.stage1, groups.stage2
     if not direct:
