@@ -2,7 +2,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-unit lint bench serve clean
+.PHONY: install test test-unit lint bench serve clean gpu-check
 
 # tcmalloc, where installed (libtcmalloc-minimal4), is preloaded by serve and bench, as vLLM's CPU docs advise:
 # torch, vLLM and the compiled alignment operator allocate many small tensors per step, and with glibc's malloc
@@ -65,3 +65,9 @@ serve: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# One prepared check on a machine with one NVIDIA GPU (no vLLM, no install: torch with CUDA and triton): the
+# Triton SEVI kernels against the torch operator, timed; prints one JSON report. Refuses without a GPU.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check --out bench/results/gpu-check.json

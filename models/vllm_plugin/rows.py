@@ -582,8 +582,8 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
             aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
         else:
             aligned, groups, moved = align_sharded(scores, rows.prepared, shards)
-        block_values(aligned, cache, rows.block_index, num_kv_heads, new, use_kernel=c_kernel, key_counts=rows.key_count,
-                     softmax=True)
+        block_values(aligned, cache, rows.block_index, num_kv_heads, new, use_kernel=c_kernel,
+                     key_counts=rows.key_count, softmax=True)
         assert groups.stage1 is not None and groups.stage2 is not None
         stage1, stage2 = groups.stage1, groups.stage2
     if not direct:

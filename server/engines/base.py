@@ -103,6 +103,12 @@ class Engine(ABC):
     _load_error: str | None = None
 
     @property
+    def aligned_kernel(self) -> str:
+        """The kernel that computes SEVI's aligned rows ("triton" | "c" | "torch"): the torch operator unless an
+        engine says otherwise."""
+        return "torch"
+
+    @property
     def load_error(self) -> str | None:
         """Why loading failed, if it did (the process is then alive but useless)."""
         return self._load_error

@@ -167,6 +167,13 @@ class VllmEngine(QueuedEngine):
         return self._engine is not None and not self._stopping
 
     @property
+    def aligned_kernel(self) -> str:
+        # The plugin's choice (SEVI_ALIGNED_KERNEL or the machine's default); the uni executor's worker runs here
+        from models.kernels.choice import aligned_kernel
+
+        return aligned_kernel()
+
+    @property
     def num_layers(self) -> int:
         if self._engine is None:
             raise EngineNotReady("the model is not loaded yet")

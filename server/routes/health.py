@@ -20,6 +20,6 @@ async def health(engine: EngineDep) -> JSONResponse:
 @router.get("/ready", summary="Readiness: the model is loaded and requests can run.")
 async def ready(engine: EngineDep) -> JSONResponse:
     if engine.ready:
-        return JSONResponse({"status": "ready", "model": engine.model_name})
+        return JSONResponse({"status": "ready", "model": engine.model_name, "aligned_kernel": engine.aligned_kernel})
     detail = engine.load_error or "loading"
     return JSONResponse({"status": "not ready", "detail": detail}, status_code=503, headers={"Retry-After": "1"})

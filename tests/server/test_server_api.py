@@ -27,6 +27,7 @@ def test_probes_and_models(server: LiveServer) -> None:
     with server.client() as c:
         assert c.get("/health").json() == {"status": "ok"}
         assert c.get("/ready").json()["status"] == "ready"
+        assert c.get("/ready").json()["aligned_kernel"] == "torch"  # the reference engine: the torch operator
         models = c.get("/v1/models").json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == [server.engine.model_name]

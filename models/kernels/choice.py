@@ -1,0 +1,38 @@
+"""Which kernel computes SEVI's aligned rows in the vLLM backends: the one place `SEVI_ALIGNED_KERNEL` is read.
+
+- `c`: the C kernel (models/vllm_plugin/paged_kernel.py) for q.K and softmax + p.V around the compiled torch
+  operator; the CPU default where that kernel builds.
+- `triton`: the Triton kernels of :mod:`models.kernels.sevi_decode` (on CPU through Triton's interpreter: slow,
+  for tests; on a GPU once the GPU backend takes them).
+- `torch`: gather + bmm and the torch operator (models/vllm_plugin/rows.py); the default elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+KERNELS = ("triton", "c", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def aligned_kernel() -> str:
+    """The kernel named by SEVI_ALIGNED_KERNEL, else the default for this machine (read once per process)."""
+    chosen = os.environ.get("SEVI_ALIGNED_KERNEL", "").strip().lower()
+    if chosen:
+        if chosen not in KERNELS:
+            raise ValueError(f"SEVI_ALIGNED_KERNEL={chosen!r}: expected one of {', '.join(KERNELS)}")
+        if chosen == "triton":
+            from models.kernels import triton_available
+
+            why = triton_available()
+            if why is not None:
+                raise RuntimeError(f"SEVI_ALIGNED_KERNEL=triton but {why}")
+        return chosen
+    if torch.cuda.is_available():
+        return "torch"
+    from models.vllm_plugin.paged_kernel import kernel  # ctypes and torch only: no vLLM import
+
+    return "c" if kernel() is not None else "torch"
