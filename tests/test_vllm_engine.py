@@ -130,6 +130,42 @@ def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceMod
     assert any(0 < stock < total for stock, total in shares)
 
 
+def test_mixed_batch_on_the_triton_kernel_equals_reference_engine(live: LiveServer, ref: ReferenceModel,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """SEVI_ALIGNED_KERNEL=triton: the engine's aligned rows computed by the Triton kernels (here in Triton's
+    interpreter, in this process: the uni executor), tokens and telemetry equal to the reference engine's, and
+    /ready names the kernel."""
+    from models.kernels import choice, triton_available
+
+    why = triton_available()
+    if why is not None:
+        pytest.skip(f"Triton path untested: {why}")
+    import models.kernels.sevi_decode as sevi_decode
+
+    calls = []
+    decode = sevi_decode.aligned_decode
+
+    def spied(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(sevi_decode, "aligned_decode", spied)
+    monkeypatch.setenv("SEVI_ALIGNED_KERNEL", "triton")
+    choice.aligned_kernel.cache_clear()
+    try:
+        assert httpx.get(live.url + "/ready").json()["aligned_kernel"] == "triton"
+        check_mixed_batch(live.engine, ref)
+        assert calls, "the Triton kernels computed no aligned row"
+    finally:
+        choice.aligned_kernel.cache_clear()  # the next test reads the default again
+
+
+def test_ready_names_the_default_aligned_kernel(live: LiveServer) -> None:
+    from models.vllm_plugin.paged_kernel import kernel
+
+    assert httpx.get(live.url + "/ready").json()["aligned_kernel"] == ("c" if kernel() is not None else "torch")
+
+
 @pytest.mark.parametrize("knobs", ["explicit", "explicit+cd"])
 def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref: ReferenceModel, knobs: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
