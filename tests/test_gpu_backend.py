@@ -51,3 +51,30 @@ def test_a_gpu_cache_never_builds_the_cpu_kernel(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(rows, "kernel", build)
     meta = torch.empty(4, 2, 16, 32, device="meta")
     assert rows._kernel_for(rows.PagedKV(meta, meta, False, False)) is None
+
+
+@pytest.mark.parametrize(("window", "plain"), [(None, True), (4096, False)])
+def test_layer_facts_found_at_the_first_forward(window: int | None, plain: bool) -> None:
+    """The layer number and whether the recomputation reproduces the layer's attention (no sliding window,
+    ALiBi, soft cap or sinks): only then may FlashAttention be skipped when every row is aligned."""
+    from types import SimpleNamespace
+
+    impl = SeviFlashAttentionImpl(4, 64, 0.125, 4, None, window, "auto")
+    impl._know(SimpleNamespace(layer_name="language_model.model.layers.3.self_attn.attn"))
+    assert impl._layer == 3 and impl._plain is plain
+
+
+@pytest.mark.parametrize(("importable", "want"), [(True, "triton"), (False, "torch")])
+def test_a_gpu_defaults_to_the_triton_kernels_where_triton_imports(monkeypatch: pytest.MonkeyPatch,
+                                                                  importable: bool, want: str) -> None:
+    import models.kernels as kernels
+    from models.kernels import choice
+
+    monkeypatch.delenv("SEVI_ALIGNED_KERNEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "triton_available", lambda: None if importable else "triton is not installed")
+    choice.aligned_kernel.cache_clear()
+    try:
+        assert choice.aligned_kernel() == want
+    finally:
+        choice.aligned_kernel.cache_clear()

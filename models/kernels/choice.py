@@ -2,9 +2,10 @@
 
 - `c`: the C kernel (models/vllm_plugin/paged_kernel.py) for q.K and softmax + p.V around the compiled torch
   operator; the CPU default where that kernel builds.
-- `triton`: the Triton kernels of :mod:`models.kernels.sevi_decode` (on CPU through Triton's interpreter: slow,
-  for tests; on a GPU once the GPU backend takes them).
-- `torch`: gather + bmm and the torch operator (models/vllm_plugin/rows.py); the default elsewhere.
+- `triton`: the Triton kernels of :mod:`models.kernels.sevi_decode`; the GPU default where triton imports (not
+  yet run on a GPU); on CPU through Triton's interpreter (slow, for tests).
+- `torch`: gather + bmm and the torch operator (models/vllm_plugin/rows.py); the default elsewhere, and the
+  escape hatch on a GPU.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def aligned_kernel() -> str:
             if why is not None:
                 raise RuntimeError(f"SEVI_ALIGNED_KERNEL=triton but {why}")
         return chosen
-    if torch.cuda.is_available():
-        return "torch"
+    if torch.cuda.is_available():  # the GPU backend's aligned rows: the Triton kernels where triton imports
+        from models.kernels import triton_available
+
+        return "triton" if triton_available() is None else "torch"
     from models.vllm_plugin.paged_kernel import kernel  # ctypes and torch only: no vLLM import
 
     return "c" if kernel() is not None else "torch"

@@ -1,7 +1,8 @@
 """FLASH_ATTN with SEVI, the GPU sibling of :mod:`models.vllm_plugin.cpu_backend`. NOT YET RUN ON A GPU.
 
-Same design: the stock FlashAttention kernel for every row, then the aligned rows recomputed from the
-paged cache and overwritten. vLLM 0.32's FlashAttention cache is `[num_blocks, kv_heads, block_size,
+Same design: the aligned rows recomputed from the paged cache (by the kernel models/kernels/choice.py names:
+the Triton kernels where triton imports) and written over the stock FlashAttention output, which is skipped
+when every row of the step is aligned. vLLM 0.32's FlashAttention cache is `[num_blocks, kv_heads, block_size,
 2 * head_size]` with K in the first `head_size` channels and V in the rest (`kv_cache.transpose(1, 2)
 .split(head_size, -1)` in its forward), both row-major.
 
@@ -41,6 +42,7 @@ def paged_flash_kv(kv_cache: torch.Tensor) -> PagedKV:
 class SeviFlashAttentionImpl(FlashAttentionImpl):
     _layer: int | None = None
     _layer_known = False
+    _plain = False  # plain causal attention, the only kind the recomputation reproduces
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype)
@@ -53,23 +55,35 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                              output_block_scale)
-        if attn_metadata is None or not STATE.rows or self.attn_type != "decoder":
-            return out
-        if not self._layer_known:
-            self._layer = layer_index(getattr(layer, "layer_name", ""))
-            self._layer_known = True
-        if self._layer is None:
-            return out
-        plan = step_plan(STATE, attn_metadata.sevi_step, kv_cache.shape[2], query.device)
-        if plan is None:  # no aligned rows: the stock output stands
-            return out
+        plan = rows = None
+        if attn_metadata is not None and STATE.rows and self.attn_type == "decoder":
+            if not self._layer_known:
+                self._know(layer)
+            if self._layer is not None:
+                plan = step_plan(STATE, attn_metadata.sevi_step, kv_cache.shape[2], query.device)
+                rows = plan.rows_at(self._layer) if plan is not None else None
+        # FlashAttention for the rows that are not aligned here; skipped when every row is (a decode step with
+        # SEVI on for the whole batch: the cache write is vLLM's separate do_kv_cache_update). In mixed steps it
+        # still runs on every row and the aligned ones are overwritten (running it on the others alone needs
+        # their own FlashAttention metadata, which the CPU backend builds and this one does not yet).
+        if rows is None or not rows.identity or not self._plain:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+        if rows is None:
+            return output
+        assert plan is not None and self._layer is not None
         if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
             raise RuntimeError(f"SEVI: unexpected FlashAttention cache shape {tuple(kv_cache.shape)}")
         align_layer(plan, self._layer, query, output, paged_flash_kv(kv_cache), self.scale, self.num_kv_heads,
-                    STATE, shards=self._shards)
-        return out
+                    STATE, rows, self._shards)
+        return output
+
+    def _know(self, layer: Any) -> None:
+        """What does not change between steps, found at the first forward (the layer name comes with it)."""
+        self._layer = layer_index(getattr(layer, "layer_name", ""))
+        self._plain = (self.alibi_slopes is None and self.sliding_window in (-1, None, (-1, -1))
+                       and not self.logits_soft_cap and self.sinks is None)
+        self._layer_known = True
 
 
 class SeviFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
