@@ -15,7 +15,7 @@ from vllm.config import CompilationConfig  # noqa: E402
 from vllm.config.compilation import CompilationMode, CUDAGraphMode  # noqa: E402
 from vllm.v1.attention.backend import AttentionCGSupport  # noqa: E402
 
-from models.vllm_plugin import rows  # noqa: E402
+from models.vllm_plugin import paged_read  # noqa: E402
 from models.vllm_plugin.gpu_backend import SeviFlashAttentionBackend, SeviFlashAttentionImpl  # noqa: E402
 
 
@@ -48,9 +48,9 @@ def test_a_gpu_cache_never_builds_the_cpu_kernel(monkeypatch: pytest.MonkeyPatch
     def build() -> None:
         raise AssertionError("the CPU kernel was built for a cache outside CPU memory")
 
-    monkeypatch.setattr(rows, "kernel", build)
+    monkeypatch.setattr(paged_read, "kernel", build)
     meta = torch.empty(4, 2, 16, 32, device="meta")
-    assert rows._kernel_for(rows.PagedKV(meta, meta, False, False)) is None
+    assert paged_read.c_kernel_for(paged_read.PagedKV(meta, meta, False, False)) is None
 
 
 @pytest.mark.parametrize(("window", "plain"), [(None, True), (4096, False)])

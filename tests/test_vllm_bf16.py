@@ -39,25 +39,25 @@ def engine(tiny_model_dir: Callable[[str], Path]) -> Iterator[VllmEngine]:
 def test_bfloat16_cache_is_read_by_the_kernel_and_equals_the_torch_path(
         engine: VllmEngine, tiny_model: Callable[[str], ReferenceModel], tiny_model_dir: Callable[[str], Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.vllm_plugin.rows as rows
+    import models.vllm_plugin.paged_read as paged_read
 
     dtypes: list[torch.dtype] = []
     kernel_used: list[bool] = []
-    pick = rows._kernel_for
+    pick = paged_read.c_kernel_for
 
-    def spy(cache: rows.PagedKV) -> object:
+    def spy(cache: paged_read.PagedKV) -> object:
         found = pick(cache)
         dtypes.append(cache.key.dtype)
         kernel_used.append(found is not None)
         return found
 
-    monkeypatch.setattr(rows, "_kernel_for", spy)
+    monkeypatch.setattr(paged_read, "c_kernel_for", spy)
     reqs = [r for r in mixed_batch(tiny_model("llava").num_layers, [random_image(s) for s in range(2)])
             if "+cd" not in r.request_id]  # contrast rows are tested in float32; here the K/V reads
     with_kernel = run_engine(engine, reqs)
     assert dtypes and set(dtypes) == {torch.bfloat16} and all(kernel_used)
 
-    monkeypatch.setattr(rows, "kernel", lambda: None)  # the torch gather + bmm path
+    monkeypatch.setattr(paged_read, "kernel", lambda: None)  # the torch gather + bmm path
     kernel_used.clear()
     with_torch = run_engine(engine, reqs)
     assert kernel_used and not any(kernel_used)

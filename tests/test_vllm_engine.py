@@ -215,17 +215,17 @@ def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref:
 
 def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(
         live: LiveServer, ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.vllm_plugin.rows as rows
+    import models.vllm_plugin.plan as step_plans
 
     built: list[object] = []
-    build_plan = rows.build_plan
+    build_plan = step_plans.build_plan
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         plan = build_plan(*args, **kwargs)
         built.append(plan)
         return plan
 
-    monkeypatch.setattr(rows, "build_plan", counted)
+    monkeypatch.setattr(step_plans, "build_plan", counted)
     images = [random_image(s) for s in range(2)]
     mixed = mixed_batch(ref.num_layers, images)
     off = [r for r in mixed if r.request_id.startswith("c0/")]

@@ -19,20 +19,13 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # n
 from models.alignment import align_scores  # noqa: E402
 from models.conservativeness import resolve_alignment  # noqa: E402
 from models.contrastive import contrast_logits  # noqa: E402
+from models.vllm_plugin.bound_layer import bound_layer  # noqa: E402
 from models.vllm_plugin.cpu_backend import cache_layout, paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E402
+from models.vllm_plugin.paged_read import PagedKV, block_scores, block_values, c_kernel_for  # noqa: E402
 from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: E402
-from models.vllm_plugin.rows import (  # noqa: E402
-    GROWTH,
-    PagedKV,
-    StepPlan,
-    align_layer,
-    block_scores,
-    block_values,
-    build_plan,
-    layer_index,
-    step_plan,
-)
+from models.vllm_plugin.plan import GROWTH, StepMetadata, StepPlan, build_plan, layer_index, step_plan  # noqa: E402
+from models.vllm_plugin.rows import align_layer  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
 
 IMAGE = 5
@@ -211,9 +204,7 @@ def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, bs:
     hd, g, rep = 32, 2, 3
     cache, k_t, v_t = _random_cpu_cache(12, g, bs, hd, seed=num_keys, dtype=dtype)
     if kv_path.startswith("kernel"):  # the C kernel reads every dtype vLLM's CPU cache comes in
-        from models.vllm_plugin.rows import _kernel_for
-
-        assert _kernel_for(paged_cpu_kv(cache, k_t, v_t)) is not None
+        assert c_kernel_for(paged_cpu_kv(cache, k_t, v_t)) is not None
     nb = -(-num_keys // bs)
     blocks = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(i))[:nb] for i in range(4)])
     k, v = read_cpu_kv(cache, blocks, k_t, v_t)  # [R, G, nb * bs, D], the plain gathered reading
@@ -322,7 +313,6 @@ def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int) -> None:
     from vllm import _custom_ops as ops
 
     from models.vllm_plugin.cpu_backend import cache_order, cpu_kv
-    from models.vllm_plugin.rows import _kernel_for
 
     bs, g, rep, n_blocks, num_keys = 128, 2, 2, 6, 300
     try:
@@ -337,7 +327,7 @@ def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int) -> None:
     v = torch.randn(n_blocks * bs, g, hd, generator=gen).bfloat16()
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(n_blocks * bs, dtype=torch.long), "amx")
     paged = cpu_kv(cache, "amx", hd)
-    assert paged.key_order is not None and paged.block_size == bs and _kernel_for(paged) is None
+    assert paged.key_order is not None and paged.block_size == bs and c_kernel_for(paged) is None
     k_order, _ = cache_order("amx", torch.bfloat16, bs, hd)
     assert not torch.equal(k_order, torch.arange(bs * hd))  # not the row-major layout under another name
     blocks = torch.tensor([[4, 0, 2], [1, 5, 3]])
@@ -374,17 +364,17 @@ def _avx2_kernel() -> Any:
 
 
 def _use_kernel(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make rows.py read K/V with the C kernel as built for this CPU ("native") or for AVX2 ("avx2": its own
+    """Make paged_read.py read K/V with the C kernel as built for this CPU ("native") or for AVX2 ("avx2": its own
     tile width, 8 floats, not AVX-512's 16; where the CPU has AVX2)."""
-    import models.vllm_plugin.rows as rows
+    import models.vllm_plugin.paged_read as paged_read
 
     if build == "avx2":
         if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
             pytest.skip("this CPU has no AVX2")
         assert _avx2_kernel() is not None, "the AVX2 kernel did not build here"
-        monkeypatch.setattr(rows, "kernel", _avx2_kernel)
+        monkeypatch.setattr(paged_read, "kernel", _avx2_kernel)
     else:
-        assert rows.kernel() is not None, "the C kernel did not build here"
+        assert paged_read.kernel() is not None, "the C kernel did not build here"
 
 
 @pytest.fixture(params=["native", "avx2"])
@@ -397,10 +387,10 @@ def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 @pytest.fixture(params=["kernel", "kernel-avx2", "torch"])
 def kv_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every way the aligned rows read K/V: the C kernel in place (both builds) and the torch gather + bmm."""
-    import models.vllm_plugin.rows as rows
+    import models.vllm_plugin.paged_read as paged_read
 
     if request.param == "torch":
-        monkeypatch.setattr(rows, "kernel", lambda: None)
+        monkeypatch.setattr(paged_read, "kernel", lambda: None)
     else:
         _use_kernel("avx2" if request.param == "kernel-avx2" else "native", monkeypatch)
     return str(request.param)
@@ -456,7 +446,8 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str, dtype: 
         paged = paged_cpu_kv(cache, k_t, v_t)
         # With the C kernel the layer runs bound calls (kernel + compiled operator), else the general path.
         rows = plan.rows_at(layer)
-        assert rows is not None and (rows.bound(paged, hd**-0.5, g, heads, hd) is not None) == (kv_path != "torch")
+        bound = bound_layer(rows, paged, hd**-0.5, g, heads, hd) if rows is not None else None
+        assert rows is not None and (bound is not None) == (kv_path != "torch")
         align_layer(plan, layer, query, out, paged, hd**-0.5, g, STATE)
         want = _dense(plan, layer, query, stock, cache, table, k_t, v_t, g)
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
@@ -651,11 +642,11 @@ def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch
     """The first attention layer of a step builds the plan (and keeps the step's seq_lens); the others get
     the same plan by one lookup; the next decode step derives its plan from it; a batch without aligned
     rows never builds one."""
-    import models.vllm_plugin.rows as rows
+    import models.vllm_plugin.plan as step_plans
 
     built: list[object] = []
-    build = rows.build_plan
-    monkeypatch.setattr(rows, "build_plan", lambda *a, **k: built.append(1) or build(*a, **k))
+    build = step_plans.build_plan
+    monkeypatch.setattr(step_plans, "build_plan", lambda *a, **k: built.append(1) or build(*a, **k))
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
@@ -687,17 +678,15 @@ def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.Monk
     copies), decode steps move the plan on, re-read block ids and widen masks without reading any tensor back
     (on a GPU each read would make the host wait for the device). Checked by making every read-back raise for
     200 decode steps that cross blocks of 16 and the masks' room many times."""
-    import models.vllm_plugin.rows as rows
-
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
     _add(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
     table = torch.arange(64, dtype=torch.int32).view(2, 32)
 
-    def step(seq: list[int]) -> rows.StepPlan | None:
+    def step(seq: list[int]) -> StepPlan | None:
         STATE.begin_step(False)
-        md = rows.StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor(seq), table, 2)
+        md = StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor(seq), table, 2)
         return step_plan(STATE, md, 16, torch.device("cpu"))
 
     first = step([13, 12])

@@ -4,7 +4,7 @@
   operator; the CPU default where that kernel builds.
 - `triton`: the Triton kernels of :mod:`models.kernels.sevi_decode`; the GPU default where triton imports (not
   yet run on a GPU); on CPU through Triton's interpreter (slow, for tests).
-- `torch`: gather + bmm and the torch operator (models/vllm_plugin/rows.py); the default elsewhere, and the
+- `torch`: gather + bmm and the torch operator (models/vllm_plugin/paged_read.py); the default elsewhere, and the
   escape hatch on a GPU.
 """
 

@@ -8,7 +8,10 @@ processor comes in through the `vllm.logits_processors` entry point. Pieces:
 - :mod:`.logits_processor`: `validate_params` (HTTP 400), `update_state` (params -> worker state),
   `apply` (contrastive decoding pairs);
 - :mod:`.state`: the per-worker table both sides share;
-- :mod:`.rows`: which rows to align and the aligned attention, backend-agnostic;
+- :mod:`.plan`: which rows to align in a step, and what their layers share (one plan for both backends);
+- :mod:`.rows`: the aligned attention of a layer, by the kernel :mod:`models.kernels.choice` names: the C
+  kernel with its bound calls (:mod:`.bound_layer`), Triton (:mod:`models.kernels.sevi_decode`) or torch
+  (:mod:`.paged_read`);
 - :mod:`.cpu_backend` (CPU_ATTN, tested) and :mod:`.gpu_backend` (FLASH_ATTN, not yet run on a GPU).
 """
 

@@ -29,7 +29,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 from models.alignment import compiled_operator, compiled_sharded
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_kernel import kernel
-from models.vllm_plugin.rows import PagedKV, RowSet, align_layer, layer_index, step_plan
+from models.vllm_plugin.paged_read import PagedKV
+from models.vllm_plugin.plan import RowSet, layer_index, step_plan
+from models.vllm_plugin.rows import align_layer
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
 

@@ -27,7 +27,9 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from models.vllm_plugin.rows import PagedKV, StepMetadata, align_layer, layer_index, step_plan
+from models.vllm_plugin.paged_read import PagedKV
+from models.vllm_plugin.plan import StepMetadata, layer_index, step_plan
+from models.vllm_plugin.rows import align_layer
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
 

@@ -1,11 +1,11 @@
 """The aligned rows' q.K and p.V straight from the paged cache (`paged_kv.c`), loaded with ctypes.
 
-Why: the torch path (rows.py) must first copy each row's K and V blocks into one tensor to batch the
+Why: the torch path (paged_read.py) must first copy each row's K and V blocks into one tensor to batch the
 matmul; at real prompt lengths (600 keys) that copy is half of the alignment's cost per layer. The C
 kernel reads the blocks where they lie, float32, bfloat16 or float16 (the 16-bit ones widened to float32
 as they are loaded). It is built once per source and ISA with the system C compiler
 into a cache folder (`SEVI_KERNEL_CACHE`, default `~/.cache/sevi-serve`); where there is no compiler,
-or `SEVI_PAGED_KERNEL=0`, :func:`kernel` returns None and rows.py keeps its torch path. The alignment
+or `SEVI_PAGED_KERNEL=0`, :func:`kernel` returns None and paged_read.py keeps its torch path. The alignment
 operator itself stays in torch (models/alignment.py); this is how K and V are read, plus the softmax
 of the aligned scores, taken inside the p.V call while each row is in cache.
 """

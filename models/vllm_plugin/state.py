@@ -51,7 +51,7 @@ class RowArrays:
     """Dense per-batch-row arrays of the rows, rebuilt only when the batch changes.
 
     numpy, not torch: the step plan's index arithmetic on these few dozen numbers runs at every batch
-    change, where a torch op costs 2-4x a numpy one (rows.build_plan)."""
+    change, where a torch op costs 2-4x a numpy one (plan.build_plan)."""
 
     enabled: np.ndarray  # bool [B]
     omega: np.ndarray  # float32 [B]
