@@ -728,6 +728,23 @@ def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
     assert STATE.rows[2] is rows[0] and STATE.step_counts is None and not STATE.pending
 
 
+def test_telemetry_merged_over_shards_and_stages() -> None:
+    """Two pipeline stages of two tensor-parallel shards each: rows (the same on a stage's shards) are counted
+    once per stage and the stages added; heads (each shard its own) summed over all four; the contrast
+    fields, decided where the logits are, taken once."""
+    from models.vllm_plugin.telemetry import merge
+
+    def entry(rows: int, heads: int) -> dict[str, int]:
+        return {"aligned_rows": rows, "stage1_rows": rows - 1, "stage2_rows": rows - 2, "heads_reweighted": heads,
+                "contrast_steps": 7, "contrast_dissolved": 0}
+
+    replies = [(0, 0, {"r": entry(10, 3)}), (1, 0, {"r": entry(10, 5)}),
+               (0, 1, {"r": entry(20, 4), "other": entry(1, 1)}), (1, 1, {"r": entry(20, 6)})]
+    assert merge(replies, "r") == {"aligned_rows": 30, "stage1_rows": 28, "stage2_rows": 26, "heads_reweighted": 18,
+                                   "contrast_steps": 7, "contrast_dissolved": 0}
+    assert merge(replies, "missing") == {}
+
+
 def test_a_row_replaced_by_a_condensing_move_files_its_telemetry() -> None:
     """vLLM condenses its batch by moving rows into the slots of rows that left without listing those as
     removed (seen with pipeline parallelism, whose two batches take turns in the persistent batch): the

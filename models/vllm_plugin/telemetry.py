@@ -41,6 +41,6 @@ def merge(replies: list[Reply], key: str) -> dict[str, int]:
         for name, value in entry.items():
             if name in _PAIR_FIELDS:
                 out[name] = max(out.get(name, 0), int(value))
-            elif name in _HEAD_FIELDS or tp == 0:  # a row field: once per stage
+            elif name in _HEAD_FIELDS or (name in _ROW_FIELDS and tp == 0):  # rows: once per stage
                 out[name] = out.get(name, 0) + int(value)
     return out
