@@ -29,6 +29,7 @@ from models.generation import (  # noqa: E402
     user_message,
 )
 from tests.conftest import random_image, start_engine  # noqa: E402
+from tests.test_vllm_engine import run_engine  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -55,14 +56,7 @@ def model(request: pytest.FixtureRequest,
 
 
 def generate(engine: Any, req: GenerationRequest) -> list[int]:
-    async def go() -> list[int]:
-        ids: list[int] = []
-        async for ev in engine.generate(req):
-            if ev.token_id is not None:
-                ids.append(ev.token_id)
-        return ids
-
-    return asyncio.run(go())
+    return run_engine(engine, [req])[req.request_id][0]
 
 
 def turn(rid: str, messages: list[dict[str, Any]], params: AlignmentParams, max_tokens: int) -> GenerationRequest:

@@ -27,6 +27,7 @@ from models.generation import (  # noqa: E402
 )
 from models.tiny import build  # noqa: E402
 from tests.conftest import random_image, start_engine  # noqa: E402
+from tests.test_vllm_engine import run_engine  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -71,22 +72,6 @@ def contrasted(n: int, max_tokens: int) -> list[GenerationRequest]:
                               contrast_images=[random_image(100 + i)]) for i in range(n)]
 
 
-def run_all(engine: Any, reqs: list[GenerationRequest]) -> dict[str, tuple[list[int], dict[str, Any]]]:
-    async def one(req: GenerationRequest) -> tuple[list[int], dict[str, Any]]:
-        ids: list[int] = []
-        telemetry: dict[str, Any] = {}
-        async for ev in engine.generate(req):
-            if ev.token_id is not None:
-                ids.append(ev.token_id)
-            telemetry = ev.telemetry or telemetry
-        return ids, telemetry
-
-    async def all_() -> list[tuple[list[int], dict[str, Any]]]:
-        return await asyncio.gather(*(one(r) for r in reqs))
-
-    return dict(zip([r.request_id for r in reqs], asyncio.run(all_()), strict=True))
-
-
 def check(got: dict[str, tuple[list[int], dict[str, Any]]], reqs: list[GenerationRequest],
           ref: ReferenceModel) -> None:
     dissolved = [rid for rid, (_, tel) in got.items() if tel.get("contrast_dissolved")]
@@ -102,7 +87,7 @@ def test_pairs_stay_in_lockstep_under_a_small_token_budget(engine_with: Callable
                                                            ref: ReferenceModel) -> None:
     engine = engine_with(max_num_batched_tokens=320)
     reqs = contrasted(8, max_tokens=12)
-    check(run_all(engine, reqs), reqs, ref)
+    check(run_engine(engine, reqs), reqs, ref)
 
 
 def test_pairs_are_preempted_and_resumed_together(engine_with: Callable[..., Any], ref: ReferenceModel,
@@ -121,7 +106,7 @@ def test_pairs_are_preempted_and_resumed_together(engine_with: Callable[..., Any
     monkeypatch.setattr(Scheduler, "_preempt_request", spied)
     engine = engine_with(num_gpu_blocks_override=14)  # one is vLLM's null block
     reqs = contrasted(4, max_tokens=130)
-    check(run_all(engine, reqs), reqs, ref)
+    check(run_engine(engine, reqs), reqs, ref)
     assert preempted  # not vacuous: memory did force preemption
 
 
