@@ -43,17 +43,22 @@ BLOCK_K = 64  # keys per tile
 
 
 @triton.jit
-def _scores_kernel(q_ptr, k_ptr, blocks_ptr, counts_ptr, out_ptr, scale, nb, block_size, num_keys,
-                   s_b, s_g, s_n, s_d,
-                   H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                   REP_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _group_program(H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, REP_PAD: tl.constexpr):
+    """A (row, KV head) program of kernels A and C: its row r, KV head g, its query heads' rows in the
+    flattened `[R * H]` query (padded to REP_PAD) with their mask, and the head dims with theirs."""
     r = tl.program_id(0)
     g = tl.program_id(1)
     heads = tl.arange(0, REP_PAD)
     dims = tl.arange(0, D_PAD)
-    hm = heads < REP
-    dm = dims < D
-    rows = r * H + g * REP + heads
+    return r, g, r * H + g * REP + heads, heads < REP, dims, dims < D
+
+
+@triton.jit
+def _scores_kernel(q_ptr, k_ptr, blocks_ptr, counts_ptr, out_ptr, scale, nb, block_size, num_keys,
+                   s_b, s_g, s_n, s_d,
+                   H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                   REP_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    r, g, rows, hm, dims, dm = _group_program(H, REP, D, D_PAD, REP_PAD)
     q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
     count = tl.load(counts_ptr + r)
     for start in range(0, num_keys, BLOCK):
@@ -140,13 +145,7 @@ def _values_kernel(s_ptr, v_ptr, blocks_ptr, counts_ptr, out_ptr, nb, block_size
                    s_b, s_g, s_n, s_d,
                    H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    REP_PAD: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
-    r = tl.program_id(0)
-    g = tl.program_id(1)
-    heads = tl.arange(0, REP_PAD)
-    dims = tl.arange(0, D_PAD)
-    hm = heads < REP
-    dm = dims < D
-    rows = r * H + g * REP + heads
+    r, g, rows, hm, dims, dm = _group_program(H, REP, D, D_PAD, REP_PAD)
     count = tl.load(counts_ptr + r)
     m = tl.full([REP_PAD], LOW, tl.float32)
     total = tl.zeros([REP_PAD], tl.float32)
