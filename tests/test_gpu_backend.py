@@ -6,6 +6,8 @@ The backend recomputes aligned rows eagerly every step, so vLLM must never captu
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -78,3 +80,111 @@ def test_a_gpu_defaults_to_the_triton_kernels_where_triton_imports(monkeypatch: 
         assert choice.aligned_kernel() == want
     finally:
         choice.aligned_kernel.cache_clear()
+
+
+def _flash_reference(query: torch.Tensor, kv_cache: torch.Tensor, md: Any, output: torch.Tensor,
+                     scale: float) -> None:
+    """What FlashAttention's varlen kernel computes on the paged cache: causal attention of each sequence's
+    query rows over its first `seq_lens` keys (`seqused_k`), zeros for a sequence given none."""
+    qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+    hd = kv_cache.shape[-1] // 2
+    bs = kv_cache.shape[2]
+    rep = query.shape[1] // kv_cache.shape[1]
+    for b, n_keys in enumerate(seq_lens):
+        first, end = qsl[b], qsl[b + 1]
+        if n_keys == 0:
+            output[first:end] = 0
+            continue
+        blocks = md.block_table[b, : -(-n_keys // bs)].long()
+        kv = kv_cache[blocks].permute(1, 0, 2, 3).reshape(kv_cache.shape[1], -1, 2 * hd)[:, :n_keys].float()
+        k, v = kv[..., :hd].repeat_interleave(rep, 0), kv[..., hd:].repeat_interleave(rep, 0)
+        q = query[first:end].float().transpose(0, 1)  # [H, q, D]
+        scores = q @ k.transpose(1, 2) * scale
+        pos = torch.arange(n_keys - (end - first), n_keys)
+        scores = scores.masked_fill(torch.arange(n_keys)[None, None, :] > pos[None, :, None], float("-inf"))
+        out = torch.softmax(scores, -1) @ v  # [H, q, D]
+        output[first:end] = out.transpose(0, 1).reshape(end - first, -1).to(output.dtype)
+
+
+def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed step (an aligned decode row, an unaligned one, a prompt whose last row is aligned, a decode row
+    whose start layer comes later), with FlashAttention replaced by a reference of its varlen contract: per
+    layer it is given zero keys exactly for the sequences whose whole query is aligned there, and the layer's
+    output equals FlashAttention on every row with the aligned rows written over it (the path before)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl, FlashAttentionMetadata
+
+    from models.conservativeness import resolve_alignment
+    from models.vllm_plugin.gpu_backend import unaligned_metadata
+    from models.vllm_plugin.params import to_extra_args
+    from models.vllm_plugin.plan import StepMetadata
+    from models.vllm_plugin.state import STATE
+    from tests.plugin_rows import IMAGE, add_rows, processor
+
+    monkeypatch.setenv("SEVI_ALIGNED_KERNEL", "torch")
+    seen: list[Any] = []
+
+    def flash(self: Any, layer: Any, query: torch.Tensor, key: Any, value: Any, kv_cache: torch.Tensor, md: Any,
+              output: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.append(md)
+        _flash_reference(query, kv_cache, md, output, self.scale)
+        return output
+
+    monkeypatch.setattr(FlashAttentionImpl, "forward", flash)
+    STATE.reset()
+    try:
+        proc = processor()
+        early = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.5))
+        late = to_extra_args(resolve_alignment(None, 4, start_layer=3, omega=2.0, kappa=0.5))
+        prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
+        add_rows(proc, [(0, early, prompt, [11] * 30), (1, None, prompt, [4] * 20), (2, early, prompt, []),
+                        (3, late, prompt, [11] * 25)], 4)
+        q_len = torch.tensor([1, 1, 12, 1], dtype=torch.int32)
+        seq = torch.tensor([42, 32, 12, 37], dtype=torch.int32)
+        qsl = torch.cat([torch.zeros(1, dtype=torch.int32), q_len.cumsum(0).int()])
+        heads, kv_heads, hd, bs = 4, 2, 32, 16
+        gen = torch.Generator().manual_seed(0)
+        kv_cache = torch.randn(16, kv_heads, bs, 2 * hd, generator=gen)
+        table = torch.randperm(16, generator=gen)[:12].view(4, 3).int()
+        n_tokens = int(qsl[-1])
+        md = FlashAttentionMetadata(num_actual_tokens=n_tokens, max_query_len=12, query_start_loc=qsl,
+                                    max_seq_len=42, seq_lens=seq, block_table=table,
+                                    slot_mapping=torch.arange(n_tokens), scheduler_metadata=torch.zeros(4))
+        md.sevi_step = StepMetadata(qsl.long(), seq, table, n_tokens)  # type: ignore[attr-defined]
+        # Sharp heads (core) and flat ones (global), so both stages of the alignment act.
+        query = torch.randn(n_tokens, heads, hd, generator=gen) * torch.tensor([4.0, 4.0, 0.25, 0.25])[:, None]
+        plain = torch.empty(n_tokens, heads * hd)
+        _flash_reference(query, kv_cache, md, plain, hd**-0.5)
+
+        impl = SeviFlashAttentionImpl(heads, hd, hd**-0.5, kv_heads, None, None, "auto")
+        for layer_number, zeroed in ((1, [0]), (3, [0, 3])):
+            layer = SimpleNamespace(layer_name=f"language_model.model.layers.{layer_number}.self_attn.attn")
+            impl._layer_known = False
+            STATE.begin_step(False)
+            seen.clear()
+            out = impl.forward(layer, query, None, None, kv_cache, md, torch.empty(n_tokens, heads * hd))
+            assert len(seen) == 1 and seen[0].scheduler_metadata is None
+            assert seen[0].seq_lens.tolist() == [0 if b in zeroed else int(seq[b]) for b in range(4)]
+            # The path before: FlashAttention on every row, the aligned rows written over it.
+            impl._plain = False
+            STATE.begin_step(False)
+            before = impl.forward(layer, query, None, None, kv_cache, md, torch.empty(n_tokens, heads * hd))
+            impl._plain = True
+            assert torch.equal(out, before)
+            aligned_rows = {0, 13} | ({14} if layer_number == 3 else set())  # decode rows; row 13: prompt's last
+            changed = set(torch.nonzero((out - plain).abs().amax(-1) > 1e-4).squeeze(1).tolist())
+            assert 0 in changed and changed <= aligned_rows  # alignment moved aligned rows only
+
+        # Built on the device's metadata alone: nothing is read back to the host (a wait for the GPU).
+        with monkeypatch.context() as m:
+            for name in ("cpu", "tolist", "item", "numpy", "__bool__", "__int__"):
+                def refuse(*args: object, _name: str = name, **kwargs: object) -> None:
+                    raise AssertionError(f"read a tensor back ({_name})")
+
+                m.setattr(torch.Tensor, name, refuse)
+            subset = unaligned_metadata(md, torch.tensor([0, 2, 3]))
+        assert subset.seq_lens.tolist() == [0, 32, 12, 0]
+    finally:
+        STATE.reset()

@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("vllm")
 
-from transformers import LlavaConfig  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
@@ -27,9 +26,7 @@ from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: 
 from models.vllm_plugin.plan import GROWTH, StepMetadata, StepPlan, build_plan, layer_index, step_plan  # noqa: E402
 from models.vllm_plugin.rows import align_layer  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
-
-IMAGE = 5
-EOS = 2
+from tests.plugin_rows import EOS, IMAGE, add_rows, processor  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +34,6 @@ def fresh_state() -> Iterator[None]:
     STATE.reset()
     yield
     STATE.reset()
-
-
-def processor() -> SeviLogitsProcessor:
-    cfg = LlavaConfig(image_token_index=IMAGE)
-    text: Any = cfg.text_config  # a config object once built (typed as a union with its dict form)
-    text.num_hidden_layers = 4
-    text.eos_token_id = EOS
-    return SeviLogitsProcessor(SimpleNamespace(model_config=SimpleNamespace(hf_config=cfg)),  # type: ignore[arg-type]
-                               torch.device("cpu"), False)
 
 
 @pytest.mark.parametrize("extra", [
@@ -93,18 +81,12 @@ def test_layer_index_from_vllm_layer_names() -> None:
     assert layer_index("lm_head") is None
 
 
-def _add(proc: SeviLogitsProcessor, rows: list[tuple[int, dict[str, object] | None, list[int], list[int]]],
-         size: int) -> None:
-    added = [(i, SamplingParams(temperature=0.0, extra_args=extra), prompt, out) for i, extra, prompt, out in rows]
-    proc.update_state(BatchUpdate(batch_size=size, removed=[], added=added, moved=[]))
-
-
 def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
     prompt = [1, IMAGE, IMAGE, 7, 8, 9]
     # Row 0: prefill of the whole prompt; row 1: text-only (never aligned); row 2: decode; row 3: off.
-    _add(proc, [(0, on, prompt, []), (1, on, [1, 7, 8], []), (2, on, prompt, [11, 12]), (3, None, prompt, [4])], 4)
+    add_rows(proc, [(0, on, prompt, []), (1, on, [1, 7, 8], []), (2, on, prompt, [11, 12]), (3, None, prompt, [4])], 4)
     qsl = torch.tensor([0, 6, 9, 10, 11])
     seq = torch.tensor([6, 3, 8, 7])
     table = torch.arange(8).view(4, 2)
@@ -125,7 +107,7 @@ def _pair_batch(proc: SeviLogitsProcessor) -> tuple[list[int], list[int]]:
     params = resolve_alignment(None, 4, omega=2.0, start_layer=1, contrast=True)
     main_out: list[int] = [9]
     contrast_out: list[int] = [9]
-    _add(proc, [(0, to_extra_args(params, role="main", pair="p"), [1, IMAGE, 7], main_out),
+    add_rows(proc, [(0, to_extra_args(params, role="main", pair="p"), [1, IMAGE, 7], main_out),
                 (1, to_extra_args(params, role="contrast", pair="p"), [1, IMAGE, IMAGE, 7], contrast_out),
                 (2, None, [1, 7], [3])], 3)
     return main_out, contrast_out
@@ -169,7 +151,7 @@ def test_pair_out_of_lockstep_is_dissolved_main_goes_on_alone_contrast_ends() ->
 def test_pair_with_partner_missing_is_dissolved_and_neither_sampling_waits() -> None:
     proc = processor()
     params = resolve_alignment(None, 4, omega=2.0, start_layer=1, contrast=True)
-    _add(proc, [(0, to_extra_args(params, role="main", pair="q"), [1, IMAGE, 7], [])], 1)
+    add_rows(proc, [(0, to_extra_args(params, role="main", pair="q"), [1, IMAGE, 7], [])], 1)
     STATE.observe_seq_lens(torch.tensor([2]))  # partial prefill: nothing to decide yet
     logits = torch.randn(1, 20)
     assert torch.equal(proc.apply(logits.clone()), logits) and "q" not in STATE.dissolved_pairs
@@ -426,7 +408,7 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str, dtype: 
     late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
     long_out = [11] * 60  # 72 keys: three blocks of 32
-    _add(proc, [(0, early, prompt, [11, 12, 13]),  # prefill of prompt + outputs: rows 11..14 aligned
+    add_rows(proc, [(0, early, prompt, [11, 12, 13]),  # prefill of prompt + outputs: rows 11..14 aligned
                 (1, early, prompt, long_out), (2, None, prompt, [4]), (3, late, prompt, long_out[:40])], 4)
     q_len = torch.tensor([15, 1, 1, 1])
     seq = torch.tensor([15, 73, 14, 53])
@@ -488,7 +470,7 @@ def test_stock_kernel_runs_only_on_the_sequences_not_wholly_aligned() -> None:
     early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
     late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
-    _add(proc, [(0, early, prompt, [11, 12, 13]), (1, early, prompt, [11] * 60), (2, None, prompt, [4]),
+    add_rows(proc, [(0, early, prompt, [11, 12, 13]), (1, early, prompt, [11] * 60), (2, None, prompt, [4]),
                 (3, late, prompt, [11] * 40)], 4)
     q_len = torch.tensor([15, 1, 1, 1])
     seq = torch.tensor([15, 73, 14, 53], dtype=torch.int32)
@@ -568,7 +550,7 @@ def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: 
     early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
     late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
-    _add(proc, [(0, early, prompt, [11] * 19), (1, None, prompt, [4]), (2, late, prompt, [11] * 3),
+    add_rows(proc, [(0, early, prompt, [11] * 19), (1, None, prompt, [4]), (2, late, prompt, [11] * 3),
                 (3, early, [1, 7, 8], [5])], 4)
     table = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
     bs = 32
@@ -603,7 +585,7 @@ def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: 
     # A step that is not one more decode token per row, or a changed batch, is not one to move on to.
     assert not again.advance(STATE, qsl, seq + 2, table, bs)
     assert not again.advance(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, bs)
-    _add(proc, [(1, early, prompt, [4])], 4)
+    add_rows(proc, [(1, early, prompt, [4])], 4)
     assert not again.advance(STATE, qsl, seq + 1, table, bs)
     # A prefill that aligns several rows of a sequence (recomputed after a preemption) is not one to move on.
     redo = build_plan(STATE, torch.tensor([0, 31, 32, 33, 34], dtype=torch.int32), torch.tensor([31, 14, 16, 4]),
@@ -618,7 +600,7 @@ def test_a_row_reaching_a_new_block_reads_its_id_even_when_the_widest_row_does_n
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
-    _add(proc, [(0, on, prompt, [11] * 30), (1, on, prompt, [11] * 3)], 2)
+    add_rows(proc, [(0, on, prompt, [11] * 30), (1, on, prompt, [11] * 3)], 2)
     table = torch.tensor([[1, 2, 3], [4, 99, 98]], dtype=torch.int32)  # row 1's second block: not yet allocated
     qsl = torch.arange(3, dtype=torch.int32)
     seq = torch.tensor([40, 14], dtype=torch.int32)
@@ -650,7 +632,7 @@ def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
-    _add(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [4])], 2)
+    add_rows(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [4])], 2)
 
     def md(seq: list[int]) -> SimpleNamespace:
         return SimpleNamespace(query_start_loc=torch.arange(3, dtype=torch.int32), seq_lens=torch.tensor(seq),
@@ -667,7 +649,7 @@ def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch
     keys = plan.key_count.clone()
     nxt = step_plan(STATE, md([16, 14]), 16, torch.device("cpu"))
     assert nxt is plan and torch.equal(nxt.key_count, keys + 1) and built == [1, 1]  # moved on: a key more
-    _add(proc, [(0, None, prompt, [11] * 4)], 2)  # alignment off for the whole batch
+    add_rows(proc, [(0, None, prompt, [11] * 4)], 2)  # alignment off for the whole batch
     STATE.begin_step(True)
     built.clear()
     assert step_plan(STATE, md([17, 15]), 16, torch.device("cpu")) is None and built == []
@@ -681,7 +663,7 @@ def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.Monk
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
-    _add(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
+    add_rows(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
     table = torch.arange(64, dtype=torch.int32).view(2, 32)
 
     def step(seq: list[int]) -> StepPlan | None:
@@ -708,7 +690,7 @@ def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
     the totals per request must be the same as counting every layer at once, across a move of rows."""
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
-    _add(proc, [(0, on, [1, IMAGE, 7], []), (1, on, [1, IMAGE, 8], []), (2, on, [1, IMAGE, 9], [])], 3)
+    add_rows(proc, [(0, on, [1, IMAGE, 7], []), (1, on, [1, IMAGE, 8], []), (2, on, [1, IMAGE, 9], [])], 3)
     rows = [STATE.rows[i] for i in range(3)]
     stage1 = torch.tensor([[True, False, True, False], [False, False, False, False]])  # 2 and 0 heads
     stage2 = torch.tensor([[False, True, False, False], [True, True, True, False]])  # 1 and 3 heads
@@ -752,7 +734,7 @@ def test_a_row_replaced_by_a_condensing_move_files_its_telemetry() -> None:
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1), key="left")
     stay = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1), key="stays")
-    _add(proc, [(0, on, [1, IMAGE, 7], []), (1, stay, [1, IMAGE, 8], [])], 2)
+    add_rows(proc, [(0, on, [1, IMAGE, 7], []), (1, stay, [1, IMAGE, 8], [])], 2)
     moved = torch.tensor([[False, True, False, False]] * 2)
     STATE.record(torch.tensor([0, 1]), moved, moved)
     # Row 0 left the batch; row 1 moves into its slot; vLLM lists no removal.
@@ -769,7 +751,7 @@ def test_align_layer_writes_every_row_when_the_stock_kernel_is_skipped(kv_path: 
     on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))  # type: ignore[arg-type]
     prompt = [1] + [IMAGE] * 8 + [7, 8, 9]
     for n_out in (10, 60):  # 22 keys: one block; 72 keys: three blocks of 32
-        _add(proc, [(0, on, prompt, [11] * n_out), (1, on, prompt, [12] * n_out)], 2)
+        add_rows(proc, [(0, on, prompt, [11] * n_out), (1, on, prompt, [12] * n_out)], 2)
         seq = torch.full((2,), len(prompt) + n_out)
         qsl = torch.arange(3)
         bs, hd, g, heads = 32, 32, 2, 4

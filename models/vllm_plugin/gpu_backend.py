@@ -1,10 +1,11 @@
 """FLASH_ATTN with SEVI, the GPU sibling of :mod:`models.vllm_plugin.cpu_backend`. NOT YET RUN ON A GPU.
 
 Same design: the aligned rows recomputed from the paged cache (by the kernel models/kernels/choice.py names:
-the Triton kernels where triton imports) and written over the stock FlashAttention output, which is skipped
-when every row of the step is aligned. vLLM 0.32's FlashAttention cache is `[num_blocks, kv_heads, block_size,
-2 * head_size]` with K in the first `head_size` channels and V in the rest (`kv_cache.transpose(1, 2)
-.split(head_size, -1)` in its forward), both row-major.
+the Triton kernels where triton imports) and written into the output. FlashAttention is skipped when every
+row of the step is aligned, and in mixed steps (contrast pairs, streams of requests) it reads no keys for the
+sequences whose whole query is aligned (:func:`unaligned_metadata`). vLLM 0.32's FlashAttention cache is
+`[num_blocks, kv_heads, block_size, 2 * head_size]` with K in the first `head_size` channels and V in the
+rest (`kv_cache.transpose(1, 2).split(head_size, -1)` in its forward), both row-major.
 
 Requirements on GPU: the attention op must run eagerly each step, so CUDA graphs may only be
 PIECEWISE (attention is a splitting op there); FULL graphs would replay the captured stock kernel and skip
@@ -17,6 +18,7 @@ Only this module imports FlashAttention, and only on CUDA platforms.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from models.vllm_plugin.paged_read import PagedKV
-from models.vllm_plugin.plan import StepMetadata, layer_index, step_plan
+from models.vllm_plugin.plan import RowSet, StepMetadata, layer_index, step_plan
 from models.vllm_plugin.rows import align_layer
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
@@ -64,13 +66,15 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
             if self._layer is not None:
                 plan = step_plan(STATE, attn_metadata.sevi_step, kv_cache.shape[2], query.device)
                 rows = plan.rows_at(self._layer) if plan is not None else None
-        # FlashAttention for the rows that are not aligned here; skipped when every row is (a decode step with
-        # SEVI on for the whole batch: the cache write is vLLM's separate do_kv_cache_update). In mixed steps it
-        # still runs on every row and the aligned ones are overwritten (running it on the others alone needs
-        # their own FlashAttention metadata, which the CPU backend builds and this one does not yet).
-        if rows is None or not rows.identity or not self._plain:
+        # FlashAttention for the rows that are not aligned here: skipped when every row is (a decode step with
+        # SEVI on for the whole batch: the cache write is vLLM's separate do_kv_cache_update), told to read no
+        # keys for the wholly aligned sequences in mixed steps, on every row where the layer is not plain.
+        if rows is None or not self._plain:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
+        elif not rows.identity:
+            super().forward(layer, query, key, value, kv_cache, self._unaligned(attn_metadata, rows), output,
+                            output_scale, output_block_scale)
         if rows is None:
             return output
         assert plan is not None and self._layer is not None
@@ -80,12 +84,36 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
                     STATE, rows, self._shards)
         return output
 
+    def _unaligned(self, md: Any, rows: RowSet) -> Any:
+        """FlashAttention's metadata for this step and row set, built by the first layer that asks."""
+        if "flash" not in rows.derived:
+            subset = (getattr(self, "dcp_world_size", 1) == 1 and md.causal is True
+                      and getattr(md, "mm_prefix_query_range_tensor", None) is None)
+            rows.derived["flash"] = unaligned_metadata(md, rows.batch_row) if subset else md
+        return rows.derived["flash"]
+
     def _know(self, layer: Any) -> None:
         """What does not change between steps, found at the first forward (the layer name comes with it)."""
         self._layer = layer_index(getattr(layer, "layer_name", ""))
         self._plain = (self.alibi_slopes is None and self.sliding_window in (-1, None, (-1, -1))
                        and not self.logits_soft_cap and self.sinks is None)
         self._layer_known = True
+
+
+def unaligned_metadata(md: Any, batch_row: torch.Tensor) -> Any:
+    """`md` with no keys for the sequences whose every scheduled row is aligned (`batch_row`: the batch index of
+    each aligned row, on the device): FlashAttention's varlen kernels read `seqused_k` keys per sequence and
+    write zeros for a row with none, so those rows cost it almost nothing and are then overwritten. The query
+    layout stays as it is (no gather or scatter of rows). Device ops only, no read-back (`bincount` would wait
+    for the device to size its output; `index_add_` does not). The ahead-of-time split schedule (FA3) was
+    planned for the full lengths and is dropped: FlashAttention then plans its own."""
+    qsl = md.query_start_loc
+    q_len = qsl[1:] - qsl[:-1]
+    if q_len.shape != md.seq_lens.shape:  # not a layout this knows: FlashAttention on every row
+        return md
+    aligned = torch.zeros_like(q_len).index_add_(0, batch_row, torch.ones_like(batch_row, dtype=q_len.dtype))
+    seq_lens = md.seq_lens.masked_fill(aligned == q_len, 0)
+    return dataclasses.replace(md, seq_lens=seq_lens, scheduler_metadata=None)
 
 
 class SeviFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
