@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# models.presets reaches back here for the paper's map only inside a call, so this import is not circular.
+from models.presets import PAPER_MAP, KnobMap
+
+# The paper's preset names; a model's presets file may place `balanced` and `focused` elsewhere (models.presets).
 PRESETS: dict[str, float] = {"off": 0.0, "balanced": 0.5, "focused": 1.0}
 DEFAULT_KAPPA = 0.2
 BALANCED_OMEGA = 0.5
@@ -58,7 +63,8 @@ def start_layer_for(c: float, num_layers: int) -> int:
     return int(math.floor(fraction * num_layers + 0.5))
 
 
-def parse_conservativeness(value: float | int | str | None, default: float = 0.0) -> float:
+def parse_conservativeness(value: float | int | str | None, default: float = 0.0,
+                           presets: Mapping[str, float] = PRESETS) -> float:
     """A number in [0, 1] or a preset name (`off`, `balanced`, `focused`) -> a number in [0, 1]."""
     if value is None:
         return parse_conservativeness(default)
@@ -66,12 +72,12 @@ def parse_conservativeness(value: float | int | str | None, default: float = 0.0
         raise AlignmentParamError("conservativeness must be a number in [0, 1] or a preset", "conservativeness")
     if isinstance(value, str):
         key = value.strip().lower()
-        if key in PRESETS:
-            return PRESETS[key]
+        if key in presets:
+            return presets[key]
         try:
             number = float(key)
         except ValueError:
-            names = ", ".join(PRESETS)
+            names = ", ".join(presets)
             raise AlignmentParamError(
                 f"unknown conservativeness preset {value!r}; use a number in [0, 1] or one of: {names}",
                 "conservativeness",
@@ -92,13 +98,20 @@ def resolve_alignment(
     kappa: float | None = None,
     contrast: bool | None = None,
     default_conservativeness: float = 0.0,
+    knob_map: KnobMap | None = None,
 ) -> AlignmentParams:
-    """Map the knob (or preset) to parameters; explicit overrides win over the mapping."""
-    c = parse_conservativeness(conservativeness, default_conservativeness)
-    w = omega_for(c) if omega is None else _check_omega(omega)
-    layer = start_layer_for(c, num_layers) if start_layer is None else _check_start_layer(start_layer, num_layers)
-    k = DEFAULT_KAPPA if kappa is None else _check_kappa(kappa)
-    use_contrast = c > 0 if contrast is None else bool(contrast)
+    """Map the knob (or preset) to parameters; explicit overrides win over the mapping.
+
+    `knob_map`: the model's own map (its presets file, `models.presets`); None is the paper's map below.
+    Explicit values are checked here; the map's own values were checked when its file loaded.
+    """
+    knobs = knob_map or PAPER_MAP
+    c = parse_conservativeness(conservativeness, default_conservativeness, knobs.names)
+    point = knobs.point(c, num_layers)
+    w = point.omega if omega is None else _check_omega(omega)
+    layer = point.start_layer if start_layer is None else _check_start_layer(start_layer, num_layers)
+    k = point.kappa if kappa is None else _check_kappa(kappa)
+    use_contrast = (c > 0 and knobs.contrast) if contrast is None else bool(contrast)
     return AlignmentParams(conservativeness=c, omega=w, start_layer=layer, kappa=k, contrast=use_contrast)
 
 

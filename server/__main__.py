@@ -8,6 +8,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from models.presets import PresetsError
 from server.app import create_app
 from server.engines import AUTO, ENGINES
 from server.logs import setup_logging
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown engine {settings.engine!r}; available: {choices}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except PresetsError as exc:  # the model's sevi_presets.json: name the file and the field, serve nothing
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Our middleware logs every request as JSON; uvicorn's access log would say it twice.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=10)

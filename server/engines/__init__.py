@@ -43,4 +43,8 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def create_engine(settings: Settings) -> Engine:
-    return engine_class(settings.engine).from_settings(settings)
+    """The engine `settings` name, its model's knob presets read (a bad presets file raises
+    `models.presets.PresetsError` here, before anything loads or serves)."""
+    engine = engine_class(settings.engine).from_settings(settings)
+    _ = engine.knob_map
+    return engine

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from models.generation import GenerationRequest, TokenEvent
+from models.presets import PAPER_MAP, KnobMap, load_knob_map
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -98,9 +99,20 @@ class Engine(ABC):
     def ready(self) -> bool:
         """True once the model is loaded and requests can run."""
 
-    # Set by subclasses: the served model id, and why loading failed if it did.
+    # Set by subclasses: the served model id, its folder, and why loading failed if it did.
     _model_name: str = ""
+    _model_dir: str = ""
     _load_error: str | None = None
+    _knob_map: KnobMap | None = None
+
+    @property
+    def knob_map(self) -> KnobMap:
+        """How `conservativeness` maps to SEVI's parameters for this model: the folder's `sevi_presets.json`,
+        else the paper's map (models.presets). Read once; `create_engine` reads it before the model loads, so
+        that a bad file stops start-up instead of failing every request."""
+        if self._knob_map is None:
+            self._knob_map = load_knob_map(self._model_dir) if self._model_dir else PAPER_MAP
+        return self._knob_map
 
     @property
     def aligned_kernel(self) -> str:
