@@ -223,11 +223,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.chair_calibrate import add_calibrate_command  # the knob's presets, measured through a live server
     from bench.chair_run import add_run_command  # the evaluation through a live server
 
     parser, sub = build_parser()
     add_run_command(sub)
+    add_calibrate_command(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # calibrate records its own command line in the presets it writes
     return int(args.func(args))
 
 

@@ -70,12 +70,14 @@ def _png(image: Image.Image) -> bytes:
 
 
 def caption_one(client: httpx.Client, item: Item, level: float, contrast: bool, max_tokens: int,
-                prompt: str, kappa: float | None = None) -> dict[str, Any]:
+                prompt: str, kappa: float | None = None, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """One greedy caption; `extra`: more form fields (explicit omega / start_layer, as `calibrate` sends)."""
     data = {"conservativeness": str(level), "max_tokens": str(max_tokens), "temperature": "0", "prompt": prompt}
     if level > 0:  # level 0 is the unmodified model, the baseline of both curves
         data["contrast"] = "true" if contrast else "false"
         if kappa is not None:
             data["kappa"] = str(kappa)
+        data.update(extra or {})
     for attempt in range(5):
         resp = client.post("/caption", data=data, files={"image": ("image.png", _png(item.load()), "image/png")})
         if resp.status_code == 503 and attempt < 4:  # queue full: back off as the server asks
@@ -97,14 +99,14 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 
 def run_level(client: httpx.Client, items: list[Item], level: float, contrast: bool, path: Path,
               max_tokens: int, prompt: str, concurrency: int, label: str,
-              kappa: float | None = None) -> dict[str, dict[str, Any]]:
+              kappa: float | None = None, extra: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     done = _done(path)
     todo = [it for it in items if it.image_id not in done]
     lock = threading.Lock()
     with path.open("a") as sink, ThreadPoolExecutor(concurrency) as pool, \
             tqdm(total=len(items), initial=len(items) - len(todo), desc=label) as bar:
         def work(item: Item) -> None:
-            row = caption_one(client, item, level, contrast, max_tokens, prompt, kappa)
+            row = caption_one(client, item, level, contrast, max_tokens, prompt, kappa, extra)
             with lock:
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
