@@ -22,6 +22,7 @@ from typing import Any
 from bench.engines import PROMPT, images, random_llava, start
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, SamplingParams, user_message
+from models.telemetry import Telemetry
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,14 +50,14 @@ def main(argv: list[str] | None = None) -> None:
                               SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
             for i, img in enumerate(images(args.requests))]
 
-    async def run() -> list[dict[str, Any]]:
+    async def run() -> list[Telemetry]:
         queue = list(reqs)
-        found: list[dict[str, Any]] = []
+        found: list[Telemetry] = []
 
         async def client() -> None:
             while queue:
                 req = queue.pop(0)
-                telemetry: dict[str, Any] = {}
+                telemetry = Telemetry()
                 async for ev in engine.generate(req):
                     telemetry = ev.telemetry or telemetry
                 found.append(telemetry)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     telemetry = asyncio.run(run())
     seconds = time.perf_counter() - t0
-    dissolved = sum(1 for t in telemetry if t.get("contrast_dissolved"))
+    dissolved = sum(1 for t in telemetry if t.contrast_dissolved)
     scheduler = "vLLM's stock scheduler" if args.stock_scheduler else "SeviScheduler"
     print(f"{scheduler}: {dissolved} of {len(telemetry)} requests dissolved "
           f"({args.requests} requests, {args.concurrency} at a time, {args.image_tokens} image tokens, "

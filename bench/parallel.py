@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from bench.engines import PROMPT, images, random_llava, start
+from bench.engines import PROMPT, collect, images, random_llava, start
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
 
@@ -52,20 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                               on if i < args.aligned else off, SamplingParams(max_tokens=args.max_tokens))
             for i, img in enumerate(pictures)]
 
-    async def one(req: GenerationRequest) -> tuple[list[int], dict[str, int]]:
-        ids: list[int] = []
-        telemetry: dict[str, int] = {}
-        async for ev in engine.generate(req):
-            if ev.token_id is not None and not (ev.finish_reason == "stop" and not ev.text):
-                ids.append(ev.token_id)
-            telemetry = ev.telemetry or telemetry
-        return ids, telemetry
-
-    async def run() -> list[tuple[list[int], dict[str, int]]]:
-        return await asyncio.gather(*(one(r) for r in reqs))
-
     t0 = time.perf_counter()
-    got = dict(zip([r.request_id for r in reqs], asyncio.run(run()), strict=True))
+    got = collect(engine, reqs)
     seconds = time.perf_counter() - t0
     asyncio.run(engine.stop())
     ref = ReferenceModel.load(model_dir)
@@ -80,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         counts[kind][0] += ids == w.token_ids
         counts[kind][1] += 1
         counts[kind][2] += w.token_ids != plain[r.request_id].token_ids
-        counts[kind][3] += {k: telemetry.get(k) for k in w.telemetry} == w.telemetry
+        counts[kind][3] += telemetry == w.telemetry
     layout = f"TP {args.tensor_parallel} x PP {args.pipeline_parallel}"
     print(f"{layout}, random LLaVA {args.layers} layers x {args.heads} heads ({args.kv_heads} KV), "
           f"{args.max_tokens} tokens, {seconds:.1f} s: aligned requests equal to the reference engine "

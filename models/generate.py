@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
         "alignment": alignment.to_dict(),
-        "telemetry": result.telemetry,
+        "telemetry": result.telemetry.as_dict(),
     }
 
 

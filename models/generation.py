@@ -24,7 +24,9 @@ from models.contrast_pool import ContrastPool
 from models.contrastive import contrast_logits
 from models.detokenizer import TextStream
 from models.families import Family, family_for
+from models.sampling import apply_penalties, sample_token
 from models.sevi_attention import AlignmentBatch, alignment_context, use_sevi_attention
+from models.telemetry import Telemetry
 
 
 class RequestError(ValueError):
@@ -42,6 +44,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: times how often each token was generated so far
     ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work, as vLLM's --ignore-eos)
 
 
@@ -68,7 +72,7 @@ class TokenEvent:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-    telemetry: dict[str, int] | None = None
+    telemetry: Telemetry | None = None  # on the final event
 
 
 @dataclass
@@ -84,6 +88,7 @@ class _RequestState:
     generator: torch.Generator | None
     output: TextStream
     finish_reason: str | None = None
+    contrast_steps: int = 0  # tokens chosen from contrasted logits
 
     @property
     def token_ids(self) -> list[int]:
@@ -258,6 +263,8 @@ class DecodeBatch:
         if with_contrast:
             c_rows = [partner[self.rows[main_idx[k]].request.request_id] for k in with_contrast]
             mixed[with_contrast] = contrast_logits(main[with_contrast], logits[c_rows])
+            for k in with_contrast:
+                self.states[self.rows[main_idx[k]].request.request_id].contrast_steps += 1
         tokens = self._sample(mixed, [self.rows[i].request.request_id for i in main_idx])
 
         events: list[TokenEvent] = []
@@ -275,18 +282,17 @@ class DecodeBatch:
         return events
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> torch.Tensor:
+        """The next token of each request from its (contrasted) logits `[R, V]`, penalised in place."""
+        for k, rid in enumerate(request_ids):
+            s = self.states[rid]
+            apply_penalties(logits[k], s.token_ids, s.request.sampling.presence_penalty,
+                            s.request.sampling.frequency_penalty)
         tokens = logits.argmax(-1)
         for k, rid in enumerate(request_ids):
             s = self.states[rid]
-            if s.generator is None:
-                continue
-            row = logits[k] / s.request.sampling.temperature
-            probs = torch.softmax(row, -1)
-            if s.request.sampling.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(-1) - sorted_p < s.request.sampling.top_p  # always keeps the top token
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-            tokens[k] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            if s.generator is not None:
+                tokens[k] = sample_token(logits[k], s.request.sampling.temperature, s.request.sampling.top_p,
+                                         s.generator)
         return tokens
 
     def _advance(self, s: _RequestState, token: int) -> TokenEvent:
@@ -300,9 +306,10 @@ class DecodeBatch:
         return TokenEvent(s.request.request_id, token, new_text, finish, len(s.prompt_ids), len(s.token_ids),
                           telemetry)
 
-    def _telemetry(self, request_id: str) -> dict[str, int]:
+    def _telemetry(self, request_id: str) -> Telemetry:
         i = next(i for i, r in enumerate(self.rows) if r.request.request_id == request_id and not r.contrast)
-        return self.alignment.telemetry.row(i)
+        return Telemetry.from_counts(self.alignment.telemetry.row(i),
+                                     contrast_steps=self.states[request_id].contrast_steps)
 
     def _drop_finished(self) -> torch.Tensor:
         """Remove the rows of finished requests from every per-row tensor; returns the kept row indices."""
@@ -341,7 +348,7 @@ class Completion:
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str
-    telemetry: dict[str, int]
+    telemetry: Telemetry
 
 
 def run_to_completion(model: ReferenceModel, requests: Sequence[GenerationRequest]) -> dict[str, Completion]:
@@ -353,7 +360,7 @@ def run_to_completion(model: ReferenceModel, requests: Sequence[GenerationReques
             if ev.finish_reason is not None:
                 s = batch.states[ev.request_id]
                 out[ev.request_id] = Completion(s.text, list(s.token_ids), list(s.prompt_ids), ev.finish_reason,
-                                                ev.telemetry or {})
+                                                ev.telemetry or Telemetry())
     return out
 
 

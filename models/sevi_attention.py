@@ -23,27 +23,28 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from models.alignment import HeadGroups, PreparedRows, align_prepared, prepare_rows, span_masks, with_new_key
+from models.telemetry import COUNTERS
 
 ATTN_NAME = "sevi"
 
 
 @dataclass
 class AlignmentTelemetry:
-    """Per-sequence counters `[B, 4]`, summed over every aligned (row, layer): rows aligned, rows where
-    stage 1 fired, rows where stage 2 fired, and heads whose scores were moved."""
+    """Per-sequence counters `[B, 4]` (:data:`models.telemetry.COUNTERS`), summed over every aligned (row,
+    layer): rows aligned, rows where stage 1 fired, rows where stage 2 fired, and heads whose scores were moved."""
 
-    FIELDS = ("aligned_rows", "stage1_rows", "stage2_rows", "heads_reweighted")
     counts: torch.Tensor
 
     @classmethod
     def zeros(cls, batch: int) -> AlignmentTelemetry:
-        return cls(torch.zeros(batch, len(cls.FIELDS), dtype=torch.long))
+        return cls(torch.zeros(batch, len(COUNTERS), dtype=torch.long))
 
     def select(self, keep: torch.Tensor) -> AlignmentTelemetry:
         return AlignmentTelemetry(self.counts[keep])
 
-    def row(self, i: int) -> dict[str, int]:
-        return dict(zip(self.FIELDS, self.counts[i].tolist(), strict=True))
+    def row(self, i: int) -> list[int]:
+        """Sequence `i`'s counters, in :data:`models.telemetry.COUNTERS` order."""
+        return [int(c) for c in self.counts[i].tolist()]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Dependency-injected handles: settings, engine and metrics live on `app.state`; routes ask for them here."""
+"""Dependency-injected handles: settings, engine and metrics live on `app.state`, the request's arrival on its
+scope (set by the middleware); routes ask for them here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from server.engines.base import Engine
 from server.errors import APIError
 from server.metrics import Metrics
+from server.middleware import Arrival
 from server.settings import Settings
 
 
@@ -29,9 +31,20 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+def get_arrival(request: Request) -> Arrival:
+    """The request's arrival, as the middleware noted it (now, for an app mounted without it)."""
+    arrival = getattr(request.state, "arrival", None)
+    if arrival is None:
+        arrival = Arrival.now()
+        request.state.arrival = arrival
+    assert isinstance(arrival, Arrival)
+    return arrival
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ArrivalDep = Annotated[Arrival, Depends(get_arrival)]
 
 _bearer = HTTPBearer(auto_error=False, description="The server's api_key, when one is configured.")
 

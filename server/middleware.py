@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
@@ -24,6 +25,20 @@ log = logging.getLogger("sevi.server.access")
 ENDPOINTS = frozenset({"/caption", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"})
 
 
+@dataclass
+class Arrival:
+    """What the middleware notes when a request arrives, handed to routes by `server.deps.ArrivalDep`: its id,
+    the arrival time (deadlines and latencies count from here) and the fields routes add to its log line."""
+
+    request_id: str
+    t0: float  # time.perf_counter() at arrival
+    log: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def now(cls) -> Arrival:
+        return cls(f"req-{uuid.uuid4().hex[:16]}", time.perf_counter())
+
+
 class RequestContext:
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int) -> None:
         self.app = app
@@ -34,10 +49,10 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        t0 = time.perf_counter()
-        rid = f"req-{uuid.uuid4().hex[:16]}"
+        arrival = Arrival.now()
+        rid = arrival.request_id
         state = scope.setdefault("state", {})
-        state.update(request_id=rid, t0=t0, log={})
+        state["arrival"] = arrival
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -59,7 +74,7 @@ class RequestContext:
             status = 500
             raise
         finally:
-            self._record(scope, state, rid, status, time.perf_counter() - t0)
+            self._record(scope, state, arrival, status, time.perf_counter() - arrival.t0)
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> Receive | None:
         """A receive the app may use, or None when the body is over the limit (answered 413 unread).
@@ -94,14 +109,14 @@ class RequestContext:
                 break
         return _replay(chunks, None, receive)
 
-    def _record(self, scope: Scope, state: dict[str, Any], rid: str, status: int, seconds: float) -> None:
+    def _record(self, scope: Scope, state: dict[str, Any], arrival: Arrival, status: int, seconds: float) -> None:
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else "other"
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.latency.labels(endpoint).observe(seconds)
-        fields: dict[str, Any] = {"id": rid, "method": scope.get("method"), "endpoint": path[:200],
+        fields: dict[str, Any] = {"id": arrival.request_id, "method": scope.get("method"), "endpoint": path[:200],
                                   "status": status, "latency_ms": round(seconds * 1000, 3)}
-        fields.update(state.get("log") or {})
+        fields.update(arrival.log)
         if state.get("error"):
             fields["error"] = state["error"]
         if endpoint in ("/health", "/ready", "/metrics") and status == 200:

@@ -1,5 +1,5 @@
-"""What /caption and /v1/chat/completions share: knob resolution, one run through the engine with its deadline,
-disconnect watch, metrics and log fields.
+"""One run of a generation request through the engine, as both routes make it: the deadline, the disconnect watch,
+metrics and the request's log fields. (`server.intake` builds the request it runs.)
 
 A run first awaits the engine's first event before any response byte is sent, so that a full queue
 (503), a request the model refuses (400) or a deadline (504) still get their proper status even when
@@ -10,57 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
+from starlette.types import Receive
 
-from models.conservativeness import AlignmentParamError, AlignmentParams, resolve_alignment
-from models.generation import GenerationRequest, SamplingParams, TokenEvent
+from models.generation import GenerationRequest, TokenEvent
+from models.telemetry import Telemetry
 from server.engines.base import Engine, GenerationStats
 from server.errors import APIError, from_exception
 from server.metrics import Metrics
+from server.middleware import Arrival
 from server.settings import Settings
-
-
-@dataclass
-class Knobs:
-    conservativeness: float | int | str | None
-    omega: float | None = None
-    start_layer: int | None = None
-    kappa: float | None = None
-    contrast: bool | None = None
-    param_prefix: str = ""  # "alignment." when the explicit values came nested
-
-
-def resolve_knobs(knobs: Knobs, engine: Engine, settings: Settings) -> AlignmentParams:
-    try:
-        return resolve_alignment(knobs.conservativeness, engine.num_layers, omega=knobs.omega,
-                                 start_layer=knobs.start_layer, kappa=knobs.kappa, contrast=knobs.contrast,
-                                 default_conservativeness=settings.default_conservativeness)
-    except AlignmentParamError as exc:
-        param = exc.param if exc.param == "conservativeness" else knobs.param_prefix + exc.param
-        raise APIError(400, str(exc), param=param, code="invalid_alignment") from None
-
-
-def sampling_params(settings: Settings, max_tokens: int | None, temperature: float | None, top_p: float | None,
-                    seed: int | None, stop: tuple[str, ...] = (),
-                    max_tokens_param: str = "max_tokens") -> SamplingParams:
-    if max_tokens is None:
-        n = min(settings.default_max_tokens, settings.max_tokens_limit)
-    elif max_tokens > settings.max_tokens_limit:
-        raise APIError(400, f"{max_tokens_param} must be at most {settings.max_tokens_limit}, got {max_tokens}",
-                       param=max_tokens_param, code="invalid_value")
-    else:
-        n = max_tokens
-    return SamplingParams(max_tokens=n, temperature=temperature or 0.0,
-                          top_p=1.0 if top_p is None else top_p, seed=seed, stop=stop)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
@@ -69,14 +31,16 @@ class Outcome:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-    telemetry: dict[str, int]
+    telemetry: Telemetry
 
 
 @dataclass
 class Run:
-    """One request through the engine. Use `start()`, then either `collect()` or `events()`."""
+    """One request through the engine. Use `start()`, then either `collect()` or `events()`. `receive` is the
+    ASGI channel the client's disconnect arrives on."""
 
-    http: Request
+    arrival: Arrival
+    receive: Receive
     engine: Engine
     metrics: Metrics
     settings: Settings
@@ -92,19 +56,14 @@ class Run:
 
     def __post_init__(self) -> None:
         # The deadline counts from arrival (set by the middleware), so time spent decoding images counts too.
-        arrived = self.http.state.t0 if hasattr(self.http.state, "t0") else time.perf_counter()
         self._deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s - (
-            time.perf_counter() - arrived)
+            time.perf_counter() - self.arrival.t0)
         c = self.request.alignment.conservativeness
         self.metrics.conservativeness.observe(c)
         self._log(conservativeness=c, omega=self.request.alignment.omega, engine_request_id=self.request.request_id)
 
     def _log(self, **fields: Any) -> None:
-        log = getattr(self.http.state, "log", None)
-        if log is None:
-            log = {}
-            self.http.state.log = log
-        log.update(fields)
+        self.arrival.log.update(fields)
 
     async def start(self) -> None:
         """Submit and wait for the first token: every refusal surfaces here, as an APIError."""
@@ -138,8 +97,7 @@ class Run:
     def _observe(self, ev: TokenEvent) -> None:
         now = time.perf_counter()
         if self._last_t == 0.0:
-            arrived = getattr(self.http.state, "t0", now)
-            self.metrics.ttft.labels(self.endpoint).observe(now - arrived)
+            self.metrics.ttft.labels(self.endpoint).observe(now - self.arrival.t0)
         else:
             self.metrics.itl.observe(now - self._last_t)
         self._last_t = now
@@ -147,10 +105,11 @@ class Run:
             self.finished = True
             self.metrics.prompt_tokens.inc(ev.prompt_tokens)
             self.metrics.completion_tokens.inc(ev.completion_tokens)
-            heads = (ev.telemetry or {}).get("heads_reweighted", 0)
+            telemetry = ev.telemetry or Telemetry()
+            heads = telemetry.heads_reweighted
             if heads:
                 self.metrics.heads_reweighted.inc(heads)
-            dissolved = bool((ev.telemetry or {}).get("contrast_dissolved"))
+            dissolved = bool(telemetry.contrast_dissolved)
             if dissolved:
                 self.metrics.contrast_dissolved.inc()
             self._log(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
@@ -166,8 +125,7 @@ class Run:
         """Where the time went, so clients (bench/load.py) can tell the server's overhead from the engine's time:
         `x-engine-time-ms` (submission to final token, queueing included), `x-queue-time-ms`, and
         `x-server-time-ms` (arrival to response, i.e. everything but the network and the client)."""
-        arrived = getattr(self.http.state, "t0", None)
-        server = (time.perf_counter() - arrived) * 1000 if arrived is not None else 0.0
+        server = (time.perf_counter() - self.arrival.t0) * 1000
         return {"x-engine-time-ms": f"{self.stats.engine_s * 1000:.3f}",
                 "x-queue-time-ms": f"{self.stats.queue_s * 1000:.3f}", "x-server-time-ms": f"{server:.3f}"}
 
@@ -195,7 +153,7 @@ class Run:
     async def collect(self) -> Outcome | None:
         """Run to the end; None when the client went away first (the generation is then cancelled)."""
         consume = asyncio.ensure_future(self._collect())
-        gone = asyncio.ensure_future(_client_gone(self.http))
+        gone = asyncio.ensure_future(_client_gone(self.receive))
         try:
             await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -215,12 +173,12 @@ class Run:
             last = ev
         assert last is not None
         return Outcome("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                       dict(last.telemetry or {}))
+                       last.telemetry or Telemetry())
 
 
-async def _client_gone(request: Request) -> None:
+async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 
-def sse(payload: dict[str, Any]) -> bytes:
+def sse(payload: dict[str, Any] | BaseModel) -> bytes:
+    """One `data:` event: a typed model as its JSON (fields it leaves out stay out), or a plain JSON object."""
+    if isinstance(payload, BaseModel):
+        return b"data: " + payload.model_dump_json().encode() + b"\n\n"
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 

@@ -156,7 +156,7 @@ def test_kv_cached_aligned_decoding_equals_loop_reference_and_full_recompute(
     # The check is not vacuous: both stages fired, and the alignment moved the logits.
     plain_tokens, _ = _steps(model, [_req("a", resolve_alignment(0, model.num_layers), 1, 8)])
     tele = run_to_completion(model, [request])["a"].telemetry
-    assert tele["stage1_rows"] > 0 and tele["stage2_rows"] > 0, tele
+    assert tele.stage1_rows > 0 and tele.stage2_rows > 0, tele
     assert plain_tokens["a"] != generated
 
 

@@ -70,12 +70,12 @@ def test_bfloat16_cache_is_read_by_the_kernel_and_equals_the_torch_path(
     for r in reqs:
         got, want = with_kernel[r.request_id][1], with_torch[r.request_id][1]
         assert with_kernel[r.request_id][0] == with_torch[r.request_id][0], r.request_id
-        assert got["aligned_rows"] == want["aligned_rows"], r.request_id
-        flips = max(1, round(0.05 * want["aligned_rows"]))
-        assert abs(got["stage1_rows"] - want["stage1_rows"]) <= flips, r.request_id
-        assert abs(got["stage2_rows"] - want["stage2_rows"]) <= flips, r.request_id
-        assert abs(got["heads_reweighted"] - want["heads_reweighted"]) <= flips * heads, r.request_id
+        assert got.aligned_rows == want.aligned_rows, r.request_id
+        flips = max(1, round(0.05 * want.aligned_rows))
+        assert abs(got.stage1_rows - want.stage1_rows) <= flips, r.request_id
+        assert abs(got.stage2_rows - want.stage2_rows) <= flips, r.request_id
+        assert abs(got.heads_reweighted - want.heads_reweighted) <= flips * heads, r.request_id
     # Not vacuous: the alignment ran and changed what was generated.
     for i in range(2):
-        assert with_kernel[f"explicit/{i}"][1]["stage1_rows"] > 0 and with_kernel[f"explicit/{i}"][1]["stage2_rows"] > 0
+        assert with_kernel[f"explicit/{i}"][1].stage1_rows > 0 and with_kernel[f"explicit/{i}"][1].stage2_rows > 0
     assert any(with_kernel[f"explicit/{i}"][0] != with_kernel[f"c0/{i}"][0] for i in range(2))

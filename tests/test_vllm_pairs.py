@@ -25,6 +25,7 @@ from models.generation import (  # noqa: E402
     run_to_completion,
     user_message,
 )
+from models.telemetry import Telemetry  # noqa: E402
 from models.tiny import build  # noqa: E402
 from tests.conftest import random_image, start_engine  # noqa: E402
 from tests.test_vllm_engine import run_engine  # noqa: E402
@@ -72,15 +73,15 @@ def contrasted(n: int, max_tokens: int) -> list[GenerationRequest]:
                               contrast_images=[random_image(100 + i)]) for i in range(n)]
 
 
-def check(got: dict[str, tuple[list[int], dict[str, Any]]], reqs: list[GenerationRequest],
+def check(got: dict[str, tuple[list[int], Telemetry]], reqs: list[GenerationRequest],
           ref: ReferenceModel) -> None:
-    dissolved = [rid for rid, (_, tel) in got.items() if tel.get("contrast_dissolved")]
+    dissolved = [rid for rid, (_, tel) in got.items() if tel.contrast_dissolved]
     assert dissolved == [], f"{len(dissolved)} of {len(got)} pairs dissolved"
     want = run_to_completion(ref, reqs)
     for r in reqs:
         ids, tel = got[r.request_id]
         assert ids == want[r.request_id].token_ids, r.request_id
-        assert tel["contrast_steps"] == r.sampling.max_tokens, r.request_id  # every step contrasted
+        assert tel.contrast_steps == r.sampling.max_tokens, r.request_id  # every step contrasted
 
 
 def test_pairs_stay_in_lockstep_under_a_small_token_budget(engine_with: Callable[..., Any],

@@ -9,10 +9,12 @@ in the shared :data:`STATE` that the backend reads.
 Contrast pairs: our engine submits two requests per contrasted request, a main row (`sevi_role=main`,
 aligned, on the real image) and a contrast row (`sevi_role=contrast`, unmodified model, on a contrast
 image), with the same `sevi_pair`. At each step where both rows sample the same output index, `apply`
-combines their logits with :func:`models.contrastive.contrast_logits`, chooses the main row's token
-(greedy, or sampled exactly as the reference engine samples: temperature, top_p, a torch generator
-seeded by the request's seed) and forces that token on both rows by making their logits one-hot, so
-vLLM's sampler can only pick it and the contrast row's cache follows the main row's prefix.
+combines their logits with :func:`models.contrastive.contrast_logits`, applies the request's presence /
+frequency penalties to the result, chooses the main row's token (greedy, or sampled exactly as the
+reference engine samples: `models.sampling`, a torch generator seeded by the request's seed) and forces
+that token on both rows by making their logits one-hot, so vLLM's sampler can only pick it and the
+contrast row's cache follows the main row's prefix. (vLLM applies its own penalties after this processor:
+to one-hot logits they change nothing, so they are left on.)
 
 Lockstep and preemption: a row "samples" in a step when its seq_len equals prompt + outputs (a partial
 prefill chunk does not). If both rows are preempted and resumed together they recompute and stay
@@ -34,6 +36,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from models.conservativeness import AlignmentParamError
 from models.contrastive import contrast_logits
+from models.sampling import apply_penalties, sample_token
 from models.vllm_plugin.params import SEED_KEY, has_sevi_args, parse_row_request
 from models.vllm_plugin.state import STATE, Row
 
@@ -111,7 +114,8 @@ class SeviLogitsProcessor(LogitsProcessor):
         seed = params.seed if params.seed is not None else extra.get(SEED_KEY)  # type: ignore[union-attr]
         return Row(request=request, prompt_len=len(prompt_ids), last_image=last, image_mask=mask,
                    output_ids=output_ids, temperature=float(params.temperature), top_p=float(params.top_p),
-                   seed=int(seed) if seed is not None else None)
+                   seed=int(seed) if seed is not None else None, presence_penalty=float(params.presence_penalty),
+                   frequency_penalty=float(params.frequency_penalty))
 
     def _index_pairs(self) -> None:
         pairs: dict[str, list[int | None]] = {}
@@ -162,6 +166,9 @@ class SeviLogitsProcessor(LogitsProcessor):
         # engine's CPU sampler, so it reads its row back.
         rows = _indices(mains + partners, logits.device)
         mixed = contrast_logits(logits[rows[: len(mains)]], logits[rows[len(mains):]])
+        for k, m in enumerate(mains):  # penalties on what the token is chosen from, as the reference engine does
+            row = _row(m)
+            apply_penalties(mixed[k], row.output_ids, row.presence_penalty, row.frequency_penalty)
         tokens = mixed.argmax(-1)
         for k, m in enumerate(mains):
             row = _row(m)
@@ -173,7 +180,7 @@ class SeviLogitsProcessor(LogitsProcessor):
         _force(logits, rows, tokens.repeat(2))
 
     def _sample(self, pair: str, row: Row, logits: torch.Tensor) -> int:
-        """The reference engine's sampler (models.generation.DecodeBatch._sample), draw for draw."""
+        """The reference engine's draw (models.sampling.sample_token) with the pair's own generator."""
         gen = self._generators.get(pair)
         if gen is None:
             seed = row.seed if row.seed is not None else pair_seed(pair)
@@ -181,12 +188,7 @@ class SeviLogitsProcessor(LogitsProcessor):
             self._generators[pair] = gen
             while len(self._generators) > _MAX_GENERATORS:
                 self._generators.popitem(last=False)
-        probs = torch.softmax(logits.float().cpu() / row.temperature, -1)
-        if row.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < row.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=gen)[0])
+        return sample_token(logits, row.temperature, row.top_p, gen)
 
 
 def pair_seed(pair: str) -> int:

@@ -18,10 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.telemetry import COUNTERS
 from models.vllm_plugin.params import RowRequest
 
-# Counters per row, summed over every aligned (row, layer): the reference engine's telemetry names.
-TELEMETRY_FIELDS = ("aligned_rows", "stage1_rows", "stage2_rows", "heads_reweighted")
+# Counters per row, summed over every aligned (row, layer). A request's telemetry leaves the worker as a dict by
+# these names and models.telemetry.PAIR_FIELDS (plain data for vLLM's message queues); the engine makes it a
+# models.telemetry.Telemetry.
+TELEMETRY_FIELDS = COUNTERS
 _MAX_FILED = 4096  # finished requests' telemetry kept for the engine to collect (oldest dropped first)
 _MAX_PENDING = 512  # aligned layers recorded before they are counted
 
@@ -38,6 +41,8 @@ class Row:
     temperature: float
     top_p: float
     seed: int | None
+    presence_penalty: float = 0.0  # a contrast pair's penalties are applied where its logits are combined
+    frequency_penalty: float = 0.0
     telemetry: list[int] = field(default_factory=lambda: [0] * len(TELEMETRY_FIELDS))
     generator: torch.Generator | None = None  # contrast pairs sample here (see logits_processor)
 

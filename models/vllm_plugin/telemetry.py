@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.telemetry import HEAD_FIELDS, PAIR_FIELDS, ROW_FIELDS
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import ranks
-
-# Counted per (row, layer): the same on every tensor-parallel shard of a stage.
-_ROW_FIELDS = ("aligned_rows", "stage1_rows", "stage2_rows")
-_HEAD_FIELDS = ("heads_reweighted",)  # each shard's own heads: summed over shards
-_PAIR_FIELDS = ("contrast_steps", "contrast_dissolved")  # decided where logits are, the same on each worker
 
 Reply = tuple[int, int, dict[str, dict[str, Any]]]
 
@@ -39,8 +35,8 @@ def merge(replies: list[Reply], key: str) -> dict[str, int]:
         if entry is None:
             continue
         for name, value in entry.items():
-            if name in _PAIR_FIELDS:
+            if name in PAIR_FIELDS:  # decided where the logits are: the same on each worker
                 out[name] = max(out.get(name, 0), int(value))
-            elif name in _HEAD_FIELDS or (name in _ROW_FIELDS and tp == 0):  # rows: once per stage
+            elif name in HEAD_FIELDS or (name in ROW_FIELDS and tp == 0):  # heads: each shard's; rows: once a stage
                 out[name] = out.get(name, 0) + int(value)
     return out

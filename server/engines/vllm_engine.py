@@ -37,6 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.contrast_pool import ContrastPool
 from models.detokenizer import TextStream
 from models.generation import GenerationRequest, RequestError, TokenEvent
+from models.telemetry import Telemetry
 from server.engines.base import (
     EngineError,
     EngineNotReady,
@@ -308,6 +309,7 @@ class VllmEngine(QueuedEngine):
             text = self._prompt_text(req)
             base: dict[str, Any] = dict(
                 max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
+                presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
                 stop_token_ids=[] if sp.ignore_eos else sorted(self._eos), ignore_eos=sp.ignore_eos,
                 detokenize=False, output_kind=RequestOutputKind.DELTA)
             if contrast:  # the logits processor samples a pair with this seed (params.py: sevi_seed)
@@ -397,13 +399,13 @@ class VllmEngine(QueuedEngine):
         return TokenEvent(job.request.request_id, token, text, finish, job.prompt_len, len(job.output.token_ids),
                           telemetry)
 
-    def _collect_telemetry(self, job: _Job) -> dict[str, int]:
+    def _collect_telemetry(self, job: _Job) -> Telemetry:
         """The request's telemetry from every vLLM worker (one `collective_rpc`: in-process with the `uni`
         executor, a message round trip with `mp` / `ray`), merged over shards and stages."""
         from models.vllm_plugin.telemetry import collect_on_worker, merge
 
         replies = self._engine.collective_rpc(collect_on_worker, args=([job.main_id],))
-        return merge(replies, job.main_id)
+        return Telemetry.from_mapping(merge(replies, job.main_id))
 
     def _release(self, job: _Job, vllm_done: bool) -> None:
         """Bookkeeping for a job that ended here; stop its rows in vLLM unless vLLM finished the main one."""

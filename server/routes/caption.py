@@ -10,18 +10,19 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from models.generation import GenerationRequest, user_message
-from server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
+from models.generation import user_message
+from server.deps import ArrivalDep, EngineDep, MetricsDep, SettingsDep, require_api_key
 from server.errors import APIError
-from server.images import ImageLimits, decode_base64, decode_image
+from server.images import decode_base64
+from server.intake import ImageBytes, Knobs, RequestSpec, Sampling, build, image_limits
 from server.schemas.caption import CaptionJSON, CaptionParams, CaptionResponse, request_body_openapi
-from server.service import Knobs, Run, new_id, resolve_knobs, sampling_params
+from server.schemas.common import AppliedAlignment, Telemetry, Usage
+from server.service import Run
 from server.settings import Settings
 
 router = APIRouter(tags=["sevi"], dependencies=[Depends(require_api_key)])
@@ -33,27 +34,23 @@ _FORM_FIELDS = set(CaptionParams.model_fields)
              summary="Caption one image.",
              description="multipart/form-data with an `image` file, or application/json with `image` as base64 or "
                          "a data URI. `x-engine-time-ms` tells the engine's own time for the request.")
-async def caption(request: Request, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+async def caption(request: Request, response: Response, engine: EngineDep, settings: SettingsDep,
+                  metrics: MetricsDep, arrival: ArrivalDep) -> Any:
     params, image_bytes = await _parse(request, settings)
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-    alignment = resolve_knobs(Knobs(params.conservativeness, params.omega, params.start_layer, params.kappa,
-                                    params.contrast), engine, settings)
-    sampling = sampling_params(settings, params.max_tokens, params.temperature, params.top_p, params.seed)
-    image = await decode_image(image_bytes, limits, "image")
-    rid = new_id("cap")
-    run = Run(request, engine, metrics, settings, "/caption",
-              GenerationRequest(rid, user_message(params.prompt, 1), [image], alignment, sampling))
+    spec = RequestSpec("cap", user_message(params.prompt, 1), [ImageBytes(image_bytes, "image")],
+                       Knobs(params.conservativeness, params.omega, params.start_layer, params.kappa, params.contrast),
+                       Sampling(params.max_tokens, params.temperature, params.top_p, params.seed))
+    generation = await build(spec, engine, settings)
+    run = Run(arrival, request.receive, engine, metrics, settings, "/caption", generation)
     await run.start()
     outcome = await run.collect()
     if outcome is None:
         return Response(status_code=499)  # client gone: nobody reads this
-    return JSONResponse({
-        "id": rid, "object": "caption", "created": int(time.time()), "model": engine.model_name,
-        "caption": outcome.text, "finish_reason": outcome.finish_reason,
-        "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-                  "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
-        "alignment": alignment.to_dict(), "telemetry": outcome.telemetry,
-    }, headers=run.timing_headers())
+    response.headers.update(run.timing_headers())
+    return CaptionResponse(
+        id=generation.request_id, created=int(time.time()), model=engine.model_name, caption=outcome.text,
+        finish_reason=outcome.finish_reason, usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
+        alignment=AppliedAlignment.model_validate(generation.alignment), telemetry=Telemetry.of(outcome.telemetry))
 
 
 async def _parse(request: Request, settings: Settings) -> tuple[CaptionParams, bytes]:
@@ -75,8 +72,7 @@ async def _parse_json(request: Request, settings: Settings) -> tuple[CaptionPara
         raise APIError(400, "an image is required: `image` as base64 or a data URI", param="image",
                        code="missing_image")
     body = _validate(CaptionJSON, raw)
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-    data = decode_base64(body.image, limits, "image")
+    data = decode_base64(body.image, image_limits(settings), "image")
     return CaptionParams.model_validate(body.model_dump(exclude={"image"})), data
 
 
@@ -92,14 +88,13 @@ async def _parse_form(request: Request, settings: Settings) -> tuple[CaptionPara
         if unknown:
             raise APIError(400, f"unknown form field(s): {', '.join(unknown)}", param=unknown[0], code="invalid_value")
         params = _validate(CaptionParams, fields)
-        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         if isinstance(image, UploadFile):
             if image.size is not None and image.size > settings.max_image_bytes:
                 raise APIError(413, f"image is larger than {settings.max_image_bytes} bytes", param="image",
                                code="image_too_large")
             data = await image.read(settings.max_image_bytes + 1)
         elif isinstance(image, str) and image:
-            data = decode_base64(image, limits, "image")
+            data = decode_base64(image, image_limits(settings), "image")
         else:
             raise APIError(400, "an image is required: an `image` file part", param="image", code="missing_image")
         return params, data

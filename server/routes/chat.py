@@ -7,17 +7,25 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from PIL import Image
+from fastapi import APIRouter, Depends, Request, Response
 
 from models.generation import GenerationRequest
-from server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
-from server.engines.base import Engine
+from server.chat_support import refuse_unsupported
+from server.deps import ArrivalDep, EngineDep, MetricsDep, SettingsDep, require_api_key
 from server.errors import APIError
-from server.images import ImageLimits, load_image_url
-from server.schemas.chat import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
-from server.service import Knobs, Run, new_id, resolve_knobs, sampling_params
+from server.intake import ImageSource, ImageURL, Knobs, RequestSpec, Sampling, build
+from server.schemas.chat import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+)
+from server.schemas.common import AppliedAlignment, Telemetry, Usage
+from server.service import Run
 from server.settings import Settings
 from server.sse import EventStream, sse
 
@@ -28,41 +36,45 @@ MAX_STOP = 4
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion (OpenAI).",
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true."}})
-async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep,
-                           metrics: MetricsDep) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, engine: EngineDep,
+                           settings: SettingsDep, metrics: MetricsDep, arrival: ArrivalDep) -> Any:
     if body.model is not None and body.model != engine.model_name:
         raise APIError(404, f"the model `{body.model}` does not exist; this server serves `{engine.model_name}`",
                        param="model", code="model_not_found")
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
-    stop = _stops(body.stop)
-    max_tokens, max_param = ((body.max_completion_tokens, "max_completion_tokens")
-                             if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
-    sampling = sampling_params(settings, max_tokens, body.temperature, body.top_p, body.seed, stop, max_param)
-    over = body.alignment
-    knobs = Knobs(body.conservativeness, over.omega if over else None, over.start_layer if over else None,
-                  over.kappa if over else None, over.contrast if over else None, param_prefix="alignment.")
-    alignment = resolve_knobs(knobs, engine, settings)
-    messages, images = await _messages(body.messages, settings)
-    rid = new_id("chatcmpl")
-    run = Run(request, engine, metrics, settings, "/v1/chat/completions",
-              GenerationRequest(rid, messages, images, alignment, sampling))
+    refuse_unsupported(body)
+    generation = await build(_spec(body, settings), engine, settings)
+    run = Run(arrival, request.receive, engine, metrics, settings, "/v1/chat/completions", generation)
     await run.start()
     created = int(time.time())
-    applied = alignment.to_dict()
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_chunks(run, rid, created, engine, applied, usage))
+        return EventStream(_chunks(run, generation, created, engine.model_name, usage))
     outcome = await run.collect()
     if outcome is None:
         return Response(status_code=499)  # client gone: nobody reads this
-    return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": created, "model": engine.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.text},
-                     "finish_reason": outcome.finish_reason, "logprobs": None}],
-        "usage": _usage(outcome.prompt_tokens, outcome.completion_tokens),
-        "alignment": applied, "telemetry": outcome.telemetry,
-    }, headers=run.timing_headers())
+    response.headers.update(run.timing_headers())
+    return ChatCompletionResponse(
+        id=generation.request_id, created=created, model=engine.model_name,
+        choices=[Choice(message=AssistantMessage(content=outcome.text), finish_reason=outcome.finish_reason)],
+        usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
+        alignment=AppliedAlignment.model_validate(generation.alignment),
+        telemetry=Telemetry.of(outcome.telemetry))
+
+
+def _spec(body: ChatCompletionRequest, settings: Settings) -> RequestSpec:
+    """The chat body as a request spec; refuses too many stop strings or images before any image is decoded."""
+    max_tokens, max_param = ((body.max_completion_tokens, "max_completion_tokens")
+                             if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
+    sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed, _stops(body.stop),
+                        body.presence_penalty, body.frequency_penalty, max_param)
+    over = body.alignment
+    knobs = Knobs(body.conservativeness, over.omega if over else None, over.start_layer if over else None,
+                  over.kappa if over else None, over.contrast if over else None, param_prefix="alignment.")
+    messages, images = _messages(body.messages)
+    if len(images) > settings.max_images_per_request:
+        raise APIError(400, f"{len(images)} images; at most {settings.max_images_per_request} per request",
+                       param="messages", code="too_many_images")
+    return RequestSpec("chatcmpl", messages, images, knobs, sampling)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -72,10 +84,9 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-async def _messages(messages: list[ChatMessage], settings: Settings) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """OpenAI messages -> the model's chat messages ({"type": "image"} placeholders) and the decoded images."""
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-    urls: list[tuple[str, str]] = []
+def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[ImageSource]]:
+    """OpenAI messages -> the model's chat messages ({"type": "image"} placeholders) and their images, in order."""
+    images: list[ImageSource] = []
     out: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
@@ -91,40 +102,32 @@ async def _messages(messages: list[ChatMessage], settings: Settings) -> tuple[li
             param = f"messages.{i}.content.{j}.image_url"
             if msg.role != "user":
                 raise APIError(400, "images are accepted in user messages only", param=param, code="invalid_value")
-            urls.append((part.image_url.url, param))
+            images.append(ImageURL(part.image_url.url, param))
             parts.append({"type": "image"})
         out.append({"role": role, "content": parts})
-    if len(urls) > settings.max_images_per_request:
-        raise APIError(400, f"{len(urls)} images; at most {settings.max_images_per_request} per request",
-                       param="messages", code="too_many_images")
-    images = [await load_image_url(url, limits, settings.allowed_image_hosts, settings.image_fetch_timeout_s, param)
-              for url, param in urls]
     return out, images
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-async def _chunks(run: Run, rid: str, created: int, engine: Engine, applied: dict[str, Any],
+async def _chunks(run: Run, generation: GenerationRequest, created: int, model: str,
                   include_usage: bool) -> AsyncIterator[bytes]:
     """`chat.completion.chunk` events: role first, then text deltas, the finish reason, usage if asked, [DONE]."""
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.model_name}
+    applied = AppliedAlignment.model_validate(generation.alignment)
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return sse({**head, "choices": [choice], **extra})
+    def chunk(choices: list[ChunkChoice], **extra: Any) -> bytes:
+        return sse(ChatCompletionChunk(id=generation.request_id, created=created, model=model, choices=choices,
+                                       **extra))
 
-    yield chunk({"role": "assistant", "content": ""}, alignment=applied)
+    yield chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))], alignment=applied)
     try:
         async with aclosing(run.events()) as events:  # closed at once when the client leaves mid-stream
             async for ev in events:
                 if ev.text:
-                    yield chunk({"content": ev.text})
+                    yield chunk([ChunkChoice(delta=ChunkDelta(content=ev.text))])
                 if ev.finish_reason is not None:
-                    yield chunk({}, ev.finish_reason, alignment=applied, telemetry=ev.telemetry or {})
+                    yield chunk([ChunkChoice(delta=ChunkDelta(), finish_reason=ev.finish_reason)], alignment=applied,
+                                telemetry=Telemetry.of(ev.telemetry))
                     if include_usage:
-                        yield sse({**head, "choices": [], "usage": _usage(ev.prompt_tokens, ev.completion_tokens)})
+                        yield chunk([], usage=Usage.of(ev.prompt_tokens, ev.completion_tokens))
     except APIError as err:  # a deadline or engine failure after the headers went out: tell the client in-band
         yield sse(err.body())
     yield b"data: [DONE]\n\n"

@@ -35,7 +35,9 @@ class AlignmentOverrides(Strict):
 
 
 class AppliedAlignment(BaseModel):
-    """The SEVI parameters this request ran with."""
+    """The SEVI parameters this request ran with (`models.conservativeness.AlignmentParams`)."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     conservativeness: float
     omega: float
@@ -45,18 +47,35 @@ class AppliedAlignment(BaseModel):
 
 
 class Telemetry(BaseModel):
-    """What the alignment did while generating: rows aligned, rows where each stage applied, heads re-weighted."""
+    """What the alignment did while generating: `models.telemetry.Telemetry`, field for field (a test holds the two
+    equal), which both engines fill."""
 
-    aligned_rows: int = 0
-    stage1_rows: int = 0
-    stage2_rows: int = 0
-    heads_reweighted: int = 0
+    model_config = ConfigDict(from_attributes=True)
+
+    aligned_rows: int = Field(default=0, description="Query rows aligned, summed over the aligned layers.")
+    stage1_rows: int = Field(default=0, description="Aligned rows where stage 1 moved a head.")
+    stage2_rows: int = Field(default=0, description="Aligned rows where stage 2 moved a head.")
+    heads_reweighted: int = Field(default=0, description="Heads whose scores were moved, summed over rows and layers.")
+    contrast_steps: int = Field(default=0, description="Tokens chosen by cross-image contrastive decoding.")
+    contrast_dissolved: int = Field(default=0, description="1 when the request's contrast pair fell out of lockstep "
+                                                           "and the rest of the output had no contrast (vLLM engine), "
+                                                           "else 0.")
+
+    @classmethod
+    def of(cls, telemetry: object | None) -> Telemetry:
+        """From the engines' `models.telemetry.Telemetry` (zeros where an engine reported none)."""
+        return cls() if telemetry is None else cls.model_validate(telemetry)
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
 __all__ = ["SEED_MAX", "AlignmentOverrides", "AppliedAlignment", "Conservativeness", "Strict", "Telemetry", "Usage"]

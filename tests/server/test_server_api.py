@@ -8,6 +8,7 @@ import base64
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ from PIL import Image
 
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.telemetry import Telemetry
 from models.tiny import build
 from tests.server.conftest import IMAGE_SERVER_PATH, LiveServer, base_settings, data_uri, image_message, png_bytes
 
@@ -102,7 +104,10 @@ def test_chat_completion_shape_and_alignment(server: LiveServer) -> None:
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("stop", "length")
     assert body["alignment"] == resolve_alignment(1, 4, kappa=0.5).to_dict()
-    assert set(body["telemetry"]) == {"aligned_rows", "stage1_rows", "stage2_rows", "heads_reweighted"}  # type: ignore[arg-type]
+    # Every field of the engines' telemetry, the contrast ones included (this request was contrasted: conservativeness 1).
+    assert set(body["telemetry"]) == {f.name for f in fields(Telemetry)}  # type: ignore[arg-type]
+    assert body["telemetry"]["contrast_steps"] == body["usage"]["completion_tokens"] + (  # type: ignore[index]
+        choice["finish_reason"] == "stop")  # one per token chosen, the EOS included
 
 
 def test_openai_client_plain_and_streaming_agree(server: LiveServer) -> None:
