@@ -2,7 +2,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-unit lint bench serve clean gpu-check
+.PHONY: install install-browser test test-unit lint bench serve clean gpu-check
 
 # tcmalloc, where installed (libtcmalloc-minimal4), is preloaded by serve and bench, as vLLM's CPU docs advise:
 # torch, vLLM and the compiled alignment operator allocate many small tensors per step, and with glibc's malloc
@@ -25,6 +25,20 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# The playground's browser tests drive the system Chromium through Playwright (Playwright's own browser download
+# is not used). Installed with apt-get where we are root on Debian/Ubuntu; elsewhere say so and go on: those
+# tests then skip, naming what is missing.
+CHROMIUM_NAMES := chromium chromium-browser google-chrome google-chrome-stable
+install-browser:
+	@for b in $(CHROMIUM_NAMES); do if command -v $$b >/dev/null 2>&1; then echo "browser: $$(command -v $$b)"; exit 0; fi; done; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium with apt-get (playground browser tests)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	    || echo "apt-get could not install chromium: the playground browser tests will skip"; \
+	else \
+	  echo "no Chromium, and cannot install one here (needs root and apt-get): the playground browser tests will skip"; \
+	fi
 
 test: install
 	$(BIN)/python -m pytest -q
