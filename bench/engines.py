@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import tempfile
@@ -35,10 +36,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from models.conservativeness import AlignmentParams, resolve_alignment
 from models.generation import GenerationRequest, SamplingParams, user_message
+from models.telemetry import Telemetry
 from models.tiny import build
 from server.engines.base import Engine
 
@@ -65,6 +68,25 @@ async def _one(engine: Engine, req: GenerationRequest) -> int:
     async for ev in engine.generate(req):
         n = ev.completion_tokens
     return n
+
+
+def collect(engine: Engine, reqs: list[GenerationRequest]) -> dict[str, tuple[list[int], Telemetry]]:
+    """All requests sent at once; each one's generated ids (a closing EOS left out, as the reference engine
+    reports them) and its telemetry."""
+
+    async def one(req: GenerationRequest) -> tuple[list[int], Telemetry]:
+        ids: list[int] = []
+        telemetry = Telemetry()
+        async for ev in engine.generate(req):
+            if ev.token_id is not None and not (ev.finish_reason == "stop" and not ev.text):
+                ids.append(ev.token_id)
+            telemetry = ev.telemetry or telemetry
+        return ids, telemetry
+
+    async def all_() -> list[tuple[list[int], Telemetry]]:
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    return dict(zip([r.request_id for r in reqs], asyncio.run(all_()), strict=True))
 
 
 def lockstep(engine: Engine, reqs: list[GenerationRequest], concurrency: int) -> int:
@@ -104,6 +126,22 @@ def random_llava(layers: int, heads: int, kv_heads: int, image_tokens: int = 16)
     model_dir = Path(tempfile.mkdtemp(prefix="bench-llava-"))
     size, patch = {16: (32, 8), 144: (168, 14), 576: (336, 14)}[image_tokens]
     build("llava", model_dir, seed=0, layers=layers, heads=heads, kv_heads=kv_heads, image_size=size, patch=patch)
+    return model_dir
+
+
+def never_eos(model_dir: Path) -> Path:
+    """Zero the EOS rows of a random model's output layer, so greedy decoding runs every request to its
+    max_tokens also where the API has no `ignore_eos` (the HTTP benchmarks): a random model otherwise stops
+    wherever its EOS logit happens to win, and aligned and unaligned requests then differ in length."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    eos = config.get("text_config", {}).get("eos_token_id", config.get("eos_token_id"))
+    path = model_dir / "model.safetensors"
+    weights = load_file(path)
+    (name,) = [k for k in weights if k.endswith("lm_head.weight")]
+    weights[name][torch.as_tensor(eos if isinstance(eos, list) else [eos])] = 0.0
+    save_file(weights, path, metadata={"format": "pt"})
     return model_dir
 
 

@@ -11,8 +11,10 @@ batch 1 / 8 / 32, 600 and 2,000 keys with 576 image tokens:
 - the K/V bandwidth each reaches, as a share of the measured device copy bandwidth.
 Targets (issue 14): aligned <= 1.5x unaligned at batch 32; >= half of the copy bandwidth at 2,000 keys.
 
-Engine tier (vLLM on a GPU, random LLaVA of LLaVA-1.5-7B's width against the reference engine): TODO, not
-written yet; the report says so.
+Engine tier (bench/gpu_engine_tier.py), where vLLM is installed: a random LLaVA of LLaVA-1.5-7B's width, the
+vLLM engine against the reference engine (greedy, mixed batch) and against stock vLLM's server, aligned and
+unaligned throughput at concurrency 1, 8 and 32. Run in a subprocess after the kernel tier, so a failure there
+still leaves the kernel tier's report; without vLLM the report says the tier was skipped and why.
 
 Without a CUDA device it refuses at once (exit 2).
 """
@@ -20,9 +22,12 @@ Without a CUDA device it refuses at once (exit 2).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -127,11 +132,27 @@ def case(name: str, dtype_name: str, batch: int, keys: int, copy_bw: float) -> d
             "bandwidth_share": {"aligned": share(t_aligned), "unaligned": share(t_plain), "sdpa": share(t_sdpa)}}
 
 
+def engine_tier(skip: bool) -> dict[str, Any] | str:
+    """bench.gpu_engine_tier's report, or why it did not run."""
+    if skip:
+        return "skipped (--kernel-only)"
+    if importlib.util.find_spec("vllm") is None:
+        return "skipped: vLLM is not installed here (it needs a GPU server with vLLM; the kernel tier ran)"
+    out = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "engine-tier.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_engine_tier", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        return f"failed (exit {done.returncode}): {done.stderr[-2000:]}"
+    found: dict[str, Any] = json.loads(out.read_text())
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the JSON report here (e.g. bench/results/gpu-check.json)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--keys", default="600,2000")
+    parser.add_argument("--kernel-only", action="store_true", help="skip the engine tier even where vLLM imports")
     args = parser.parse_args(argv)
     refuse_without_gpu()
     import triton
@@ -150,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "target_ratio": 1.5,
                                     "aligned_bandwidth_share_at_2000_keys_min": min(at2k) if at2k else None,
                                     "target_share": 0.5}},
-        "engine_tier": "TODO: not written yet (needs vLLM on the GPU)",
+        "engine_tier": engine_tier(args.kernel_only),
         "seconds": round(time.time() - started, 1),
     }
     text = json.dumps(report, indent=1)

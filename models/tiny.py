@@ -126,12 +126,15 @@ def save_model_dir(model: Any, processor: Any, out: str | Path) -> Path:
 
 
 def _llava_configs(family: str, vocab_size: int, image_token_id: int, pad_id: int, eos_id: int,
-                   bos_id: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int) -> Any:
+                   bos_id: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int,
+                   head_dim: int = 32, intermediate_size: int | None = None, max_positions: int = 1024) -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
+    hidden = heads * head_dim
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=heads * 32, intermediate_size=heads * 64, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=32, max_position_embeddings=1024,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate_size or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions,
         pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id, tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
@@ -148,8 +151,10 @@ def _llava_configs(family: str, vocab_size: int, image_token_id: int, pad_id: in
 
 
 def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
-                image_size: int = 32, patch: int = 8) -> tuple[torch.nn.Module, Any]:
-    """A tiny random LLaVA-1.5 (`llava`) or LLaVA-NeXT (`llava_next`) with its processor."""
+                image_size: int = 32, patch: int = 8, head_dim: int = 32, intermediate_size: int | None = None,
+                max_positions: int = 1024) -> tuple[torch.nn.Module, Any]:
+    """A tiny random LLaVA-1.5 (`llava`) or LLaVA-NeXT (`llava_next`) with its processor; `head_dim=128,
+    heads=32, intermediate_size=11008` gives LLaVA-1.5-7B's decoder width (bench/gpu_engine_tier.py)."""
     from transformers import (
         LlavaForConditionalGeneration,
         LlavaNextForConditionalGeneration,
@@ -162,7 +167,8 @@ def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads:
     tok = make_word_tokenizer(BASE_WORDS, LLAVA_SPECIALS, bos="<s>", eos="</s>")
     ids: dict[str, Any] = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
     cfg = _llava_configs(family, len(tok), ids["<image>"], ids["<pad>"], ids["</s>"], ids["<s>"],
-                         layers, heads, kv_heads or heads, image_size, patch)
+                         layers, heads, kv_heads or heads, image_size, patch, head_dim, intermediate_size,
+                         max_positions)
     torch.manual_seed(seed)
     cls = LlavaForConditionalGeneration if family == "llava" else LlavaNextForConditionalGeneration
     model = cls(cfg).eval()
@@ -239,7 +245,10 @@ def _spread_init(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 and ("q_proj" in name or "k_proj" in name):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+                # Scores grow with the fan-in: past 1024 (LLaVA-7B's 4096 in bench/gpu_engine_tier.py) the spread
+                # shrinks to keep them as peaked as at 256, not saturated; narrower models keep their weights.
+                width = 1.0 if p.shape[1] <= 1024 else (256 / p.shape[1]) ** 0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.25 * width)
             elif p.dim() >= 2 and ("v_proj" in name or "o_proj" in name) and "language_model" in name:
                 # Attention must matter to the logits, or changing it changes nothing measurable.
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
