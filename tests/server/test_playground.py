@@ -7,6 +7,8 @@ object-word marks with the CHAIR scorer's reading of the same captions.
 
 from __future__ import annotations
 
+import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +255,45 @@ def test_sample_scene_and_single_level_slider(session: Session, server: LiveServ
     wait_for_columns(page, 1)
     assert page.locator("#slider-value").inner_text() == "0.75"
     assert column_captions(page) == {0.75: api_caption(server, sample, 0.75)["caption"]}
+
+
+def test_drop_an_image(session: Session, server: LiveServer) -> None:
+    page, image = session.page, png_bytes(6)
+    open_playground(page, server.url)
+    transfer = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'dropped.png', { type: 'image/png' }));
+        return transfer;
+      }""", base64.b64encode(image).decode())
+    page.dispatch_event("#drop-zone", "dragover", {"dataTransfer": transfer})
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    page.locator("#preview").wait_for()
+    assert page.locator("#image-name").inner_text() == "dropped.png"
+    set_max_tokens(page, MAX_TOKENS)
+    page.get_by_role("button", name="Compare").click()
+    wait_for_columns(page, 3)
+    assert column_captions(page)[1.0] == api_caption(server, image, 1.0)["caption"]
+
+
+def test_stop_cancels_a_slow_comparison(session: Session, server: LiveServer) -> None:
+    page = session.page
+    open_playground(page, server.url)
+    upload(page, long_png())  # about 750 greedy tokens before its end on this model
+    set_max_tokens(page, 900)
+    cancelled = server.engine.stats().cancelled_total
+    page.get_by_role("button", name="Compare").click()
+    page.locator("#columns .column[data-state=streaming] .caption:not(:text-is('…'))").first.wait_for()
+    page.get_by_role("button", name="Stop").click()
+    wait_for_columns(page, 3)
+    stopped = page.locator("#columns .column[data-state=error] .error")
+    assert stopped.count() >= 1 and set(stopped.all_inner_texts()) == {"Stopped."}
+    assert page.get_by_role("alert").is_hidden()  # stopping is no failure to report
+    assert page.get_by_role("button", name="Stop").is_disabled()
+    deadline = time.monotonic() + 30  # the server cancels what the page stopped, and frees its slots
+    while server.engine.stats().cancelled_total < cancelled + stopped.count() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.engine.stats().cancelled_total >= cancelled + stopped.count()
 
 
 def test_non_image_file_is_refused_in_plain_words(session: Session, server: LiveServer) -> None:

@@ -11,7 +11,8 @@ const $ = (id) => document.getElementById(id);
 const state = {
   config: null,
   vocabulary: null,
-  image: null, // {dataUri, name, truth: string[] | null (a sample scene's objects)}
+  image: null, // {dataUri, name, truth: string[] | null (a sample scene's objects), sample: file name | null}
+  loading: Promise.resolve(), // the image being read: Compare waits for it rather than captioning the old one
   run: null, // {controller} of the comparison in flight
   nextLevelId: 1,
 };
@@ -48,19 +49,31 @@ function showImage(image, previewable) {
   }
 }
 
-async function takeFile(file) {
+function takeFile(file) {
+  state.loading = readFile(file);
+}
+
+// A file that cannot be used also drops the image before it: Compare must not caption that one instead.
+function forgetImage(message) {
+  state.image = null;
+  $('preview').hidden = true;
+  $('image-name').textContent = '';
+  showAlert(message);
+}
+
+async function readFile(file) {
   clearAlert();
   if (!file) return;
   if (file.size > state.config.max_image_bytes) {
-    const mb = (state.config.max_image_bytes / (1024 * 1024)).toFixed(1);
-    showAlert(`${file.name} is too large: this server takes images of at most ${mb} MB.`);
+    const mb = (state.config.max_image_bytes / (1024 * 1024)).toFixed(2);
+    forgetImage(`${file.name} is too large: this server takes images of at most ${mb} MB.`);
     return;
   }
   try {
     const { dataUri, isImage } = await readImageFile(file);
     showImage({ dataUri, name: file.name, truth: null, sample: null }, isImage);
   } catch (err) {
-    showAlert(`Could not read ${file.name}: ${err.message}`);
+    forgetImage(`Could not read ${file.name}: ${err.message}`);
   }
 }
 
@@ -103,10 +116,12 @@ async function setUpSamples() {
     const label = document.createElement('span');
     label.textContent = sample.label;
     button.append(img, label);
-    button.addEventListener('click', async () => {
+    button.addEventListener('click', () => {
       clearAlert();
-      const dataUri = await sampleImage(`playground/assets/samples/${sample.file}`);
-      showImage({ dataUri, name: `${sample.label} (${sample.objects.join(', ')})`, truth: sample.objects, sample: sample.file }, true);
+      state.loading = sampleImage(`playground/assets/samples/${sample.file}`).then((dataUri) => {
+        const name = `${sample.label} (${sample.objects.join(', ')})`;
+        showImage({ dataUri, name, truth: sample.objects, sample: sample.file }, true);
+      }, (err) => showAlert(`Could not load the sample: ${err.message}`));
     });
     list.append(button);
   }
@@ -365,6 +380,7 @@ function setRunning(running) {
 }
 
 async function compare() {
+  await state.loading;
   clearAlert();
   const levels = readLevels();
   if (levels === null) return;
