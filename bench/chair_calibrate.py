@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -196,13 +197,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             row = summarize(items, rows, partners)
             points.append(Measured(setting, row[args.metric], row["recall"], row))
     steps = walk(points[0], points[1:])
+    # The scale of chance: differences between settings much below this are noise, however the walk orders them.
+    base_s = points[0].row["chair_s"]
+    chair_s_se = round(math.sqrt(base_s * (1 - base_s) / max(1, len(items))), 4)
     title = f"{name}, contrast {args.contrast}, n={len(items)}, model {model_id}, frontier on {args.metric}"
     result = {"set": name, "n": len(items), "contrast": contrast, "max_tokens": args.max_tokens, "model": model_id,
-              "metric": args.metric,
+              "metric": args.metric, "chair_s_standard_error": chair_s_se,
               "num_layers": depth, "points": [{**asdict(p.setting), "name": p.setting.name, **p.row} for p in points],
               "walk": [{"c": c, "setting": p.setting.name} for c, p in steps]}
     (out / f"{result_tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{result_tag}.md").write_text(markdown(title, points, steps))
+    (out / f"{result_tag}.md").write_text(markdown(title, points, steps)
+                                          + f"\nStandard error of the unmodified model's CHAIR_S: {chair_s_se}.\n")
     plot(title, points, steps, out / f"{result_tag}.png", args.metric)
     print((out / f"{result_tag}.md").read_text())
     if not steps:
@@ -211,7 +216,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 1
     calibration = {"command": "python -m bench.chair calibrate " + " ".join(args.argv), "set": name,
                    "n": len(items), "max_tokens": args.max_tokens, "prompt": args.prompt, "model": model_id,
-                   "metric": args.metric, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                   "metric": args.metric, "chair_s_standard_error": chair_s_se,
+                   "date": time.strftime("%Y-%m-%d", time.gmtime()),
                    "note": f"c = share of the largest measured {args.metric.upper()} cut; knots' `measured` are "
                            "over the set"}
     doc = presets_document(steps, contrast, calibration)

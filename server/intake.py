@@ -101,7 +101,8 @@ def resolve_knobs(knobs: Knobs, engine: Engine, settings: Settings) -> Alignment
     try:
         return resolve_alignment(knobs.conservativeness, engine.num_layers, omega=knobs.omega,
                                  start_layer=knobs.start_layer, kappa=knobs.kappa, contrast=knobs.contrast,
-                                 default_conservativeness=settings.default_conservativeness)
+                                 default_conservativeness=settings.default_conservativeness,
+                                 knob_map=engine.knob_map)  # the model's sevi_presets.json, if it has one
     except AlignmentParamError as exc:
         param = exc.param if exc.param == "conservativeness" else knobs.param_prefix + exc.param
         raise APIError(400, str(exc), param=param, code="invalid_alignment") from None

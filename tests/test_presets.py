@@ -28,6 +28,7 @@ def presets_doc(**overrides: Any) -> dict[str, Any]:
 
 
 def model_folder(tmp_path: Path, layers: int = 4, presets: dict[str, Any] | str | None = None) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava",
                                                       "text_config": {"num_hidden_layers": layers}}))
     if presets is not None:
@@ -132,3 +133,20 @@ def test_server_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
                            "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert PRESETS_FILE in proc.stderr and "focused:" in proc.stderr
+
+
+@pytest.mark.parametrize("engine_name", ["transformers", "vllm"])
+def test_both_engines_read_the_folder_s_presets_before_loading(tmp_path: Path, engine_name: str) -> None:
+    if engine_name == "vllm":
+        pytest.importorskip("vllm")
+    from server.engines import create_engine
+    from server.settings import Settings
+
+    good = model_folder(tmp_path / "good", presets=presets_doc())
+    engine = create_engine(Settings(model=good, engine=engine_name))
+    assert not engine.ready  # nothing loaded: the file was read on its own
+    assert engine.knob_map.source == str(good / PRESETS_FILE) and engine.knob_map.names["balanced"] == 0.4
+    bad = model_folder(tmp_path / "bad", presets=presets_doc(contrast="sometimes"))
+    with pytest.raises(PresetsError, match="contrast"):
+        create_engine(Settings(model=bad, engine=engine_name))
+    assert create_engine(Settings(model=model_folder(tmp_path / "none"), engine=engine_name)).knob_map is PAPER_MAP
