@@ -27,7 +27,7 @@ router = APIRouter(include_in_schema=False)
 DEFAULT_LEVELS = (0.0, 0.5, 1.0)
 
 CONTENT_SECURITY_POLICY = "; ".join((
-    "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self' data: blob:",
+    "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self' data:",
     "connect-src 'self'", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
 ))
 _PAGE_HEADERS = {

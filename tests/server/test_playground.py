@@ -8,6 +8,7 @@ object-word marks with the CHAIR scorer's reading of the same captions.
 from __future__ import annotations
 
 import base64
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, Route
 
 from bench.chair import caption_objects
@@ -115,6 +117,12 @@ def upload(page: Page, data: bytes, name: str = "photo.png", mime: str = "image/
 
 def set_max_tokens(page: Page, n: int) -> None:
     page.get_by_label("Max tokens").fill(str(n))
+
+
+def solid_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 120, 40)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def categories(caption: str) -> set[str]:
@@ -307,9 +315,16 @@ def test_non_image_file_is_refused_in_plain_words(session: Session, server: Live
     assert alert.inner_text() == ("The server could not read this file as an image. Use a PNG, JPEG, WebP, GIF or "
                                   "BMP image.")
     assert page.locator("#columns .column[data-state=error]").count() == 3
-    # Too large is said before anything is sent (the test server takes 256 KiB).
+    # Over the server's pixel limit (512 x 512 here): its 413, in plain words.
+    upload(page, solid_png(600, 600), name="wide.png")
+    page.get_by_role("button", name="Compare").click()
+    wait_for_columns(page, 3)
+    assert alert.inner_text() == ("The image is too large for this server (at most 0.25 MB and 0.3 million pixels). "
+                                  "Use a smaller image.")
+    # Over its byte limit (256 KiB): said before anything is sent, and the image before it is dropped.
     upload(page, b"\x89PNG" + bytes(300 * 1024), name="huge.png")
-    assert "too large" in alert.inner_text()
+    assert alert.inner_text() == "huge.png is too large: this server takes images of at most 0.25 MB."
+    assert page.locator("#preview").is_hidden()
     # The page is not stuck: a real image after the failures captions as usual.
     upload(page, png_bytes(5))
     set_max_tokens(page, MAX_TOKENS)

@@ -151,7 +151,7 @@ function addLevel(value) {
   const select = document.createElement('select');
   select.id = `preset-${id}`;
   select.append(new Option('custom', ''));
-  for (const [name, level] of Object.entries(state.config.presets)) {
+  for (const level of Object.values(state.config.presets)) {
     select.append(new Option(presetName(level), String(level)));
   }
   const syncPreset = () => {
