@@ -72,7 +72,7 @@ serve: install
 	    [ -f $$model/config.json ] || $(BIN)/python -m models.tiny --family llava --out $$model; \
 	  fi; \
 	fi; \
-	echo "serving $$model on http://127.0.0.1:8000 (docs: /docs)"; \
+	echo "serving $$model on http://127.0.0.1:8000 (open it in a browser for the playground; API docs: /docs)"; \
 	if [ -n "$(TCMALLOC)" ]; then export LD_PRELOAD="$(TCMALLOC)$${LD_PRELOAD:+:$$LD_PRELOAD}"; \
 	else echo "tip: apt-get install libtcmalloc-minimal4 (make serve preloads it: 15-40% faster on CPU here)"; fi; \
 	exec $(BIN)/python -m server --model "$$model" --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
