@@ -1,0 +1,273 @@
+"""Short pilot runs toward a bundled model whose information flow resembles LLaVA-1.5's (issue 16, item 1).
+
+    nice -n 15 python -m models.flow_pilot --out runs/pilot-sink --steps 400 --system-prompt
+    nice -n 15 python -m models.flow_pilot --out runs/pilot-long --steps 400 --long-captions
+    nice -n 15 python -m models.flow_pilot --out runs/pilot-deep --steps 250 --text-layers 16 --text-intermediate 320
+
+Each run trains the bundled model's recipe (`models.train_bundled`: same data stream, loss, optimiser and
+schedule) with one or more changes of the text side, and is measured with `bench.flow_pilots` before
+any long training. The changes:
+
+- `--system-prompt`: LLaVA-1.5's system sentence before the image. In LLaVA the current token parks much
+  of its attention on such a prefix (BOS and system tokens, an attention sink outside the text side);
+  the prefix precedes the image, so it holds none of the image's information.
+- `--long-captions`: every caption goes on with one sentence per object saying where it is ("The cup is
+  at the top left."). A longer text side is what makes text-side attention diffuse, i.e. heads "global".
+- `--qa-share`: that share of the samples asks "Is there a X in this image?" and answers it: the question
+  token X (a text position) has to gather what the image says about X.
+- model size: `--text-layers`, `--text-heads`, `--text-kv-heads`, `--text-intermediate`, `--patch`. Head
+  size stays 32 (vLLM's CPU attention has no smaller one).
+
+Runs resume from `ckpt.pt` (the data depends on the sample index only) and write a loadable model folder
+`latest/` like `models.train_bundled`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import scenes
+from models.tiny import LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
+from models.train_bundled import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PROMPTS,
+    Batcher,
+    ModelConfig,
+    _save_ckpt,
+    _trim_log,
+    build_model,
+    lr_at,
+    vocabulary,
+)
+
+SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions.")
+_WHERE_WORDS = ("The", "is", "are", "at", "the", "top", "bottom", "left", "right", "middle", "in", "of", "picture",
+                "Is", "there", "a", "an", "this", "image", "?", "Yes", "No", ",", "no", ".")
+
+
+@dataclass
+class Variant:
+    system_prompt: bool = False
+    long_captions: bool = False
+    qa_share: float = 0.0
+
+
+def chat_template(system: bool) -> str:
+    """The bundled model's template (`models.tiny.LLAVA_CHAT_TEMPLATE`), with LLaVA-1.5's system line first."""
+    head = (SYSTEM_PROMPT + " ") if system else ""
+    return (
+        head + "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{% if message['role'] != 'user' %}</s>{% endif %} "
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+def pilot_vocabulary() -> list[str]:
+    words = vocabulary() + list(_WHERE_WORDS)
+    words += SYSTEM_PROMPT.replace(".", " . ").replace(",", " , ").replace("'", " ' ").split()
+    words += [w for c in scenes.CATEGORIES.values() for s, p in c.nouns for w in (s, p)]
+    return list(dict.fromkeys(words))
+
+
+def build_processor(cfg: ModelConfig, variant: Variant) -> Any:
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = make_word_tokenizer(pilot_vocabulary(), LLAVA_SPECIALS, bos="<s>", eos="</s>")
+    improc = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
+                                   crop_size={"height": cfg.image_size, "width": cfg.image_size},
+                                   do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=cfg.patch,
+                          vision_feature_select_strategy="default", chat_template=chat_template(variant.system_prompt),
+                          num_additional_image_tokens=1)
+
+
+def where(box: tuple[int, int, int, int]) -> str:
+    """'at the top left', 'in the middle', ... from the box centre in thirds of the image."""
+    size = scenes.IMAGE_SIZE
+    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    if not col and not row:
+        return "in the middle"
+    if not row:
+        return f"on the {col}"
+    return f"at the {row} {col}".rstrip()
+
+
+def long_caption(scene: scenes.Scene) -> str:
+    """The scene's caption plus one sentence per category on where its (first) instance is."""
+    parts = [scene.caption]
+    seen: set[str] = set()
+    for inst in scene.instances:
+        if inst.category in seen:
+            continue
+        seen.add(inst.category)
+        noun = scenes.CATEGORIES[inst.category].nouns[0][0]
+        parts.append(f"The {noun} is {where(inst.box)}.")
+    return " ".join(parts)
+
+
+def qa_pair(scene: scenes.Scene, r: np.random.Generator) -> tuple[str, str]:
+    """A yes/no question about one category of the scene's context, present or absent with equal odds."""
+    present = scene.objects
+    pool = [c.name for c in scenes.CATEGORIES.values() if c.context == scene.context and c.name not in present]
+    ask_present = not pool or r.random() < 0.5
+    name = present[int(r.integers(len(present)))] if ask_present else pool[int(r.integers(len(pool)))]
+    noun = scenes.CATEGORIES[name].nouns[0][0]
+    art = "an" if noun[0] in "aeiou" else "a"
+    answer = f"Yes, there is {art} {noun}." if ask_present else f"No, there is no {noun}."
+    return f"Is there {art} {noun} in this image?", answer
+
+
+class PilotBatcher(Batcher):
+    """`train_bundled.Batcher` with the variant's prompts and captions."""
+
+    def __init__(self, processor: Any, cfg: ModelConfig, data_seed: int, variant: Variant) -> None:
+        super().__init__(processor, cfg, data_seed)
+        self.processor = processor
+        self.variant = variant
+        self.n_img = (cfg.image_size // cfg.patch) ** 2
+
+    def sample(self, i: int) -> tuple[list[int], list[int], Any]:
+        scene = scenes.make_scene("train", i, seed=self.data_seed)
+        r = np.random.default_rng([self.data_seed, 99, i])
+        k = int(r.choice(len(PROMPTS), p=(0.6, 0.1, 0.1, 0.1, 0.1)))
+        if self.variant.qa_share and r.random() < self.variant.qa_share:
+            question, text = qa_pair(scene, r)
+            prompt = self._prompt_ids(self.processor, question, self.n_img)
+        else:
+            prompt = self.prompt_ids[k]
+            text = long_caption(scene) if self.variant.long_captions else scene.caption
+        cap = self.tok(" " + text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        return prompt + cap, [-100] * len(prompt) + cap, scene.image
+
+    def batch(self, indices: range) -> dict[str, torch.Tensor]:
+        samples = [self.sample(i) for i in indices]
+        width = max(len(s) for s, _, _ in samples)
+        ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        lab = torch.full((len(samples), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, (s, lb, _) in enumerate(samples):
+            ids[row, : len(s)] = torch.tensor(s)
+            lab[row, : len(s)] = torch.tensor(lb)
+            mask[row, : len(s)] = 1
+        pix = torch.stack([self.pixels(im) for _, _, im in samples])
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": pix}
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    base = ModelConfig()
+    return ModelConfig(patch=args.patch or base.patch, text_layers=args.text_layers or base.text_layers,
+                       text_heads=args.text_heads or base.text_heads,
+                       text_intermediate=args.text_intermediate or base.text_intermediate)
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _model_config(args)
+    variant = Variant(args.system_prompt, args.long_captions, args.qa_share)
+    processor = build_processor(cfg, variant)
+    model = build_model(cfg, processor.tokenizer, args.seed)
+    text = model.config.text_config
+    kv_heads = args.text_kv_heads or cfg.text_heads
+    if text.head_dim != 32 or text.num_key_value_heads != kv_heads:
+        # build_model makes MHA with head size hidden / heads; vLLM's CPU attention needs 32.
+        text.head_dim, text.num_key_value_heads = 32, kv_heads
+        torch.manual_seed(args.seed)
+        gen, model = model.generation_config, type(model)(model.config)
+        model.generation_config = gen
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    meta: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "threads")},
+                            "model": asdict(cfg), "variant": asdict(variant), "elapsed_s": 0.0}
+    ckpt = out / "ckpt.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["meta"].get("model") != meta["model"] or state["meta"].get("variant") != meta["variant"]:
+            raise SystemExit(f"{ckpt} was written for another pilot; use a new --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        meta["elapsed_s"] = float(state["meta"].get("elapsed_s", 0.0))
+    log = out / "loss.jsonl"
+    _trim_log(log, step)
+    n_params = sum(p.numel() for p in model.parameters())
+    (out / "run.json").write_text(json.dumps({**meta, "params": n_params}, indent=1))
+    batcher = PilotBatcher(processor, cfg, args.data_seed, variant)
+    start = time.time() - meta["elapsed_s"]
+    window: list[float] = []
+    while step < args.steps:
+        lr = lr_at(step, args.lr, args.warmup, args.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(**batcher.batch(range(step * args.batch, (step + 1) * args.batch))).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        window.append(loss.item())
+        if step % args.log_every == 0 or step == args.steps:
+            row = {"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
+                   "samples": step * args.batch, "elapsed_s": round(time.time() - start, 1)}
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            window = []
+        if step % args.save_every == 0 or step == args.steps:
+            meta["elapsed_s"] = time.time() - start
+            _save_ckpt(ckpt, model, opt, step, meta)
+            model.eval()
+            save_model_dir(model, processor, out / "latest")
+            model.train()
+    return out / "latest"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=scenes.SEED)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--system-prompt", action="store_true")
+    p.add_argument("--long-captions", action="store_true")
+    p.add_argument("--qa-share", type=float, default=0.0)
+    p.add_argument("--patch", type=int)
+    p.add_argument("--text-layers", type=int)
+    p.add_argument("--text-heads", type=int)
+    p.add_argument("--text-kv-heads", type=int)
+    p.add_argument("--text-intermediate", type=int)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps({"model_dir": str(train(build_parser().parse_args(argv)))}))
+
+
+if __name__ == "__main__":
+    main()
