@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
-from models.conservativeness import PRESETS
 from server.deps import EngineDep, SettingsDep
 from server.errors import APIError
 from server.playground import STATIC_DIR
@@ -23,8 +22,6 @@ from server.playground.vocabulary import vocabulary_json
 from server.schemas.caption import DEFAULT_PROMPT
 
 router = APIRouter(include_in_schema=False)
-
-DEFAULT_LEVELS = (0.0, 0.5, 1.0)
 
 CONTENT_SECURITY_POLICY = "; ".join((
     "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self' data:",
@@ -67,10 +64,15 @@ async def asset(path: str) -> FileResponse:
 
 @router.get("/playground/config.json")
 async def config(settings: SettingsDep, engine: EngineDep) -> JSONResponse:
-    """What the page needs to know before its first request: defaults, limits, and whether a key is needed."""
+    """What the page needs to know before its first request: defaults, limits, and whether a key is needed.
+
+    The presets are the served model's (its `sevi_presets.json` may put Balanced elsewhere than 0.5), and the
+    page compares them by default: Off, Balanced and Focused, which is 0, 0.5 and 1 on the paper's map.
+    """
+    presets = engine.knob_map.names
     body: dict[str, Any] = {
         "model": engine.model_name, "auth_required": settings.api_key is not None,
-        "default_prompt": DEFAULT_PROMPT, "default_levels": list(DEFAULT_LEVELS), "presets": PRESETS,
+        "default_prompt": DEFAULT_PROMPT, "default_levels": sorted(set(presets.values())), "presets": presets,
         "default_max_tokens": min(settings.default_max_tokens, settings.max_tokens_limit),
         "max_tokens_limit": settings.max_tokens_limit, "max_image_bytes": settings.max_image_bytes,
         "max_image_pixels": settings.max_image_pixels, "request_timeout_s": settings.request_timeout_s,

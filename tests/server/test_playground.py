@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +169,29 @@ def test_config_and_vocabulary_need_no_key(server: LiveServer, keyed_server: Liv
     assert httpx.post(keyed + "/caption", files={"image": ("a.png", png_bytes(), "image/png")}).status_code == 401
     served = httpx.get(server.url + "/playground/vocabulary.json").json()["objects"]
     assert served == surface_forms()
+
+
+def test_levels_and_presets_follow_the_models_knob_map(browser: Browser, llava_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(llava_dir, model)
+    (model / "sevi_presets.json").write_text(json.dumps({
+        "format": 1, "balanced": 0.4, "focused": 0.9, "contrast": True,
+        "knots": [{"c": 0.0, "omega": 0.0, "start_layer": 2, "kappa": 0.2},
+                  {"c": 1.0, "omega": 4.0, "start_layer": 1, "kappa": 0.2}]}))
+    live = LiveServer(base_settings(model)).start()
+    try:
+        config = httpx.get(live.url + "/playground/config.json").json()
+        assert config["presets"] == {"off": 0.0, "balanced": 0.4, "focused": 0.9}
+        assert config["default_levels"] == [0.0, 0.4, 0.9]
+        s = Session(browser, live.url)
+        open_playground(s.page, live.url)
+        assert s.page.locator("#levels input").evaluate_all("(inputs) => inputs.map((i) => i.value)") == [
+            "0", "0.4", "0.9"]
+        assert s.page.locator("#levels select").evaluate_all(
+            "(selects) => selects.map((s) => s.selectedOptions[0].text)") == ["Off", "Balanced", "Focused"]
+        s.close()
+    finally:
+        live.stop()
 
 
 # --------------------------------------------------------------------------------------- in the browser
