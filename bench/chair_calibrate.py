@@ -81,16 +81,28 @@ def _gentleness(p: Measured) -> tuple[float, int, float]:
     return (-p.setting.omega, p.setting.start_layer, -p.setting.kappa)
 
 
-def walk(baseline: Measured, points: list[Measured]) -> list[tuple[float, Measured]]:
+def walk(baseline: Measured, points: list[Measured], min_step: float = 0.0) -> list[tuple[float, Measured]]:
     """(c, point) from the unmodified model (c = 0) along the frontier's points that hallucinate less (c up to 1).
 
     c is the share of the largest measured cut that the point achieves, so c walks the frontier monotonically:
-    hallucination strictly falls as c rises. Empty when nothing hallucinates less than the unmodified model."""
+    hallucination strictly falls as c rises. `min_step`: each knot must hallucinate at least that much less than
+    the one before (differences within noise make no knot); the least hallucinating point always ends the walk.
+    Empty when nothing hallucinates less than the unmodified model by `min_step`."""
     below = [p for p in frontier([baseline, *points]) if p.hallucination < baseline.hallucination]
-    if not below:
+    kept: list[Measured] = []
+    for p in below:
+        if (kept[-1] if kept else baseline).hallucination - p.hallucination >= min_step:
+            kept.append(p)
+    if not kept:
         return []
-    top, bottom = baseline.hallucination, below[-1].hallucination
-    return [(0.0, baseline)] + [(round((top - p.hallucination) / (top - bottom), 4), p) for p in below]
+    if kept[-1] is not below[-1]:
+        # Too close to the last knot to be a step of its own: it replaces that knot (a larger step from the one
+        # before, so the rule still holds).
+        if kept[-1].hallucination - below[-1].hallucination < min_step:
+            kept.pop()
+        kept.append(below[-1])
+    top, bottom = baseline.hallucination, kept[-1].hallucination
+    return [(0.0, baseline)] + [(round((top - p.hallucination) / (top - bottom), 4), p) for p in kept]
 
 
 def presets_document(steps: list[tuple[float, Measured]], contrast: bool, calibration: dict[str, Any]
@@ -129,7 +141,9 @@ def _model_info(client: httpx.Client) -> tuple[str, int]:
 
 
 def plot(name: str, points: list[Measured], steps: list[tuple[float, Measured]], path: Path,
-         metric: str = "chair_s") -> None:
+         metric: str = "chair_s", error: float | None = None) -> None:
+    """Every setting measured, the frontier (dashed), the knots the presets walk (red); `error`: the standard
+    error of the unmodified model's measure, drawn as its horizontal bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,9 +155,15 @@ def plot(name: str, points: list[Measured], steps: list[tuple[float, Measured]],
     base = next(p for p in points if p.setting == OFF)
     ax.scatter([base.hallucination], [base.recall], marker="*", s=140, c="k", label="unmodified model (c = 0)",
                zorder=3)
+    if error:
+        ax.errorbar([base.hallucination], [base.recall], xerr=[error], c="k", capsize=3, lw=1,
+                    label="+-1 standard error")
+    front = frontier(points)
+    ax.plot([p.hallucination for p in front], [p.recall for p in front], "--", c="tab:blue", lw=1,
+            label="measured frontier")
     if steps:
         ax.plot([p.hallucination for _, p in steps], [p.recall for _, p in steps], "o-", c="tab:red",
-                label="frontier the knob walks", zorder=2)
+                label="knots of the presets (c walks them)", zorder=2)
         for c, p in steps[1:]:
             ax.annotate(f"c={c:.2f}\n{p.setting.name}", (p.hallucination, p.recall), fontsize=6,
                         textcoords="offset points", xytext=(4, 4))
@@ -196,7 +216,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                              None if setting == OFF else setting.kappa, extra)
             row = summarize(items, rows, partners)
             points.append(Measured(setting, row[args.metric], row["recall"], row))
-    steps = walk(points[0], points[1:])
+    steps = walk(points[0], points[1:], args.min_step)
     # The scale of chance: differences between settings much below this are noise, however the walk orders them.
     base_s = points[0].row["chair_s"]
     chair_s_se = round(math.sqrt(base_s * (1 - base_s) / max(1, len(items))), 4)
@@ -208,15 +228,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     (out / f"{result_tag}.json").write_text(json.dumps(result, indent=1))
     (out / f"{result_tag}.md").write_text(markdown(title, points, steps)
                                           + f"\nStandard error of the unmodified model's CHAIR_S: {chair_s_se}.\n")
-    plot(title, points, steps, out / f"{result_tag}.png", args.metric)
+    plot(f"{name}, contrast {args.contrast}, n={len(items)}\nmodel {model_id}, frontier on {args.metric}",
+         points, steps, out / f"{result_tag}.png", args.metric, chair_s_se if args.metric == "chair_s" else None)
     print((out / f"{result_tag}.md").read_text())
     if not steps:
-        print(f"no setting lowered {args.metric.upper()} below the unmodified model's ({points[0].hallucination}): "
-              "no presets written; the knob would have nothing to walk on this model", file=sys.stderr)
+        print(f"no setting lowered {args.metric.upper()} below the unmodified model's ({points[0].hallucination}) "
+              f"by {args.min_step} or more: no presets written; the knob would have nothing to walk on this model",
+              file=sys.stderr)
         return 1
-    calibration = {"command": "python -m bench.chair calibrate " + " ".join(args.argv), "set": name,
+    calibration = {"command": "python -m bench.chair " + " ".join(args.argv), "set": name,
                    "n": len(items), "max_tokens": args.max_tokens, "prompt": args.prompt, "model": model_id,
-                   "metric": args.metric, "chair_s_standard_error": chair_s_se,
+                   "metric": args.metric, "min_step": args.min_step, "chair_s_standard_error": chair_s_se,
                    "date": time.strftime("%Y-%m-%d", time.gmtime()),
                    "note": f"c = share of the largest measured {args.metric.upper()} cut; knots' `measured` are "
                            "over the set"}
@@ -244,6 +266,9 @@ def add_calibrate_command(sub: Any) -> None:
                      help="contrastive decoding in every setting but the unmodified model (and the presets' default)")
     cal.add_argument("--metric", choices=("chair_s", "chair_i"), default="chair_s",
                      help="hallucination measure of the frontier (CHAIR_I resolves more on small sets)")
+    cal.add_argument("--min-step", type=float, default=0.0,
+                     help="least fall of the measure from one knot to the next (e.g. its standard error, which "
+                          "the output reports): closer settings are noise apart and make no knot")
     cal.add_argument("--max-tokens", type=int, default=64)
     cal.add_argument("--limit", type=int, default=100, help="images per split (or of the COCO folder)")
     cal.add_argument("--prompt", default=DEFAULT_PROMPT)

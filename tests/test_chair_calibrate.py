@@ -59,3 +59,14 @@ def test_single_knot_walk_puts_balanced_half_way() -> None:
     doc = presets_document(walk(BASE, [point(2.0, 1, 0.2, 0.4, 0.7)]), False, {})
     presets = parse_presets(doc)
     assert [k.c for k in presets.knots] == [0.0, 1.0] and presets.balanced == 0.5 and not presets.contrast
+
+
+def test_min_step_merges_knots_that_are_noise_apart() -> None:
+    a = point(0.5, 2, 0.2, 0.58, 0.78)  # 0.02 below the unmodified model: not a step of 0.05
+    b = point(1.0, 2, 0.2, 0.52, 0.75)
+    c = point(2.0, 1, 0.2, 0.5, 0.7)  # 0.02 below b: replaces it as the last knot
+    assert [p for _, p in walk(BASE, [a, b, c], min_step=0.05)] == [BASE, c]
+    d = point(4.0, 1, 0.5, 0.4, 0.6)
+    assert [p for _, p in walk(BASE, [a, b, c, d], min_step=0.05)] == [BASE, b, d]
+    assert walk(BASE, [a], min_step=0.05) == []
+    assert [p for _, p in walk(BASE, [a, b, c, d])] == [BASE, a, b, c, d]  # no margin: every frontier point
