@@ -104,7 +104,7 @@ def test_chat_completion_shape_and_alignment(server: LiveServer) -> None:
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("stop", "length")
     assert body["alignment"] == resolve_alignment(1, 4, kappa=0.5).to_dict()
-    # Every field of the engines' telemetry, the contrast ones included (this request was contrasted: conservativeness 1).
+    # Every field of the engines' telemetry, the contrast ones too (conservativeness 1: this request was contrasted).
     assert set(body["telemetry"]) == {f.name for f in fields(Telemetry)}  # type: ignore[arg-type]
     assert body["telemetry"]["contrast_steps"] == body["usage"]["completion_tokens"] + (  # type: ignore[index]
         choice["finish_reason"] == "stop")  # one per token chosen, the EOS included

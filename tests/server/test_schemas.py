@@ -1,0 +1,62 @@
+"""The HTTP schemas against what they mirror: the installed `openai` client's chat parameters, and the engines'
+telemetry (`models.telemetry.Telemetry`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from openai.types.chat import completion_create_params
+
+from models.telemetry import Telemetry as EngineTelemetry
+from server.chat_support import MESSAGE_RULES, RULES
+from server.schemas.chat import ChatCompletionRequest, ChatMessage
+from server.schemas.common import Telemetry
+
+SEVI_FIELDS = {"conservativeness", "alignment"}
+# Honoured as OpenAI defines them (both engines), or hints that never change the output.
+HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
+            "stream", "stream_options", "presence_penalty", "frequency_penalty"}
+NO_EFFECT = {"user", "safety_identifier", "metadata", "prompt_cache_key", "prompt_cache_retention",
+             "prompt_cache_options"}
+
+
+def openai_chat_fields() -> set[str]:
+    base = completion_create_params.CompletionCreateParamsBase
+    streaming = completion_create_params.CompletionCreateParamsStreaming
+    return set(base.__required_keys__ | base.__optional_keys__ | streaming.__required_keys__)
+
+
+def test_the_chat_request_declares_every_openai_field_and_no_other() -> None:
+    declared = set(ChatCompletionRequest.model_fields)
+    assert openai_chat_fields() - declared == set(), "OpenAI fields the schema does not know (they would be 400s)"
+    assert declared - openai_chat_fields() == SEVI_FIELDS
+
+
+def test_every_openai_field_is_honoured_or_refused() -> None:
+    """No field falls through: each is honoured, has no effect by nature, or has a refusal rule (which may accept
+    some values, e.g. `response_format` text)."""
+    refused = {rule.field for rule in RULES}
+    assert len(refused) == len(RULES)
+    assert HONOURED | NO_EFFECT | refused == openai_chat_fields()
+    assert not (HONOURED | NO_EFFECT) & refused
+
+
+def test_every_openai_message_field_is_declared() -> None:
+    message_fields: set[str] = set()
+    for member in typing.get_args(completion_create_params.ChatCompletionMessageParam):
+        message_fields |= set(member.__required_keys__ | member.__optional_keys__)
+    assert message_fields <= set(ChatMessage.model_fields)
+    refused = {rule.field for rule in MESSAGE_RULES}
+    assert set(ChatMessage.model_fields) == {"role", "content", "name"} | refused
+
+
+def test_the_telemetry_schema_mirrors_the_engines_telemetry() -> None:
+    engine = [(f.name, f.type) for f in dataclasses.fields(EngineTelemetry)]
+    schema = [(name, info.annotation) for name, info in Telemetry.model_fields.items()]
+    assert [name for name, _ in schema] == [name for name, _ in engine]
+    assert all(t is int for _, t in schema) and all(t in (int, "int") for _, t in engine)
+    # Distinct values in every field: a field read from the wrong attribute shows up.
+    values = EngineTelemetry(*range(1, len(engine) + 1))
+    assert Telemetry.of(values).model_dump() == values.as_dict()
+    assert Telemetry.of(None) == Telemetry()
