@@ -56,11 +56,15 @@ def choose_sample(page: Page, label: str) -> None:
     page.locator(".sample[aria-pressed=true]").wait_for()  # the sample's bytes are in: Compare may run
 
 
-def wait_for_columns(page: Page, count: int) -> None:
-    """Until `count` columns exist and none is still streaming."""
-    settled = page.locator("#columns .column:is([data-state=done], [data-state=error])")
-    settled.nth(count - 1).wait_for(timeout=CAPTION_TIMEOUT_MS)
-    assert page.locator("#columns .column").count() == count
+@contextmanager
+def comparison(page: Page, columns: int) -> Iterator[None]:
+    """Around the action that starts a comparison: on leaving, it has finished (captions, marks and messages)
+    with `columns` columns. Counted by the page (`body[data-runs]`), so the columns of the comparison before
+    are never taken for this one's."""
+    before = int(page.locator("body").get_attribute("data-runs") or "0")
+    yield
+    page.locator(f'body[data-runs="{before + 1}"]').wait_for(state="attached", timeout=CAPTION_TIMEOUT_MS)
+    assert page.locator("#columns .column").count() == columns
 
 
 def column_captions(page: Page) -> dict[float, str]:

@@ -19,10 +19,10 @@ from tests.server.browser import (
     REPO,
     choose_sample,
     chromium,
+    comparison,
     find_chromium,
     open_playground,
     screenshot,
-    wait_for_columns,
 )
 from tests.server.conftest import LiveServer, base_settings
 
@@ -38,8 +38,8 @@ def take(out: Path, sample: str, width: int) -> Path:
             page = browser.new_page(viewport={"width": width, "height": 800})
             open_playground(page, live.url)
             choose_sample(page, sample)
-            page.get_by_role("button", name="Compare").click()
-            wait_for_columns(page, 3)
+            with comparison(page, 3):
+                page.get_by_role("button", name="Compare").click()
             page.locator("#run").blur()
             screenshot(page, out)
     finally:

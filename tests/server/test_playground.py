@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, BrowserContext, Page, Route
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 
 from bench.chair import caption_objects
 from models.scenes import make_scene
@@ -31,10 +31,10 @@ from tests.server.browser import (
     chromium,
     column_captions,
     column_facts,
+    comparison,
     find_chromium,
     open_playground,
     screenshot,
-    wait_for_columns,
 )
 from tests.server.conftest import LiveServer, base_settings, long_png, png_bytes
 
@@ -205,8 +205,8 @@ def test_compare_streams_captions_equal_to_the_api(session: Session, server: Liv
     page.locator("#preview").wait_for()
     assert page.locator("#image-name").inner_text() == "photo.png"
     set_max_tokens(page, MAX_TOKENS)
-    page.get_by_role("button", name="Compare").click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        page.get_by_role("button", name="Compare").click()
 
     captions = column_captions(page)
     assert sorted(captions) == list(LEVELS)
@@ -241,8 +241,8 @@ def test_marks_object_words_not_named_in_every_caption(session: Session, server:
     open_playground(page, server.url)
     upload(page, image)
     set_max_tokens(page, MAX_TOKENS)
-    page.get_by_role("button", name="Compare").click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        page.get_by_role("button", name="Compare").click()
 
     everywhere = set.intersection(*named.values())
     for level in LEVELS:
@@ -284,8 +284,8 @@ def test_sample_scene_and_single_level_slider(session: Session, server: LiveServ
     page.get_by_label("One level (slider)").check()
     assert page.get_by_role("button", name="Caption").is_visible()
     set_max_tokens(page, MAX_TOKENS)
-    page.get_by_label("Level", exact=True).fill("0.75")  # a slider's value, then its change event: it captions
-    wait_for_columns(page, 1)
+    with comparison(page, 1):
+        page.get_by_label("Level", exact=True).fill("0.75")  # a slider's value, then its change event: it captions
     assert page.locator("#slider-value").inner_text() == "0.75"
     assert column_captions(page) == {0.75: api_caption(server, sample, 0.75)["caption"]}
 
@@ -304,8 +304,8 @@ def test_drop_an_image(session: Session, server: LiveServer) -> None:
     page.locator("#preview").wait_for()
     assert page.locator("#image-name").inner_text() == "dropped.png"
     set_max_tokens(page, MAX_TOKENS)
-    page.get_by_role("button", name="Compare").click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        page.get_by_role("button", name="Compare").click()
     assert column_captions(page)[1.0] == api_caption(server, image, 1.0)["caption"]
 
 
@@ -315,10 +315,10 @@ def test_stop_cancels_a_slow_comparison(session: Session, server: LiveServer) ->
     upload(page, long_png())  # about 750 greedy tokens before its end on this model
     set_max_tokens(page, 900)
     cancelled = server.engine.stats().cancelled_total
-    page.get_by_role("button", name="Compare").click()
-    page.locator("#columns .column[data-state=streaming] .caption:not(:text-is('…'))").first.wait_for()
-    page.get_by_role("button", name="Stop").click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        page.get_by_role("button", name="Compare").click()
+        page.locator("#columns .column[data-state=streaming] .caption:not(:text-is('…'))").first.wait_for()
+        page.get_by_role("button", name="Stop").click()
     stopped = page.locator("#columns .column[data-state=error] .error")
     assert stopped.count() >= 1 and set(stopped.all_inner_texts()) == {"Stopped."}
     assert page.get_by_role("alert").is_hidden()  # stopping is no failure to report
@@ -333,28 +333,28 @@ def test_non_image_file_is_refused_in_plain_words(session: Session, server: Live
     page = session.page
     open_playground(page, server.url)
     upload(page, b"these are my notes, not a picture\n", name="notes.txt", mime="text/plain")
-    assert "cannot show it as an image" in page.locator("#image-name").inner_text()
-    page.get_by_role("button", name="Compare").click()
-    wait_for_columns(page, 3)
+    expect(page.locator("#image-name")).to_contain_text("cannot show it as an image")
+    with comparison(page, 3):
+        page.get_by_role("button", name="Compare").click()
     alert = page.get_by_role("alert")
     assert alert.inner_text() == ("The server could not read this file as an image. Use a PNG, JPEG, WebP, GIF or "
                                   "BMP image.")
     assert page.locator("#columns .column[data-state=error]").count() == 3
     # Over the server's pixel limit (512 x 512 here): its 413, in plain words.
     upload(page, solid_png(600, 600), name="wide.png")
-    page.get_by_role("button", name="Compare").click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        page.get_by_role("button", name="Compare").click()
     assert alert.inner_text() == ("The image is too large for this server (at most 0.25 MB and 0.3 million pixels). "
                                   "Use a smaller image.")
     # Over its byte limit (256 KiB): said before anything is sent, and the image before it is dropped.
     upload(page, b"\x89PNG" + bytes(300 * 1024), name="huge.png")
-    assert alert.inner_text() == "huge.png is too large: this server takes images of at most 0.25 MB."
-    assert page.locator("#preview").is_hidden()
+    expect(alert).to_have_text("huge.png is too large: this server takes images of at most 0.25 MB.")
+    expect(page.locator("#preview")).to_be_hidden()
     # The page is not stuck: a real image after the failures captions as usual.
     upload(page, png_bytes(5))
     set_max_tokens(page, MAX_TOKENS)
-    page.get_by_role("button", name="Compare").click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        page.get_by_role("button", name="Compare").click()
     assert page.locator("#columns .column[data-state=done]").count() == 3
     assert alert.is_hidden()
 
@@ -367,8 +367,8 @@ def test_queue_full_is_said_and_the_other_columns_finish(browser: Browser, small
     set_max_tokens(page, 300)  # long enough that five requests arrive while the first still runs
     page.get_by_role("button", name="Add a level").click()
     page.get_by_role("button", name="Add a level").click()
-    page.get_by_role("button", name="Compare").click()
-    wait_for_columns(page, 5)
+    with comparison(page, 5):
+        page.get_by_role("button", name="Compare").click()
     assert page.locator("#columns .column[data-state=done]").count() >= 1
     assert page.locator("#columns .column[data-state=error]").count() >= 1
     assert "The server is busy: its queue is full. Try again in 1 second." in page.get_by_role("alert").inner_text()
@@ -385,19 +385,19 @@ def test_api_key_asked_once_and_kept_for_the_tab(browser: Browser, keyed_server:
     set_max_tokens(page, MAX_TOKENS)
     compare = page.get_by_role("button", name="Compare")
     compare.click()  # no key yet: the page asks for it before sending anything
-    assert "needs an API key" in page.get_by_role("alert").inner_text()
+    expect(page.get_by_role("alert")).to_contain_text("needs an API key")
     assert page.evaluate("() => document.activeElement.id") == "api-key"
     assert page.locator("#columns .column").count() == 0
 
     key_field.fill("wrong-key")
-    compare.click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        compare.click()
     assert page.get_by_role("alert").inner_text().startswith("The server did not accept the API key.")
     assert page.evaluate("() => document.activeElement.id") == "api-key"
 
     key_field.fill(API_KEY)
-    compare.click()
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        compare.click()
     assert page.locator("#columns .column[data-state=done]").count() == 3
     assert column_captions(page)[0.5] == api_caption(keyed_server, image, 0.5, api_key=API_KEY)["caption"]
     # Kept for this tab (sessionStorage), never in localStorage; a reload still has it.
@@ -436,8 +436,8 @@ def test_keyboard_alone_runs_a_comparison(session: Session, server: LiveServer) 
     page.keyboard.press("Enter")
     page.locator(".sample[aria-pressed=true]").wait_for()
     tab_to("document.activeElement.id === 'run'")
-    page.keyboard.press("Enter")
-    wait_for_columns(page, 3)
+    with comparison(page, 3):
+        page.keyboard.press("Enter")
     assert page.locator("#columns .column[data-state=done]").count() == 3
     # Focus follows the page's reading order: the image, the samples, the levels, the prompt, then Compare.
     first = {name: order.index(name) for name in ("image-input", "level-1", "prompt", "run") if name in order}
