@@ -310,6 +310,29 @@ def test_openai_client_plain_and_streaming(live: LiveServer, ref: ReferenceModel
     assert streamed == text
 
 
+def test_openai_client_penalties_and_refusals(live: LiveServer, ref: ReferenceModel) -> None:
+    """Through the official client on the vLLM engine: penalised greedy text is the reference engine's (contrast
+    pair included), and a field the server cannot honour is a 400 naming it."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+    png = png_bytes(0)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    params = resolve_alignment(None, ref.num_layers, contrast=True, **EXPLICIT)  # type: ignore[arg-type]
+    penalties = {"frequency_penalty": 2.0, "presence_penalty": 1.0}
+    got = client.chat.completions.create(model=live.engine.model_name, messages=image_message(PROMPT, png),
+                                         max_tokens=24, extra_body={"alignment": dict(EXPLICIT, contrast=True)},
+                                         **penalties)
+    want = run_to_completion(ref, [GenerationRequest("p", user_message(PROMPT), [image], params,
+                                                     SamplingParams(max_tokens=24, **penalties))])["p"]
+    plain = run_to_completion(ref, [GenerationRequest("p", user_message(PROMPT), [image], params,
+                                                      SamplingParams(max_tokens=24))])["p"]
+    assert got.choices[0].message.content == want.text != plain.text
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=live.engine.model_name, messages=image_message(PROMPT, png),
+                                       response_format={"type": "json_object"})
+    assert caught.value.param == "response_format"
+
+
 def test_bad_conservativeness_is_a_400(live: LiveServer) -> None:
     body = {"messages": image_message("what do you see", png_bytes(1)), "conservativeness": 1.5}
     r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=30)

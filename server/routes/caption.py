@@ -35,7 +35,7 @@ _FORM_FIELDS = set(CaptionParams.model_fields)
              description="multipart/form-data with an `image` file, or application/json with `image` as base64 or "
                          "a data URI. `x-engine-time-ms` tells the engine's own time for the request.")
 async def caption(request: Request, response: Response, engine: EngineDep, settings: SettingsDep,
-                  metrics: MetricsDep, arrival: ArrivalDep) -> Any:
+                  metrics: MetricsDep, arrival: ArrivalDep) -> CaptionResponse | Response:
     params, image_bytes = await _parse(request, settings)
     spec = RequestSpec("cap", user_message(params.prompt, 1), [ImageBytes(image_bytes, "image")],
                        Knobs(params.conservativeness, params.omega, params.start_layer, params.kappa, params.contrast),

@@ -37,7 +37,8 @@ MAX_STOP = 4
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion (OpenAI).",
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true."}})
 async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, engine: EngineDep,
-                           settings: SettingsDep, metrics: MetricsDep, arrival: ArrivalDep) -> Any:
+                           settings: SettingsDep, metrics: MetricsDep,
+                           arrival: ArrivalDep) -> ChatCompletionResponse | Response:
     if body.model is not None and body.model != engine.model_name:
         raise APIError(404, f"the model `{body.model}` does not exist; this server serves `{engine.model_name}`",
                        param="model", code="model_not_found")
