@@ -39,7 +39,8 @@ async def caption(request: Request, response: Response, engine: EngineDep, setti
     params, image_bytes = await _parse(request, settings)
     spec = RequestSpec("cap", user_message(params.prompt, 1), [ImageBytes(image_bytes, "image")],
                        Knobs(params.conservativeness, params.omega, params.start_layer, params.kappa, params.contrast),
-                       Sampling(params.max_tokens, params.temperature, params.top_p, params.seed))
+                       Sampling(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                                seed=params.seed))
     generation = await build(spec, engine, settings)
     run = Run(arrival, request.receive, engine, metrics, settings, "/caption", generation)
     await run.start()

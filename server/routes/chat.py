@@ -66,8 +66,9 @@ def _spec(body: ChatCompletionRequest, settings: Settings) -> RequestSpec:
     """The chat body as a request spec; refuses too many stop strings or images before any image is decoded."""
     max_tokens, max_param = ((body.max_completion_tokens, "max_completion_tokens")
                              if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
-    sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed, _stops(body.stop),
-                        body.presence_penalty, body.frequency_penalty, max_param)
+    sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                        stop=_stops(body.stop), presence_penalty=body.presence_penalty,
+                        frequency_penalty=body.frequency_penalty, max_tokens_param=max_param)
     over = body.alignment
     knobs = Knobs(body.conservativeness, over.omega if over else None, over.start_layer if over else None,
                   over.kappa if over else None, over.contrast if over else None, param_prefix="alignment.")

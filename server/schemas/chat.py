@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.schemas.common import (
     SEED_MAX,
@@ -148,25 +148,15 @@ class ChatCompletionResponse(BaseModel):
     telemetry: Telemetry = Field(description="What the alignment did (extra field).")
 
 
-class _LeavesOutNone(BaseModel):
-    """A model whose fields named in `_left_out_when_none` are not in its JSON while None (OpenAI's chunks carry
-    only what they have)."""
-
-    _left_out_when_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _leave_out_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if v is not None or k not in self._left_out_when_none}
+def _absent(value: object) -> bool:
+    return value is None
 
 
-class ChunkDelta(_LeavesOutNone):
+class ChunkDelta(BaseModel):
     """The new part of the message: the role in the first chunk, then text; empty in the last."""
 
-    _left_out_when_none: ClassVar[frozenset[str]] = frozenset({"role", "content"})
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_absent)
+    content: str | None = Field(default=None, exclude_if=_absent)
 
 
 class ChunkChoice(BaseModel):
@@ -176,21 +166,21 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(_LeavesOutNone):
+class ChatCompletionChunk(BaseModel):
     """One server-sent event of a streamed completion. The first chunk carries the applied `alignment`, the last
     with a `finish_reason` carries it again with the `telemetry`; `usage` comes alone, in a chunk with no choices,
     when `stream_options.include_usage` asks for it. Fields a chunk does not carry are left out."""
-
-    _left_out_when_none: ClassVar[frozenset[str]] = frozenset({"usage", "alignment", "telemetry"})
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
-    alignment: AppliedAlignment | None = Field(default=None, description="Extra field.")
-    telemetry: Telemetry | None = Field(default=None, description="Extra field.")
+    # Left out of the JSON where a chunk does not carry them. Field(exclude_if): about 20 us a chunk here, half what a
+    # Python model_serializer took (json.dumps of the hand-built dict it replaced: about 17 us).
+    usage: Usage | None = Field(default=None, exclude_if=_absent)
+    alignment: AppliedAlignment | None = Field(default=None, exclude_if=_absent, description="Extra field.")
+    telemetry: Telemetry | None = Field(default=None, exclude_if=_absent, description="Extra field.")
 
 
 class ModelCard(BaseModel):

@@ -4,14 +4,17 @@ telemetry (`models.telemetry.Telemetry`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
+from typing import Any
 
 from openai.types.chat import completion_create_params
 
 from models.telemetry import Telemetry as EngineTelemetry
 from server.chat_support import MESSAGE_RULES, RULES
-from server.schemas.chat import ChatCompletionRequest, ChatMessage
-from server.schemas.common import Telemetry
+from server.schemas.chat import ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, ChunkDelta
+from server.schemas.common import AppliedAlignment, Telemetry, Usage
+from server.sse import sse
 
 SEVI_FIELDS = {"conservativeness", "alignment"}
 # Honoured as OpenAI defines them (both engines), or hints that never change the output.
@@ -60,3 +63,29 @@ def test_the_telemetry_schema_mirrors_the_engines_telemetry() -> None:
     values = EngineTelemetry(*range(1, len(engine) + 1))
     assert Telemetry.of(values).model_dump() == values.as_dict()
     assert Telemetry.of(None) == Telemetry()
+
+
+def test_stream_chunks_carry_only_what_they_have() -> None:
+    """The JSON of each kind of chunk, field for field (OpenAI's shape plus the SEVI extras where they belong)."""
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+    applied = AppliedAlignment(conservativeness=0.5, omega=0.5, start_layer=2, kappa=0.2, contrast=True)
+
+    def event(**fields: Any) -> dict[str, Any]:
+        data = sse(ChatCompletionChunk(id="chatcmpl-1", created=7, model="m", **fields))
+        assert data.startswith(b"data: ") and data.endswith(b"\n\n")
+        return dict(json.loads(data[6:]))
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    first = event(choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))], alignment=applied)
+    assert first == {**head, "choices": [choice({"role": "assistant", "content": ""})],
+                     "alignment": applied.model_dump()}
+    text = event(choices=[ChunkChoice(delta=ChunkDelta(content="a"))])
+    assert text == {**head, "choices": [choice({"content": "a"})]}
+    last = event(choices=[ChunkChoice(delta=ChunkDelta(), finish_reason="stop")], alignment=applied,
+                 telemetry=Telemetry(aligned_rows=3))
+    assert last == {**head, "choices": [choice({}, "stop")], "alignment": applied.model_dump(),
+                    "telemetry": Telemetry(aligned_rows=3).model_dump()}
+    usage = event(choices=[], usage=Usage.of(5, 2))
+    assert usage == {**head, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
