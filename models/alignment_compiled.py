@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from models import alignment
+from models import alignment, runtime_env
 from models.build_cache import cached_file
 
 log = logging.getLogger("sevi.alignment")
@@ -118,7 +117,7 @@ def load(name: str = "operator") -> CompiledOperator | None:
     """The compiled function `name` (`operator`: :func:`alignment.align_tensors`; `shard_partials`,
     `shard_finish`: the halves of :func:`alignment.align_sharded`), built on first use; None (eager) when
     turned off or not buildable."""
-    if os.environ.get("SEVI_COMPILED_OPERATOR", "1") == "0":
+    if not runtime_env.current().compiled_operator:
         return None
     with _LOCK:
         try:

@@ -1,6 +1,15 @@
-"""Every knob of the service in one pydantic-settings object: `--max-batch-size 8` or `SEVI_MAX_BATCH_SIZE=8`.
+"""Every knob of the service in one pydantic-settings tree: `--max-batch-size 8` or `SEVI_MAX_BATCH_SIZE=8`.
 
-Precedence: command line, then environment (prefix `SEVI_`), then the defaults below.
+Precedence: command line, then environment, then the defaults below. The root holds the server's settings;
+two nested groups hold the rest, each flag `--GROUP.FIELD`, with the environment names they had before the
+tree (users, scripts and the compose file set them):
+
+- `settings.vllm` (:class:`VllmSettings`): `--vllm.tensor-parallel-size 2` or `SEVI_VLLM_TENSOR_PARALLEL_SIZE=2`;
+- `settings.kernels` (:class:`KernelSettings`): `--kernels.aligned-kernel torch` or `SEVI_ALIGNED_KERNEL=torch`.
+
+The tree is passed down: `create_engine(settings)` hands the groups to the engine, which exports the switches
+vLLM's own processes need into the environment (models/runtime_env.py, the one module below this one that
+reads it) before vLLM starts.
 """
 
 from __future__ import annotations
@@ -9,13 +18,92 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from models import runtime_env
 
 MiB = 1024 * 1024
 # Requests decoding at once where max_batch_size is unset: the reference engine everywhere, the vLLM engine on
 # CPU (a few cores: a larger batch makes every step slower). On a GPU the vLLM engine follows vLLM's own
 # defaults instead (server/engines/vllm_engine.py: vllm_batch_args).
 DEFAULT_MAX_BATCH_SIZE = 8
+
+
+class VllmSettings(BaseSettings):
+    """vLLM engine (`--engine vllm`); each also `SEVI_VLLM_<FIELD>`, e.g. SEVI_VLLM_TENSOR_PARALLEL_SIZE=2."""
+
+    # A BaseSettings of its own so that `VllmSettings(...)` alone (tests, bench/) still reads SEVI_VLLM_*; inside
+    # Settings the root reads the environment for it (_GroupEnvSource), under the command line.
+    model_config = SettingsConfigDict(env_prefix="SEVI_VLLM_", extra="ignore")
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (tensor parallel).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (e.g. one per node).")
+    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = Field(
+        None, description="Executor: 'uni' (one device, default), 'mp' (one node), 'ray' (several nodes).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    enforce_eager: bool = Field(False, description="No torch.compile / CUDA graphs: starts 10-60 s sooner, "
+                                "decodes ~15% slower on CPU (measured in bench/engines.py).")
+    prefix_caching: bool = Field(True, description="Prefix cache (aligned requests cache only the blocks before "
+                                 "their last prompt row: models/vllm_plugin/scheduler.py).")
+    seed: int = Field(0, description="vLLM's engine seed.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Further vLLM EngineArgs as JSON, e.g. "
+                                        "SEVI_VLLM_ENGINE_ARGS='{\"max_num_batched_tokens\": 4096}'.")
+    disable: bool = Field(False, description="Leave vLLM's attention stock: no SEVI at all (benchmarks, debugging). "
+                          "Read by the plugin in every vLLM process, so also honoured by `vllm serve`.")
+
+
+class KernelSettings(BaseSettings):
+    """The kernels SEVI runs on CPU and GPU; each also `SEVI_<FIELD>`, e.g. SEVI_ALIGNED_KERNEL=torch."""
+
+    # env_prefix SEVI_ gives these fields their names from before the tree (SEVI_ALIGNED_KERNEL, ...), the same
+    # names vLLM's processes read them by (models/runtime_env.py).
+    model_config = SettingsConfigDict(env_prefix="SEVI_", extra="ignore")
+
+    aligned_kernel: Literal["c", "triton", "torch"] | None = Field(
+        None, description="Kernel of the aligned rows in the vLLM backends (default: c on CPU where the system "
+                          "compiler builds it, triton on a GPU where it imports, else torch).")
+    paged_kernel: bool = Field(True, description="vLLM on CPU reads the aligned rows' K/V with the C kernel (false: "
+                               "the torch gather path).")
+    compiled_operator: bool = Field(True, description="On CPU both engines run the alignment operator compiled ahead "
+                                    "of time (AOTInductor; false: eager PyTorch).")
+    kernel_cache: Path = Field(runtime_env.default_kernel_cache(),
+                               description="Folder of the code built at run time (C kernel, compiled operator).")
+
+    @field_validator("aligned_kernel", mode="before")
+    @classmethod
+    def _kernel_name(cls, value: Any) -> Any:
+        # As the plugin reads it in vLLM's processes: case and spaces do not matter, empty = the default.
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
+
+class _GroupEnvSource(PydanticBaseSettingsSource):
+    """The nested groups' environment variables, each group by its own prefix (SEVI_VLLM_*, SEVI_*): pydantic's
+    nested delimiter would need one prefix per group (SEVI_KERNELS_ALIGNED_KERNEL) and break the old names."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads whole groups
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name, info in self.settings_cls.model_fields.items():
+            group = info.annotation
+            if isinstance(group, type) and issubclass(group, BaseSettings):
+                values = EnvSettingsSource(group)()
+                if values:
+                    found[name] = values
+        return found
 
 
 class Settings(BaseSettings):
@@ -63,6 +151,20 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
+    # Defaults without a second look at the environment: _GroupEnvSource has read it for the root.
+    vllm: VllmSettings = Field(default_factory=lambda: VllmSettings.model_construct(), description=VllmSettings.__doc__)
+    kernels: KernelSettings = Field(default_factory=lambda: KernelSettings.model_construct(),
+                                    description=KernelSettings.__doc__)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The command line comes first through CliApp; the groups' variables rank with the root's.
+        return init_settings, env_settings, _GroupEnvSource(settings_cls), dotenv_settings, file_secret_settings
+
     @field_validator("allowed_image_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
@@ -79,6 +181,13 @@ class Settings(BaseSettings):
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model.resolve().name
+
+    def runtime_options(self) -> runtime_env.RuntimeOptions:
+        """The switches every process running SEVI's code reads, for the engine to export before vLLM starts."""
+        k = self.kernels
+        return runtime_env.RuntimeOptions(aligned_kernel=k.aligned_kernel, paged_kernel=k.paged_kernel,
+                                          compiled_operator=k.compiled_operator, kernel_cache=k.kernel_cache,
+                                          plugin_disabled=self.vllm.disable)
 
 
 def parse_cli(argv: list[str] | None = None) -> Settings:

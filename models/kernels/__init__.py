@@ -7,21 +7,22 @@ needs triton; :func:`triton_available` says whether that works here (and why not
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 import torch
+
+from models import runtime_env
 
 
 def use_interpreter() -> bool:
     """Whether Triton kernels must run in its interpreter (no CUDA device): set TRITON_INTERPRET before the
     kernels are defined, since triton reads it when @triton.jit decorates them."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not runtime_env.triton_interpreting():
         if "triton" in sys.modules:  # its own library's kernels were decorated for a GPU: the interpreter fails
             raise RuntimeError("no CUDA device and triton was imported without TRITON_INTERPRET=1: set it in the "
                                "environment before starting (the Triton kernels then run in its interpreter)")
-        os.environ["TRITON_INTERPRET"] = "1"
-    return os.environ.get("TRITON_INTERPRET") == "1"
+        runtime_env.use_triton_interpreter()
+    return runtime_env.triton_interpreting()
 
 
 def triton_available() -> str | None:

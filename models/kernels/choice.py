@@ -1,4 +1,5 @@
-"""Which kernel computes SEVI's aligned rows in the vLLM backends: the one place `SEVI_ALIGNED_KERNEL` is read.
+"""Which kernel computes SEVI's aligned rows in the vLLM backends: the one place `SEVI_ALIGNED_KERNEL` is interpreted
+(`--kernels.aligned-kernel` in the server, which exports it: models/runtime_env.py).
 
 - `c`: the C kernel (models/vllm_plugin/paged_kernel.py) for q.K and softmax + p.V around the compiled torch
   operator; the CPU default where that kernel builds.
@@ -11,17 +12,18 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-KERNELS = ("triton", "c", "torch")
+from models import runtime_env
+
+KERNELS = runtime_env.ALIGNED_KERNELS
 
 
 @functools.lru_cache(maxsize=1)
 def aligned_kernel() -> str:
     """The kernel named by SEVI_ALIGNED_KERNEL, else the default for this machine (read once per process)."""
-    chosen = os.environ.get("SEVI_ALIGNED_KERNEL", "").strip().lower()
+    chosen = runtime_env.current().aligned_kernel
     if chosen:
         if chosen not in KERNELS:
             raise ValueError(f"SEVI_ALIGNED_KERNEL={chosen!r}: expected one of {', '.join(KERNELS)}")

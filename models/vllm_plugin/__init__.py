@@ -17,11 +17,12 @@ processor comes in through the `vllm.logits_processors` entry point. Pieces:
 
 from __future__ import annotations
 
-import os
+from models import runtime_env
 
 # vLLM's own module path for the processor (FQCN form it accepts in `logits_processors=`).
 LOGITS_PROCESSOR = "models.vllm_plugin.logits_processor:SeviLogitsProcessor"
-DISABLE_ENV = "SEVI_VLLM_DISABLE"  # "1": leave vLLM's attention stock (benchmarks, debugging)
+# "1": leave vLLM's attention stock (benchmarks, debugging); the server's --vllm.disable exports it.
+DISABLE_ENV = runtime_env.PLUGIN_DISABLE
 
 _registered = False
 
@@ -38,8 +39,9 @@ def register() -> None:
     import models  # noqa: F401
 
     # Model Runner V2 (on by default on GPUs with Triton) has another logits-processor API.
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    if os.environ.get(DISABLE_ENV) == "1":
+    runtime_env.prefer_vllm_model_runner_v1()
+    # The environment, not the server's settings: vLLM calls this in processes the server's objects never reach.
+    if runtime_env.current().plugin_disabled:
         return
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend

@@ -16,7 +16,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from models import runtime_env
 from models.build_cache import cached_file
 
 log = logging.getLogger("sevi.vllm")
@@ -151,7 +151,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
 
 def load(flags: list[str]) -> PagedKernel | None:
     """The kernel built with `flags` (or loaded from the cache folder); None when it cannot be built."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = shutil.which(runtime_env.c_compiler()) or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler: SEVI reads K/V by gather + bmm (slower at long prompts)")
         return None
@@ -166,7 +166,7 @@ def load(flags: list[str]) -> PagedKernel | None:
 def kernel() -> PagedKernel | None:
     """The kernel for this CPU, built on first use; None (torch path) when disabled, on CPUs without AVX2
     (the ISA torch itself dispatches to: no AVX2 code on a machine without it), or when it cannot be built."""
-    if os.environ.get("SEVI_PAGED_KERNEL", "1") == "0" or not hasattr(ctypes, "CDLL"):
+    if not runtime_env.current().paged_kernel or not hasattr(ctypes, "CDLL"):
         return None
     flags = flags_for(torch.backends.cpu.get_cpu_capability())
     if flags is None:

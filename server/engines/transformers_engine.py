@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from models import runtime_env
 from models.alignment import compiled_operator
 from models.contrast_pool import ContrastPool
 from models.generation import DecodeBatch, GenerationRequest, ReferenceModel, RequestError, TokenEvent
@@ -59,7 +60,8 @@ class _Cohort:
 class TransformersEngine(QueuedEngine):
     def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
                  max_cohorts: int = 2, dtype: str = "float32", device: str = "cpu",
-                 contrast_pool_dir: str | None = None, torch_threads: int | None = None) -> None:
+                 contrast_pool_dir: str | None = None, torch_threads: int | None = None,
+                 runtime: runtime_env.RuntimeOptions | None = None) -> None:
         super().__init__()
         self._model_dir = model_dir
         self._model_name = model_name
@@ -70,6 +72,9 @@ class TransformersEngine(QueuedEngine):
         self._device = device
         self._pool_dir = contrast_pool_dir
         self._torch_threads = torch_threads
+        # The kernel switches (settings.kernels), exported at load for the method's modules, which read them from
+        # the environment in every process (models/runtime_env.py); None (built alone): left as they are.
+        self.runtime = runtime
         self._model: ReferenceModel | None = None
         self._load_error: str | None = None
         # Touched by the worker only; read racily (ints) for stats.
@@ -85,7 +90,8 @@ class TransformersEngine(QueuedEngine):
         return cls(str(settings.model), model_name=settings.model_id, max_batch_size=batch,
                    max_queue=settings.max_queue, max_cohorts=settings.max_cohorts, dtype=settings.dtype,
                    device=settings.device, torch_threads=settings.torch_threads,
-                   contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None)
+                   contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
+                   runtime=settings.runtime_options())
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -133,6 +139,8 @@ class TransformersEngine(QueuedEngine):
             self._step(cohort)
 
     def _load(self) -> None:
+        if self.runtime is not None:
+            runtime_env.export(self.runtime)
         on_cpu = torch.device(self._device).type == "cpu"
         threads = self._torch_threads or (default_cpu_threads() if on_cpu else None)
         if threads:

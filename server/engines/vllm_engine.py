@@ -14,8 +14,9 @@ Token events mirror the reference engine's (`models.generation.DecodeBatch._adva
 "stop" and is not part of the text; text is the full decode of the generated ids; stop strings are
 cut by this engine (vLLM does not detokenize here), which then aborts the request.
 
-vLLM-only settings come from the environment (`SEVI_VLLM_*`, see :class:`VllmOptions`), so the shared
-settings object needs no vLLM fields.
+Settings arrive as objects: `settings.vllm` (:class:`server.settings.VllmSettings`: `--vllm.*` or
+`SEVI_VLLM_*`) and the kernel switches (`settings.runtime_options()`), which `_load` exports into the
+environment before vLLM starts, since vLLM's worker processes get nothing else (models/runtime_env.py).
 """
 
 from __future__ import annotations
@@ -25,15 +26,12 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
+from models import runtime_env
 from models.contrast_pool import ContrastPool
 from models.detokenizer import TextStream
 from models.generation import GenerationRequest, RequestError, TokenEvent
@@ -47,7 +45,7 @@ from server.engines.base import (
     default_cpu_threads,
     set_torch_threads,
 )
-from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
+from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings, VllmSettings
 
 log = logging.getLogger("sevi.engine.vllm")
 SCHEDULER_CLS = "models.vllm_plugin.scheduler.SeviScheduler"
@@ -72,25 +70,8 @@ class _DropRepeatedThreadWarning(logging.Filter):
 _THREAD_WARNING_FILTER = _DropRepeatedThreadWarning()
 
 
-class VllmOptions(BaseSettings):
-    """vLLM settings: `SEVI_VLLM_TENSOR_PARALLEL_SIZE=2`, etc."""
-
-    model_config = SettingsConfigDict(env_prefix="SEVI_VLLM_", extra="ignore")
-
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (tensor parallel).")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (e.g. one per node).")
-    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = Field(
-        None, description="Executor: 'uni' (one device, default), 'mp' (one node), 'ray' (several nodes).")
-    max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
-    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    enforce_eager: bool = Field(False, description="No torch.compile / CUDA graphs: starts 10-60 s sooner, "
-                                "decodes ~15% slower on CPU (measured in bench/engines.py).")
-    prefix_caching: bool = Field(True, description="Prefix cache (aligned requests cache only the blocks before "
-                                 "their last prompt row: models/vllm_plugin/scheduler.py).")
-    seed: int = 0
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="Further vLLM EngineArgs as JSON, e.g. "
-                                        "SEVI_VLLM_ENGINE_ARGS='{\"max_num_batched_tokens\": 4096}'.")
+# The vLLM group of the settings tree (server/settings.py), by the name tests and bench/ construct it by.
+VllmOptions = VllmSettings
 
 
 @dataclass(eq=False)
@@ -117,7 +98,8 @@ class VllmEngine(QueuedEngine):
 
     def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int | None = None, max_queue: int = 64,
                  dtype: str = "float32", contrast_pool_dir: str | None = None, max_images_per_request: int = 4,
-                 torch_threads: int | None = None, options: VllmOptions | None = None) -> None:
+                 torch_threads: int | None = None, options: VllmSettings | None = None,
+                 runtime: runtime_env.RuntimeOptions | None = None) -> None:
         super().__init__()
         self._torch_threads = torch_threads
         self._model_dir = model_dir
@@ -129,8 +111,10 @@ class VllmEngine(QueuedEngine):
         self._dtype = dtype
         self._pool_dir = contrast_pool_dir
         self._max_images = max_images_per_request
-        env_only: dict[str, Any] = {}  # every field from SEVI_VLLM_* or its default
-        self.options = options or VllmOptions(**env_only)
+        env_only: dict[str, Any] = {}  # built alone (tests, bench/): every field from SEVI_VLLM_* or its default
+        self.options = options or VllmSettings(**env_only)
+        # Exported at load for vLLM's processes; None (built alone): the environment is left as it is.
+        self.runtime = runtime
         self._engine: Any = None
         self._processor: Any = None
         self._tokenizer: Any = None
@@ -151,7 +135,8 @@ class VllmEngine(QueuedEngine):
         return cls(str(settings.model), model_name=settings.model_id, max_batch_size=settings.max_batch_size,
                    max_queue=settings.max_queue, dtype=settings.dtype,
                    contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
-                   max_images_per_request=settings.max_images_per_request, torch_threads=settings.torch_threads)
+                   max_images_per_request=settings.max_images_per_request, torch_threads=settings.torch_threads,
+                   options=settings.vllm, runtime=settings.runtime_options())
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -230,8 +215,10 @@ class VllmEngine(QueuedEngine):
             self._dispatch(outputs)
 
     def _load(self) -> None:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.cpu_kv_cache_gib))
+        # Before vLLM is imported and starts workers: they inherit the environment, not this object.
+        runtime_env.prepare_vllm_engine(self.options.cpu_kv_cache_gib)  # the engine core in this process
+        if self.runtime is not None:
+            runtime_env.export(self.runtime)
         from transformers import AutoProcessor
         from vllm import EngineArgs, LLMEngine
         from vllm.platforms import current_platform
@@ -284,8 +271,7 @@ class VllmEngine(QueuedEngine):
         self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
         # The queue bound and the stats count requests: two sequences each at most (a contrast row).
         self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
-        in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-                      and kwargs["distributed_executor_backend"] == "uni")
+        in_process = runtime_env.vllm_engine_core_in_process() and kwargs["distributed_executor_backend"] == "uni"
         self._worker_state = STATE if in_process else None
         log.info("vLLM model loaded", extra={"fields": {"model": self._model_dir, "layers": self._num_layers,
                                                         "seconds": round(time.perf_counter() - t0, 3)}})
