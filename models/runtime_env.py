@@ -1,5 +1,5 @@
 """The process environment, as the code below the server sees it: the only module of `models/` and `server/`
-that reads or writes `os.environ` (`tests/test_settings_tree.py` holds the tree to that).
+that reads or writes `os.environ` (`tests/server/test_settings_tree.py` holds the tree to that).
 
 Why the environment at all: the server's settings tree (`server/settings.py`: `settings.kernels`,
 `settings.vllm`) is passed down to the engines as an object, but vLLM runs this package's plugin in
