@@ -28,11 +28,18 @@ def apply_penalties(logits: torch.Tensor, output_ids: Sequence[int], presence: f
     """
     if not output_ids or not has_penalties(presence, frequency):
         return logits
-    ids = torch.as_tensor(output_ids, dtype=torch.long, device=logits.device)
-    counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]]
-    logits -= torch.tensor(frequency, dtype=logits.dtype, device=logits.device) * counts
-    logits -= torch.tensor(presence, dtype=logits.dtype, device=logits.device) * (counts > 0)
+    counts = torch.bincount(_ids_on(logits.device, output_ids), minlength=logits.shape[-1])[: logits.shape[-1]]
+    logits -= counts * frequency  # Python scalars: no tensor is made for them on the device
+    logits -= (counts > 0) * presence
     return logits
+
+
+def _ids_on(device: torch.device, ids: Sequence[int]) -> torch.Tensor:
+    """Token ids on `device`; on a GPU through pinned memory, as vLLM uploads its own: a copy from pageable memory
+    would wait for the device's queue."""
+    if device.type == "cuda":
+        return torch.tensor(ids, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+    return torch.as_tensor(ids, dtype=torch.long, device=device)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
