@@ -34,5 +34,5 @@ RUN make install VLLM=$VLLM PY=python3.11
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
-# Settings come from SEVI_* variables (see server/settings.py) and SEVI_VLLM_* (server/engines/vllm_engine.py).
+# Settings come from SEVI_* variables, SEVI_VLLM_* for the vLLM engine (see server/settings.py, or python -m server --help).
 CMD [".venv/bin/python", "-m", "server"]
