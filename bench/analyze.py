@@ -13,7 +13,8 @@ every generated token):
   image (spec section 1: most of it, in the paper's LVLMs);
 - attention to text side: the share of the current token's attention (head-averaged) on those positions
   (about a fifth in the paper's LVLMs);
-- semantic / global heads: the share of heads SEVI would call semantic, and global (kappa as given).
+- semantic / global heads: the share of heads SEVI calls semantic, and global (kappa as given), by the
+  method's own classification (models.alignment) over the family's key sets.
 
 Layers where the first two columns part ways are where alignment has room to act: pick start layers
 there. Prints a table and writes `analysis.png` (and `analysis.json`) into --out.
@@ -30,10 +31,10 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from models.alignment import classify_heads, span_masks
 from models.conservativeness import resolve_alignment
+from models.families import DEFAULT_PROMPT
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
-
-DEFAULT_PROMPT = "Please describe this image in detail."
 
 
 def _caption(model: ReferenceModel, image: Image.Image, prompt: str, max_tokens: int) -> tuple[dict, list[int]]:
@@ -88,9 +89,14 @@ def analyze(model: ReferenceModel, image: Image.Image, prompt: str = DEFAULT_PRO
     seq_len = prompt_len + len(generated)
     is_image = torch.zeros(seq_len, dtype=torch.bool)
     is_image[:prompt_len] = layout.image_mask
-    other = is_image.clone() if model.family.other_is_image_only else torch.arange(seq_len) <= e
     rows = torch.arange(prompt_len - 1, seq_len)  # the current-token rows
-    text_side = (torch.arange(seq_len)[None, :] > e) & (torch.arange(seq_len)[None, :] <= rows[:, None])
+    n_rows = rows.shape[0]
+    keys = torch.arange(seq_len)
+    # The key sets as the method builds them: the text side (semantic keys e < j <= i) and the family's "other".
+    text_side, other = span_masks(keys, rows, torch.full((n_rows,), e), is_image.expand(n_rows, -1),
+                                  torch.full((n_rows,), model.family.other_is_image_only))
+    valid = keys[None, :] <= rows[:, None]
+    kappas = torch.full((n_rows,), kappa)
 
     maps = attention_maps(model, enc, generated)
     rollout = torch.eye(seq_len)  # information content of each position, by input token, before layer 0
@@ -101,16 +107,14 @@ def analyze(model: ReferenceModel, image: Image.Image, prompt: str = DEFAULT_PRO
         vis_share = (visible * text_side).sum(-1) / visible.sum(-1).clamp(min=1e-12)
         mean_attn = attn.mean(0)
         att_share = (mean_attn[rows] * text_side).sum(-1)
-        p = attn[:, rows]  # [H, R, T]
-        sem_mass = (p * text_side).sum(-1)
-        oth_mass = (p * other[None, None, :]).sum(-1)
-        semantic = sem_mass >= oth_mass
-        core = semantic & ((p * text_side).amax(-1) > kappa * sem_mass)
+        # Heads classified by the method itself. It takes pre-softmax scores; log-probabilities are such scores
+        # (their softmax gives the probabilities back), so the heads split as the attention did.
+        groups = classify_heads(attn[:, rows].transpose(0, 1).log(), valid, text_side, other, kappas)
         layers.append({
             "visual_info_text_side": float(vis_share.mean()),
             "attention_text_side": float(att_share.mean()),
-            "semantic_heads": float(semantic.float().mean()),
-            "global_heads": float((semantic & ~core).float().mean()),
+            "semantic_heads": float(groups.semantic.float().mean()),
+            "global_heads": float(groups.global_.float().mean()),
         })
         step = 0.5 * mean_attn + 0.5 * torch.eye(seq_len)
         rollout = (step / step.sum(-1, keepdim=True)) @ rollout

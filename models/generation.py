@@ -23,7 +23,7 @@ from models.conservativeness import AlignmentParams
 from models.contrast_pool import ContrastPool
 from models.contrastive import contrast_logits
 from models.detokenizer import TextStream
-from models.families import Family, family_for
+from models.families import Family, eos_token_ids, family_for, image_parts, render_prompt
 from models.sampling import apply_penalties, sample_token
 from models.sevi_attention import AlignmentBatch, alignment_context, use_sevi_attention
 from models.telemetry import Telemetry
@@ -121,7 +121,7 @@ class ReferenceModel:
         text_cfg = model.config.get_text_config(decoder=True)
         self.max_positions = int(getattr(text_cfg, "max_position_embeddings", 4096))
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = set(eos_token_ids(model.config, getattr(model, "generation_config", None), self.tokenizer))
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -138,23 +138,12 @@ class ReferenceModel:
     def num_layers(self) -> int:
         return self.family.num_layers
 
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config.get_text_config(True)):
-            eos = getattr(source, "eos_token_id", None) if source is not None else None
-            if eos is not None:
-                ids.update([eos] if isinstance(eos, int) else eos)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
-
     def prompt_text(self, messages: list[dict[str, Any]]) -> str:
-        return str(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return render_prompt(self.processor, messages)
 
     def encode(self, messages: list[dict[str, Any]], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Chat template + processor for one prompt; image placeholders come back expanded."""
-        n_parts = sum(1 for m in messages if isinstance(m.get("content"), list)
-                      for p in m["content"] if p.get("type") == "image")
+        n_parts = image_parts(messages)
         if n_parts != len(images):
             raise RequestError(f"{n_parts} image parts but {len(images)} images", "messages")
         text = self.prompt_text(messages)

@@ -2,7 +2,9 @@
 
 Every model gets a word-level tokenizer trained locally, a chat template and a processor, and is saved
 in a layout that both transformers 5.19 and vLLM 0.32 load (llava-hf key names for LLaVA). Head size
-is 32 because vLLM's CPU attention supports no smaller one. Nothing is downloaded.
+is 32 because vLLM's CPU attention supports no smaller one. Nothing is downloaded. The family's facts
+(model class, image and end-of-turn tokens, chat template) come from its spec in models/families.py;
+what is left here is the shape of a tiny model of each kind (`_BUILDERS`).
 
     python -m models.tiny --family llava --out /tmp/tiny-llava
 """
@@ -11,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+from models.families import LLAVA_CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE  # the bundled model's trainer imports it here
+from models.families import SPECS, FamilySpec, spec_for
+
+FAMILIES = tuple(SPECS)
 
 BASE_WORDS: tuple[str, ...] = (
     "a", "an", "the", "this", "image", "shows", "there", "is", "are", "of", "in", "on", "with", "and", "near",
@@ -28,28 +35,6 @@ BASE_WORDS: tuple[str, ...] = (
     "kite", "ball", "tree", "grass", "road", "sky", "room", "kitchen", "street", "park", "red", "blue", "green",
     "small", "large", ".", ",", ":", "USER", "ASSISTANT", "user", "assistant", "please", "describe", "detail",
     "what", "do", "you", "see",
-)
-
-# Jinja chat template shared by the LLaVA tiny models: "USER: <image>\n... ASSISTANT:".
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] != 'user' %}</s>{% endif %} "
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 LLAVA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -109,9 +94,9 @@ def save_model_dir(model: Any, processor: Any, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # vLLM picks its model class from `architectures`; a model built from a config has none yet.
-    model.config.architectures = [type(model).__name__]
-    model_type = model.config.model_type
-    if model_type in ("llava", "llava_next"):
+    spec = spec_for(model.config.model_type)
+    model.config.architectures = [spec.architecture]
+    if spec.llava_hf_keys:
         model.config.save_pretrained(out)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)
@@ -125,10 +110,10 @@ def save_model_dir(model: Any, processor: Any, out: str | Path) -> Path:
     return out
 
 
-def _llava_configs(family: str, vocab_size: int, image_token_id: int, pad_id: int, eos_id: int,
+def _llava_configs(spec: FamilySpec, vocab_size: int, image_token_id: int, pad_id: int, eos_id: int,
                    bos_id: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int,
                    head_dim: int = 32, intermediate_size: int | None = None, max_positions: int = 1024) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     hidden = heads * head_dim
     text = LlamaConfig(
@@ -145,9 +130,9 @@ def _llava_configs(family: str, vocab_size: int, image_token_id: int, pad_id: in
         text_config=text, vision_config=vision, image_token_index=image_token_id,
         vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False,
     )
-    if family == "llava":
-        return LlavaConfig(**common)
-    return LlavaNextConfig(**common, image_grid_pinpoints=[[image_size, image_size * 2], [image_size * 2, image_size]])
+    if spec.model_type == "llava_next":
+        common["image_grid_pinpoints"] = [[image_size, image_size * 2], [image_size * 2, image_size]]
+    return transformers.AutoConfig.for_model(spec.model_type, **common)
 
 
 def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
@@ -155,23 +140,18 @@ def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads:
                 max_positions: int = 1024) -> tuple[torch.nn.Module, Any]:
     """A tiny random LLaVA-1.5 (`llava`) or LLaVA-NeXT (`llava_next`) with its processor; `head_dim=128,
     heads=32, intermediate_size=11008` gives LLaVA-1.5-7B's decoder width (bench/gpu_engine_tier.py)."""
-    from transformers import (
-        LlavaForConditionalGeneration,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
+    from transformers import LlavaNextProcessor, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    tok = make_word_tokenizer(BASE_WORDS, LLAVA_SPECIALS, bos="<s>", eos="</s>")
+    spec = spec_for(family)
+    tok = make_word_tokenizer(BASE_WORDS, LLAVA_SPECIALS, bos="<s>", eos=spec.eos_token)
     ids: dict[str, Any] = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
-    cfg = _llava_configs(family, len(tok), ids["<image>"], ids["<pad>"], ids["</s>"], ids["<s>"],
+    cfg = _llava_configs(spec, len(tok), ids[spec.image_token], ids["<pad>"], ids[spec.eos_token], ids["<s>"],
                          layers, heads, kv_heads or heads, image_size, patch, head_dim, intermediate_size,
                          max_positions)
     torch.manual_seed(seed)
-    cls = LlavaForConditionalGeneration if family == "llava" else LlavaNextForConditionalGeneration
-    model = cls(cfg).eval()
+    model = getattr(transformers, spec.architecture)(cfg).eval()
     _spread_init(model, seed)
     # PIL image processors: torchvision is not installed (its PyPI wheels are CUDA builds).
     size = {"shortest_edge": image_size}
@@ -185,7 +165,7 @@ def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads:
     proc_cls = LlavaProcessor if family == "llava" else LlavaNextProcessor
     processor = proc_cls(
         image_processor=improc, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-        chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1,
+        chat_template=spec.chat_template, num_additional_image_tokens=1,
     )
     return model, processor
 
@@ -197,41 +177,35 @@ def build_qwen(family: str = "qwen2_vl", *, seed: int = 0, layers: int = 4, head
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    tok = make_word_tokenizer(BASE_WORDS, QWEN_SPECIALS, bos=None, eos="<|im_end|>")
+    spec = spec_for(family)
+    tok = make_word_tokenizer(BASE_WORDS, QWEN_SPECIALS, bos=None, eos=spec.eos_token)
     ids: dict[str, Any] = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text: dict[str, Any] = dict(
         vocab_size=len(tok), hidden_size=heads * 32, intermediate_size=heads * 64, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        pad_token_id=ids["<pad>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None, tie_word_embeddings=False,
+        pad_token_id=ids["<pad>"], eos_token_id=ids[spec.eos_token], bos_token_id=None, tie_word_embeddings=False,
     )
     vision: dict[str, Any] = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     common: dict[str, Any] = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        image_token_id=ids[spec.image_token], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=ids[spec.eos_token], pad_token_id=ids["<pad>"], tie_word_embeddings=False,
     )
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+    if spec.model_type == "qwen2_vl":  # the two vision towers take different sizes
         vision.update(embed_dim=64, hidden_size=heads * 32, mlp_ratio=2)
-        cfg: Any = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-        model_cls: Any = Qwen2VLForConditionalGeneration
     else:
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
         vision.update(hidden_size=64, intermediate_size=128, out_hidden_size=heads * 32, window_size=56,
                       fullatt_block_indexes=[1])
-        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-        model_cls = Qwen2_5_VLForConditionalGeneration
+    cfg = transformers.AutoConfig.for_model(spec.model_type, text_config=text, vision_config=vision, **common)
     torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
+    model = getattr(transformers, spec.architecture)(cfg).eval()
     _spread_init(model, seed)
     improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                       merge_size=2, temporal_patch_size=2)
     video = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     processor = Qwen2VLProcessor(image_processor=improc, tokenizer=tok, video_processor=video,
-                                 chat_template=QWEN_CHAT_TEMPLATE)
+                                 chat_template=spec.chat_template)
     return model, processor
 
 
@@ -256,11 +230,17 @@ def _spread_init(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
+# The tiny model of each family: one builder per kind of architecture (a new family names one here).
+_BUILDERS: dict[str, Callable[..., tuple[torch.nn.Module, Any]]] = {
+    "llava": build_llava, "llava_next": build_llava, "qwen2_vl": build_qwen, "qwen2_5_vl": build_qwen,
+}
+
+
 def build(family: str, out: str | Path | None = None, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    """Build a tiny model of `family`; save it to `out` when given."""
-    if family not in FAMILIES:
+    """Build a tiny model of `family` (a model type of models.families.SPECS); save it to `out` when given."""
+    if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-    model, processor = build_llava(family, **kwargs) if family.startswith("llava") else build_qwen(family, **kwargs)
+    model, processor = _BUILDERS[family](family, **kwargs)
     if out is not None:
         save_model_dir(model, processor, out)
     return model, processor

@@ -36,6 +36,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from models.conservativeness import AlignmentParamError
 from models.contrastive import contrast_logits
+from models.families import eos_token_ids, find_spec, image_token_id, text_config
 from models.sampling import apply_penalties, sample_token
 from models.vllm_plugin.params import SEED_KEY, has_sevi_args, parse_row_request
 from models.vllm_plugin.state import STATE, Row
@@ -44,24 +45,21 @@ if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.config import VllmConfig
 
-QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy
 _MAX_GENERATORS = 4096
 
 
 def model_facts(hf_config: Any) -> dict[str, Any]:
-    """Depth, image token id, family rule and EOS of a vLLM model's HF config."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    token = getattr(hf_config, "image_token_id", None)
-    if token is None:
-        token = getattr(hf_config, "image_token_index", -1)
-    eos = getattr(text, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    return {"num_layers": int(text.num_hidden_layers), "image_token_id": int(token) if token is not None else -1,
-            "other_is_image_only": hf_config.model_type in QWEN_TYPES, "eos_token_id": eos}
+    """Depth, image token id, "other" rule and EOS of a vLLM model's HF config, from its family's spec."""
+    spec = find_spec(getattr(hf_config, "model_type", None))
+    token = image_token_id(hf_config)
+    eos = eos_token_ids(hf_config)
+    # A model of no known family keeps the LLaVA rule rather than failing: vLLM loads the plugin for every
+    # model it serves, and one without an image token is never aligned.
+    return {"num_layers": int(text_config(hf_config).num_hidden_layers),
+            "image_token_id": token if token is not None else -1,
+            "other_is_image_only": spec is not None and spec.other_is_image_only,
+            "eos_token_id": eos[0] if eos else None}
 
 
 class SeviLogitsProcessor(LogitsProcessor):

@@ -34,6 +34,7 @@ from typing import Any
 from models import runtime_env
 from models.contrast_pool import ContrastPool
 from models.detokenizer import TextStream
+from models.families import eos_token_ids, find_spec, image_parts, render_prompt
 from models.generation import GenerationRequest, RequestError, TokenEvent
 from models.telemetry import Telemetry
 from server.engines.base import (
@@ -49,14 +50,6 @@ from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings, VllmSettings
 
 log = logging.getLogger("sevi.engine.vllm")
 SCHEDULER_CLS = "models.vllm_plugin.scheduler.SeviScheduler"
-
-# vLLM reads the architecture from config.json; folders saved from a bare config may lack it.
-_ARCHITECTURES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
 
 
 class _DropRepeatedThreadWarning(logging.Filter):
@@ -250,8 +243,10 @@ class VllmEngine(QueuedEngine):
         # scheduling: the pairs' lockstep is decided from each step's outputs before the next step is planned.
         kwargs.update(scheduler_cls=SCHEDULER_CLS, async_scheduling=False)
         kwargs.update(opts.engine_args)
-        if not config.get("architectures") and config.get("model_type") in _ARCHITECTURES:
-            kwargs["hf_overrides"] = {"architectures": [_ARCHITECTURES[config["model_type"]]]}
+        spec = find_spec(config.get("model_type"))
+        if not config.get("architectures") and spec is not None:
+            # vLLM reads the architecture from config.json; folders saved from a bare config may lack it.
+            kwargs["hf_overrides"] = {"architectures": [spec.architecture]}
         if current_platform.is_cpu() and opts.pipeline_parallel_size > 1 and opts.enforce_eager:
             # vLLM's CPU workers allocate the buffers a later pipeline stage receives into only in their compile
             # warm-up, which eager mode skips: the first step would fail (vLLM 0.32).
@@ -267,7 +262,9 @@ class VllmEngine(QueuedEngine):
         self._processor = AutoProcessor.from_pretrained(path)
         self._tokenizer = self._processor.tokenizer
         self._pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else ContrastPool.default()
-        self._eos = _eos_ids(path, self._tokenizer)
+        generation = path / "generation_config.json"
+        self._eos = set(eos_token_ids(config, json.loads(generation.read_text()) if generation.exists() else None,
+                                      self._tokenizer))
         self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
         # The queue bound and the stats count requests: two sequences each at most (a contrast row).
         self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
@@ -333,11 +330,10 @@ class VllmEngine(QueuedEngine):
             self._contrast_of[job.main_id] = job.contrast_id
 
     def _prompt_text(self, req: GenerationRequest) -> str:
-        n_parts = sum(1 for m in req.messages if isinstance(m.get("content"), list)
-                      for p in m["content"] if p.get("type") == "image")
+        n_parts = image_parts(req.messages)
         if n_parts != len(req.images):
             raise ValueError(f"{n_parts} image parts but {len(req.images)} images")
-        return str(self._processor.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False))
+        return render_prompt(self._processor, req.messages)
 
     @staticmethod
     def _prompt(text: str, images: list[Any]) -> dict[str, Any]:
@@ -462,23 +458,6 @@ def _on_gpu() -> bool:
 
 def _has_entry_point(group: str, name: str) -> bool:
     return any(ep.name == name for ep in importlib.metadata.entry_points(group=group))
-
-
-def _eos_ids(path: Path, tokenizer: Any) -> set[int]:
-    """EOS ids the same way the reference engine gathers them (generation config, text config, tokenizer)."""
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        f = path / name
-        if not f.exists():
-            continue
-        cfg = json.loads(f.read_text())
-        source = cfg.get("text_config") or cfg if name == "config.json" else cfg
-        eos = source.get("eos_token_id")
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 def _param_of(exc: BaseException) -> str | None:
