@@ -27,8 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bench.chair import compute_chair, load_coco_truth, partner_rate
-
-DEFAULT_PROMPT = "Please describe this image in detail."
+from models.families import DEFAULT_PROMPT as DEFAULT_PROMPT  # chair_calibrate imports it here
 
 
 @dataclass

@@ -40,12 +40,13 @@ import torch
 from PIL import Image
 
 from models.conservativeness import AlignmentParams, resolve_alignment
+from models.families import DEFAULT_PROMPT
 from models.generation import GenerationRequest, SamplingParams, user_message
 from models.telemetry import Telemetry
 from models.tiny import build
 from server.engines.base import Engine
 
-PROMPT = "Please describe this image in detail."
+PROMPT = DEFAULT_PROMPT  # the requests of every engine benchmark
 LOCKSTEP_REQUESTS = 8
 STREAM_LENGTHS = [16, 96, 48, 128, 32, 80, 64, 112, 24, 56, 104, 40, 120, 72, 88, 16,
                   64, 128, 32, 96, 48, 112, 80, 24]  # 24 requests, mean 70 tokens

@@ -34,6 +34,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from models.families import DEFAULT_PROMPT
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -164,7 +166,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 
 
 async def drive(args: argparse.Namespace, url: str) -> list[Level]:
     form = {"max_tokens": str(args.max_tokens), "conservativeness": str(args.conservativeness),
-            "prompt": "Please describe this image in detail."}
+            "prompt": DEFAULT_PROMPT}
     pngs = images()
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

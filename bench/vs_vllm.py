@@ -39,8 +39,8 @@ import httpx
 
 from bench.engines import never_eos, random_llava
 from bench.load import free_port, images, pct
+from models.families import DEFAULT_PROMPT
 
-PROMPT = "Please describe this image in detail."
 MODEL_NAME = "bench"
 
 
@@ -120,7 +120,7 @@ def body(png: bytes, args: argparse.Namespace, level: float | None) -> dict[str,
     out: dict[str, Any] = {
         "model": MODEL_NAME, "max_tokens": args.max_tokens, "temperature": 0,
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": PROMPT}]}]}
+                                                  {"type": "text", "text": DEFAULT_PROMPT}]}]}
     if level is not None:  # sevi-serve
         out["conservativeness"] = level
         out["alignment"] = {"contrast": bool(args.contrast)}

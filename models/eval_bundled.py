@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from bench.chair import compute_chair, partner_rate
 from models import scenes
+from models.families import DEFAULT_PROMPT
 
-DEFAULT_PROMPT = "Please describe this image in detail."
 HELD_OUT = ("in-prior", "counter-prior", "hard")
 
 

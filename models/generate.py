@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from models.conservativeness import PRESETS, AlignmentParamError, resolve_alignment
+from models.families import DEFAULT_PROMPT
 from models.generation import (
     GenerationRequest,
     ReferenceModel,
@@ -23,8 +24,6 @@ from models.generation import (
     run_to_completion,
     user_message,
 )
-
-DEFAULT_PROMPT = "Please describe this image in detail."
 
 
 def build_parser() -> argparse.ArgumentParser:
