@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from models.conservativeness import AlignmentParams, resolve_alignment
-from models.families import DEFAULT_PROMPT
+from models.families import DEFAULT_PROMPT, eos_token_ids
 from models.generation import GenerationRequest, SamplingParams, user_message
 from models.telemetry import Telemetry
 from models.tiny import build
@@ -136,12 +136,11 @@ def never_eos(model_dir: Path) -> Path:
     wherever its EOS logit happens to win, and aligned and unaligned requests then differ in length."""
     from safetensors.torch import load_file, save_file
 
-    config = json.loads((model_dir / "config.json").read_text())
-    eos = config.get("text_config", {}).get("eos_token_id", config.get("eos_token_id"))
+    eos = eos_token_ids(json.loads((model_dir / "config.json").read_text()))  # the model's own, as the engines read it
     path = model_dir / "model.safetensors"
     weights = load_file(path)
     (name,) = [k for k in weights if k.endswith("lm_head.weight")]
-    weights[name][torch.as_tensor(eos if isinstance(eos, list) else [eos])] = 0.0
+    weights[name][torch.as_tensor(list(eos))] = 0.0
     save_file(weights, path, metadata={"format": "pt"})
     return model_dir
 
