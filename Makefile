@@ -40,7 +40,7 @@ install-browser:
 	  echo "no Chromium, and cannot install one here (needs root and apt-get): the playground browser tests will skip"; \
 	fi
 
-test: install
+test: install install-browser
 	$(BIN)/python -m pytest -q
 
 test-unit: install
