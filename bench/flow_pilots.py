@@ -59,6 +59,16 @@ def row_text(name: str, result: dict[str, Any]) -> str:
     return f"{name}: {cols} (layers {result['upper_layers'][0]}-{result['upper_layers'][1]}; targets met {met}/3)"
 
 
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+    """Every pilot in the results file as one table: the note's four columns and the targets met."""
+    lines = ["| pilot | what changed | visual info, text side | attention, text side | semantic heads | "
+             "global heads | targets met |", "|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        cols = " | ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in (r["upper_ranges"][c] for c in COLUMNS))
+        lines.append(f"| {name} | {r.get('note', '')} | {cols} | {sum(r['targets'].values())}/3 |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     table = json.loads(path.read_text()) if path.exists() else {}
     table[args.name] = result
     path.write_text(json.dumps(table, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(table))
     print(row_text(args.name, result))
 
 
