@@ -62,8 +62,8 @@ class ImageLayout:
 
 
 # ---- reading a config (an HF config object, or the dict of its config.json) --------------------------------
-# The vLLM engine reads the JSON files (it loads no HF model in its own process), the reference engine and
-# the plugin hold config objects: one set of readers serves both, so both find the same facts.
+# The vLLM engine reads config.json itself (before vLLM builds anything, to choose vLLM's arguments); the
+# reference engine and the plugin hold config objects. One set of readers serves both, so both find the same facts.
 def _field(source: Any, name: str) -> Any:
     if source is None:
         return None
