@@ -1,16 +1,17 @@
 """The SEVI alignment operator (spec section 2), on one query row per (sequence, head).
 
-Pure torch and shared by every engine: the transformers attention hook and the vLLM backend both call
-:func:`align_prepared` (:func:`align_scores` for one-off use). Input rows are independent, so callers
-flatten (batch x aligned rows) into the leading dimension and pass per-row masks and knobs. On the CPU
-the operator runs compiled ahead of time by torch from this very code (models/alignment_compiled.py).
+Pure torch (this module imports nothing else of the project) and shared by every engine: the
+transformers attention hook and the vLLM backend both run :func:`align_prepared` (:func:`align_scores`
+for one-off use). Input rows are independent, so callers flatten (batch x aligned rows) into the leading
+dimension and pass per-row masks and knobs. The engines call it through models/alignment_dispatch.py,
+which runs this very code compiled ahead of time where it can (models/alignment_compiled.py) and as it is
+here everywhere else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,35 +151,17 @@ def classify_heads(
 
 
 def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tensor, HeadGroups]:
-    """:func:`align_scores` on prepared rows (the per-layer hot path).
+    """:func:`align_scores` on prepared rows (the per-layer hot path), eagerly.
 
     The scores come back in float32 (or their own dtype when wider) with the key mask applied
-    (masked keys at about MASKED), ready for the softmax. On the CPU, float32 rows run
-    :func:`align_tensors` compiled ahead of time (models/alignment_compiled.py: the same function,
-    traced, without per-op dispatch); everything else runs it eagerly.
-
-    The softmax stays outside: compiled into the graph it cost 90 us more per layer than torch's own
-    at 8 rows x 650 keys in the served model (its passes over the scores are worse than aten's).
+    (masked keys at about MASKED), ready for the softmax. The softmax stays outside: compiled into the
+    operator's graph it cost 90 us more per layer than torch's own at 8 rows x 650 keys in the served
+    model (its passes over the scores are worse than aten's).
     """
-    compiled = compiled_for(rows) if scores.dtype == torch.float32 and scores.is_contiguous() else None
-    if compiled is not None:
-        out, semantic, core, glob, stage1, stage2 = compiled.run(operator_inputs(scores, rows))
-    else:
-        out, semantic, core, glob, stage1, stage2 = align_tensors(
-            scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
-            on=None if rows.all_on else rows.on)
+    out, semantic, core, glob, stage1, stage2 = align_tensors(
+        scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
+        on=None if rows.all_on else rows.on)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
-
-
-def compiled_for(rows: PreparedRows, sharded: bool = False) -> Any:
-    """The compiled operator where it runs these rows (float32 knobs in CPU memory, contiguous: its code
-    assumes the strides it was traced with), else None. The scores must be float32 and contiguous too.
-    sharded: the two halves of :func:`align_sharded` instead (a pair)."""
-    if rows.blend.dtype != torch.float32 or rows.key_bias.device.type != "cpu" or not all(
-            t.is_contiguous() for t in (rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
-                                        rows.on)):
-        return None
-    return compiled_sharded() if sharded else compiled_operator()
 
 
 def operator_inputs(scores: torch.Tensor, rows: PreparedRows) -> list[torch.Tensor]:
@@ -258,17 +241,11 @@ def align_sharded(scores: torch.Tensor, rows: PreparedRows, gather: ShardGather,
     shard. Returns the aligned scores of this shard's heads, its head groups (stage masks: its heads
     moved), and per row whether each stage moved any head of any shard (bool `[R, 2]`, for telemetry).
 
-    On the CPU both halves run compiled ahead of time like the whole operator (the same functions,
-    traced), where the scores are float32 and contiguous."""
-    compiled = compiled_for(rows, sharded=True) if scores.dtype == torch.float32 and scores.is_contiguous() else None
-    if compiled is not None:
-        s, semantic, core, glob, packed = compiled[0].run([scores, *operator_inputs(scores, rows)[1:5]])
-        out, stage1, stage2, moved = compiled[1].run([s, semantic, glob, gather(packed), rows.blend, rows.on])
-    else:
-        s, semantic, core, glob, packed = shard_partials(scores, rows.key_bias, rows.semantic_keys, rows.other_keys,
-                                                         rows.kappa)
-        out, stage1, stage2, moved = shard_finish(s, semantic, glob, gather(packed), rows.blend,
-                                                  None if rows.all_on else rows.on)
+    Eagerly; models/alignment_dispatch.py runs both halves compiled where it can, like the whole operator."""
+    s, semantic, core, glob, packed = shard_partials(scores, rows.key_bias, rows.semantic_keys, rows.other_keys,
+                                                     rows.kappa)
+    out, stage1, stage2, moved = shard_finish(s, semantic, glob, gather(packed), rows.blend,
+                                              None if rows.all_on else rows.on)
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2), moved
 
 
@@ -298,30 +275,6 @@ def shard_finish(s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, ev
     if on is not None:
         moved = moved & on
     return out, stage1, stage2, moved
-
-
-# models.alignment_compiled packages once loaded, by name; False where one cannot be (or is turned off).
-_COMPILED: dict[str, Any] = {}
-
-
-def _compiled(name: str) -> Any:
-    if name not in _COMPILED:
-        from models.alignment_compiled import load  # it imports this module: resolved at first use
-
-        _COMPILED[name] = load(name) or False
-    return _COMPILED[name] or None
-
-
-def compiled_operator() -> Any:
-    """The ahead-of-time compiled :func:`align_tensors`, built (or loaded from its cache) on the first
-    call, or None where it is unavailable. Engines call it at load so that no request waits for it."""
-    return _compiled("operator")
-
-
-def compiled_sharded() -> tuple[Any, Any] | None:
-    """The compiled :func:`shard_partials` and :func:`shard_finish` (tensor parallelism), or None."""
-    first, second = _compiled("shard_partials"), _compiled("shard_finish")
-    return (first, second) if first is not None and second is not None else None
 
 
 def align_scores(

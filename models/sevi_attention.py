@@ -22,7 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from models.alignment import HeadGroups, PreparedRows, align_prepared, prepare_rows, span_masks, with_new_key
+from models.alignment import HeadGroups, PreparedRows, prepare_rows, span_masks, with_new_key
+from models.alignment_dispatch import align_prepared
 from models.telemetry import COUNTERS
 
 ATTN_NAME = "sevi"

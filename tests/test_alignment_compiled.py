@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from models import alignment, alignment_compiled
-from models.alignment import MASKED, align_prepared, align_tensors, compiled_operator, prepare_rows
+from models.alignment import MASKED, align_tensors, prepare_rows
+from models.alignment_dispatch import align_prepared, compiled_operator
 
 
 def _inputs(r: int, h: int, k: int, seed: int, on: float = 2.0) -> tuple[torch.Tensor, alignment.PreparedRows]:

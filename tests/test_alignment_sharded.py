@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from models import alignment
-from models.alignment import HeadGroups, PreparedRows, align_prepared, align_sharded, prepare_rows, span_masks
+from models import alignment_dispatch
+from models.alignment import HeadGroups, PreparedRows, prepare_rows, span_masks
+from models.alignment_dispatch import align_prepared, align_sharded
 
 
 def _rows(seed: int, r: int = 6, k: int = 24, e: int = 9, dtype: torch.dtype = torch.float64,
@@ -86,16 +87,16 @@ def test_shards_without_the_exchange_compute_another_method() -> None:
 def test_compiled_halves_equal_the_compiled_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """float32 on the CPU: both halves run compiled ahead of time (as the whole operator does), and the
     shards' result equals the whole layer's within float32 rounding (sums over shards, then over heads)."""
-    if alignment.compiled_sharded() is None or alignment.compiled_operator() is None:
+    if alignment_dispatch.compiled_sharded() is None or alignment_dispatch.compiled_operator() is None:
         pytest.skip("no C++ compiler: the compiled operator is not built here")
     calls: list[int] = []
-    compiled = alignment.compiled_sharded()
+    compiled = alignment_dispatch.compiled_sharded()
 
     def counted(rows: PreparedRows, sharded: bool = False) -> object:
         calls.append(int(sharded))
-        return compiled if sharded else alignment.compiled_operator()
+        return compiled if sharded else alignment_dispatch.compiled_operator()
 
-    monkeypatch.setattr(alignment, "compiled_for", counted)
+    monkeypatch.setattr(alignment_dispatch, "compiled_for", counted)
     for seed in range(4):
         scores, rows = _rows(seed, dtype=torch.float32)
         want, groups = align_prepared(scores, rows)

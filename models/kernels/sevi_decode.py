@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from models.alignment import MASKED, HeadGroups, PreparedRows, ShardGather, align_sharded
+from models.alignment import MASKED, HeadGroups, PreparedRows, ShardGather
+from models.alignment_dispatch import align_sharded
 from models.kernels import use_interpreter
 
 use_interpreter()  # before triton decorates the kernels below

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from models.alignment import compiled_for, operator_inputs
+from models.alignment import operator_inputs
+from models.alignment_dispatch import compiled_for
 from models.vllm_plugin import paged_read
 from models.vllm_plugin.paged_kernel import PagedKernel
 from models.vllm_plugin.paged_read import PagedKV

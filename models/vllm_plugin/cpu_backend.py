@@ -26,7 +26,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackendImpl,
 )
 
-from models.alignment import compiled_operator, compiled_sharded
+from models.alignment_dispatch import compiled_operator, compiled_sharded
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_kernel import kernel
 from models.vllm_plugin.paged_read import PagedKV

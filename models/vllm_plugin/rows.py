@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from models.alignment import ShardGather, align_prepared, align_sharded
+from models.alignment import ShardGather
+from models.alignment_dispatch import align_prepared, align_sharded
 from models.kernels.choice import aligned_kernel
 from models.vllm_plugin.bound_layer import bound_layer
 from models.vllm_plugin.paged_read import PagedKV, block_scores, block_values, f32

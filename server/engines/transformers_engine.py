@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from models import runtime_env
-from models.alignment import compiled_operator
+from models.alignment_dispatch import compiled_operator
 from models.contrast_pool import ContrastPool
 from models.generation import DecodeBatch, GenerationRequest, ReferenceModel, RequestError, TokenEvent
 from server.engines.base import (
