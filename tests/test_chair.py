@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.chair import caption_objects, compute_chair, load_coco_truth, main, partner_rate, singularize
+from bench.chair import caption_objects, compute_chair, load_coco_truth, partner_rate, singularize
+from bench.chair.cli import main
 from bench.coco_objects import CATEGORIES, SYNONYMS, WORD_TO_CATEGORY
 
 # Four images checked by hand (mentions per caption in the comments).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.chair_calibrate import OFF, Measured, Setting, frontier, presets_document, walk
+from bench.chair.calibrate import OFF, Measured, Setting, frontier, presets_document, walk
 from models.presets import KnobMap, parse_presets
 
 

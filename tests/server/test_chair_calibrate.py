@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.chair import main as chair_main
+from bench.chair.cli import main as chair_main
 from models.presets import PRESETS_FILE, parse_presets
 from tests.server.conftest import LiveServer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.chair import main as chair_main
+from bench.chair.cli import main as chair_main
 from tests.server.conftest import LiveServer
 
 pytestmark = pytest.mark.integration

@@ -26,8 +26,8 @@ import httpx
 from PIL import Image
 from tqdm import tqdm
 
-from bench.chair import compute_chair, load_coco_truth, partner_rate
-from models.families import DEFAULT_PROMPT as DEFAULT_PROMPT  # chair_calibrate imports it here
+from bench.chair.score import compute_chair, load_coco_truth, partner_rate
+from models.families import DEFAULT_PROMPT
 
 
 @dataclass

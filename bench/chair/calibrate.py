@@ -34,7 +34,8 @@ from typing import Any
 
 import httpx
 
-from bench.chair_run import DEFAULT_PROMPT, Item, coco_items, run_level, scene_items, summarize
+from bench.chair.run import Item, coco_items, run_level, scene_items, summarize
+from models.families import DEFAULT_PROMPT
 from models.presets import PRESETS_FILE, parse_presets
 
 

@@ -12,17 +12,13 @@ A mention whose category is not in the image's ground truth is hallucinated.
     python -m bench.chair score --captions caps.jsonl --truth truth.json
 
 Ground truth comes from the scene generator (`models.scenes.write_split` writes `truth.json`) or from
-a local COCO folder (`load_coco_truth`). The command is built from argparse subcommands: another one
-(e.g. `run`, captioning through a live server) is a new `sub.add_parser(...)` in `build_parser` with its
-own `set_defaults(func=...)`.
+a local COCO folder (`load_coco_truth`). The command line is bench/chair/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,42 +194,3 @@ def load_coco_truth(
             if key in truth:
                 truth[key].update(cat for _, cat in caption_objects(a["caption"]))
     return {k: sorted(v) for k, v in truth.items()}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _cmd_score(args: argparse.Namespace) -> int:
-    result = compute_chair(load_captions(args.captions), load_truth(args.truth))
-    out = result.summary() if args.summary_only else result.to_json()
-    json.dump(out, sys.stdout, indent=None if args.compact else 1)
-    sys.stdout.write("\n")
-    return 0
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, Any]:
-    """The parser and its subparsers action, so another module can add a subcommand (e.g. `run`)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.chair", description="CHAIR hallucination metric")
-    sub = parser.add_subparsers(dest="command", required=True)
-    score = sub.add_parser("score", help="score a captions JSONL file against a truth JSON file")
-    score.add_argument("--captions", required=True, help='JSON lines: {"image_id": ..., "caption": ...}')
-    score.add_argument("--truth", required=True, help="JSON: image_id -> list of COCO category names")
-    score.add_argument("--summary-only", action="store_true", help="leave out the per-image details")
-    score.add_argument("--compact", action="store_true", help="print on one line")
-    score.set_defaults(func=_cmd_score)
-    return parser, sub
-
-
-def main(argv: list[str] | None = None) -> int:
-    from bench.chair_calibrate import add_calibrate_command  # the knob's presets, measured through a live server
-    from bench.chair_run import add_run_command  # the evaluation through a live server
-
-    parser, sub = build_parser()
-    add_run_command(sub)
-    add_calibrate_command(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv  # calibrate records its own command line in the presets it writes
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,3 @@
+from bench.chair.cli import main
+
+raise SystemExit(main())
