@@ -49,6 +49,7 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check models server bench tests
 	$(BIN)/mypy models server bench
+	$(BIN)/lint-imports
 
 # Speed benchmarks (each prints ratios measured side by side in one run). The CHAIR evaluation needs a
 # live server: see README "Measured figures".

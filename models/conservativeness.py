@@ -7,17 +7,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# models.presets reaches back here for the paper's map only inside a call, so this import is not circular.
+from models.paper_map import DEFAULT_KAPPA, omega_for, start_layer_for
 from models.presets import PAPER_MAP, KnobMap
+
+__all__ = ["DEFAULT_KAPPA", "PRESETS", "AlignmentParamError", "AlignmentParams", "omega_for", "parse_conservativeness",
+           "resolve_alignment", "start_layer_for"]
 
 # The paper's preset names; a model's presets file may place `balanced` and `focused` elsewhere (models.presets).
 PRESETS: dict[str, float] = {"off": 0.0, "balanced": 0.5, "focused": 1.0}
-DEFAULT_KAPPA = 0.2
-BALANCED_OMEGA = 0.5
-FOCUSED_OMEGA = 4.0
-# Start layer as a share of depth: 8/32 up to Balanced, moving to 4/32 at Focused (LLaVA-1.5-7B presets).
-BALANCED_START_FRACTION = 8 / 32
-FOCUSED_START_FRACTION = 4 / 32
 
 
 class AlignmentParamError(ValueError):
@@ -44,23 +41,6 @@ class AlignmentParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def omega_for(c: float) -> float:
-    """Linear 0 -> 0.5 on [0, 0.5], geometric 0.5 -> 4 on [0.5, 1]: continuous and increasing."""
-    if c <= 0.5:
-        return BALANCED_OMEGA * (c / 0.5)
-    return BALANCED_OMEGA * (FOCUSED_OMEGA / BALANCED_OMEGA) ** ((c - 0.5) / 0.5)
-
-
-def start_layer_for(c: float, num_layers: int) -> int:
-    """Non-increasing in c: 8/32 of the depth up to c = 0.5, then linearly to 4/32 at c = 1."""
-    if c <= 0.5:
-        fraction = BALANCED_START_FRACTION
-    else:
-        t = (c - 0.5) / 0.5
-        fraction = BALANCED_START_FRACTION + t * (FOCUSED_START_FRACTION - BALANCED_START_FRACTION)
-    return int(math.floor(fraction * num_layers + 0.5))
 
 
 def parse_conservativeness(value: float | int | str | None, default: float = 0.0,

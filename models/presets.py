@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.paper_map import DEFAULT_KAPPA, omega_for, start_layer_for
+
 PRESETS_FILE = "sevi_presets.json"
 PAPER_PRESETS: dict[str, float] = {"off": 0.0, "balanced": 0.5, "focused": 1.0}
 
@@ -106,8 +108,6 @@ class KnobMap:
 
     def point(self, c: float, num_layers: int) -> Point:
         if self.presets is None:
-            from models.conservativeness import DEFAULT_KAPPA, omega_for, start_layer_for
-
             return Point(omega_for(c), start_layer_for(c, num_layers), DEFAULT_KAPPA)
         knots = self.presets.knots
         hi = next(i for i in range(1, len(knots)) if c <= knots[i].c or i == len(knots) - 1)

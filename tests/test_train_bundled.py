@@ -131,7 +131,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled"
 @pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="models/bundled not built")
 def test_bundled_model_captions_scenes() -> None:
     """The shipped model: size bound, LLaVA-hf layout, and it names what is in held-out scenes."""
-    from models.eval_bundled import evaluate
+    from bench.eval_bundled import evaluate
 
     assert (BUNDLED / "model.safetensors").stat().st_size <= 40 * 2**20
     with safe_open(str(BUNDLED / "model.safetensors"), "pt") as f:

@@ -161,7 +161,7 @@ def test_mixed_batch_on_the_triton_kernel_equals_reference_engine(live: LiveServ
 
 
 def test_ready_names_the_default_aligned_kernel(live: LiveServer) -> None:
-    from models.vllm_plugin.paged_kernel import kernel
+    from models.kernels.paged_kv import kernel
 
     assert httpx.get(live.url + "/ready").json()["aligned_kernel"] == ("c" if kernel() is not None else "torch")
 

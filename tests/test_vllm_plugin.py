@@ -338,7 +338,7 @@ def v_blocks(cache: torch.Tensor, v_t: bool) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _avx2_kernel() -> Any:
-    from models.vllm_plugin.paged_kernel import flags_for, load
+    from models.kernels.paged_kv import flags_for, load
 
     flags = flags_for("AVX2")
     assert flags is not None

@@ -1,7 +1,7 @@
 """Which kernel computes SEVI's aligned rows in the vLLM backends: the one place `SEVI_ALIGNED_KERNEL` is interpreted
 (`--kernels.aligned-kernel` in the server, which exports it: models/runtime_env.py).
 
-- `c`: the C kernel (models/vllm_plugin/paged_kernel.py) for q.K and softmax + p.V around the compiled torch
+- `c`: the C kernel (models/kernels/paged_kv.py) for q.K and softmax + p.V around the compiled torch
   operator; the CPU default where that kernel builds.
 - `triton`: the Triton kernels of :mod:`models.kernels.sevi_decode`; the GPU default where triton imports (not
   yet run on a GPU); on CPU through Triton's interpreter (slow, for tests).
@@ -38,6 +38,6 @@ def aligned_kernel() -> str:
         from models.kernels import triton_available
 
         return "triton" if triton_available() is None else "torch"
-    from models.vllm_plugin.paged_kernel import kernel  # ctypes and torch only: no vLLM import
+    from models.kernels.paged_kv import kernel  # built (or loaded) here only when asked: a GPU never builds it
 
     return "c" if kernel() is not None else "torch"

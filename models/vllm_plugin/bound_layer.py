@@ -14,8 +14,8 @@ import torch
 
 from models.alignment import operator_inputs
 from models.alignment_dispatch import compiled_for
+from models.kernels.paged_kv import PagedKernel
 from models.vllm_plugin import paged_read
-from models.vllm_plugin.paged_kernel import PagedKernel
 from models.vllm_plugin.paged_read import PagedKV
 from models.vllm_plugin.plan import RowSet
 

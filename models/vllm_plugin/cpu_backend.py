@@ -27,8 +27,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from models.alignment_dispatch import compiled_operator, compiled_sharded
+from models.kernels.paged_kv import kernel
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
-from models.vllm_plugin.paged_kernel import kernel
 from models.vllm_plugin.paged_read import PagedKV
 from models.vllm_plugin.plan import RowSet, layer_index, step_plan
 from models.vllm_plugin.rows import align_layer

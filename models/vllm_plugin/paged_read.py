@@ -1,7 +1,7 @@
 """Paged reading on the torch path: q.K and p.V of aligned rows against the blocks of vLLM's paged cache.
 
 A backend describes its cache as per-block views (:class:`PagedKV`). On the CPU the C kernel of
-paged_kernel.py reads the blocks in place (:func:`c_kernel_for` says where it applies); elsewhere (GPU,
+models/kernels/paged_kv.py reads the blocks in place (:func:`c_kernel_for` says where it applies); elsewhere (GPU,
 no compiler) the blocks read are gathered (one `index_select` each for K and V, in the cache's own layout)
 and multiplied one batched matmul per block.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.vllm_plugin.paged_kernel import PagedKernel, kernel
+from models.kernels.paged_kv import PagedKernel, kernel
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num
     key_counts (long `[R]`): the keys each row needs; the rest of its scores are left to the key mask
     (the kernel writes 0 there and reads nothing past them; the torch path computes them all).
 
-    On CPU, the C kernel of paged_kernel.py reads the blocks in place. Otherwise, in torch: the query
+    On CPU, the C kernel of models/kernels/paged_kv.py reads the blocks in place. Otherwise, in torch: the query
     heads of a KV head are grouped along the row axis of one matmul (GQA without repeating K), and K
     is read in the cache's own layout (transposed or not), block by block: the full blocks in one
     batch, the last block only up to the last key (one copy of just what is read).

@@ -1,6 +1,6 @@
 """Held-out CHAIR evaluation of a model folder with plain transformers (greedy, unmodified model).
 
-    python -m models.eval_bundled --model runs/bundled/latest -n 300 --out runs/bundled/eval.json
+    python -m bench.eval_bundled --model runs/bundled/latest -n 300 --out runs/bundled/eval.json
 
 Captions the in-prior, counter-prior and hard scenes of `models.scenes` through the model's own
 processor and chat template (the serving path), then scores them with `bench.chair`. On counter-prior
