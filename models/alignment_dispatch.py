@@ -4,7 +4,7 @@ models/alignment.py is the method, pure torch; models/alignment_compiled.py buil
 compiled by torch (a package per function). This module picks, per call, which of the two runs: the
 compiled one for float32, contiguous rows in CPU memory (its C++ assumes the dtypes and strides it was
 traced with), the eager one for everything else (GPU tensors, bfloat16, strided views). Both give the
-same result (tests/test_alignment_compiled.py).
+same result (tests/models/test_alignment_compiled.py).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Shared fixtures: tiny random models of each family, built once per test session (about a second each)."""
+"""Shared fixtures: tiny random models of each family, built once per test session (about a second each).
+
+Shared helpers that are not fixtures (images, engines, live servers, REPO) are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,23 +18,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from PIL import Image  # noqa: E402
+# vLLM engines in tests start eager (seconds instead of a torch.compile); the compiled path, the serving
+# default, has its own tests (tests/server/engines/test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).
+os.environ.setdefault("SEVI_VLLM_ENFORCE_EAGER", "true")
 
 from models.generation import ReferenceModel  # noqa: E402
 from models.tiny import build  # noqa: E402
-from server.engines.base import Engine  # noqa: E402
-
-# vLLM engines in tests start eager (seconds instead of a torch.compile); the compiled path, the serving
-# default, has its own tests (test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).
-os.environ.setdefault("SEVI_VLLM_ENFORCE_EAGER", "true")
-
-# GQA everywhere (8 query heads over 4 KV heads for LLaVA; Qwen2-VL 4 over 2), head_dim 32.
-TINY_KWARGS = {
-    "llava": {"layers": 4, "heads": 8, "kv_heads": 4},
-    "llava_next": {"layers": 4, "heads": 8, "kv_heads": 4},
-    "qwen2_vl": {"layers": 4, "heads": 4, "kv_heads": 2},
-    "qwen2_5_vl": {"layers": 4, "heads": 4, "kv_heads": 2},
-}
+from tests.helpers import TINY_KWARGS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,19 +53,3 @@ def tiny_model(tiny_model_dir: Callable[[str], Path]) -> Callable[[str], Referen
         return loaded[family]
 
     return get
-
-
-def random_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
-
-
-def start_engine(engine: Engine, timeout: float = 300) -> Engine:
-    """Start an engine and wait until its model is loaded (fails with the engine's load error)."""
-    asyncio.run(engine.start())
-    deadline = time.monotonic() + timeout
-    while not engine.ready and time.monotonic() < deadline:
-        assert engine.load_error is None, engine.load_error
-        time.sleep(0.1)
-    assert engine.ready, f"the engine did not load within {timeout} s"
-    return engine

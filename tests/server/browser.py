@@ -15,7 +15,8 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, Page, sync_playwright
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 # Where the tests leave their screenshots (CI can keep the folder); SEVI_TEST_ARTIFACTS moves it.
 ARTIFACTS = Path(os.environ.get("SEVI_TEST_ARTIFACTS", REPO / "build" / "artifacts"))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from tests.helpers import LiveServer, base_settings
 from tests.server.browser import (
     REPO,
     choose_sample,
@@ -24,7 +25,6 @@ from tests.server.browser import (
     open_playground,
     screenshot,
 )
-from tests.server.conftest import LiveServer, base_settings
 
 
 def take(out: Path, sample: str, width: int) -> Path:

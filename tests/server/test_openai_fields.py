@@ -14,7 +14,7 @@ from PIL import Image
 
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
-from tests.server.conftest import LiveServer, image_message, png_bytes
+from tests.helpers import LiveServer, image_message, png_bytes
 
 pytestmark = pytest.mark.integration
 

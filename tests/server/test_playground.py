@@ -25,6 +25,7 @@ from bench.chair import caption_objects
 from models.scenes import make_scene
 from server.playground.vocabulary import surface_forms
 from server.schemas.caption import DEFAULT_PROMPT
+from tests.helpers import LiveServer, base_settings, long_png, png_bytes
 from tests.server.browser import (
     ARTIFACTS,
     choose_sample,
@@ -36,7 +37,6 @@ from tests.server.browser import (
     open_playground,
     screenshot,
 )
-from tests.server.conftest import LiveServer, base_settings, long_png, png_bytes
 
 pytestmark = pytest.mark.integration  # every test here starts servers; the browser ones Chromium too
 

@@ -12,7 +12,7 @@ import pytest
 
 from models.conservativeness import resolve_alignment
 from models.presets import PRESETS_FILE
-from tests.server.conftest import LiveServer, base_settings, png_bytes
+from tests.helpers import LiveServer, base_settings, png_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
 from models.telemetry import Telemetry
 from models.tiny import build
-from tests.server.conftest import IMAGE_SERVER_PATH, LiveServer, base_settings, data_uri, image_message, png_bytes
+from tests.helpers import IMAGE_SERVER_PATH, LiveServer, base_settings, data_uri, image_message, png_bytes
 
 pytestmark = pytest.mark.integration
 

