@@ -44,12 +44,18 @@ def _image(seed: int):  # noqa: ANN202 - PIL image
     return Image.fromarray((rng.random((48, 48, 3)) * 255).astype("uint8"))
 
 
-def decode_tokens_per_s(model: ReferenceModel, c: float, contrast: bool, batch: int, tokens: int,
-                        clock: str = "wall") -> float:
+def decode_tokens_per_s(
+    model: ReferenceModel, c: float, contrast: bool, batch: int, tokens: int, clock: str = "wall"
+) -> float:
     params = resolve_alignment(c, model.num_layers, contrast=contrast)
     requests = [
-        GenerationRequest(f"r{i}", user_message("please describe this image"), [_image(i)], params,
-                          SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True))
+        GenerationRequest(
+            f"r{i}",
+            user_message("please describe this image"),
+            [_image(i)],
+            params,
+            SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True),
+        )
         for i in range(batch)
     ]
     now = time.process_time if clock == "cpu" else time.perf_counter
@@ -64,13 +70,21 @@ def decode_tokens_per_s(model: ReferenceModel, c: float, contrast: bool, batch: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: a random LLaVA of --size)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
-                        help="random LLaVA to build when no --model: tiny (hidden 256) or medium (hidden 1024)")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="tiny",
+        help="random LLaVA to build when no --model: tiny (hidden 256) or medium (hidden 1024)",
+    )
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="best of N per cell, interleaved")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: this process's CPU time, steadier on a shared machine (use with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time, steadier on a shared machine (use with --threads 1)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.model:
             build("llava", folder, **SIZES[args.size])
         model = ReferenceModel.load(folder)
-        print(f"model: {args.size if not args.model else folder}  layers={model.num_layers}  "
-              f"tokens/request={args.tokens}  threads={torch.get_num_threads()}  clock={args.clock}")
+        print(
+            f"model: {args.size if not args.model else folder}  layers={model.num_layers}  "
+            f"tokens/request={args.tokens}  threads={torch.get_num_threads()}  clock={args.clock}"
+        )
         # Sampled decoding so every request runs the full length (no early EOS), the same for every setting.
         decode_tokens_per_s(model, 0.0, False, 2, 4)  # warm-up
         print(f"{'batch':>5}  {'setting':<20} {'tok/s':>9} {'ratio to off':>13}")
@@ -93,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                     best[i] = max(best[i], rate)
             for (label, _, _), rate in zip(SETTINGS, best, strict=True):
                 print(f"{batch:>5}  {label:<20} {rate:>9.1f} {rate / best[0]:>12.2f}x")
+
 
 if __name__ == "__main__":
     main()

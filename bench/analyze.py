@@ -38,8 +38,13 @@ from models.generation import GenerationRequest, ReferenceModel, SamplingParams,
 
 
 def _caption(model: ReferenceModel, image: Image.Image, prompt: str, max_tokens: int) -> tuple[dict, list[int]]:
-    request = GenerationRequest("analyze", user_message(prompt), [image], resolve_alignment(0, model.num_layers),
-                                SamplingParams(max_tokens=max_tokens))
+    request = GenerationRequest(
+        "analyze",
+        user_message(prompt),
+        [image],
+        resolve_alignment(0, model.num_layers),
+        SamplingParams(max_tokens=max_tokens),
+    )
     done = run_to_completion(model, [request])["analyze"]
     return model.encode(request.messages, request.images), done.token_ids
 
@@ -60,25 +65,33 @@ def attention_maps(model: ReferenceModel, enc: dict[str, torch.Tensor], generate
     cfg._attn_implementation = "eager"
     try:
         with torch.inference_mode():
-            first = model.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True,
-                                output_attentions=True)
+            first = model.model(
+                **batch, position_ids=positions, past_key_values=cache, use_cache=True, output_attentions=True
+            )
             maps = [a[0].float() for a in first.attentions]
             if generated:
                 ids = torch.tensor([generated], dtype=torch.long)
                 steps = [fam.decode_positions(torch.tensor([prompt_len + g]), offsets) for g in range(len(generated))]
-                rest = model.model(inputs_embeds=model.model.get_input_embeddings()(ids),
-                                   attention_mask=torch.ones(1, prompt_len + len(generated), dtype=torch.long),
-                                   position_ids=torch.cat(steps, -1), past_key_values=cache, use_cache=True,
-                                   output_attentions=True)
-                maps = [torch.cat([torch.nn.functional.pad(m, (0, len(generated))), a[0].float()], 1)
-                        for m, a in zip(maps, rest.attentions, strict=True)]
+                rest = model.model(
+                    inputs_embeds=model.model.get_input_embeddings()(ids),
+                    attention_mask=torch.ones(1, prompt_len + len(generated), dtype=torch.long),
+                    position_ids=torch.cat(steps, -1),
+                    past_key_values=cache,
+                    use_cache=True,
+                    output_attentions=True,
+                )
+                maps = [
+                    torch.cat([torch.nn.functional.pad(m, (0, len(generated))), a[0].float()], 1)
+                    for m, a in zip(maps, rest.attentions, strict=True)
+                ]
     finally:
         cfg._attn_implementation = before
     return maps
 
 
-def analyze(model: ReferenceModel, image: Image.Image, prompt: str = DEFAULT_PROMPT, max_tokens: int = 32,
-            kappa: float = 0.2) -> dict[str, Any]:
+def analyze(
+    model: ReferenceModel, image: Image.Image, prompt: str = DEFAULT_PROMPT, max_tokens: int = 32, kappa: float = 0.2
+) -> dict[str, Any]:
     enc, generated = _caption(model, image, prompt, max_tokens)
     prompt_ids = enc["input_ids"][0]
     prompt_len = prompt_ids.shape[0]
@@ -93,8 +106,13 @@ def analyze(model: ReferenceModel, image: Image.Image, prompt: str = DEFAULT_PRO
     n_rows = rows.shape[0]
     keys = torch.arange(seq_len)
     # The key sets as the method builds them: the text side (semantic keys e < j <= i) and the family's "other".
-    text_side, other = span_masks(keys, rows, torch.full((n_rows,), e), is_image.expand(n_rows, -1),
-                                  torch.full((n_rows,), model.family.other_is_image_only))
+    text_side, other = span_masks(
+        keys,
+        rows,
+        torch.full((n_rows,), e),
+        is_image.expand(n_rows, -1),
+        torch.full((n_rows,), model.family.other_is_image_only),
+    )
     valid = keys[None, :] <= rows[:, None]
     kappas = torch.full((n_rows,), kappa)
 
@@ -110,12 +128,14 @@ def analyze(model: ReferenceModel, image: Image.Image, prompt: str = DEFAULT_PRO
         # Heads classified by the method itself. It takes pre-softmax scores; log-probabilities are such scores
         # (their softmax gives the probabilities back), so the heads split as the attention did.
         groups = classify_heads(attn[:, rows].transpose(0, 1).log(), valid, text_side, other, kappas)
-        layers.append({
-            "visual_info_text_side": float(vis_share.mean()),
-            "attention_text_side": float(att_share.mean()),
-            "semantic_heads": float(groups.semantic.float().mean()),
-            "global_heads": float(groups.global_.float().mean()),
-        })
+        layers.append(
+            {
+                "visual_info_text_side": float(vis_share.mean()),
+                "attention_text_side": float(att_share.mean()),
+                "semantic_heads": float(groups.semantic.float().mean()),
+                "global_heads": float(groups.global_.float().mean()),
+            }
+        )
         step = 0.5 * mean_attn + 0.5 * torch.eye(seq_len)
         rollout = (step / step.sum(-1, keepdim=True)) @ rollout
     caption = model.tokenizer.decode(generated, skip_special_tokens=True)
@@ -165,11 +185,15 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     print(f"caption: {result['caption']!r}")
-    print(f"{'layer':>5} {'visual info text side':>22} {'attention text side':>20} {'semantic heads':>15} "
-          f"{'global heads':>13}")
+    print(
+        f"{'layer':>5} {'visual info text side':>22} {'attention text side':>20} {'semantic heads':>15} "
+        f"{'global heads':>13}"
+    )
     for i, r in enumerate(result["layers"]):
-        print(f"{i:>5} {r['visual_info_text_side']:>22.3f} {r['attention_text_side']:>20.3f} "
-              f"{r['semantic_heads']:>15.3f} {r['global_heads']:>13.3f}")
+        print(
+            f"{i:>5} {r['visual_info_text_side']:>22.3f} {r['attention_text_side']:>20.3f} "
+            f"{r['semantic_heads']:>15.3f} {r['global_heads']:>13.3f}"
+        )
     print(f"plot: {out / 'analysis.png'}")
 
 

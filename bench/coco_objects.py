@@ -18,6 +18,12 @@ from models.coco_objects import (
 )
 
 __all__ = [
-    "ANIMAL_WORDS", "CATEGORIES", "COCO_DOUBLE_WORDS", "DOUBLE_WORD_MAP", "SYNONYMS", "VEHICLE_WORDS",
-    "WORD_TO_CATEGORY", "category_of",
+    "ANIMAL_WORDS",
+    "CATEGORIES",
+    "COCO_DOUBLE_WORDS",
+    "DOUBLE_WORD_MAP",
+    "SYNONYMS",
+    "VEHICLE_WORDS",
+    "WORD_TO_CATEGORY",
+    "category_of",
 ]

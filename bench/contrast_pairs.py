@@ -46,9 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     options = VllmOptions(**fields)  # the rest from SEVI_VLLM_* or defaults
     engine = start(VllmEngine(str(model_dir), model_name="bench", options=options))
     params = resolve_alignment(0.5, engine.num_layers)
-    reqs = [GenerationRequest(f"pair-{i}", user_message(PROMPT), [img], params,
-                              SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
-            for i, img in enumerate(images(args.requests))]
+    reqs = [
+        GenerationRequest(
+            f"pair-{i}",
+            user_message(PROMPT),
+            [img],
+            params,
+            SamplingParams(max_tokens=args.max_tokens, ignore_eos=True),
+        )
+        for i, img in enumerate(images(args.requests))
+    ]
 
     async def run() -> list[Telemetry]:
         queue = list(reqs)
@@ -70,9 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     dissolved = sum(1 for t in telemetry if t.contrast_dissolved)
     scheduler = "vLLM's stock scheduler" if args.stock_scheduler else "SeviScheduler"
-    print(f"{scheduler}: {dissolved} of {len(telemetry)} requests dissolved "
-          f"({args.requests} requests, {args.concurrency} at a time, {args.image_tokens} image tokens, "
-          f"{args.max_tokens} tokens each, {seconds:.1f} s)")
+    print(
+        f"{scheduler}: {dissolved} of {len(telemetry)} requests dissolved "
+        f"({args.requests} requests, {args.concurrency} at a time, {args.image_tokens} image tokens, "
+        f"{args.max_tokens} tokens each, {seconds:.1f} s)"
+    )
     asyncio.run(engine.stop())
 
 

@@ -19,8 +19,9 @@ from transformers import AutoTokenizer
 
 from models.detokenizer import TextStream
 
-TEXT = ("a red cat sits on a mat next to a blue bowl . a dog sleeps under the table , and a kite hangs "
-        "above the window . ")
+TEXT = (
+    "a red cat sits on a mat next to a blue bowl . a dog sleeps under the table , and a kite hangs above the window . "
+)
 
 
 def whole_decodes(tokenizer: Any, ids: list[int]) -> str:

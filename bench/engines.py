@@ -48,8 +48,32 @@ from server.engines.base import Engine
 
 PROMPT = DEFAULT_PROMPT  # the requests of every engine benchmark
 LOCKSTEP_REQUESTS = 8
-STREAM_LENGTHS = [16, 96, 48, 128, 32, 80, 64, 112, 24, 56, 104, 40, 120, 72, 88, 16,
-                  64, 128, 32, 96, 48, 112, 80, 24]  # 24 requests, mean 70 tokens
+STREAM_LENGTHS = [
+    16,
+    96,
+    48,
+    128,
+    32,
+    80,
+    64,
+    112,
+    24,
+    56,
+    104,
+    40,
+    120,
+    72,
+    88,
+    16,
+    64,
+    128,
+    32,
+    96,
+    48,
+    112,
+    80,
+    24,
+]  # 24 requests, mean 70 tokens
 
 
 def images(n: int) -> list[Image.Image]:
@@ -59,9 +83,12 @@ def images(n: int) -> list[Image.Image]:
 def requests(lengths: list[int], params: AlignmentParams, tag: str) -> list[GenerationRequest]:
     # Every request runs to its max_tokens (EOS ignored): aligned and unaligned outputs differ, and a run whose
     # requests stop early does less work per step, which skewed the ratios (up to 16% fewer tokens).
-    return [GenerationRequest(f"{tag}-{i}", user_message(PROMPT), [img], params,
-                              SamplingParams(max_tokens=n, ignore_eos=True))
-            for i, (img, n) in enumerate(zip(images(len(lengths)), lengths, strict=True))]
+    return [
+        GenerationRequest(
+            f"{tag}-{i}", user_message(PROMPT), [img], params, SamplingParams(max_tokens=n, ignore_eos=True)
+        )
+        for i, (img, n) in enumerate(zip(images(len(lengths)), lengths, strict=True))
+    ]
 
 
 async def _one(engine: Engine, req: GenerationRequest) -> int:
@@ -94,7 +121,7 @@ def lockstep(engine: Engine, reqs: list[GenerationRequest], concurrency: int) ->
     async def all_() -> int:
         total = 0
         for i in range(0, len(reqs), concurrency):
-            total += sum(await asyncio.gather(*(_one(engine, r) for r in reqs[i:i + concurrency])))
+            total += sum(await asyncio.gather(*(_one(engine, r) for r in reqs[i : i + concurrency])))
         return total
 
     return asyncio.run(all_())
@@ -156,20 +183,37 @@ def start(engine: Engine) -> Engine:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="HF model folder (default: a random LLaVA built "
-                        "from --layers/--heads/--kv-heads, head dim 32)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="HF model folder (default: a random LLaVA built from --layers/--heads/--kv-heads, head dim 32)",
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--image-tokens", type=int, default=16, choices=[16, 144, 576],
-                        help="image tokens per prompt of the random model (576: LLaVA-1.5's 336 px / 14)")
+    parser.add_argument(
+        "--image-tokens",
+        type=int,
+        default=16,
+        choices=[16, 144, 576],
+        help="image tokens per prompt of the random model (576: LLaVA-1.5's 336 px / 14)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the lockstep workload")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default); "
-                        "1 gives the steadiest figures on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: leave torch's default); 1 gives the steadiest figures on a shared machine",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference engine (vLLM ratios only)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="weights and KV cache dtype of both engines (bfloat16: how large models fit on CPU)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights and KV cache dtype of both engines (bfloat16: how large models fit on CPU)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         # Before vLLM starts: its CPU worker forbids set_num_threads afterwards.
@@ -185,19 +229,30 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     vllm = start(VllmEngine(str(model_dir), model_name="bench", max_batch_size=8, dtype=args.dtype))
     vllm_start = time.perf_counter() - t0
-    ref = None if args.no_reference else start(TransformersEngine(str(model_dir), model_name="bench",
-                                                                  max_batch_size=8, dtype=args.dtype))
+    ref = (
+        None
+        if args.no_reference
+        else start(TransformersEngine(str(model_dir), model_name="bench", max_batch_size=8, dtype=args.dtype))
+    )
     layers = vllm.num_layers
     knobs = dict(omega=3.0, start_layer=1, kappa=0.6)
-    variants = {"unaligned": resolve_alignment(0, layers),
-                "aligned": resolve_alignment(None, layers, contrast=False, **knobs),  # type: ignore[arg-type]
-                "aligned + contrast": resolve_alignment(None, layers, contrast=True, **knobs)}  # type: ignore[arg-type]
+    variants = {
+        "unaligned": resolve_alignment(0, layers),
+        "aligned": resolve_alignment(None, layers, contrast=False, **knobs),  # type: ignore[arg-type]
+        "aligned + contrast": resolve_alignment(None, layers, contrast=True, **knobs),  # type: ignore[arg-type]
+    }
     fixed = [args.max_tokens] * LOCKSTEP_REQUESTS
 
     settings: list[tuple[str, Callable[[], int]]] = []
 
-    def add(name: str, engine: Engine, workload: Callable[[Engine, list[GenerationRequest], int], int],
-            lengths: list[int], params: AlignmentParams, conc: int) -> None:
+    def add(
+        name: str,
+        engine: Engine,
+        workload: Callable[[Engine, list[GenerationRequest], int], int],
+        lengths: list[int],
+        params: AlignmentParams,
+        conc: int,
+    ) -> None:
         reqs = requests(lengths, params, name)
         settings.append((name, lambda: workload(engine, reqs, conc)))
 
@@ -218,8 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(engine.stop())
 
     best = {name: max(r[name] for r in rounds) for name, _ in settings}
-    print(f"model: {model_dir}  layers: {layers}  dtype: {args.dtype}  threads: {args.threads or 'default'}  greedy  "
-          f"vLLM start: {vllm_start:.0f} s  (tokens/s, best of {args.repeats} interleaved rounds)")
+    print(
+        f"model: {model_dir}  layers: {layers}  dtype: {args.dtype}  threads: {args.threads or 'default'}  greedy  "
+        f"vLLM start: {vllm_start:.0f} s  (tokens/s, best of {args.repeats} interleaved rounds)"
+    )
     for name, _ in settings:
         print(f"  {name:<40} {best[name]:8.1f}   rounds: {' '.join(f'{r[name]:.0f}' for r in rounds)}")
 
@@ -229,16 +286,32 @@ def main(argv: list[str] | None = None) -> None:
 
     if ref is not None:
         for conc in (1, 8):
-            ratio(f"vLLM lockstep c{conc} unaligned", f"reference lockstep c{conc} unaligned",
-                  f"vLLM / reference, lockstep, concurrency {conc}", "  (target >= 3)" if conc == 8 else "")
-        ratio("vLLM stream c8 unaligned", "reference stream c8 unaligned", "vLLM / reference, stream, concurrency 8",
-              "  (target >= 3)")
+            ratio(
+                f"vLLM lockstep c{conc} unaligned",
+                f"reference lockstep c{conc} unaligned",
+                f"vLLM / reference, lockstep, concurrency {conc}",
+                "  (target >= 3)" if conc == 8 else "",
+            )
+        ratio(
+            "vLLM stream c8 unaligned",
+            "reference stream c8 unaligned",
+            "vLLM / reference, stream, concurrency 8",
+            "  (target >= 3)",
+        )
     for conc in (1, 8):
         for name in ("aligned", "aligned + contrast"):
-            ratio(f"vLLM lockstep c{conc} {name}", f"vLLM lockstep c{conc} unaligned",
-                  f"vLLM {name} / unaligned, lockstep, c{conc}", "  (target >= 0.85)" if name == "aligned" else "")
-    ratio("vLLM stream c8 aligned", "vLLM stream c8 unaligned", "vLLM aligned / unaligned, stream, c8",
-          "  (target >= 0.85)")
+            ratio(
+                f"vLLM lockstep c{conc} {name}",
+                f"vLLM lockstep c{conc} unaligned",
+                f"vLLM {name} / unaligned, lockstep, c{conc}",
+                "  (target >= 0.85)" if name == "aligned" else "",
+            )
+    ratio(
+        "vLLM stream c8 aligned",
+        "vLLM stream c8 unaligned",
+        "vLLM aligned / unaligned, stream, c8",
+        "  (target >= 0.85)",
+    )
 
 
 if __name__ == "__main__":

@@ -33,19 +33,21 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
 
 
 @torch.inference_mode()
-def caption_images(model: Any, processor: Any, images: list[Any], *, prompt: str = DEFAULT_PROMPT,
-                   max_new_tokens: int = 64) -> list[str]:
+def caption_images(
+    model: Any, processor: Any, images: list[Any], *, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64
+) -> list[str]:
     """Greedy captions for a batch of PIL images, one chat-template prompt each."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
     out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    new = out[:, inputs["input_ids"].shape[1] :]
     return [s.strip() for s in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def evaluate_split(model: Any, processor: Any, split: str, n: int, *, batch: int = 50,
-                   max_new_tokens: int = 64, progress: bool = True) -> dict[str, Any]:
+def evaluate_split(
+    model: Any, processor: Any, split: str, n: int, *, batch: int = 50, max_new_tokens: int = 64, progress: bool = True
+) -> dict[str, Any]:
     """Caption `n` scenes of `split` and score them; returns the summary plus the captions."""
     captions: dict[str, str] = {}
     truth: dict[str, list[str]] = {}

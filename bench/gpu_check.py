@@ -42,8 +42,9 @@ IMAGE = (5, 580)  # 576 image tokens after a short system prompt
 
 def refuse_without_gpu() -> None:
     if not torch.cuda.is_available():
-        print("gpu-check needs an NVIDIA GPU (torch.cuda.is_available() is False here): nothing was run.",
-              file=sys.stderr)
+        print(
+            "gpu-check needs an NVIDIA GPU (torch.cuda.is_available() is False here): nothing was run.", file=sys.stderr
+        )
         raise SystemExit(2)
 
 
@@ -88,10 +89,16 @@ def case(name: str, dtype_name: str, batch: int, keys: int, copy_bw: float) -> d
     pos = counts - 1
     j = torch.arange(keys, device=dev)
     image = ((j >= IMAGE[0]) & (j <= IMAGE[1]))[None].expand(batch, keys)
-    semantic, other = span_masks(j, pos, torch.full((batch,), IMAGE[1], device=dev), image,
-                                 torch.full((batch,), image_only, device=dev))
-    rows = prepare_rows(j[None] <= pos[:, None], semantic, other, torch.full((batch,), 0.5, device=dev),
-                        torch.full((batch,), 0.2, device=dev))
+    semantic, other = span_masks(
+        j, pos, torch.full((batch,), IMAGE[1], device=dev), image, torch.full((batch,), image_only, device=dev)
+    )
+    rows = prepare_rows(
+        j[None] <= pos[:, None],
+        semantic,
+        other,
+        torch.full((batch,), 0.5, device=dev),
+        torch.full((batch,), 0.2, device=dev),
+    )
     scale = d**-0.5
     blocks = table.reshape(-1).contiguous()
 
@@ -103,33 +110,49 @@ def case(name: str, dtype_name: str, batch: int, keys: int, copy_bw: float) -> d
     s = torch.einsum("bgrd,bgkd->bgrk", q.view(batch, kv_heads, rep, d), k).reshape(batch, heads, keys) * scale
     s = s * (j[None, None] < counts[:, None, None])
     aligned, want_groups = align_prepared(s.contiguous(), rows)
-    want = torch.einsum("bgrk,bgkd->bgrd", torch.softmax(aligned, -1).view(batch, kv_heads, rep, keys),
-                        v).reshape(batch, heads, d)
+    want = torch.einsum("bgrk,bgkd->bgrd", torch.softmax(aligned, -1).view(batch, kv_heads, rep, keys), v).reshape(
+        batch, heads, d
+    )
     assert groups is not None
-    mismatched = sum(int((getattr(groups, f) != getattr(want_groups, f)).sum())
-                     for f in ("semantic", "core", "global_", "stage1", "stage2"))
+    mismatched = sum(
+        int((getattr(groups, f) != getattr(want_groups, f)).sum())
+        for f in ("semantic", "core", "global_", "stage1", "stage2")
+    )
     err = float((out - want).abs().max())
 
     reps = 20
     buf = torch.empty(batch, heads, d, device=dev)
-    t_aligned = _time(lambda: aligned_decode(q, key, value, False, False, blocks, counts, rows, scale, kv_heads,
-                                             buf), reps)
-    t_plain = _time(lambda: aligned_decode(q, key, value, False, False, blocks, counts, rows, scale, kv_heads, buf,
-                                           align=False), reps)
+    t_aligned = _time(
+        lambda: aligned_decode(q, key, value, False, False, blocks, counts, rows, scale, kv_heads, buf), reps
+    )
+    t_plain = _time(
+        lambda: aligned_decode(q, key, value, False, False, blocks, counts, rows, scale, kv_heads, buf, align=False),
+        reps,
+    )
     kc, vc = k.to(dtype).contiguous(), v.to(dtype).contiguous()
     qs = q.to(dtype)[:, :, None]
-    t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(qs, kc, vc, scale=scale,
-                                                                            enable_gqa=rep > 1), reps)
+    t_sdpa = _time(
+        lambda: torch.nn.functional.scaled_dot_product_attention(qs, kc, vc, scale=scale, enable_gqa=rep > 1), reps
+    )
     kv_bytes = 2 * int(counts.sum()) * kv_heads * d * cache.element_size()
 
     def share(us: float) -> float:
         return round(kv_bytes / (us * 1e-6) / copy_bw, 3)
 
-    return {"model": name, "dtype": dtype_name, "batch": batch, "keys": keys, "max_abs_err": err,
-            "group_mismatches": mismatched, "pass": err < 2e-3 and mismatched == 0,
-            "us_aligned": round(t_aligned, 1), "us_unaligned": round(t_plain, 1), "us_sdpa": round(t_sdpa, 1),
-            "aligned_over_unaligned": round(t_aligned / t_plain, 3),
-            "bandwidth_share": {"aligned": share(t_aligned), "unaligned": share(t_plain), "sdpa": share(t_sdpa)}}
+    return {
+        "model": name,
+        "dtype": dtype_name,
+        "batch": batch,
+        "keys": keys,
+        "max_abs_err": err,
+        "group_mismatches": mismatched,
+        "pass": err < 2e-3 and mismatched == 0,
+        "us_aligned": round(t_aligned, 1),
+        "us_unaligned": round(t_plain, 1),
+        "us_sdpa": round(t_sdpa, 1),
+        "aligned_over_unaligned": round(t_aligned / t_plain, 3),
+        "bandwidth_share": {"aligned": share(t_aligned), "unaligned": share(t_plain), "sdpa": share(t_sdpa)},
+    }
 
 
 def engine_tier(skip: bool) -> dict[str, Any] | str:
@@ -139,8 +162,12 @@ def engine_tier(skip: bool) -> dict[str, Any] | str:
     if importlib.util.find_spec("vllm") is None:
         return "skipped: vLLM is not installed here (it needs a GPU server with vLLM; the kernel tier ran)"
     out = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "engine-tier.json"
-    done = subprocess.run([sys.executable, "-m", "bench.gpu_engine_tier", "--out", str(out)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_engine_tier", "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0 or not out.exists():
         return f"failed (exit {done.returncode}): {done.stderr[-2000:]}"
     found: dict[str, Any] = json.loads(out.read_text())
@@ -159,18 +186,31 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     copy_bw = copy_bandwidth()
-    results = [case(name, dt, b, k, copy_bw) for name in SHAPES for dt in DTYPES
-               for b in map(int, args.batches.split(",")) for k in map(int, args.keys.split(","))]
+    results = [
+        case(name, dt, b, k, copy_bw)
+        for name in SHAPES
+        for dt in DTYPES
+        for b in map(int, args.batches.split(","))
+        for k in map(int, args.keys.split(","))
+    ]
     at32 = [r["aligned_over_unaligned"] for r in results if r["batch"] == 32]
     at2k = [r["bandwidth_share"]["aligned"] for r in results if r["keys"] == 2000]
     report = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(), "copy_bandwidth_GBps": round(copy_bw / 1e9, 1),
-        "kernel_tier": {"all_pass": all(r["pass"] for r in results), "cases": results,
-                        "targets": {"aligned_over_unaligned_at_batch_32_max": max(at32) if at32 else None,
-                                    "target_ratio": 1.5,
-                                    "aligned_bandwidth_share_at_2000_keys_min": min(at2k) if at2k else None,
-                                    "target_share": 0.5}},
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "copy_bandwidth_GBps": round(copy_bw / 1e9, 1),
+        "kernel_tier": {
+            "all_pass": all(r["pass"] for r in results),
+            "cases": results,
+            "targets": {
+                "aligned_over_unaligned_at_batch_32_max": max(at32) if at32 else None,
+                "target_ratio": 1.5,
+                "aligned_bandwidth_share_at_2000_keys_min": min(at2k) if at2k else None,
+                "target_share": 0.5,
+            },
+        },
         "engine_tier": engine_tier(args.kernel_only),
         "seconds": round(time.time() - started, 1),
     }

@@ -49,8 +49,7 @@ EXPLICIT: dict[str, Any] = {"omega": 3.0, "start_layer": 1, "kappa": 0.6}
 def build_model(width: str, layers: int, image_tokens: int) -> Path:
     model_dir = Path(tempfile.mkdtemp(prefix=f"gpu-tier-{width}-"))
     size, patch = IMAGES[image_tokens]
-    build("llava", model_dir, seed=0, layers=layers, image_size=size, patch=patch, max_positions=4096,
-          **WIDTHS[width])
+    build("llava", model_dir, seed=0, layers=layers, image_size=size, patch=patch, max_positions=4096, **WIDTHS[width])
     return model_dir
 
 
@@ -68,9 +67,11 @@ def knobs(layers: int) -> dict[str, AlignmentParams]:
 
 def agreement(engine: Any, ref: ReferenceModel, layers: int, n_images: int, max_tokens: int) -> dict[str, Any]:
     """The vLLM engine against the reference engine on one mixed batch, per knob setting."""
-    reqs = [GenerationRequest(f"{name}/{i}", user_message(PROMPT), [img], params,
-                              SamplingParams(max_tokens=max_tokens))
-            for i, img in enumerate(images(n_images)) for name, params in knobs(layers).items()]
+    reqs = [
+        GenerationRequest(f"{name}/{i}", user_message(PROMPT), [img], params, SamplingParams(max_tokens=max_tokens))
+        for i, img in enumerate(images(n_images))
+        for name, params in knobs(layers).items()
+    ]
     got = collect(engine, reqs)
     want = run_to_completion(ref, reqs)
     by_knob: dict[str, dict[str, Any]] = {}
@@ -78,10 +79,20 @@ def agreement(engine: Any, ref: ReferenceModel, layers: int, n_images: int, max_
         name = r.request_id.split("/")[0]
         ids, telemetry = got[r.request_id]
         ref_ids = want[r.request_id].token_ids
-        prefix = next((k for k, (a, b) in enumerate(zip(ids, ref_ids, strict=False)) if a != b),
-                      min(len(ids), len(ref_ids)))
-        row = by_knob.setdefault(name, {"requests": 0, "equal": 0, "telemetry_equal": 0, "common_prefix": [],
-                                        "stage1_rows": 0, "contrast_steps": 0})
+        prefix = next(
+            (k for k, (a, b) in enumerate(zip(ids, ref_ids, strict=False)) if a != b), min(len(ids), len(ref_ids))
+        )
+        row = by_knob.setdefault(
+            name,
+            {
+                "requests": 0,
+                "equal": 0,
+                "telemetry_equal": 0,
+                "common_prefix": [],
+                "stage1_rows": 0,
+                "contrast_steps": 0,
+            },
+        )
         row["requests"] += 1
         row["equal"] += ids == ref_ids
         row["telemetry_equal"] += ids == ref_ids and telemetry == want[r.request_id].telemetry
@@ -90,26 +101,58 @@ def agreement(engine: Any, ref: ReferenceModel, layers: int, n_images: int, max_
         row["contrast_steps"] += telemetry.contrast_steps
     control = by_knob["c0"]["equal"] / by_knob["c0"]["requests"]
     aligned = [v["equal"] / v["requests"] for k, v in by_knob.items() if k != "c0"]
-    return {"by_knob": by_knob, "unaligned_equal_share": round(control, 3),
-            "aligned_equal_share_min": round(min(aligned), 3),
-            "pass": min(aligned) >= control and by_knob["explicit"]["stage1_rows"] > 0}
+    return {
+        "by_knob": by_knob,
+        "unaligned_equal_share": round(control, 3),
+        "aligned_equal_share_min": round(min(aligned), 3),
+        "pass": min(aligned) >= control and by_knob["explicit"]["stage1_rows"] > 0,
+    }
 
 
 def throughput(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """bench.vs_vllm in a subprocess (it starts both servers): stock vLLM and sevi-serve at c = 0 and 0.5."""
     out = Path(tempfile.mkdtemp(prefix="gpu-tier-vs-")) / "vs_vllm.json"
-    cmd = [sys.executable, "-m", "bench.vs_vllm", "--model", str(model_dir), "--dtype", args.dtype,
-           "--concurrency", args.concurrency, "--sevi-levels", "0,0.5", "--rounds", str(args.rounds),
-           "--max-tokens", str(args.max_tokens), "--max-batch-size", str(args.max_batch_size),
-           "--max-model-len", "2048", "--gpu-memory-utilization", "0.4", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.vs_vllm",
+        "--model",
+        str(model_dir),
+        "--dtype",
+        args.dtype,
+        "--concurrency",
+        args.concurrency,
+        "--sevi-levels",
+        "0,0.5",
+        "--rounds",
+        str(args.rounds),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-model-len",
+        "2048",
+        "--gpu-memory-utilization",
+        "0.4",
+        "--json",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     found: dict[str, Any] = json.loads(out.read_text())
     rows = found["summary"]
-    return {"summary": rows, "targets": {
-        "aligned_over_unaligned_at_1": next((r["ratios"].get("sevi c=0.5 / sevi c=0") for r in rows
-                                             if r["concurrency"] == 1), None), "target_at_1": 0.95,
-        "aligned_over_unaligned_at_32": next((r["ratios"].get("sevi c=0.5 / sevi c=0") for r in rows
-                                              if r["concurrency"] == 32), None), "target_at_32": 0.90}}
+    return {
+        "summary": rows,
+        "targets": {
+            "aligned_over_unaligned_at_1": next(
+                (r["ratios"].get("sevi c=0.5 / sevi c=0") for r in rows if r["concurrency"] == 1), None
+            ),
+            "target_at_1": 0.95,
+            "aligned_over_unaligned_at_32": next(
+                (r["ratios"].get("sevi c=0.5 / sevi c=0") for r in rows if r["concurrency"] == 32), None
+            ),
+            "target_at_32": 0.90,
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -137,15 +180,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from server.engines.vllm_engine import VllmEngine, VllmOptions
 
-    engine = start(VllmEngine(str(model_dir), model_name="gpu-tier", dtype=args.dtype, max_batch_size=16,
-                              options=VllmOptions(max_model_len=2048, gpu_memory_utilization=0.5,  # type: ignore[call-arg]
-                                                  enforce_eager=args.device == "cpu")))
+    engine = start(
+        VllmEngine(
+            str(model_dir),
+            model_name="gpu-tier",
+            dtype=args.dtype,
+            max_batch_size=16,
+            options=VllmOptions(
+                max_model_len=2048,
+                gpu_memory_utilization=0.5,  # type: ignore[call-arg]
+                enforce_eager=args.device == "cpu",
+            ),
+        )
+    )
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     ref = ReferenceModel.load(model_dir, dtype=dtype, device=args.device)
     report: dict[str, Any] = {
-        "model": {"width": args.width, **WIDTHS[args.width], "layers": args.layers, "image_tokens": args.image_tokens,
-                  "dtype": args.dtype, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
-        "agreement": agreement(engine, ref, args.layers, args.images, args.max_tokens)}
+        "model": {
+            "width": args.width,
+            **WIDTHS[args.width],
+            "layers": args.layers,
+            "image_tokens": args.image_tokens,
+            "dtype": args.dtype,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        },
+        "agreement": agreement(engine, ref, args.layers, args.images, args.max_tokens),
+    }
     asyncio.run(engine.stop())
     del ref
     if not args.no_throughput:  # every request to its max_tokens from here on (the agreement ran first)

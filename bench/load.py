@@ -83,8 +83,14 @@ def images(n: int = 16, size: int = 64) -> list[bytes]:
     return out
 
 
-async def run_level(client: httpx.AsyncClient, concurrency: int, max_requests: int, max_seconds: float,
-                    form: dict[str, str], pngs: list[bytes]) -> Level:
+async def run_level(
+    client: httpx.AsyncClient,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    form: dict[str, str],
+    pngs: list[bytes],
+) -> Level:
     samples: list[Sample] = []
     issued = 0
     t0 = time.perf_counter()
@@ -140,12 +146,27 @@ def spawn_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen[
     tmp = tempfile.TemporaryDirectory(prefix="sevi-bench-")
     if model is None:
         model = str(Path(tmp.name) / "tiny-llava")
-        subprocess.run([sys.executable, "-m", "models.tiny", "--family", "llava", "--out", model], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "models.tiny", "--family", "llava", "--out", model],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     port = free_port()
     log = open(Path(tmp.name) / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
-    cmd = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}", (tmp, log)
 
@@ -165,8 +186,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 
 
 
 async def drive(args: argparse.Namespace, url: str) -> list[Level]:
-    form = {"max_tokens": str(args.max_tokens), "conservativeness": str(args.conservativeness),
-            "prompt": DEFAULT_PROMPT}
+    form = {
+        "max_tokens": str(args.max_tokens),
+        "conservativeness": str(args.conservativeness),
+        "prompt": DEFAULT_PROMPT,
+    }
     pngs = images()
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -176,11 +200,14 @@ async def drive(args: argparse.Namespace, url: str) -> list[Level]:
         for n in args.concurrency:
             level = await run_level(c, n, args.requests, args.seconds, form, pngs)
             levels.append(level)
-            print(f"{n:>4} {level.requests:>5} {level.requests_per_s:>8.2f} {level.tokens_per_s:>8.1f} "
-                  f"{level.latency_p50_ms:>9.1f} {level.latency_p99_ms:>9.1f} {level.engine_p50_ms:>9.1f} "
-                  f"{level.queue_p50_ms:>8.1f} {level.overhead_p50_ms:>8.2f} {level.overhead_p99_ms:>8.2f} "
-                  f"{level.server_overhead_p50_ms:>8.2f}  "
-                  f"{json.dumps(level.errors) if level.errors else '-'}", flush=True)
+            print(
+                f"{n:>4} {level.requests:>5} {level.requests_per_s:>8.2f} {level.tokens_per_s:>8.1f} "
+                f"{level.latency_p50_ms:>9.1f} {level.latency_p99_ms:>9.1f} {level.engine_p50_ms:>9.1f} "
+                f"{level.queue_p50_ms:>8.1f} {level.overhead_p50_ms:>8.2f} {level.overhead_p99_ms:>8.2f} "
+                f"{level.server_overhead_p50_ms:>8.2f}  "
+                f"{json.dumps(level.errors) if level.errors else '-'}",
+                flush=True,
+            )
     return levels
 
 
@@ -188,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server (loopback only); default: spawn one")
     p.add_argument("--model", help="model folder for the spawned server (default: build a tiny LLaVA)")
-    p.add_argument("--server-args", default="--max-batch-size 8 --torch-threads 1",
-                   help="extra flags for the spawned server")
+    p.add_argument(
+        "--server-args", default="--max-batch-size 8 --torch-threads 1", help="extra flags for the spawned server"
+    )
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
     p.add_argument("--requests", type=int, default=48, help="most requests per level")
     p.add_argument("--seconds", type=float, default=60, help="most seconds per level")
@@ -212,12 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         proc, url, keep = spawn_server(args.model, args.server_args.split())
     try:
         wait_ready(url, proc)
-        model = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"}
-                          if args.api_key else {}).json()["data"][0]["id"]
-        print(f"# {url} model={model} max_tokens={args.max_tokens} conservativeness={args.conservativeness} "
-              f"server_args={'(external)' if args.url else args.server_args!r} cpus={os.cpu_count()}")
-        print(f"{'conc':>4} {'reqs':>5} {'req/s':>8} {'tok/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'eng p50':>9} "
-              f"{'queue50':>8} {'ovh p50':>8} {'ovh p99':>8} {'srv p50':>8}  errors")
+        model = httpx.get(
+            url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        ).json()["data"][0]["id"]
+        print(
+            f"# {url} model={model} max_tokens={args.max_tokens} conservativeness={args.conservativeness} "
+            f"server_args={'(external)' if args.url else args.server_args!r} cpus={os.cpu_count()}"
+        )
+        print(
+            f"{'conc':>4} {'reqs':>5} {'req/s':>8} {'tok/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'eng p50':>9} "
+            f"{'queue50':>8} {'ovh p50':>8} {'ovh p99':>8} {'srv p50':>8}  errors"
+        )
         levels = asyncio.run(drive(args, url))
     finally:
         if proc is not None:
@@ -232,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     first = levels[0]
     overhead = statistics.median(lv.overhead_p50_ms for lv in levels)
     inside = statistics.median(lv.server_overhead_p50_ms for lv in levels)
-    print(f"# overhead p50 over the engine time (target < 10 ms): {first.overhead_p50_ms:.2f} ms at concurrency "
-          f"{first.concurrency}, {overhead:.2f} ms median over levels; inside the server process: "
-          f"{first.server_overhead_p50_ms:.2f} ms and {inside:.2f} ms")
+    print(
+        f"# overhead p50 over the engine time (target < 10 ms): {first.overhead_p50_ms:.2f} ms at concurrency "
+        f"{first.concurrency}, {overhead:.2f} ms median over levels; inside the server process: "
+        f"{first.server_overhead_p50_ms:.2f} ms and {inside:.2f} ms"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(lv) for lv in levels], indent=2))
     return 0

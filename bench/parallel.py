@@ -42,15 +42,25 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(workers)))
     from server.engines.vllm_engine import VllmEngine, VllmOptions
 
-    fields: dict[str, Any] = dict(distributed_executor_backend="mp", tensor_parallel_size=args.tensor_parallel,
-                                  pipeline_parallel_size=args.pipeline_parallel)
+    fields: dict[str, Any] = dict(
+        distributed_executor_backend="mp",
+        tensor_parallel_size=args.tensor_parallel,
+        pipeline_parallel_size=args.pipeline_parallel,
+    )
     engine = start(VllmEngine(str(model_dir), model_name="bench", options=VllmOptions(**fields)))
     on = resolve_alignment(None, engine.num_layers, omega=3.0, start_layer=1, kappa=0.6, contrast=False)
     off = resolve_alignment(0, engine.num_layers)
     pictures = images(args.aligned + args.unaligned)
-    reqs = [GenerationRequest(f"{'on' if i < args.aligned else 'off'}-{i}", user_message(PROMPT), [img],
-                              on if i < args.aligned else off, SamplingParams(max_tokens=args.max_tokens))
-            for i, img in enumerate(pictures)]
+    reqs = [
+        GenerationRequest(
+            f"{'on' if i < args.aligned else 'off'}-{i}",
+            user_message(PROMPT),
+            [img],
+            on if i < args.aligned else off,
+            SamplingParams(max_tokens=args.max_tokens),
+        )
+        for i, img in enumerate(pictures)
+    ]
 
     t0 = time.perf_counter()
     got = collect(engine, reqs)
@@ -58,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(engine.stop())
     ref = ReferenceModel.load(model_dir)
     want = run_to_completion(ref, reqs)
-    plain = run_to_completion(ref, [GenerationRequest(r.request_id, r.messages, r.images, off, r.sampling)
-                                    for r in reqs])  # what each would give with SEVI off
+    plain = run_to_completion(
+        ref, [GenerationRequest(r.request_id, r.messages, r.images, off, r.sampling) for r in reqs]
+    )  # what each would give with SEVI off
     counts = {"on": [0, 0, 0, 0], "off": [0, 0, 0, 0]}  # equal, of, changed by SEVI, telemetry equal
     for r in reqs:
         kind = r.request_id.split("-")[0]
@@ -70,10 +81,12 @@ def main(argv: list[str] | None = None) -> None:
         counts[kind][2] += w.token_ids != plain[r.request_id].token_ids
         counts[kind][3] += telemetry == w.telemetry
     layout = f"TP {args.tensor_parallel} x PP {args.pipeline_parallel}"
-    print(f"{layout}, random LLaVA {args.layers} layers x {args.heads} heads ({args.kv_heads} KV), "
-          f"{args.max_tokens} tokens, {seconds:.1f} s: aligned requests equal to the reference engine "
-          f"{counts['on'][0]} of {counts['on'][1]} (SEVI changed {counts['on'][2]} of them; telemetry equal "
-          f"{counts['on'][3]}), unaligned {counts['off'][0]} of {counts['off'][1]}")
+    print(
+        f"{layout}, random LLaVA {args.layers} layers x {args.heads} heads ({args.kv_heads} KV), "
+        f"{args.max_tokens} tokens, {seconds:.1f} s: aligned requests equal to the reference engine "
+        f"{counts['on'][0]} of {counts['on'][1]} (SEVI changed {counts['on'][2]} of them; telemetry equal "
+        f"{counts['on'][3]}), unaligned {counts['off'][0]} of {counts['off'][1]}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+from PIL import Image
 
 from bench.engines import never_eos, random_llava
-from bench.load import free_port, images, pct
+from bench.load import free_port, pct
 from models.families import DEFAULT_PROMPT
 
 MODEL_NAME = "bench"
@@ -66,15 +70,22 @@ class Server:
         self.ready_path = ready_path
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*cmd, "--port", str(self.port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}\n"
-                                 f"{self.log_path.read_text(errors='replace')[-3000:]}")
+                raise SystemExit(
+                    f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}\n"
+                    f"{self.log_path.read_text(errors='replace')[-3000:]}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return
@@ -96,49 +107,116 @@ class Server:
 
 
 def servers(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> tuple[Server, Server]:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib),
-               VLLM_CPU_OMP_THREADS_BIND=args.threads_bind)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib), VLLM_CPU_OMP_THREADS_BIND=args.threads_bind)
     max_len = str(args.max_model_len)
-    stock = Server("stock-vllm", [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--dtype", args.dtype,
-        "--max-model-len", max_len, "--max-num-seqs", str(2 * args.max_batch_size),
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-        *(["--enforce-eager"] if args.eager else [])], dict(env, VLLM_PLUGINS="none"), log_dir, "/health")
-    sevi_env = dict(env, SEVI_VLLM_MAX_MODEL_LEN=max_len, SEVI_VLLM_CPU_KV_CACHE_GIB=str(args.kv_cache_gib),
-                    SEVI_VLLM_ENFORCE_EAGER="true" if args.eager else "false",
-                    SEVI_VLLM_GPU_MEMORY_UTILIZATION=str(args.gpu_memory_utilization))
-    sevi = Server("sevi-serve", [
-        sys.executable, "-m", "server", "--engine", "vllm", "--model", str(model_dir), "--served-model-name",
-        MODEL_NAME, "--host", "127.0.0.1", "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size),
-        "--max-queue", "1024", "--log-level", "warning"], sevi_env, log_dir, "/ready")
+    stock = Server(
+        "stock-vllm",
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            MODEL_NAME,
+            "--host",
+            "127.0.0.1",
+            "--dtype",
+            args.dtype,
+            "--max-model-len",
+            max_len,
+            "--max-num-seqs",
+            str(2 * args.max_batch_size),
+            "--gpu-memory-utilization",
+            str(args.gpu_memory_utilization),
+            *(["--enforce-eager"] if args.eager else []),
+        ],
+        dict(env, VLLM_PLUGINS="none"),
+        log_dir,
+        "/health",
+    )
+    sevi_env = dict(
+        env,
+        SEVI_VLLM_MAX_MODEL_LEN=max_len,
+        SEVI_VLLM_CPU_KV_CACHE_GIB=str(args.kv_cache_gib),
+        SEVI_VLLM_ENFORCE_EAGER="true" if args.eager else "false",
+        SEVI_VLLM_GPU_MEMORY_UTILIZATION=str(args.gpu_memory_utilization),
+    )
+    sevi = Server(
+        "sevi-serve",
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--engine",
+            "vllm",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            MODEL_NAME,
+            "--host",
+            "127.0.0.1",
+            "--dtype",
+            args.dtype,
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--max-queue",
+            "1024",
+            "--log-level",
+            "warning",
+        ],
+        sevi_env,
+        log_dir,
+        "/ready",
+    )
     return stock, sevi
+
+
+def random_pngs(n: int, seed: int, size: int = 96) -> list[bytes]:
+    """n distinct random RGB images as PNG bytes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def body(png: bytes, args: argparse.Namespace, level: float | None) -> dict[str, Any]:
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     out: dict[str, Any] = {
-        "model": MODEL_NAME, "max_tokens": args.max_tokens, "temperature": 0,
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": DEFAULT_PROMPT}]}]}
+        "model": MODEL_NAME,
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": DEFAULT_PROMPT}],
+            }
+        ],
+    }
     if level is not None:  # sevi-serve
         out["conservativeness"] = level
         out["alignment"] = {"contrast": bool(args.contrast)}
     return out
 
 
-async def turn(server: Server, level: float | None, concurrency: int, rnd: int, args: argparse.Namespace,
-               pngs: list[bytes]) -> Turn:
+async def turn(
+    server: Server, level: float | None, concurrency: int, rnd: int, args: argparse.Namespace, pngs: list[bytes]
+) -> Turn:
     """One server at one concurrency: `concurrency` closed-loop clients until the turn's requests are answered
     (`level`: sevi-serve's conservativeness; None for stock vLLM)."""
     n_requests = max(args.requests, 2 * concurrency)
     issued, latencies, tokens, errors = 0, [], 0, 0
-    async with httpx.AsyncClient(base_url=server.url, timeout=600,
-                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    async with httpx.AsyncClient(
+        base_url=server.url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)
+    ) as client:
+
         async def worker() -> None:
             nonlocal issued, tokens, errors
             while issued < n_requests:
-                png = pngs[(issued + rnd * 7) % len(pngs)]
+                png = pngs[issued % len(pngs)]
                 issued += 1
                 start = time.perf_counter()
                 r = await client.post("/v1/chat/completions", json=body(png, args, level))
@@ -153,38 +231,64 @@ async def turn(server: Server, level: float | None, concurrency: int, rnd: int, 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
     name = server.name if level is None else f"sevi c={level:g}"
-    return Turn(name, concurrency, rnd, n_requests, round(seconds, 2), round(tokens / seconds, 1),
-                round(pct(latencies, 50), 1), errors)
+    return Turn(
+        name,
+        concurrency,
+        rnd,
+        n_requests,
+        round(seconds, 2),
+        round(tokens / seconds, 1),
+        round(pct(latencies, 50), 1),
+        errors,
+    )
 
 
 async def measure(stock: Server, sevi: Server, args: argparse.Namespace) -> list[Turn]:
-    pngs = images(32, size=96)
+    # Every turn sends images no server has seen (distinct pixels): a prompt seen before would be served
+    # from the prefix and multimodal caches, and the arms of one server share them.
+    seen = 0
+
+    def fresh(n: int) -> list[bytes]:
+        nonlocal seen
+        seen += n
+        return random_pngs(n, seed=seen)
+
     arms: list[tuple[Server, float | None]] = [(stock, None)] + [(sevi, level) for level in args.sevi_levels]
-    warm = argparse.Namespace(**{**vars(args), "requests": 4})
-    for srv, level in arms:  # warm-up: first-request costs are not the steady state
-        await turn(srv, level, 2, 0, warm, pngs)
+    # Warm-up, one wave per arm and concurrency: first requests pay one-off costs (vLLM compiles its CPU graph
+    # for new batch sizes), which measured a third lower in a first round without it.
+    warm = argparse.Namespace(**{**vars(args), "requests": 1})
+    for concurrency in args.concurrency:
+        for srv, level in arms:
+            await turn(srv, level, concurrency, 0, warm, fresh(concurrency))
     turns: list[Turn] = []
     for rnd in range(args.rounds):
         for concurrency in args.concurrency:
             for srv, level in arms if rnd % 2 == 0 else arms[::-1]:
-                t = await turn(srv, level, concurrency, rnd, args, pngs)
+                t = await turn(srv, level, concurrency, rnd, args, fresh(max(args.requests, 2 * concurrency)))
                 turns.append(t)
-                print(f"round {rnd} c={concurrency:<3} {t.server:<12} {t.tokens_per_s:8.1f} tok/s  "
-                      f"p50 {t.latency_p50_ms:8.1f} ms  {t.requests} requests in {t.seconds:6.1f} s"
-                      f"{f'  errors {t.errors}' if t.errors else ''}", flush=True)
+                print(
+                    f"round {rnd} c={concurrency:<3} {t.server:<12} {t.tokens_per_s:8.1f} tok/s  "
+                    f"p50 {t.latency_p50_ms:8.1f} ms  {t.requests} requests in {t.seconds:6.1f} s"
+                    f"{f'  errors {t.errors}' if t.errors else ''}",
+                    flush=True,
+                )
     return turns
 
 
 def summary(turns: list[Turn], concurrency: list[int], levels: list[float]) -> list[dict[str, Any]]:
-    """Per concurrency: each arm's best rate over the rounds, and the ratios of the best rates."""
+    """Per concurrency: each arm's best rate over the rounds, the ratios of the best rates, and the median over
+    rounds of each round's own ratio (turns of one round ran minutes apart, under the same load)."""
     rows = []
     names = ["stock-vllm"] + [f"sevi c={level:g}" for level in levels]
     for c in concurrency:
-        best = {name: max(t.tokens_per_s for t in turns if t.concurrency == c and t.server == name) for name in names}
+        rate = {(t.server, t.round): t.tokens_per_s for t in turns if t.concurrency == c}
+        rounds = sorted({r for _, r in rate})
+        best = {name: max(rate[name, r] for r in rounds) for name in names}
         pairs = [(n, "stock-vllm") for n in names[1:]]
         pairs += [(n, "sevi c=0") for n in names[1:] if n != "sevi c=0" and "sevi c=0" in names]
         ratios = {f"{a} / {b}": round(best[a] / best[b], 3) for a, b in pairs if best[b] > 0}
-        rows.append({"concurrency": c, "tok_s": best, "ratios": ratios})
+        medians = {f"{a} / {b}": round(statistics.median(rate[a, r] / rate[b, r] for r in rounds), 3) for a, b in pairs}
+        rows.append({"concurrency": c, "tok_s": best, "ratios": ratios, "ratios_median": medians})
     return rows
 
 
@@ -220,22 +324,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stock.wait_ready(args.start_timeout)
         sevi.wait_ready(args.start_timeout)
-        print(f"model {model_dir} ({args.layers} layers x {args.heads} heads, {args.image_tokens} image tokens, "
-              f"{args.dtype}); sevi-serve at conservativeness {args.sevi_levels}, contrast "
-              f"{'on' if args.contrast else 'off'}; logs in {log_dir}", flush=True)
+        print(
+            f"model {model_dir} ({args.layers} layers x {args.heads} heads, {args.image_tokens} image tokens, "
+            f"{args.dtype}); sevi-serve at conservativeness {args.sevi_levels}, contrast "
+            f"{'on' if args.contrast else 'off'}; logs in {log_dir}",
+            flush=True,
+        )
         turns = asyncio.run(measure(stock, sevi, args))
     finally:
         stock.stop()
         sevi.stop()
     rows = summary(turns, args.concurrency, args.sevi_levels)
-    print("\nbest of rounds, completion tokens/s, and their ratios")
+    print("\nbest of rounds, completion tokens/s; ratios of the best rates (median of the rounds' own ratios)")
     for r in rows:
         rates = "  ".join(f"{name} {rate:.1f}" for name, rate in r["tok_s"].items())
-        ratios = "  ".join(f"{name}: {value:.3f}" for name, value in r["ratios"].items())
+        ratios = "  ".join(
+            f"{name}: {value:.3f} (median {r['ratios_median'][name]:.3f})" for name, value in r["ratios"].items()
+        )
         print(f"concurrency {r['concurrency']:>3}:  {rates}\n                 {ratios}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "turns": [asdict(t) for t in turns], "summary": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "turns": [asdict(t) for t in turns],
+                    "summary": rows,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

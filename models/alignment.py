@@ -51,8 +51,9 @@ class PreparedRows:
     all_on: bool  # every row has omega > 0 (the `on` test can be skipped)
 
 
-def prepare_rows(valid: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor, omega: torch.Tensor,
-                 kappa: torch.Tensor) -> PreparedRows:
+def prepare_rows(
+    valid: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor, omega: torch.Tensor, kappa: torch.Tensor
+) -> PreparedRows:
     """valid, semantic_keys, other_keys: `[R, K]` bool (the key sets are restricted to valid keys here);
     omega, kappa: `[R]`."""
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, MASKED)
@@ -60,15 +61,29 @@ def prepare_rows(valid: torch.Tensor, semantic_keys: torch.Tensor, other_keys: t
     other = (other_keys & valid).float()[:, None, :]
     omega = omega.to(torch.promote_types(omega.dtype, torch.float32))  # float64 knobs stay exact
     on = omega > 0
-    return PreparedRows(bias[:, None, :], semantic, other, kappa.float()[:, None],
-                        (omega / (1 + omega))[:, None, None], on[:, None], bool(on.all()))
+    return PreparedRows(
+        bias[:, None, :],
+        semantic,
+        other,
+        kappa.float()[:, None],
+        (omega / (1 + omega))[:, None, None],
+        on[:, None],
+        bool(on.all()),
+    )
 
 
 def select_rows(rows: PreparedRows, index: torch.Tensor) -> PreparedRows:
     """The prepared rows at `index` (long `[R']`)."""
     on = rows.on[index]
-    return PreparedRows(rows.key_bias[index], rows.semantic_keys[index], rows.other_keys[index], rows.kappa[index],
-                        rows.blend[index], on, rows.all_on or bool(on.all()))
+    return PreparedRows(
+        rows.key_bias[index],
+        rows.semantic_keys[index],
+        rows.other_keys[index],
+        rows.kappa[index],
+        rows.blend[index],
+        on,
+        rows.all_on or bool(on.all()),
+    )
 
 
 def with_new_key(rows: PreparedRows, at: torch.Tensor | None = None) -> PreparedRows:
@@ -91,8 +106,15 @@ def widen(rows: PreparedRows, width: int) -> PreparedRows:
     extra = width - rows.key_bias.shape[-1]
     if extra <= 0:
         return rows
-    return PreparedRows(F.pad(rows.key_bias, (0, extra), value=MASKED), F.pad(rows.semantic_keys, (0, extra)),
-                        F.pad(rows.other_keys, (0, extra)), rows.kappa, rows.blend, rows.on, rows.all_on)
+    return PreparedRows(
+        F.pad(rows.key_bias, (0, extra), value=MASKED),
+        F.pad(rows.semantic_keys, (0, extra)),
+        F.pad(rows.other_keys, (0, extra)),
+        rows.kappa,
+        rows.blend,
+        rows.on,
+        rows.all_on,
+    )
 
 
 def add_key_(rows: PreparedRows, key_count: torch.Tensor) -> None:
@@ -103,8 +125,9 @@ def add_key_(rows: PreparedRows, key_count: torch.Tensor) -> None:
     rows.semantic_keys.scatter_(2, col, 1.0)
 
 
-def _classify(biased: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
-              kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _classify(
+    biased: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor, kappa: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(semantic, core) head masks `[R, H]` from float32 scores that already carry the key bias.
 
     Both tests compare quantities of one head that share the softmax's denominator (S >= O, and
@@ -159,8 +182,14 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     model (its passes over the scores are worse than aten's).
     """
     out, semantic, core, glob, stage1, stage2 = align_tensors(
-        scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
-        on=None if rows.all_on else rows.on)
+        scores,
+        rows.key_bias,
+        rows.semantic_keys,
+        rows.other_keys,
+        rows.kappa,
+        rows.blend,
+        on=None if rows.all_on else rows.on,
+    )
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
 
 
@@ -170,9 +199,15 @@ def operator_inputs(scores: torch.Tensor, rows: PreparedRows) -> list[torch.Tens
     return [scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend, rows.on]
 
 
-def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
-                  kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def align_tensors(
+    scores: torch.Tensor,
+    key_bias: torch.Tensor,
+    semantic_keys: torch.Tensor,
+    other_keys: torch.Tensor,
+    kappa: torch.Tensor,
+    blend: torch.Tensor,
+    on: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The operator on the fields of :class:`PreparedRows` (`on` None: every row's omega > 0, the eager
     path's shortcut; the compiled one always takes it).
 
@@ -190,8 +225,12 @@ def align_tensors(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: t
     return out, semantic, core, glob, stage1, stage2
 
 
-def head_partials(s: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor, kappa: torch.Tensor,
-                  ) -> tuple[torch.Tensor, ...]:
+def head_partials(
+    s: torch.Tensor,
+    semantic_keys: torch.Tensor,
+    other_keys: torch.Tensor,
+    kappa: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """The heads' groups and the cross-head quantities the stages need, in forms that add up over shards
     of the heads: (semantic, core, global) masks `[R, H]`, the global heads' score sum `[R, 1, K]` and
     count `[R, 1]`, the element-wise max of the core heads' scores `[R, 1, K]` and their count `[R, 1]`.
@@ -209,9 +248,17 @@ def head_partials(s: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torc
     return semantic, core, glob, global_sum, n_global, core_max, n_core
 
 
-def blend_targets(s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, global_sum: torch.Tensor,
-                  n_global: torch.Tensor, core_max: torch.Tensor, n_core: torch.Tensor, blend: torch.Tensor,
-                  on: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def blend_targets(
+    s: torch.Tensor,
+    semantic: torch.Tensor,
+    glob: torch.Tensor,
+    global_sum: torch.Tensor,
+    n_global: torch.Tensor,
+    core_max: torch.Tensor,
+    n_core: torch.Tensor,
+    blend: torch.Tensor,
+    on: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both stages from the cross-head quantities of :func:`head_partials` (over every head of the layer):
     the aligned scores and the heads each stage moved `[R, H]`."""
     global_mean = global_sum / n_global.clamp(min=1).unsqueeze(-1)  # [R, 1, K]
@@ -232,8 +279,11 @@ def blend_targets(s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, g
 ShardGather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def align_sharded(scores: torch.Tensor, rows: PreparedRows, gather: ShardGather,
-                  ) -> tuple[torch.Tensor, HeadGroups, torch.Tensor]:
+def align_sharded(
+    scores: torch.Tensor,
+    rows: PreparedRows,
+    gather: ShardGather,
+) -> tuple[torch.Tensor, HeadGroups, torch.Tensor]:
     """:func:`align_prepared` for one shard of a layer's heads (tensor parallelism: each worker holds some
     of the query heads). Classification is per head; the global heads' mean, the core heads' max and the
     "both groups non-empty" tests are over every head of the layer, so each shard's partial sums, maxima
@@ -242,15 +292,22 @@ def align_sharded(scores: torch.Tensor, rows: PreparedRows, gather: ShardGather,
     moved), and per row whether each stage moved any head of any shard (bool `[R, 2]`, for telemetry).
 
     Eagerly; models/alignment_dispatch.py runs both halves compiled where it can, like the whole operator."""
-    s, semantic, core, glob, packed = shard_partials(scores, rows.key_bias, rows.semantic_keys, rows.other_keys,
-                                                     rows.kappa)
-    out, stage1, stage2, moved = shard_finish(s, semantic, glob, gather(packed), rows.blend,
-                                              None if rows.all_on else rows.on)
+    s, semantic, core, glob, packed = shard_partials(
+        scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa
+    )
+    out, stage1, stage2, moved = shard_finish(
+        s, semantic, glob, gather(packed), rows.blend, None if rows.all_on else rows.on
+    )
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2), moved
 
 
-def shard_partials(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor,
-                   kappa: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def shard_partials(
+    scores: torch.Tensor,
+    key_bias: torch.Tensor,
+    semantic_keys: torch.Tensor,
+    other_keys: torch.Tensor,
+    kappa: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """A shard's half before the exchange: the biased scores, its head groups, and what it contributes,
     packed in one `[R, 2K + 3]` tensor: the global heads' score sum (K), the core heads' max (K), and the
     counts of global, core and other heads."""
@@ -261,14 +318,20 @@ def shard_partials(scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: 
     return s, semantic, core, glob, packed
 
 
-def shard_finish(s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, every: torch.Tensor, blend: torch.Tensor,
-                 on: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def shard_finish(
+    s: torch.Tensor,
+    semantic: torch.Tensor,
+    glob: torch.Tensor,
+    every: torch.Tensor,
+    blend: torch.Tensor,
+    on: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """A shard's half after the exchange: `every` (`[shards, R, 2K + 3]`, every shard's packed partials)
     summed or maxed over the shards, then both stages on this shard's heads. Returns the aligned scores,
     the stage masks of this shard's heads, and the rows each stage moved anywhere (bool `[R, 2]`)."""
     k = s.shape[-1]
-    global_sum, core_max = every[..., :k].sum(0).unsqueeze(1), every[..., k: 2 * k].amax(0).unsqueeze(1)
-    counts = every[..., 2 * k:].sum(0)
+    global_sum, core_max = every[..., :k].sum(0).unsqueeze(1), every[..., k : 2 * k].amax(0).unsqueeze(1)
+    counts = every[..., 2 * k :].sum(0)
     n_global, n_core, n_other = counts[:, 0:1], counts[:, 1:2], counts[:, 2:3]
     out, stage1, stage2 = blend_targets(s, semantic, glob, global_sum, n_global, core_max, n_core, blend, on)
     moved = torch.cat([(n_other > 0) & (n_global > 0), (n_global > 0) & (n_core > 0)], -1)  # [R, 2]

@@ -35,21 +35,41 @@ _MAX = 1 << 20  # bound of each dynamic size (export wants one)
 
 
 class _Operator(torch.nn.Module):
-    def forward(self, scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor,
-                other_keys: torch.Tensor, kappa: torch.Tensor, blend: torch.Tensor, on: torch.Tensor,
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        scores: torch.Tensor,
+        key_bias: torch.Tensor,
+        semantic_keys: torch.Tensor,
+        other_keys: torch.Tensor,
+        kappa: torch.Tensor,
+        blend: torch.Tensor,
+        on: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         return alignment.align_tensors(scores, key_bias, semantic_keys, other_keys, kappa, blend, on)
 
 
 class _ShardPartials(torch.nn.Module):
-    def forward(self, scores: torch.Tensor, key_bias: torch.Tensor, semantic_keys: torch.Tensor,
-                other_keys: torch.Tensor, kappa: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        scores: torch.Tensor,
+        key_bias: torch.Tensor,
+        semantic_keys: torch.Tensor,
+        other_keys: torch.Tensor,
+        kappa: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         return alignment.shard_partials(scores, key_bias, semantic_keys, other_keys, kappa)
 
 
 class _ShardFinish(torch.nn.Module):
-    def forward(self, s: torch.Tensor, semantic: torch.Tensor, glob: torch.Tensor, every: torch.Tensor,
-                blend: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        s: torch.Tensor,
+        semantic: torch.Tensor,
+        glob: torch.Tensor,
+        every: torch.Tensor,
+        blend: torch.Tensor,
+        on: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         return alignment.shard_finish(s, semantic, glob, every, blend, on)
 
 
@@ -67,8 +87,15 @@ def _example() -> tuple[torch.Tensor, ...]:
     r, h, k = 3, 4, 20
     gen = torch.Generator().manual_seed(0)
     keys = torch.rand(r, 1, k, generator=gen)
-    return (torch.randn(r, h, k, generator=gen), torch.zeros(r, 1, k), (keys < 0.3).float(), (keys > 0.6).float(),
-            torch.full((r, 1), 0.2), torch.full((r, 1, 1), 0.5), torch.tensor([[True], [False], [True]]))
+    return (
+        torch.randn(r, h, k, generator=gen),
+        torch.zeros(r, 1, k),
+        (keys < 0.3).float(),
+        (keys > 0.6).float(),
+        torch.full((r, 1), 0.2),
+        torch.full((r, 1, 1), 0.5),
+        torch.tensor([[True], [False], [True]]),
+    )
 
 
 def _program(name: str) -> torch.export.ExportedProgram:
@@ -82,14 +109,21 @@ def _program(name: str) -> torch.export.ExportedProgram:
         return torch.export.export(_Operator(), _example(), dynamic_shapes=dynamic)
     if name == "shard_partials":
         dynamic = ({0: rows, 1: heads, 2: keys}, per_row, per_row, per_row, {0: rows})
-        return torch.export.export(_ShardPartials(), (scores, bias, semantic_keys, other_keys, kappa),
-                                   dynamic_shapes=dynamic)
+        return torch.export.export(
+            _ShardPartials(), (scores, bias, semantic_keys, other_keys, kappa), dynamic_shapes=dynamic
+        )
     if name == "shard_finish":
         s, semantic, _, glob, packed = alignment.shard_partials(scores, bias, semantic_keys, other_keys, kappa)
         every = torch.stack([packed, packed.flip(0)])  # two shards
         shards = torch.export.Dim("shards", min=2, max=1 << 12)
-        dynamic = ({0: rows, 1: heads, 2: keys}, {0: rows, 1: heads}, {0: rows, 1: heads},
-                   {0: shards, 1: rows, 2: 2 * keys + 3}, {0: rows}, {0: rows})
+        dynamic = (
+            {0: rows, 1: heads, 2: keys},
+            {0: rows, 1: heads},
+            {0: rows, 1: heads},
+            {0: shards, 1: rows, 2: 2 * keys + 3},
+            {0: rows},
+            {0: rows},
+        )
         return torch.export.export(_ShardFinish(), (s, semantic, glob, every, blend, on), dynamic_shapes=dynamic)
     raise ValueError(f"no compiled function {name!r}")
 
@@ -100,8 +134,15 @@ def _build(path: Path, name: str = "operator") -> None:
 
 def _package_name(name: str = "operator") -> str:
     source = Path(alignment.__file__).read_bytes() + Path(__file__).read_bytes()
-    key = b"|".join([source, torch.__version__.encode(), torch.backends.cpu.get_cpu_capability().encode(),
-                     platform.python_version().encode(), platform.machine().encode()])
+    key = b"|".join(
+        [
+            source,
+            torch.__version__.encode(),
+            torch.backends.cpu.get_cpu_capability().encode(),
+            platform.python_version().encode(),
+            platform.machine().encode(),
+        ]
+    )
     prefix = "alignment" if name == "operator" else f"alignment-{name}"
     return f"{prefix}-{hashlib.sha256(key).hexdigest()[:16]}.pt2"
 
@@ -109,8 +150,10 @@ def _package_name(name: str = "operator") -> str:
 def _build_logged(path: Path, name: str) -> None:
     t0 = time.perf_counter()
     _build(path, name)
-    log.info("alignment operator compiled", extra={"fields": {"function": name,
-                                                              "seconds": round(time.perf_counter() - t0, 1)}})
+    log.info(
+        "alignment operator compiled",
+        extra={"fields": {"function": name, "seconds": round(time.perf_counter() - t0, 1)}},
+    )
 
 
 def load(name: str = "operator") -> CompiledOperator | None:
@@ -125,4 +168,3 @@ def load(name: str = "operator") -> CompiledOperator | None:
         except Exception as exc:  # noqa: BLE001 - any failure leaves the eager operator, which is correct
             log.warning("alignment operator not compiled (%s: %s); running it eagerly", type(exc).__name__, exc)
             return None
-

@@ -45,9 +45,14 @@ def compiled_for(rows: PreparedRows, sharded: bool = False) -> Any:
     """The compiled operator where it runs these rows (float32 knobs in CPU memory, contiguous: its code
     assumes the strides it was traced with), else None. The scores must be float32 and contiguous too.
     sharded: the two halves of :func:`align_sharded` instead (a pair)."""
-    if rows.blend.dtype != torch.float32 or rows.key_bias.device.type != "cpu" or not all(
-            t.is_contiguous() for t in (rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend,
-                                        rows.on)):
+    if (
+        rows.blend.dtype != torch.float32
+        or rows.key_bias.device.type != "cpu"
+        or not all(
+            t.is_contiguous()
+            for t in (rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend, rows.on)
+        )
+    ):
         return None
     return compiled_sharded() if sharded else compiled_operator()
 
@@ -65,8 +70,11 @@ def align_prepared(scores: torch.Tensor, rows: PreparedRows) -> tuple[torch.Tens
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2)
 
 
-def align_sharded(scores: torch.Tensor, rows: PreparedRows, gather: ShardGather,
-                  ) -> tuple[torch.Tensor, HeadGroups, torch.Tensor]:
+def align_sharded(
+    scores: torch.Tensor,
+    rows: PreparedRows,
+    gather: ShardGather,
+) -> tuple[torch.Tensor, HeadGroups, torch.Tensor]:
     """:func:`models.alignment.align_sharded` (one shard of a layer's heads under tensor parallelism), both halves
     compiled where they apply."""
     compiled = _compiled_for_scores(scores, rows, sharded=True)
@@ -75,4 +83,3 @@ def align_sharded(scores: torch.Tensor, rows: PreparedRows, gather: ShardGather,
     s, semantic, core, glob, packed = compiled[0].run([scores, *operator_inputs(scores, rows)[1:5]])
     out, stage1, stage2, moved = compiled[1].run([s, semantic, glob, gather(packed), rows.blend, rows.on])
     return out, HeadGroups(semantic=semantic, core=core, global_=glob, stage1=stage1, stage2=stage2), moved
-

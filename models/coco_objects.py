@@ -132,16 +132,49 @@ WORD_TO_CATEGORY: dict[str, str] = {w: cat for cat, words in SYNONYMS.items() fo
 # Two-word phrases the reference reads as one token. The list is the reference's, which also names
 # "home plate" and "train track" (not objects; merging them keeps "train" in "train track" from firing).
 COCO_DOUBLE_WORDS: tuple[str, ...] = (
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
-    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
-    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
-    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
-    "stove top oven", "home plate", "train track",
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
 )
 
 # Qualifiers that would otherwise fire "person" ("baby", "adult", "passenger").
 ANIMAL_WORDS: tuple[str, ...] = (
-    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "animal",
+    "cub",
 )
 VEHICLE_WORDS: tuple[str, ...] = ("jet", "train")
 

@@ -10,8 +10,16 @@ from typing import Any
 from models.paper_map import DEFAULT_KAPPA, omega_for, start_layer_for
 from models.presets import PAPER_MAP, KnobMap
 
-__all__ = ["DEFAULT_KAPPA", "PRESETS", "AlignmentParamError", "AlignmentParams", "omega_for", "parse_conservativeness",
-           "resolve_alignment", "start_layer_for"]
+__all__ = [
+    "DEFAULT_KAPPA",
+    "PRESETS",
+    "AlignmentParamError",
+    "AlignmentParams",
+    "omega_for",
+    "parse_conservativeness",
+    "resolve_alignment",
+    "start_layer_for",
+]
 
 # The paper's preset names; a model's presets file may place `balanced` and `focused` elsewhere (models.presets).
 PRESETS: dict[str, float] = {"off": 0.0, "balanced": 0.5, "focused": 1.0}
@@ -43,8 +51,9 @@ class AlignmentParams:
         return asdict(self)
 
 
-def parse_conservativeness(value: float | int | str | None, default: float = 0.0,
-                           presets: Mapping[str, float] = PRESETS) -> float:
+def parse_conservativeness(
+    value: float | int | str | None, default: float = 0.0, presets: Mapping[str, float] = PRESETS
+) -> float:
     """A number in [0, 1] or a preset name (`off`, `balanced`, `focused`) -> a number in [0, 1]."""
     if value is None:
         return parse_conservativeness(default)

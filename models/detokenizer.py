@@ -61,7 +61,7 @@ class TextStream:
 
     def _emit(self, final: bool) -> str:
         upto = len(self.text) if final else max(self._sent, len(self.text) - self._hold)
-        piece = self.text[self._sent:upto]
+        piece = self.text[self._sent : upto]
         self._sent = max(self._sent, upto)
         return piece
 

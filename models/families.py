@@ -103,8 +103,9 @@ def eos_token_ids(config: Any, generation_config: Any = None, tokenizer: Any = N
 # ---- prompts ----------------------------------------------------------------------------------------------
 def image_parts(messages: list[dict[str, Any]]) -> int:
     """How many image parts the messages hold (each request must bring as many images)."""
-    return sum(1 for m in messages if isinstance(m.get("content"), list)
-               for p in m["content"] if p.get("type") == "image")
+    return sum(
+        1 for m in messages if isinstance(m.get("content"), list) for p in m["content"] if p.get("type") == "image"
+    )
 
 
 def render_prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
@@ -140,10 +141,14 @@ class Family:
     def collate(self, encodings: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
         """Left-pad token tensors and stack the image tensors of several single-prompt encodings."""
         width = max(int(enc["input_ids"].shape[-1]) for enc in encodings)
-        ids = [F.pad(enc["input_ids"].reshape(-1), (width - enc["input_ids"].shape[-1], 0), value=pad_id)
-               for enc in encodings]
-        mask = [F.pad(enc["attention_mask"].reshape(-1), (width - enc["attention_mask"].shape[-1], 0), value=0)
-                for enc in encodings]
+        ids = [
+            F.pad(enc["input_ids"].reshape(-1), (width - enc["input_ids"].shape[-1], 0), value=pad_id)
+            for enc in encodings
+        ]
+        mask = [
+            F.pad(enc["attention_mask"].reshape(-1), (width - enc["attention_mask"].shape[-1], 0), value=0)
+            for enc in encodings
+        ]
         batch = {"input_ids": torch.stack(ids), "attention_mask": torch.stack(mask)}
         batch.update(self._collate_images(encodings, width))
         return batch
@@ -170,17 +175,22 @@ class LlavaNextFamily(Family):
             return {}
         # Each image has its own number of crops; pad to the most, the model strips padding by image_sizes.
         most = max(int(enc["pixel_values"].shape[1]) for enc in with_images)
-        pixels = [F.pad(enc["pixel_values"], (0, 0, 0, 0, 0, 0, 0, most - enc["pixel_values"].shape[1]))
-                  for enc in with_images]
+        pixels = [
+            F.pad(enc["pixel_values"], (0, 0, 0, 0, 0, 0, 0, most - enc["pixel_values"].shape[1]))
+            for enc in with_images
+        ]
         return {"pixel_values": torch.cat(pixels), "image_sizes": torch.cat([e["image_sizes"] for e in with_images])}
 
 
 class QwenFamily(Family):
     def _collate_images(self, encodings: list[dict[str, torch.Tensor]], width: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        types = [F.pad(enc["mm_token_type_ids"].reshape(-1), (width - enc["mm_token_type_ids"].shape[-1], 0))
-                 if "mm_token_type_ids" in enc else torch.zeros(width, dtype=torch.int)
-                 for enc in encodings]
+        types = [
+            F.pad(enc["mm_token_type_ids"].reshape(-1), (width - enc["mm_token_type_ids"].shape[-1], 0))
+            if "mm_token_type_ids" in enc
+            else torch.zeros(width, dtype=torch.int)
+            for enc in encodings
+        ]
         out["mm_token_type_ids"] = torch.stack(types)
         with_images = [enc for enc in encodings if "pixel_values" in enc]
         if with_images:
@@ -193,8 +203,10 @@ class QwenFamily(Family):
             pos, offsets = super().prefill_positions(model, batch)
             return pos[None].expand(3, -1, -1), offsets
         positions, deltas = model.model.get_rope_index(
-            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-            image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
+            batch["input_ids"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=batch["attention_mask"],
         )
         return positions, deltas.reshape(-1).long()
 
@@ -224,20 +236,51 @@ class FamilySpec:
 
 
 # Written out in full, one spec per model type, so that each reads on its own.
-SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.model_type: spec for spec in (
-    FamilySpec(model_type="llava", architecture="LlavaForConditionalGeneration", adapter=Family,
-               other_is_image_only=False, image_token="<image>", eos_token="</s>",
-               chat_template=LLAVA_CHAT_TEMPLATE, llava_hf_keys=True),
-    FamilySpec(model_type="llava_next", architecture="LlavaNextForConditionalGeneration", adapter=LlavaNextFamily,
-               other_is_image_only=False, image_token="<image>", eos_token="</s>",
-               chat_template=LLAVA_CHAT_TEMPLATE, llava_hf_keys=True),
-    FamilySpec(model_type="qwen2_vl", architecture="Qwen2VLForConditionalGeneration", adapter=QwenFamily,
-               other_is_image_only=True, image_token="<|image_pad|>", eos_token="<|im_end|>",
-               chat_template=QWEN_CHAT_TEMPLATE),
-    FamilySpec(model_type="qwen2_5_vl", architecture="Qwen2_5_VLForConditionalGeneration", adapter=QwenFamily,
-               other_is_image_only=True, image_token="<|image_pad|>", eos_token="<|im_end|>",
-               chat_template=QWEN_CHAT_TEMPLATE),
-)})
+SPECS: Mapping[str, FamilySpec] = MappingProxyType(
+    {
+        spec.model_type: spec
+        for spec in (
+            FamilySpec(
+                model_type="llava",
+                architecture="LlavaForConditionalGeneration",
+                adapter=Family,
+                other_is_image_only=False,
+                image_token="<image>",
+                eos_token="</s>",
+                chat_template=LLAVA_CHAT_TEMPLATE,
+                llava_hf_keys=True,
+            ),
+            FamilySpec(
+                model_type="llava_next",
+                architecture="LlavaNextForConditionalGeneration",
+                adapter=LlavaNextFamily,
+                other_is_image_only=False,
+                image_token="<image>",
+                eos_token="</s>",
+                chat_template=LLAVA_CHAT_TEMPLATE,
+                llava_hf_keys=True,
+            ),
+            FamilySpec(
+                model_type="qwen2_vl",
+                architecture="Qwen2VLForConditionalGeneration",
+                adapter=QwenFamily,
+                other_is_image_only=True,
+                image_token="<|image_pad|>",
+                eos_token="<|im_end|>",
+                chat_template=QWEN_CHAT_TEMPLATE,
+            ),
+            FamilySpec(
+                model_type="qwen2_5_vl",
+                architecture="Qwen2_5_VLForConditionalGeneration",
+                adapter=QwenFamily,
+                other_is_image_only=True,
+                image_token="<|image_pad|>",
+                eos_token="<|im_end|>",
+                chat_template=QWEN_CHAT_TEMPLATE,
+            ),
+        )
+    }
+)
 
 
 def find_spec(model_type: str | None) -> FamilySpec | None:

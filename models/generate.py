@@ -1,8 +1,8 @@
 """Caption one image from the command line, offline, with the reference engine.
 
-    python -m models.generate --model DIR --image PATH [--prompt TEXT] [--max-tokens N]
-        [--conservativeness C | --preset NAME] [--omega W --start-layer L --kappa K] [--contrast on|off]
-        [--contrast-image PATH] [--temperature T --top-p P --seed S] [--json]
+python -m models.generate --model DIR --image PATH [--prompt TEXT] [--max-tokens N]
+    [--conservativeness C | --preset NAME] [--omega W --start-layer L --kappa K] [--contrast on|off]
+    [--contrast-image PATH] [--temperature T --top-p P --seed S] [--json]
 """
 
 from __future__ import annotations
@@ -56,13 +56,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = ReferenceModel.load(args.model)
     knob = args.preset if args.preset is not None else args.conservativeness
     alignment = resolve_alignment(
-        knob, model.num_layers, omega=args.omega, start_layer=args.start_layer, kappa=args.kappa,
+        knob,
+        model.num_layers,
+        omega=args.omega,
+        start_layer=args.start_layer,
+        kappa=args.kappa,
         contrast=None if args.contrast is None else args.contrast == "on",
     )
     request = GenerationRequest(
-        request_id="cli", messages=user_message(args.prompt), images=[image], alignment=alignment,
-        sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed),
+        request_id="cli",
+        messages=user_message(args.prompt),
+        images=[image],
+        alignment=alignment,
+        sampling=SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        ),
         contrast_images=contrast,
     )
     result = run_to_completion(model, [request])["cli"]

@@ -109,8 +109,9 @@ def user_message(prompt: str, n_images: int = 1) -> list[dict[str, Any]]:
 class ReferenceModel:
     """A loaded model folder (weights, processor, chat template) ready for batched generation."""
 
-    def __init__(self, model: Any, processor: Any, contrast_pool: ContrastPool | None = None,
-                 name: str = "model") -> None:
+    def __init__(
+        self, model: Any, processor: Any, contrast_pool: ContrastPool | None = None, name: str = "model"
+    ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -124,8 +125,14 @@ class ReferenceModel:
         self.eos_ids = set(eos_token_ids(model.config, getattr(model, "generation_config", None), self.tokenizer))
 
     @classmethod
-    def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-             contrast_pool: ContrastPool | None = None) -> ReferenceModel:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        contrast_pool: ContrastPool | None = None,
+    ) -> ReferenceModel:
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
@@ -176,18 +183,23 @@ class DecodeBatch:
             if len(prompt_ids) + req.sampling.max_tokens > owner.max_positions:
                 raise RequestError(
                     f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({req.sampling.max_tokens}) exceeds the "
-                    f"model's context of {owner.max_positions} tokens", "max_tokens")
+                    f"model's context of {owner.max_positions} tokens",
+                    "max_tokens",
+                )
             gen = None
             if req.sampling.temperature > 0:
                 gen = torch.Generator().manual_seed(
-                    req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+                    req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                )
             self.states[req.request_id] = _RequestState(
-                req, prompt_ids, gen, TextStream(owner.tokenizer, req.sampling.stop, req.sampling.max_tokens))
+                req, prompt_ids, gen, TextStream(owner.tokenizer, req.sampling.stop, req.sampling.max_tokens)
+            )
             rows.append(_Row(req, False))
             encodings.append(enc)
             if req.alignment.contrast and req.images:
-                contrast = req.contrast_images or owner.contrast_pool.draw(req.sampling.seed, req.images[0],
-                                                                           k=len(req.images))
+                contrast = req.contrast_images or owner.contrast_pool.draw(
+                    req.sampling.seed, req.images[0], k=len(req.images)
+                )
                 c_enc = owner.encode(req.messages, contrast)
                 rows.append(_Row(req, True))
                 encodings.append(c_enc)
@@ -201,8 +213,9 @@ class DecodeBatch:
         self.cache = DynamicCache(config=owner.model.config.get_text_config(decoder=True))
         self.last_logits: torch.Tensor | None = None  # raw main-row logits of the last step (for tests)
         with torch.inference_mode(), alignment_context(self.alignment):
-            out = owner.model(**batch, position_ids=positions, past_key_values=self.cache, use_cache=True,
-                              logits_to_keep=1)
+            out = owner.model(
+                **batch, position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            )
         self._logits = out.logits[:, -1].float()
 
     def _alignment_batch(self, input_ids: torch.Tensor, width: int) -> AlignmentBatch:
@@ -274,14 +287,16 @@ class DecodeBatch:
         """The next token of each request from its (contrasted) logits `[R, V]`, penalised in place."""
         for k, rid in enumerate(request_ids):
             s = self.states[rid]
-            apply_penalties(logits[k], s.token_ids, s.request.sampling.presence_penalty,
-                            s.request.sampling.frequency_penalty)
+            apply_penalties(
+                logits[k], s.token_ids, s.request.sampling.presence_penalty, s.request.sampling.frequency_penalty
+            )
         tokens = logits.argmax(-1)
         for k, rid in enumerate(request_ids):
             s = self.states[rid]
             if s.generator is not None:
-                tokens[k] = sample_token(logits[k], s.request.sampling.temperature, s.request.sampling.top_p,
-                                         s.generator)
+                tokens[k] = sample_token(
+                    logits[k], s.request.sampling.temperature, s.request.sampling.top_p, s.generator
+                )
         return tokens
 
     def _advance(self, s: _RequestState, token: int) -> TokenEvent:
@@ -292,13 +307,13 @@ class DecodeBatch:
             new_text, finish = s.output.append(token)
         s.finish_reason = finish
         telemetry = self._telemetry(s.request.request_id) if finish else None
-        return TokenEvent(s.request.request_id, token, new_text, finish, len(s.prompt_ids), len(s.token_ids),
-                          telemetry)
+        return TokenEvent(s.request.request_id, token, new_text, finish, len(s.prompt_ids), len(s.token_ids), telemetry)
 
     def _telemetry(self, request_id: str) -> Telemetry:
         i = next(i for i, r in enumerate(self.rows) if r.request.request_id == request_id and not r.contrast)
-        return Telemetry.from_counts(self.alignment.telemetry.row(i),
-                                     contrast_steps=self.states[request_id].contrast_steps)
+        return Telemetry.from_counts(
+            self.alignment.telemetry.row(i), contrast_steps=self.states[request_id].contrast_steps
+        )
 
     def _drop_finished(self) -> torch.Tensor:
         """Remove the rows of finished requests from every per-row tensor; returns the kept row indices."""
@@ -326,8 +341,13 @@ class DecodeBatch:
         # Embeddings, not ids: a generated image-placeholder id must stay a plain token, not an image slot.
         embeds = owner.model.get_input_embeddings()(next_ids[:, None])
         with torch.inference_mode(), alignment_context(self.alignment):
-            out = owner.model(inputs_embeds=embeds, attention_mask=self.attention_mask, position_ids=positions,
-                              past_key_values=self.cache, use_cache=True)
+            out = owner.model(
+                inputs_embeds=embeds,
+                attention_mask=self.attention_mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         self._logits = out.logits[:, -1].float()
 
 
@@ -348,8 +368,7 @@ def run_to_completion(model: ReferenceModel, requests: Sequence[GenerationReques
         for ev in batch.step():
             if ev.finish_reason is not None:
                 s = batch.states[ev.request_id]
-                out[ev.request_id] = Completion(s.text, list(s.token_ids), list(s.prompt_ids), ev.finish_reason,
-                                                ev.telemetry or Telemetry())
+                out[ev.request_id] = Completion(
+                    s.text, list(s.token_ids), list(s.prompt_ids), ev.finish_reason, ev.telemetry or Telemetry()
+                )
     return out
-
-

@@ -75,8 +75,10 @@ class KnobPresets(BaseModel):
             raise ValueError(f"knots.{len(self.knots) - 1}.c: the last knot must be c = 1, got {last.c}")
         for i in range(1, len(self.knots)):
             if self.knots[i].c <= self.knots[i - 1].c:
-                raise ValueError(f"knots.{i}.c: knots must be in strictly increasing c "
-                                 f"({self.knots[i].c} after {self.knots[i - 1].c})")
+                raise ValueError(
+                    f"knots.{i}.c: knots must be in strictly increasing c "
+                    f"({self.knots[i].c} after {self.knots[i - 1].c})"
+                )
         if self.focused <= self.balanced:
             raise ValueError(f"focused: must be a larger c than balanced ({self.focused} <= {self.balanced})")
         return self
@@ -118,13 +120,18 @@ class KnobMap:
 
     def describe(self, num_layers: int | None) -> dict[str, Any]:
         """What /v1/models reports: where the map comes from and what each preset name applies."""
-        out: dict[str, Any] = {"source": self.source or "default (LLaVA-1.5 paper map)",
-                               "contrast": self.contrast, "presets": None, "knots": None}
+        out: dict[str, Any] = {
+            "source": self.source or "default (LLaVA-1.5 paper map)",
+            "contrast": self.contrast,
+            "presets": None,
+            "knots": None,
+        }
         if num_layers is None and self.presets is not None:
             num_layers = max(k.start_layer for k in self.presets.knots)  # checked against the depth at load
         if num_layers is not None:
-            out["presets"] = {name: {"conservativeness": c, **vars(self.point(c, num_layers))}
-                              for name, c in self.names.items()}
+            out["presets"] = {
+                name: {"conservativeness": c, **vars(self.point(c, num_layers))} for name, c in self.names.items()
+            }
         if self.presets is not None:
             out["knots"] = [k.model_dump(exclude={"measured"}) for k in self.presets.knots]
         return out
@@ -133,8 +140,9 @@ class KnobMap:
 PAPER_MAP = KnobMap()
 
 
-def parse_presets(data: Mapping[str, Any] | str, source: str = PRESETS_FILE,
-                  num_layers: int | None = None) -> KnobPresets:
+def parse_presets(
+    data: Mapping[str, Any] | str, source: str = PRESETS_FILE, num_layers: int | None = None
+) -> KnobPresets:
     """Validate a presets document (parsed JSON or its text); errors name `source` and the field."""
     try:
         raw = json.loads(data) if isinstance(data, str) else data
@@ -144,14 +152,20 @@ def parse_presets(data: Mapping[str, Any] | str, source: str = PRESETS_FILE,
         presets = KnobPresets.model_validate(raw)
     except ValidationError as exc:
         # A whole-document check (_shape) has no location of its own; its message starts with the field.
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"]
-                 else "  " + err["msg"].removeprefix("Value error, ") for err in exc.errors()]
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            if err["loc"]
+            else "  " + err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        ]
         raise PresetsError(f"{source}: invalid knob presets\n" + "\n".join(lines)) from None
     if num_layers is not None:
         for i, knot in enumerate(presets.knots):
             if knot.start_layer > num_layers:
-                raise PresetsError(f"{source}: invalid knob presets\n  knots.{i}.start_layer: {knot.start_layer} "
-                                   f"is past the model's {num_layers} decoder layers")
+                raise PresetsError(
+                    f"{source}: invalid knob presets\n  knots.{i}.start_layer: {knot.start_layer} "
+                    f"is past the model's {num_layers} decoder layers"
+                )
     return presets
 
 

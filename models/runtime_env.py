@@ -58,10 +58,13 @@ def current() -> RuntimeOptions:
     their mind during a process cache what they derive, as models/kernels/choice.py does)."""
     kernel = os.environ.get(ALIGNED_KERNEL, "").strip().lower() or None
     cache = os.environ.get(KERNEL_CACHE, "").strip()
-    return RuntimeOptions(aligned_kernel=kernel, paged_kernel=_flag(PAGED_KERNEL, True),
-                          compiled_operator=_flag(COMPILED_OPERATOR, True),
-                          kernel_cache=Path(cache) if cache else default_kernel_cache(),
-                          plugin_disabled=_flag(PLUGIN_DISABLE, False))
+    return RuntimeOptions(
+        aligned_kernel=kernel,
+        paged_kernel=_flag(PAGED_KERNEL, True),
+        compiled_operator=_flag(COMPILED_OPERATOR, True),
+        kernel_cache=Path(cache) if cache else default_kernel_cache(),
+        plugin_disabled=_flag(PLUGIN_DISABLE, False),
+    )
 
 
 def export(options: RuntimeOptions) -> None:
@@ -72,8 +75,9 @@ def export(options: RuntimeOptions) -> None:
     values: dict[str, str | None] = {
         ALIGNED_KERNEL: options.aligned_kernel,
         PAGED_KERNEL: None if options.paged_kernel == defaults.paged_kernel else str(int(options.paged_kernel)),
-        COMPILED_OPERATOR: (None if options.compiled_operator == defaults.compiled_operator
-                            else str(int(options.compiled_operator))),
+        COMPILED_OPERATOR: (
+            None if options.compiled_operator == defaults.compiled_operator else str(int(options.compiled_operator))
+        ),
         KERNEL_CACHE: None if options.kernel_cache == defaults.kernel_cache else str(options.kernel_cache),
         PLUGIN_DISABLE: "1" if options.plugin_disabled else None,
     }
@@ -85,6 +89,7 @@ def export(options: RuntimeOptions) -> None:
 
 
 # ---- other programs' variables ---------------------------------------------------------------------------
+
 
 def c_compiler() -> str:
     """The C compiler the build honours, as make does: `$CC`, else `cc`."""

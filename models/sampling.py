@@ -18,8 +18,7 @@ def has_penalties(presence: float, frequency: float) -> bool:
     return presence != 0.0 or frequency != 0.0
 
 
-def apply_penalties(logits: torch.Tensor, output_ids: Sequence[int], presence: float,
-                    frequency: float) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, output_ids: Sequence[int], presence: float, frequency: float) -> torch.Tensor:
     """`logits[t] -= frequency * count(t) + presence * (count(t) > 0)` over the generated tokens (OpenAI's
     definition); `[V]` float32 logits, in place, returned.
 

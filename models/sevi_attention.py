@@ -93,10 +93,18 @@ class AlignmentBatch:
             seq, needed = items[0][0], items[0][1].reshape(-1)
             stage1 = torch.stack([s.stage1 for _, _, s in items if s.stage1 is not None])  # [L, S*R, H]
             stage2 = torch.stack([s.stage2 for _, _, s in items if s.stage2 is not None])
-            rows = torch.stack([
-                torch.full_like(needed, len(items), dtype=torch.long),
-                stage1.any(-1).sum(0), stage2.any(-1).sum(0), (stage1.sum(-1) + stage2.sum(-1)).sum(0),
-            ], -1) * needed[:, None]
+            rows = (
+                torch.stack(
+                    [
+                        torch.full_like(needed, len(items), dtype=torch.long),
+                        stage1.any(-1).sum(0),
+                        stage2.any(-1).sum(0),
+                        (stage1.sum(-1) + stage2.sum(-1)).sum(0),
+                    ],
+                    -1,
+                )
+                * needed[:, None]
+            )
             self._telemetry.counts.index_add_(0, seq, rows.view(seq.shape[0], -1, 4).sum(1))
 
     def plan_for(self, mask: torch.Tensor | None, bsz: int, q_len: int, k_len: int) -> _Plan | None:
@@ -106,8 +114,14 @@ class AlignmentBatch:
             self._count_pending()
             prev = self._plan
             # One decode step after another over the same rows: only the new token's key column is new.
-            if (prev is not None and q_len == 1 and prev.n_rows == 1 and k_len == prev.k_len + 1
-                    and self._plan_key is not None and self._plan_key[1] == bsz):
+            if (
+                prev is not None
+                and q_len == 1
+                and prev.n_rows == 1
+                and k_len == prev.k_len + 1
+                and self._plan_key is not None
+                and self._plan_key[1] == bsz
+            ):
                 self._plan = prev.next_step()
             else:
                 self._plan = _build_plan(self, mask, bsz, q_len, k_len)
@@ -121,8 +135,15 @@ class AlignmentBatch:
 
     def select(self, keep: torch.Tensor) -> AlignmentBatch:
         """Keep only the batch rows in `keep` (a long index tensor), telemetry included."""
-        out = AlignmentBatch(self.omega[keep], self.kappa[keep], self.start_layer[keep], self.last_image[keep],
-                             self.align_from[keep], self.image_keys[keep], self.other_is_image_only[keep])
+        out = AlignmentBatch(
+            self.omega[keep],
+            self.kappa[keep],
+            self.start_layer[keep],
+            self.last_image[keep],
+            self.align_from[keep],
+            self.image_keys[keep],
+            self.other_is_image_only[keep],
+        )
         out._telemetry = self.telemetry.select(keep)
         return out
 
@@ -184,16 +205,39 @@ class _Plan:
         r = self.valid.shape[0]
         yes = torch.ones(r, 1, dtype=torch.bool, device=self.valid.device)
         prepared = with_new_key(self.rows)  # every row one key longer: the new key is the last
-        return _Plan(self.seq, self.start_layer, 0, 1, yes, True, torch.cat([self.valid, yes], 1),
-                     torch.cat([self.semantic, yes], 1), torch.cat([self.other, ~yes], 1), self.omega, self.kappa,
-                     self.k_len + 1, prepared)
+        return _Plan(
+            self.seq,
+            self.start_layer,
+            0,
+            1,
+            yes,
+            True,
+            torch.cat([self.valid, yes], 1),
+            torch.cat([self.semantic, yes], 1),
+            torch.cat([self.other, ~yes], 1),
+            self.omega,
+            self.kappa,
+            self.k_len + 1,
+            prepared,
+        )
 
     def subset(self, keep: torch.Tensor) -> _Plan:
         flat = keep.repeat_interleave(self.n_rows)
         needed = self.needed[keep]
-        return _Plan(self.seq[keep], [x for x, k in zip(self.start_layer, keep.tolist(), strict=True) if k],
-                     self.q0, self.n_rows, needed, bool(needed.all()), self.valid[flat], self.semantic[flat],
-                     self.other[flat], self.omega[flat], self.kappa[flat], self.k_len)
+        return _Plan(
+            self.seq[keep],
+            [x for x, k in zip(self.start_layer, keep.tolist(), strict=True) if k],
+            self.q0,
+            self.n_rows,
+            needed,
+            bool(needed.all()),
+            self.valid[flat],
+            self.semantic[flat],
+            self.other[flat],
+            self.omega[flat],
+            self.kappa[flat],
+            self.k_len,
+        )
 
 
 def _build_plan(batch: AlignmentBatch, mask: torch.Tensor | None, bsz: int, q_len: int, k_len: int) -> _Plan | None:
@@ -218,9 +262,20 @@ def _build_plan(batch: AlignmentBatch, mask: torch.Tensor | None, bsz: int, q_le
         batch.other_is_image_only[seq].repeat_interleave(n_rows),
     )
     needed = q_pos[None, :] >= batch.align_from[seq][:, None]
-    return _Plan(seq, batch.start_layer[seq].tolist(), q0, n_rows, needed, bool(needed.all()),
-                 valid, semantic & valid, other & valid,
-                 batch.omega[seq].repeat_interleave(n_rows), batch.kappa[seq].repeat_interleave(n_rows), k_len)
+    return _Plan(
+        seq,
+        batch.start_layer[seq].tolist(),
+        q0,
+        n_rows,
+        needed,
+        bool(needed.all()),
+        valid,
+        semantic & valid,
+        other & valid,
+        batch.omega[seq].repeat_interleave(n_rows),
+        batch.kappa[seq].repeat_interleave(n_rows),
+        k_len,
+    )
 
 
 def sevi_attention_forward(
@@ -240,8 +295,16 @@ def sevi_attention_forward(
         bsz, n_heads, q_len, head_dim = query.shape
         plan = batch.plan_for(attention_mask, bsz, q_len, key.shape[2])
     if plan is None or layer is None or min(plan.start_layer) > layer:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)  # type: ignore[arg-type]
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            **kwargs,  # type: ignore[arg-type]
+        )
     assert batch is not None
     if max(plan.start_layer) > layer:
         plan = plan.subset(torch.tensor([s <= layer for s in plan.start_layer]))
@@ -250,8 +313,16 @@ def sevi_attention_forward(
     everything = plan.q0 == 0 and plan.seq.numel() == bsz and plan.all_needed
     out = None
     if not everything:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                        scaling=scaling, **kwargs)  # type: ignore[arg-type]
+        out, _ = sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     seq, q0, n_rows = plan.seq, plan.q0, plan.n_rows
     k_len = key.shape[2]

@@ -34,8 +34,9 @@ class Telemetry:
     contrast_dissolved: int = 0
 
     @classmethod
-    def from_counts(cls, counts: Sequence[int], *, contrast_steps: int = 0,
-                    contrast_dissolved: bool = False) -> Telemetry:
+    def from_counts(
+        cls, counts: Sequence[int], *, contrast_steps: int = 0, contrast_dissolved: bool = False
+    ) -> Telemetry:
         """From the attention's counters (in :data:`COUNTERS` order) and the request's contrast record."""
         values = dict(zip(COUNTERS, (int(c) for c in counts), strict=True))
         return cls(**values, contrast_steps=int(contrast_steps), contrast_dissolved=int(contrast_dissolved))

@@ -29,18 +29,90 @@ from models.families import SPECS, FamilySpec, spec_for
 FAMILIES = tuple(SPECS)
 
 BASE_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "this", "image", "shows", "there", "is", "are", "of", "in", "on", "with", "and", "near",
-    "next", "to", "two", "three", "some", "person", "man", "woman", "dog", "cat", "car", "bus", "truck", "bicycle",
-    "cup", "bowl", "fork", "knife", "spoon", "table", "chair", "couch", "bed", "tv", "laptop", "bird", "horse",
-    "kite", "ball", "tree", "grass", "road", "sky", "room", "kitchen", "street", "park", "red", "blue", "green",
-    "small", "large", ".", ",", ":", "USER", "ASSISTANT", "user", "assistant", "please", "describe", "detail",
-    "what", "do", "you", "see",
+    "a",
+    "an",
+    "the",
+    "this",
+    "image",
+    "shows",
+    "there",
+    "is",
+    "are",
+    "of",
+    "in",
+    "on",
+    "with",
+    "and",
+    "near",
+    "next",
+    "to",
+    "two",
+    "three",
+    "some",
+    "person",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "car",
+    "bus",
+    "truck",
+    "bicycle",
+    "cup",
+    "bowl",
+    "fork",
+    "knife",
+    "spoon",
+    "table",
+    "chair",
+    "couch",
+    "bed",
+    "tv",
+    "laptop",
+    "bird",
+    "horse",
+    "kite",
+    "ball",
+    "tree",
+    "grass",
+    "road",
+    "sky",
+    "room",
+    "kitchen",
+    "street",
+    "park",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    ".",
+    ",",
+    ":",
+    "USER",
+    "ASSISTANT",
+    "user",
+    "assistant",
+    "please",
+    "describe",
+    "detail",
+    "what",
+    "do",
+    "you",
+    "see",
 )
 
 LLAVA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 QWEN_SPECIALS = [
-    "<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>",
+    "<pad>",
+    "<unk>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
 ]
 
 
@@ -75,14 +147,14 @@ def llava_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         if key.startswith("model.language_model."):
-            new = "language_model.model." + key[len("model.language_model."):]
+            new = "language_model.model." + key[len("model.language_model.") :]
         elif key.startswith("lm_head."):
             new = "language_model." + key
         elif key.startswith("model.vision_tower."):
-            rest = key[len("model.vision_tower."):]
+            rest = key[len("model.vision_tower.") :]
             new = "vision_tower." + (rest if rest.startswith("vision_model.") else "vision_model." + rest)
         elif key.startswith("model."):
-            new = key[len("model."):]
+            new = key[len("model.") :]
         else:
             new = key
         renamed[new] = tensor.detach().contiguous().clone()
@@ -110,34 +182,74 @@ def save_model_dir(model: Any, processor: Any, out: str | Path) -> Path:
     return out
 
 
-def _llava_configs(spec: FamilySpec, vocab_size: int, image_token_id: int, pad_id: int, eos_id: int,
-                   bos_id: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int,
-                   head_dim: int = 32, intermediate_size: int | None = None, max_positions: int = 1024) -> Any:
+def _llava_configs(
+    spec: FamilySpec,
+    vocab_size: int,
+    image_token_id: int,
+    pad_id: int,
+    eos_id: int,
+    bos_id: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    image_size: int,
+    patch: int,
+    head_dim: int = 32,
+    intermediate_size: int | None = None,
+    max_positions: int = 1024,
+) -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig
 
     hidden = heads * head_dim
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate_size or 2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate_size or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
         max_position_embeddings=max_positions,
-        pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id, tie_word_embeddings=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=bos_id,
+        tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=patch, projection_dim=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=64,
     )
     common: dict[str, Any] = dict(
-        text_config=text, vision_config=vision, image_token_index=image_token_id,
-        vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False,
+        text_config=text,
+        vision_config=vision,
+        image_token_index=image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
     )
     if spec.model_type == "llava_next":
         common["image_grid_pinpoints"] = [[image_size, image_size * 2], [image_size * 2, image_size]]
     return transformers.AutoConfig.for_model(spec.model_type, **common)
 
 
-def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
-                image_size: int = 32, patch: int = 8, head_dim: int = 32, intermediate_size: int | None = None,
-                max_positions: int = 1024) -> tuple[torch.nn.Module, Any]:
+def build_llava(
+    family: str = "llava",
+    *,
+    seed: int = 0,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    image_size: int = 32,
+    patch: int = 8,
+    head_dim: int = 32,
+    intermediate_size: int | None = None,
+    max_positions: int = 1024,
+) -> tuple[torch.nn.Module, Any]:
     """A tiny random LLaVA-1.5 (`llava`) or LLaVA-NeXT (`llava_next`) with its processor; `head_dim=128,
     heads=32, intermediate_size=11008` gives LLaVA-1.5-7B's decoder width (bench/gpu_engine_tier.py)."""
     from transformers import LlavaNextProcessor, LlavaProcessor
@@ -147,9 +259,22 @@ def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads:
     spec = spec_for(family)
     tok = make_word_tokenizer(BASE_WORDS, LLAVA_SPECIALS, bos="<s>", eos=spec.eos_token)
     ids: dict[str, Any] = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
-    cfg = _llava_configs(spec, len(tok), ids[spec.image_token], ids["<pad>"], ids[spec.eos_token], ids["<s>"],
-                         layers, heads, kv_heads or heads, image_size, patch, head_dim, intermediate_size,
-                         max_positions)
+    cfg = _llava_configs(
+        spec,
+        len(tok),
+        ids[spec.image_token],
+        ids["<pad>"],
+        ids[spec.eos_token],
+        ids["<s>"],
+        layers,
+        heads,
+        kv_heads or heads,
+        image_size,
+        patch,
+        head_dim,
+        intermediate_size,
+        max_positions,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, spec.architecture)(cfg).eval()
     _spread_init(model, seed)
@@ -160,18 +285,31 @@ def build_llava(family: str = "llava", *, seed: int = 0, layers: int = 4, heads:
     if family == "llava":
         improc = CLIPImageProcessorPil(size=size, crop_size=crop, do_center_crop=True)
     else:
-        improc = LlavaNextImageProcessorPil(size=size, crop_size=crop, do_center_crop=True,
-                                            image_grid_pinpoints=cfg.image_grid_pinpoints)
+        improc = LlavaNextImageProcessorPil(
+            size=size, crop_size=crop, do_center_crop=True, image_grid_pinpoints=cfg.image_grid_pinpoints
+        )
     proc_cls = LlavaProcessor if family == "llava" else LlavaNextProcessor
     processor = proc_cls(
-        image_processor=improc, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-        chat_template=spec.chat_template, num_additional_image_tokens=1,
+        image_processor=improc,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=spec.chat_template,
+        num_additional_image_tokens=1,
     )
     return model, processor
 
 
-def build_qwen(family: str = "qwen2_vl", *, seed: int = 0, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-               min_pixels: int = 56 * 56, max_pixels: int = 112 * 112) -> tuple[torch.nn.Module, Any]:
+def build_qwen(
+    family: str = "qwen2_vl",
+    *,
+    seed: int = 0,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+) -> tuple[torch.nn.Module, Any]:
     """A tiny random Qwen2-VL (or Qwen2.5-VL) with GQA and M-RoPE, and its processor."""
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -181,31 +319,47 @@ def build_qwen(family: str = "qwen2_vl", *, seed: int = 0, layers: int = 4, head
     tok = make_word_tokenizer(BASE_WORDS, QWEN_SPECIALS, bos=None, eos=spec.eos_token)
     ids: dict[str, Any] = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text: dict[str, Any] = dict(
-        vocab_size=len(tok), hidden_size=heads * 32, intermediate_size=heads * 64, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+        vocab_size=len(tok),
+        hidden_size=heads * 32,
+        intermediate_size=heads * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        pad_token_id=ids["<pad>"], eos_token_id=ids[spec.eos_token], bos_token_id=None, tie_word_embeddings=False,
+        pad_token_id=ids["<pad>"],
+        eos_token_id=ids[spec.eos_token],
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     vision: dict[str, Any] = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     common: dict[str, Any] = dict(
-        image_token_id=ids[spec.image_token], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=None, eos_token_id=ids[spec.eos_token], pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+        image_token_id=ids[spec.image_token],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=None,
+        eos_token_id=ids[spec.eos_token],
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
     )
     if spec.model_type == "qwen2_vl":  # the two vision towers take different sizes
         vision.update(embed_dim=64, hidden_size=heads * 32, mlp_ratio=2)
     else:
-        vision.update(hidden_size=64, intermediate_size=128, out_hidden_size=heads * 32, window_size=56,
-                      fullatt_block_indexes=[1])
+        vision.update(
+            hidden_size=64, intermediate_size=128, out_hidden_size=heads * 32, window_size=56, fullatt_block_indexes=[1]
+        )
     cfg = transformers.AutoConfig.for_model(spec.model_type, text_config=text, vision_config=vision, **common)
     torch.manual_seed(seed)
     model = getattr(transformers, spec.architecture)(cfg).eval()
     _spread_init(model, seed)
-    improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
-                                      merge_size=2, temporal_patch_size=2)
+    improc = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
     video = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    processor = Qwen2VLProcessor(image_processor=improc, tokenizer=tok, video_processor=video,
-                                 chat_template=spec.chat_template)
+    processor = Qwen2VLProcessor(
+        image_processor=improc, tokenizer=tok, video_processor=video, chat_template=spec.chat_template
+    )
     return model, processor
 
 
@@ -232,7 +386,10 @@ def _spread_init(model: torch.nn.Module, seed: int) -> None:
 
 # The tiny model of each family: one builder per kind of architecture (a new family names one here).
 _BUILDERS: dict[str, Callable[..., tuple[torch.nn.Module, Any]]] = {
-    "llava": build_llava, "llava_next": build_llava, "qwen2_vl": build_qwen, "qwen2_5_vl": build_qwen,
+    "llava": build_llava,
+    "llava_next": build_llava,
+    "qwen2_vl": build_qwen,
+    "qwen2_5_vl": build_qwen,
 }
 
 

@@ -22,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     if not (settings.model / "config.json").exists():
-        print(f"error: {settings.model} is not a model folder (no config.json). Pass --model DIR, or build a test "
-              "model: python -m models.tiny --family llava --out build/tiny-llava", file=sys.stderr)
+        print(
+            f"error: {settings.model} is not a model folder (no config.json). Pass --model DIR, or build a test "
+            "model: python -m models.tiny --family llava --out build/tiny-llava",
+            file=sys.stderr,
+        )
         return 2
     if settings.engine != AUTO and settings.engine not in ENGINES:
         choices = ", ".join([AUTO, *sorted(ENGINES)])
@@ -36,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Our middleware logs every request as JSON; uvicorn's access log would say it twice.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False, timeout_graceful_shutdown=10
+    )
     return 0
 
 

@@ -35,8 +35,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        fields = {"model": engine.model_name, "engine": resolve_engine_name(settings.engine),
-                  "host": settings.host, "port": settings.port}
+        fields = {
+            "model": engine.model_name,
+            "engine": resolve_engine_name(settings.engine),
+            "host": settings.host,
+            "port": settings.port,
+        }
         log.info("serving", extra={"fields": fields})
         try:
             yield

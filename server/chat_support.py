@@ -46,22 +46,35 @@ RULES: tuple[Rule, ...] = (
     Rule("parallel_tool_calls", _absent, TOOLS),
     Rule("functions", _empty, TOOLS),
     Rule("function_call", _one_of("none"), TOOLS, "unsupported_value"),
-    Rule("response_format", _one_of({"type": "text"}),
-         'only {"type": "text"} is supported (no JSON mode, no structured output)', "unsupported_value"),
+    Rule(
+        "response_format",
+        _one_of({"type": "text"}),
+        'only {"type": "text"} is supported (no JSON mode, no structured output)',
+        "unsupported_value",
+    ),
     Rule("logprobs", lambda value: not value, "logprobs are not supported", "unsupported_value"),
     Rule("top_logprobs", _absent, "logprobs are not supported"),
     Rule("logit_bias", _empty, "logit_bias is not supported"),
     Rule("audio", _absent, "audio output is not supported"),
-    Rule("modalities", lambda value: value is None or set(value) <= {"text"}, "only text output is supported",
-         "unsupported_value"),
+    Rule(
+        "modalities",
+        lambda value: value is None or set(value) <= {"text"},
+        "only text output is supported",
+        "unsupported_value",
+    ),
     Rule("prediction", _absent, "predicted outputs are not supported"),
     Rule("web_search_options", _absent, "web search is not supported"),
     Rule("moderation", _absent, "moderation is not supported"),
-    Rule("reasoning_effort", _one_of("none"), "the models do not reason before answering: only `none`",
-         "unsupported_value"),
+    Rule(
+        "reasoning_effort",
+        _one_of("none"),
+        "the models do not reason before answering: only `none`",
+        "unsupported_value",
+    ),
     Rule("verbosity", _absent, "verbosity cannot be set"),
-    Rule("service_tier", _one_of("auto", "default"), "there is one service tier: `auto` / `default`",
-         "unsupported_value"),
+    Rule(
+        "service_tier", _one_of("auto", "default"), "there is one service tier: `auto` / `default`", "unsupported_value"
+    ),
     Rule("store", lambda value: not value, "completions are not stored", "unsupported_value"),
 )
 
@@ -81,8 +94,12 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
         if not rule.honoured(getattr(body, rule.field)):
             raise _refusal(rule, rule.field)
     if body.stream_options is not None and body.stream_options.include_obfuscation:
-        raise APIError(400, "stream_options.include_obfuscation: stream obfuscation is not supported",
-                       param="stream_options.include_obfuscation", code="unsupported_value")
+        raise APIError(
+            400,
+            "stream_options.include_obfuscation: stream obfuscation is not supported",
+            param="stream_options.include_obfuscation",
+            code="unsupported_value",
+        )
     for i, message in enumerate(body.messages):
         for rule in MESSAGE_RULES:
             if not rule.honoured(getattr(message, rule.field)):

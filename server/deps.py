@@ -49,14 +49,20 @@ ArrivalDep = Annotated[Arrival, Depends(get_arrival)]
 _bearer = HTTPBearer(auto_error=False, description="The server's api_key, when one is configured.")
 
 
-def require_api_key(settings: SettingsDep,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+def require_api_key(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     if settings.api_key is None:
         return
     if credentials is None:
-        raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "missing API key: send `Authorization: Bearer <key>`",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     expected = settings.api_key.get_secret_value().encode()
     if not secrets.compare_digest(credentials.credentials.encode(), expected):
-        raise APIError(401, "incorrect API key provided", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401, "incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )

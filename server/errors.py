@@ -21,17 +21,30 @@ from server.engines.base import EngineError, EngineNotReady, EngineOverloaded
 log = logging.getLogger("sevi.server")
 
 _TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-    405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-    503: "overloaded_error", 504: "timeout_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    503: "overloaded_error",
+    504: "timeout_error",
 }
 
 
 class APIError(Exception):
     """Raise anywhere in a request to answer `status` with an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -107,8 +120,12 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
-                       headers=dict(exc.headers) if exc.headers else None)
+        err = APIError(
+            exc.status_code,
+            str(exc.detail),
+            code="not_found" if exc.status_code == 404 else None,
+            headers=dict(exc.headers) if exc.headers else None,
+        )
         return error_response(err, request)
 
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:

@@ -22,8 +22,9 @@ from server.errors import APIError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp"}
-_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
-                       re.IGNORECASE)
+_DATA_URI = re.compile(
+    r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,18 @@ def decode_base64(text: str, limits: ImageLimits, param: str) -> bytes:
     if text[:5].lower() == "data:":
         m = _DATA_URI.match(text)
         if m is None or not m.group("b64"):
-            raise APIError(400, "image data URI must be base64: data:image/png;base64,...", param=param,
-                           code="invalid_image")
+            raise APIError(
+                400, "image data URI must be base64: data:image/png;base64,...", param=param, code="invalid_image"
+            )
         media = (m.group("type") or "").lower()
         if media not in MEDIA_TYPES:
-            raise APIError(415, f"unsupported image type {media or '(none)'}; use one of {sorted(MEDIA_TYPES)}",
-                           param=param, code="unsupported_image")
-        text = text[m.end():]
+            raise APIError(
+                415,
+                f"unsupported image type {media or '(none)'}; use one of {sorted(MEDIA_TYPES)}",
+                param=param,
+                code="unsupported_image",
+            )
+        text = text[m.end() :]
     # 4 base64 characters carry 3 bytes: refuse by length before allocating the decoded copy.
     if len(text) * 3 // 4 > limits.max_bytes + 3:
         raise APIError(413, f"image is larger than {limits.max_bytes} bytes", param=param, code="image_too_large")
@@ -69,8 +75,12 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
             if w <= 0 or h <= 0:
                 raise APIError(415, "image has no pixels", param=param, code="unsupported_image")
             if w * h > limits.max_pixels:
-                raise APIError(413, f"image of {w}x{h} pixels is over the limit of {limits.max_pixels} pixels",
-                               param=param, code="image_too_large")
+                raise APIError(
+                    413,
+                    f"image of {w}x{h} pixels is over the limit of {limits.max_pixels} pixels",
+                    param=param,
+                    code="image_too_large",
+                )
             img.seek(0)  # animated images: the first frame
             img.load()
             return img.convert("RGB")
@@ -79,8 +89,9 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise APIError(413, "image is over the pixel limit", param=param, code="image_too_large") from None
     except UnidentifiedImageError:
-        raise APIError(415, f"not a supported image; use one of {', '.join(FORMATS)}", param=param,
-                       code="unsupported_image") from None
+        raise APIError(
+            415, f"not a supported image; use one of {', '.join(FORMATS)}", param=param, code="unsupported_image"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise APIError(415, f"image could not be decoded: {exc}", param=param, code="unsupported_image") from None
 
@@ -98,42 +109,58 @@ def host_allowed(url: str, allowed: list[str]) -> bool:
 async def fetch_image_bytes(url: str, limits: ImageLimits, allowed: list[str], timeout_s: float, param: str) -> bytes:
     """GET an allow-listed http(s) URL with a byte cap; no redirects (they could leave the allow-list)."""
     if not host_allowed(url, allowed):
-        raise APIError(400, "image_url must be a data URI (data:image/...;base64,...); http(s) URLs are accepted only "
-                       "for hosts in the server's allowed_image_hosts setting", param=param, code="invalid_image_url")
+        raise APIError(
+            400,
+            "image_url must be a data URI (data:image/...;base64,...); http(s) URLs are accepted only "
+            "for hosts in the server's allowed_image_hosts setting",
+            param=param,
+            code="invalid_image_url",
+        )
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client, \
-                client.stream("GET", url) as resp:
+        async with (
+            httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client,
+            client.stream("GET", url) as resp,
+        ):
             if resp.status_code != 200:
-                raise APIError(400, f"fetching the image gave HTTP {resp.status_code}", param=param,
-                               code="image_fetch_failed")
+                raise APIError(
+                    400, f"fetching the image gave HTTP {resp.status_code}", param=param, code="image_fetch_failed"
+                )
             declared = resp.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-                raise APIError(413, f"image is larger than {limits.max_bytes} bytes", param=param,
-                               code="image_too_large")
+                raise APIError(
+                    413, f"image is larger than {limits.max_bytes} bytes", param=param, code="image_too_large"
+                )
             chunks: list[bytes] = []
             size = 0
             async for chunk in resp.aiter_bytes():
                 size += len(chunk)
                 if size > limits.max_bytes:
-                    raise APIError(413, f"image is larger than {limits.max_bytes} bytes", param=param,
-                                   code="image_too_large")
+                    raise APIError(
+                        413, f"image is larger than {limits.max_bytes} bytes", param=param, code="image_too_large"
+                    )
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.HTTPError as exc:
-        raise APIError(400, f"could not fetch the image: {type(exc).__name__}", param=param,
-                       code="image_fetch_failed") from None
+        raise APIError(
+            400, f"could not fetch the image: {type(exc).__name__}", param=param, code="image_fetch_failed"
+        ) from None
 
 
-async def load_image_url(url: str, limits: ImageLimits, allowed: list[str], timeout_s: float,
-                         param: str) -> Image.Image:
+async def load_image_url(
+    url: str, limits: ImageLimits, allowed: list[str], timeout_s: float, param: str
+) -> Image.Image:
     """An OpenAI `image_url.url` (data URI, or allow-listed http(s)) -> decoded image; decoding off the event loop."""
     if url[:5].lower() == "data:":
         data = decode_base64(url, limits, param)
     elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
         data = await fetch_image_bytes(url, limits, allowed, timeout_s, param)
     else:
-        raise APIError(400, "image_url.url must be a data URI (data:image/png;base64,...) or an http(s) URL",
-                       param=param, code="invalid_image_url")
+        raise APIError(
+            400,
+            "image_url.url must be a data URI (data:image/png;base64,...) or an http(s) URL",
+            param=param,
+            code="invalid_image_url",
+        )
     return await decode_image(data, limits, param)
 
 

@@ -62,8 +62,9 @@ class ImageURL:
     param: str
 
     async def load(self, settings: Settings) -> Image.Image:
-        return await load_image_url(self.url, image_limits(settings), settings.allowed_image_hosts,
-                                    settings.image_fetch_timeout_s, self.param)
+        return await load_image_url(
+            self.url, image_limits(settings), settings.allowed_image_hosts, settings.image_fetch_timeout_s, self.param
+        )
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,16 @@ async def build(spec: RequestSpec, engine: Engine, settings: Settings) -> Genera
 
 def resolve_knobs(knobs: Knobs, engine: Engine, settings: Settings) -> AlignmentParams:
     try:
-        return resolve_alignment(knobs.conservativeness, engine.num_layers, omega=knobs.omega,
-                                 start_layer=knobs.start_layer, kappa=knobs.kappa, contrast=knobs.contrast,
-                                 default_conservativeness=settings.default_conservativeness,
-                                 knob_map=engine.knob_map)  # the model's sevi_presets.json, if it has one
+        return resolve_alignment(
+            knobs.conservativeness,
+            engine.num_layers,
+            omega=knobs.omega,
+            start_layer=knobs.start_layer,
+            kappa=knobs.kappa,
+            contrast=knobs.contrast,
+            default_conservativeness=settings.default_conservativeness,
+            knob_map=engine.knob_map,
+        )  # the model's sevi_presets.json, if it has one
     except AlignmentParamError as exc:
         param = exc.param if exc.param == "conservativeness" else knobs.param_prefix + exc.param
         raise APIError(400, str(exc), param=param, code="invalid_alignment") from None
@@ -112,14 +119,23 @@ def sampling_params(sampling: Sampling, settings: Settings) -> SamplingParams:
     if sampling.max_tokens is None:
         n = min(settings.default_max_tokens, settings.max_tokens_limit)
     elif sampling.max_tokens > settings.max_tokens_limit:
-        raise APIError(400, f"{sampling.max_tokens_param} must be at most {settings.max_tokens_limit}, got "
-                       f"{sampling.max_tokens}", param=sampling.max_tokens_param, code="invalid_value")
+        raise APIError(
+            400,
+            f"{sampling.max_tokens_param} must be at most {settings.max_tokens_limit}, got {sampling.max_tokens}",
+            param=sampling.max_tokens_param,
+            code="invalid_value",
+        )
     else:
         n = sampling.max_tokens
-    return SamplingParams(max_tokens=n, temperature=sampling.temperature or 0.0,
-                          top_p=1.0 if sampling.top_p is None else sampling.top_p, seed=sampling.seed,
-                          stop=sampling.stop, presence_penalty=sampling.presence_penalty or 0.0,
-                          frequency_penalty=sampling.frequency_penalty or 0.0)
+    return SamplingParams(
+        max_tokens=n,
+        temperature=sampling.temperature or 0.0,
+        top_p=1.0 if sampling.top_p is None else sampling.top_p,
+        seed=sampling.seed,
+        stop=sampling.stop,
+        presence_penalty=sampling.presence_penalty or 0.0,
+        frequency_penalty=sampling.frequency_penalty or 0.0,
+    )
 
 
 def image_limits(settings: Settings) -> ImageLimits:

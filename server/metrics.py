@@ -26,10 +26,14 @@ class _EngineCollector(Collector):
             return
         yield GaugeMetricFamily("sevi_queue_depth", "Requests waiting for a batch slot.", value=s.queue_depth)
         yield GaugeMetricFamily("sevi_running_requests", "Requests in running batches (batch size).", value=s.running)
-        yield CounterMetricFamily("sevi_engine_cancelled_requests", "Requests the engine dropped (client gone, "
-                                  "deadline).", value=s.cancelled_total)
-        yield CounterMetricFamily("sevi_engine_failed_batches", "Batches that failed inside the engine.",
-                                  value=s.failed_batches_total)
+        yield CounterMetricFamily(
+            "sevi_engine_cancelled_requests",
+            "Requests the engine dropped (client gone, deadline).",
+            value=s.cancelled_total,
+        )
+        yield CounterMetricFamily(
+            "sevi_engine_failed_batches", "Batches that failed inside the engine.", value=s.failed_batches_total
+        )
 
 
 class _VllmCollector(Collector):
@@ -46,25 +50,47 @@ class Metrics:
     def __init__(self, engine_stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sevi_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("sevi_request_latency_seconds", "End-to-end request latency.", ["endpoint"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("sevi_time_to_first_token_seconds", "Time from request arrival to the first token.",
-                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("sevi_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
-                             buckets=_TOKEN_BUCKETS, registry=r)
+        self.requests = Counter(
+            "sevi_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "sevi_request_latency_seconds",
+            "End-to-end request latency.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "sevi_time_to_first_token_seconds",
+            "Time from request arrival to the first token.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "sevi_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("sevi_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.completion_tokens = Counter("sevi_completion_tokens", "Tokens generated.", registry=r)
-        self.conservativeness = Histogram("sevi_requested_conservativeness", "Conservativeness applied per request.",
-                                          buckets=tuple(i / 10 for i in range(11)), registry=r)
-        self.heads_reweighted = Counter("sevi_heads_reweighted", "Attention heads re-weighted by SEVI (telemetry).",
-                                        registry=r)
+        self.conservativeness = Histogram(
+            "sevi_requested_conservativeness",
+            "Conservativeness applied per request.",
+            buckets=tuple(i / 10 for i in range(11)),
+            registry=r,
+        )
+        self.heads_reweighted = Counter(
+            "sevi_heads_reweighted", "Attention heads re-weighted by SEVI (telemetry).", registry=r
+        )
         self.contrast_dissolved = Counter(
-            "sevi_contrast_pairs_dissolved", "Requests whose contrastive decoding pair fell out of lockstep, so part "
+            "sevi_contrast_pairs_dissolved",
+            "Requests whose contrastive decoding pair fell out of lockstep, so part "
             "of the output was decoded without contrast (telemetry contrast_dissolved; the vLLM engine's scheduler "
-            "keeps pairs together, so this should stay 0).", registry=r)
-        self.cancelled = Counter("sevi_cancelled_requests", "Requests cancelled by the server.", ["reason"],
-                                 registry=r)
+            "keeps pairs together, so this should stay 0).",
+            registry=r,
+        )
+        self.cancelled = Counter("sevi_cancelled_requests", "Requests cancelled by the server.", ["reason"], registry=r)
         r.register(_EngineCollector(engine_stats))
         r.register(_VllmCollector())

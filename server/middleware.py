@@ -65,8 +65,10 @@ class RequestContext:
         try:
             body_receive = await self._limit_body(scope, receive)
             if body_receive is None:
-                await _send_error(send_with_id, APIError(
-                    413, f"request body is larger than {self.max_body} bytes", code="request_too_large"))
+                await _send_error(
+                    send_with_id,
+                    APIError(413, f"request body is larger than {self.max_body} bytes", code="request_too_large"),
+                )
                 state["error"] = "request body too large"
             else:
                 await self.app(scope, body_receive, send_with_id)
@@ -114,8 +116,13 @@ class RequestContext:
         endpoint = path if path in ENDPOINTS else "other"
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.latency.labels(endpoint).observe(seconds)
-        fields: dict[str, Any] = {"id": arrival.request_id, "method": scope.get("method"), "endpoint": path[:200],
-                                  "status": status, "latency_ms": round(seconds * 1000, 3)}
+        fields: dict[str, Any] = {
+            "id": arrival.request_id,
+            "method": scope.get("method"),
+            "endpoint": path[:200],
+            "status": status,
+            "latency_ms": round(seconds * 1000, 3),
+        }
         fields.update(arrival.log)
         if state.get("error"):
             fields["error"] = state["error"]
@@ -141,7 +148,15 @@ def _replay(chunks: list[bytes], pending: Message | None, receive: Receive) -> R
 
 async def _send_error(send: Send, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": err.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

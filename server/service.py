@@ -56,8 +56,11 @@ class Run:
 
     def __post_init__(self) -> None:
         # The deadline counts from arrival (set by the middleware), so time spent decoding images counts too.
-        self._deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s - (
-            time.perf_counter() - self.arrival.t0)
+        self._deadline = (
+            asyncio.get_running_loop().time()
+            + self.settings.request_timeout_s
+            - (time.perf_counter() - self.arrival.t0)
+        )
         c = self.request.alignment.conservativeness
         self.metrics.conservativeness.observe(c)
         self._log(conservativeness=c, omega=self.request.alignment.omega, engine_request_id=self.request.request_id)
@@ -82,12 +85,14 @@ class Run:
         except TimeoutError:
             self.failed = True
             self._cancelled("timeout")
-            raise APIError(504, f"the request ran past its deadline of {self.settings.request_timeout_s:g} s",
-                           code="timeout") from None
+            raise APIError(
+                504, f"the request ran past its deadline of {self.settings.request_timeout_s:g} s", code="timeout"
+            ) from None
         except StopAsyncIteration:
             self.failed = True
-            raise APIError(500, "the engine ended the request without a result", code="engine_error",
-                           type="server_error") from None
+            raise APIError(
+                500, "the engine ended the request without a result", code="engine_error", type="server_error"
+            ) from None
         except Exception as exc:  # engine and model errors -> their API status (400/503/500)
             self.failed = True
             raise from_exception(exc, self.settings.retry_after_s) from None
@@ -112,10 +117,15 @@ class Run:
             dissolved = bool(telemetry.contrast_dissolved)
             if dissolved:
                 self.metrics.contrast_dissolved.inc()
-            self._log(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                      finish_reason=ev.finish_reason, engine_ms=round(self.stats.engine_s * 1000, 3),
-                      queue_ms=round(self.stats.queue_s * 1000, 3), heads_reweighted=heads,
-                      **({"contrast_dissolved": True} if dissolved else {}))
+            self._log(
+                prompt_tokens=ev.prompt_tokens,
+                completion_tokens=ev.completion_tokens,
+                finish_reason=ev.finish_reason,
+                engine_ms=round(self.stats.engine_s * 1000, 3),
+                queue_ms=round(self.stats.queue_s * 1000, 3),
+                heads_reweighted=heads,
+                **({"contrast_dissolved": True} if dissolved else {}),
+            )
 
     def _cancelled(self, reason: str) -> None:
         self.metrics.cancelled.labels(reason).inc()
@@ -126,8 +136,11 @@ class Run:
         `x-engine-time-ms` (submission to final token, queueing included), `x-queue-time-ms`, and
         `x-server-time-ms` (arrival to response, i.e. everything but the network and the client)."""
         server = (time.perf_counter() - self.arrival.t0) * 1000
-        return {"x-engine-time-ms": f"{self.stats.engine_s * 1000:.3f}",
-                "x-queue-time-ms": f"{self.stats.queue_s * 1000:.3f}", "x-server-time-ms": f"{server:.3f}"}
+        return {
+            "x-engine-time-ms": f"{self.stats.engine_s * 1000:.3f}",
+            "x-queue-time-ms": f"{self.stats.queue_s * 1000:.3f}",
+            "x-server-time-ms": f"{server:.3f}",
+        }
 
     async def close(self) -> None:
         """Closing the engine's iterator before its end cancels the request there."""
@@ -172,8 +185,13 @@ class Run:
             parts.append(ev.text)
             last = ev
         assert last is not None
-        return Outcome("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                       last.telemetry or Telemetry())
+        return Outcome(
+            "".join(parts),
+            last.finish_reason,
+            last.prompt_tokens,
+            last.completion_tokens,
+            last.telemetry or Telemetry(),
+        )
 
 
 async def _client_gone(receive: Receive) -> None:

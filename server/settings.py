@@ -47,19 +47,31 @@ class VllmSettings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (tensor parallel).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (e.g. one per node).")
     distributed_executor_backend: Literal["uni", "mp", "ray"] | None = Field(
-        None, description="Executor: 'uni' (one device, default), 'mp' (one node), 'ray' (several nodes).")
+        None, description="Executor: 'uni' (one device, default), 'mp' (one node), 'ray' (several nodes)."
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
-    enforce_eager: bool = Field(False, description="No torch.compile / CUDA graphs: starts 10-60 s sooner, "
-                                "decodes ~15% slower on CPU (measured in bench/engines.py).")
-    prefix_caching: bool = Field(True, description="Prefix cache (aligned requests cache only the blocks before "
-                                 "their last prompt row: models/vllm_plugin/scheduler.py).")
+    enforce_eager: bool = Field(
+        False,
+        description="No torch.compile / CUDA graphs: starts 10-60 s sooner, "
+        "decodes ~15% slower on CPU (measured in bench/engines.py).",
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="Prefix cache (aligned requests cache only the blocks before "
+        "their last prompt row: models/vllm_plugin/scheduler.py).",
+    )
     seed: int = Field(0, description="vLLM's engine seed.")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="Further vLLM EngineArgs as JSON, e.g. "
-                                        "SEVI_VLLM_ENGINE_ARGS='{\"max_num_batched_tokens\": 4096}'.")
-    disable: bool = Field(False, description="Leave vLLM's attention stock: no SEVI at all (benchmarks, debugging). "
-                          "Read by the plugin in every vLLM process, so also honoured by `vllm serve`.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vLLM EngineArgs as JSON, e.g. SEVI_VLLM_ENGINE_ARGS='{\"max_num_batched_tokens\": 4096}'.",
+    )
+    disable: bool = Field(
+        False,
+        description="Leave vLLM's attention stock: no SEVI at all (benchmarks, debugging). "
+        "Read by the plugin in every vLLM process, so also honoured by `vllm serve`.",
+    )
 
 
 class KernelSettings(BaseSettings):
@@ -70,14 +82,22 @@ class KernelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEVI_", extra="ignore")
 
     aligned_kernel: Literal["c", "triton", "torch"] | None = Field(
-        None, description="Kernel of the aligned rows in the vLLM backends (default: c on CPU where the system "
-                          "compiler builds it, triton on a GPU where it imports, else torch).")
-    paged_kernel: bool = Field(True, description="vLLM on CPU reads the aligned rows' K/V with the C kernel (false: "
-                               "the torch gather path).")
-    compiled_operator: bool = Field(True, description="On CPU both engines run the alignment operator compiled ahead "
-                                    "of time (AOTInductor; false: eager PyTorch).")
-    kernel_cache: Path = Field(runtime_env.default_kernel_cache(),
-                               description="Folder of the code built at run time (C kernel, compiled operator).")
+        None,
+        description="Kernel of the aligned rows in the vLLM backends (default: c on CPU where the system "
+        "compiler builds it, triton on a GPU where it imports, else torch).",
+    )
+    paged_kernel: bool = Field(
+        True, description="vLLM on CPU reads the aligned rows' K/V with the C kernel (false: the torch gather path)."
+    )
+    compiled_operator: bool = Field(
+        True,
+        description="On CPU both engines run the alignment operator compiled ahead "
+        "of time (AOTInductor; false: eager PyTorch).",
+    )
+    kernel_cache: Path = Field(
+        runtime_env.default_kernel_cache(),
+        description="Folder of the code built at run time (C kernel, compiled operator).",
+    )
 
     @field_validator("aligned_kernel", mode="before")
     @classmethod
@@ -108,31 +128,46 @@ class _GroupEnvSource(PydanticBaseSettingsSource):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="SEVI_", cli_kebab_case=True, cli_prog_name="python -m server", cli_implicit_flags=False,
+        env_prefix="SEVI_",
+        cli_kebab_case=True,
+        cli_prog_name="python -m server",
+        cli_implicit_flags=False,
         extra="ignore",
     )
 
     model: Path = Field(Path("models/bundled"), description="Hugging Face model folder to serve.")
     served_model_name: str | None = Field(None, description="Model id in the API (default: the folder name).")
-    engine: str = Field("auto", description="Inference engine: vllm, transformers (the reference engine), or auto "
-                                            "(vllm where installed, else transformers).")
+    engine: str = Field(
+        "auto",
+        description="Inference engine: vllm, transformers (the reference engine), or auto "
+        "(vllm where installed, else transformers).",
+    )
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
     api_key: SecretStr | None = Field(
-        None, description="When set, /v1/* and /caption need `Authorization: Bearer KEY`.")
+        None, description="When set, /v1/* and /caption need `Authorization: Bearer KEY`."
+    )
     default_conservativeness: float = Field(
-        0.5, ge=0.0, le=1.0, description="Conservativeness of requests that name none (0 = unmodified model).")
+        0.5, ge=0.0, le=1.0, description="Conservativeness of requests that name none (0 = unmodified model)."
+    )
     contrast_pool: Path | None = Field(None, description="Folder of contrast images (default: built-in noise images).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     device: str = Field("cpu", description="Torch device of the reference engine.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of the engine "
-                                       "(default on CPU: every core but one, left to the HTTP loop).")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads of the engine (default on CPU: every core but one, left to the HTTP loop).",
+    )
 
     max_batch_size: int | None = Field(
-        None, ge=1, description="Most requests decoding at once (default: 8; the vLLM engine on a GPU: vLLM's "
-                                "own max_num_seqs for the device, half of it in requests).")
+        None,
+        ge=1,
+        description="Most requests decoding at once (default: 8; the vLLM engine on a GPU: vLLM's "
+        "own max_num_seqs for the device, half of it in requests).",
+    )
     max_cohorts: int = Field(
-        2, ge=1, description="Most batches interleaved step by step, so new arrivals need not wait for a batch to end.")
+        2, ge=1, description="Most batches interleaved step by step, so new arrivals need not wait for a batch to end."
+    )
     max_queue: int = Field(64, ge=1, description="Most requests waiting for a batch slot; beyond it 503 + Retry-After.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request deadline, queueing included.")
@@ -140,26 +175,32 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(20 * MiB, ge=1024, description="Largest request body (413 above).")
     max_image_bytes: int = Field(10 * MiB, ge=1, description="Largest encoded image (413 above).")
     max_image_pixels: int = Field(
-        4096 * 4096, ge=1, description="Largest width*height before decoding (decompression-bomb guard, 413 above).")
+        4096 * 4096, ge=1, description="Largest width*height before decoding (decompression-bomb guard, 413 above)."
+    )
     max_images_per_request: int = Field(4, ge=1, description="Most images in one request (400 above).")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for (400 above).")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of requests that name none.")
     allowed_image_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Hosts (host or host:port) that image_url may fetch over http(s); empty = data URIs only.")
+        description="Hosts (host or host:port) that image_url may fetch over http(s); empty = data URIs only.",
+    )
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for fetching an allow-listed image URL.")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     # Defaults without a second look at the environment: _GroupEnvSource has read it for the root.
     vllm: VllmSettings = Field(default_factory=lambda: VllmSettings.model_construct(), description=VllmSettings.__doc__)
-    kernels: KernelSettings = Field(default_factory=lambda: KernelSettings.model_construct(),
-                                    description=KernelSettings.__doc__)
+    kernels: KernelSettings = Field(
+        default_factory=lambda: KernelSettings.model_construct(), description=KernelSettings.__doc__
+    )
 
     @classmethod
     def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The command line comes first through CliApp; the groups' variables rank with the root's.
@@ -185,9 +226,13 @@ class Settings(BaseSettings):
     def runtime_options(self) -> runtime_env.RuntimeOptions:
         """The switches every process running SEVI's code reads, for the engine to export before vLLM starts."""
         k = self.kernels
-        return runtime_env.RuntimeOptions(aligned_kernel=k.aligned_kernel, paged_kernel=k.paged_kernel,
-                                          compiled_operator=k.compiled_operator, kernel_cache=k.kernel_cache,
-                                          plugin_disabled=self.vllm.disable)
+        return runtime_env.RuntimeOptions(
+            aligned_kernel=k.aligned_kernel,
+            paged_kernel=k.paged_kernel,
+            compiled_operator=k.compiled_operator,
+            kernel_cache=k.kernel_cache,
+            plugin_disabled=self.vllm.disable,
+        )
 
 
 def parse_cli(argv: list[str] | None = None) -> Settings:

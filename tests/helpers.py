@@ -82,8 +82,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -133,9 +132,18 @@ def _normalise(key: str) -> str:
 
 def base_settings(model: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
-        model=model, engine="transformers", max_batch_size=8, max_queue=64, max_tokens_limit=1000, default_max_tokens=8,
-        max_request_bytes=1024 * 1024, max_image_bytes=256 * 1024, max_image_pixels=512 * 512,
-        max_images_per_request=2, default_conservativeness=0.5, request_timeout_s=60,
+        model=model,
+        engine="transformers",
+        max_batch_size=8,
+        max_queue=64,
+        max_tokens_limit=1000,
+        default_max_tokens=8,
+        max_request_bytes=1024 * 1024,
+        max_image_bytes=256 * 1024,
+        max_image_pixels=512 * 512,
+        max_images_per_request=2,
+        default_conservativeness=0.5,
+        request_timeout_s=60,
     )
     values.update(overrides)
     return Settings(**values)
@@ -207,13 +215,23 @@ def knob_set(layers: int) -> dict[str, AlignmentParams]:
 
 
 def mixed_batch(layers: int, images: list[Image.Image], max_tokens: int = 20) -> list[GenerationRequest]:
-    reqs = [GenerationRequest(f"{name}/{i}", user_message(DESCRIBE_PROMPT), [img], params,
-                              SamplingParams(max_tokens=max_tokens))
-            for i, img in enumerate(images) for name, params in knob_set(layers).items()]
+    reqs = [
+        GenerationRequest(
+            f"{name}/{i}", user_message(DESCRIBE_PROMPT), [img], params, SamplingParams(max_tokens=max_tokens)
+        )
+        for i, img in enumerate(images)
+        for name, params in knob_set(layers).items()
+    ]
     # Sampled contrastive decoding: the pair samples with the reference engine's sampler, seeded.
-    reqs.append(GenerationRequest("sampled+cd/0", user_message(DESCRIBE_PROMPT), [images[0]],
-                                  knob_set(layers)["explicit+cd"],
-                                  SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, seed=11)))
+    reqs.append(
+        GenerationRequest(
+            "sampled+cd/0",
+            user_message(DESCRIBE_PROMPT),
+            [images[0]],
+            knob_set(layers)["explicit+cd"],
+            SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, seed=11),
+        )
+    )
     return reqs
 
 
@@ -254,12 +272,16 @@ def processor(layers: int = 4) -> SeviLogitsProcessor:
     text: Any = cfg.text_config  # a config object once built (typed as a union with its dict form)
     text.num_hidden_layers = layers
     text.eos_token_id = PLUGIN_EOS
-    return SeviLogitsProcessor(SimpleNamespace(model_config=SimpleNamespace(hf_config=cfg)),  # type: ignore[arg-type]
-                               torch.device("cpu"), False)
+    return SeviLogitsProcessor(
+        SimpleNamespace(model_config=SimpleNamespace(hf_config=cfg)),  # type: ignore[arg-type]
+        torch.device("cpu"),
+        False,
+    )
 
 
-def add_rows(proc: SeviLogitsProcessor, rows: list[tuple[int, dict[str, object] | None, list[int], list[int]]],
-             size: int) -> None:
+def add_rows(
+    proc: SeviLogitsProcessor, rows: list[tuple[int, dict[str, object] | None, list[int], list[int]]], size: int
+) -> None:
     """Rows (batch index, SEVI extra args or None, prompt ids, output ids so far) joining a batch of `size`."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate
@@ -268,8 +290,9 @@ def add_rows(proc: SeviLogitsProcessor, rows: list[tuple[int, dict[str, object] 
     proc.update_state(BatchUpdate(batch_size=size, removed=[], added=added, moved=[]))
 
 
-def random_cpu_cache(n_blocks: int, heads: int, bs: int, hd: int, seed: int,
-                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool, bool]:
+def random_cpu_cache(
+    n_blocks: int, heads: int, bs: int, hd: int, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, bool, bool]:
     """A CPU cache filled through the kernel's own writer (every slot), and its probed K/V layout."""
     from vllm import _custom_ops as ops
 

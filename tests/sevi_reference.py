@@ -47,8 +47,16 @@ def align_row_loop(
 
 
 def loop_attention_row(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keys: list[int],
-    semantic: set[int], other: set[int], omega: float, kappa: float, aligned: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    keys: list[int],
+    semantic: set[int],
+    other: set[int],
+    omega: float,
+    kappa: float,
+    aligned: bool,
 ) -> torch.Tensor:
     """Attention output `[H, D]` of one query row. q: [H, D]; k, v: [H, K, D] already expanded for GQA."""
     n_heads = q.shape[0]

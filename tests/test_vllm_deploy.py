@@ -35,8 +35,9 @@ def _make_installs(vllm: str) -> set[str]:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     venv = Path("/nonexistent-sevi-venv")
-    dry = subprocess.run(["make", "-n", "install", f"VLLM={vllm}", f"VENV={venv}"], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "install", f"VLLM={vllm}", f"VENV={venv}"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
     extras: set[str] = set()
     for line in dry.splitlines():
         argv = shlex.split(line) if line.strip() else []

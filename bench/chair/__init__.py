@@ -16,5 +16,16 @@ from bench.chair.score import (
     singularize,
 )
 
-__all__ = ["ChairResult", "ImageScore", "caption_objects", "caption_words", "compute_chair", "load_captions",
-           "load_coco_truth", "load_truth", "partner_rate", "score_caption", "singularize"]
+__all__ = [
+    "ChairResult",
+    "ImageScore",
+    "caption_objects",
+    "caption_words",
+    "compute_chair",
+    "load_captions",
+    "load_coco_truth",
+    "load_truth",
+    "partner_rate",
+    "score_caption",
+    "singularize",
+]

@@ -47,8 +47,11 @@ class Setting:
 
     @property
     def name(self) -> str:
-        return "off" if self.omega == 0 and self.start_layer < 0 else \
-            f"w{self.omega:g}-s{self.start_layer}-k{self.kappa:g}"
+        return (
+            "off"
+            if self.omega == 0 and self.start_layer < 0
+            else f"w{self.omega:g}-s{self.start_layer}-k{self.kappa:g}"
+        )
 
 
 OFF = Setting(0.0, -1, 0.0)  # the unmodified model (conservativeness 0); its layer and kappa mean nothing
@@ -65,6 +68,7 @@ class Measured:
 def frontier(points: list[Measured]) -> list[Measured]:
     """The points no other point beats on both hallucination (lower) and recall (higher), most hallucinating
     first."""
+
     def key(p: Measured) -> tuple[float, float]:
         return (p.hallucination, p.recall)
 
@@ -106,8 +110,9 @@ def walk(baseline: Measured, points: list[Measured], min_step: float = 0.0) -> l
     return [(0.0, baseline)] + [(round((top - p.hallucination) / (top - bottom), 4), p) for p in kept]
 
 
-def presets_document(steps: list[tuple[float, Measured]], contrast: bool, calibration: dict[str, Any]
-                     ) -> dict[str, Any]:
+def presets_document(
+    steps: list[tuple[float, Measured]], contrast: bool, calibration: dict[str, Any]
+) -> dict[str, Any]:
     """The presets file for a walk (`models.presets` schema): knots, balanced = the knot nearest c = 0.5."""
     first = steps[1][1].setting
     knots = []
@@ -115,12 +120,25 @@ def presets_document(steps: list[tuple[float, Measured]], contrast: bool, calibr
         # The unmodified model's knot borrows the first real knot's layer and kappa: from c = 0 to that knot
         # only omega ramps up.
         s = first if p.setting == OFF else p.setting
-        knots.append({"c": c, "omega": 0.0 if p.setting == OFF else s.omega, "start_layer": s.start_layer,
-                      "kappa": s.kappa, "measured": {k: p.row[k] for k in ("chair_s", "chair_i", "recall", "len")}})
+        knots.append(
+            {
+                "c": c,
+                "omega": 0.0 if p.setting == OFF else s.omega,
+                "start_layer": s.start_layer,
+                "kappa": s.kappa,
+                "measured": {k: p.row[k] for k in ("chair_s", "chair_i", "recall", "len")},
+            }
+        )
     inner = [c for c, _ in steps[1:-1]]
     balanced = min(inner, key=lambda c: abs(c - 0.5)) if inner else 0.5
-    return {"format": 1, "balanced": balanced, "focused": 1.0, "contrast": contrast, "knots": knots,
-            "calibration": calibration}
+    return {
+        "format": 1,
+        "balanced": balanced,
+        "focused": 1.0,
+        "contrast": contrast,
+        "knots": knots,
+        "calibration": calibration,
+    }
 
 
 def grid(omegas: list[float], layers: list[int], kappas: list[float], contrast: bool) -> list[Setting]:
@@ -141,8 +159,14 @@ def _model_info(client: httpx.Client) -> tuple[str, int]:
     return str(card["id"]), int(card["num_layers"])
 
 
-def plot(name: str, points: list[Measured], steps: list[tuple[float, Measured]], path: Path,
-         metric: str = "chair_s", error: float | None = None) -> None:
+def plot(
+    name: str,
+    points: list[Measured],
+    steps: list[tuple[float, Measured]],
+    path: Path,
+    metric: str = "chair_s",
+    error: float | None = None,
+) -> None:
     """Every setting measured, the frontier (dashed), the knots the presets walk (red); `error`: the standard
     error of the unmodified model's measure, drawn as its horizontal bar."""
     import matplotlib
@@ -151,23 +175,36 @@ def plot(name: str, points: list[Measured], steps: list[tuple[float, Measured]],
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([p.hallucination for p in points], [p.recall for p in points], s=14, c="0.6",
-               label="settings measured")
+    ax.scatter([p.hallucination for p in points], [p.recall for p in points], s=14, c="0.6", label="settings measured")
     base = next(p for p in points if p.setting == OFF)
-    ax.scatter([base.hallucination], [base.recall], marker="*", s=140, c="k", label="unmodified model (c = 0)",
-               zorder=3)
+    ax.scatter(
+        [base.hallucination], [base.recall], marker="*", s=140, c="k", label="unmodified model (c = 0)", zorder=3
+    )
     if error:
-        ax.errorbar([base.hallucination], [base.recall], xerr=[error], c="k", capsize=3, lw=1,
-                    label="+-1 standard error")
+        ax.errorbar(
+            [base.hallucination], [base.recall], xerr=[error], c="k", capsize=3, lw=1, label="+-1 standard error"
+        )
     front = frontier(points)
-    ax.plot([p.hallucination for p in front], [p.recall for p in front], "--", c="tab:blue", lw=1,
-            label="measured frontier")
+    ax.plot(
+        [p.hallucination for p in front], [p.recall for p in front], "--", c="tab:blue", lw=1, label="measured frontier"
+    )
     if steps:
-        ax.plot([p.hallucination for _, p in steps], [p.recall for _, p in steps], "o-", c="tab:red",
-                label="knots of the presets (c walks them)", zorder=2)
+        ax.plot(
+            [p.hallucination for _, p in steps],
+            [p.recall for _, p in steps],
+            "o-",
+            c="tab:red",
+            label="knots of the presets (c walks them)",
+            zorder=2,
+        )
         for c, p in steps[1:]:
-            ax.annotate(f"c={c:.2f}\n{p.setting.name}", (p.hallucination, p.recall), fontsize=6,
-                        textcoords="offset points", xytext=(4, 4))
+            ax.annotate(
+                f"c={c:.2f}\n{p.setting.name}",
+                (p.hallucination, p.recall),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
     ax.set_xlabel(f"{metric.upper()} (lower is better)")
     ax.set_ylabel("recall")
     ax.grid(alpha=0.3)
@@ -184,8 +221,11 @@ def markdown(title: str, points: list[Measured], steps: list[tuple[float, Measur
     lines = [f"### {title}", "", "| setting | c | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for p in sorted(points, key=lambda q: (-q.hallucination, -q.recall)):
         c = on_walk.get(id(p))
-        lines.append(f"| {p.setting.name} | {'' if c is None else f'{c:g}'} | "
-                     + " | ".join(str(p.row.get(k, "")) for k in cols) + " |")
+        lines.append(
+            f"| {p.setting.name} | {'' if c is None else f'{c:g}'} | "
+            + " | ".join(str(p.row.get(k, "")) for k in cols)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -205,16 +245,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     points: list[Measured] = []
     with httpx.Client(base_url=args.server, timeout=args.timeout, headers=headers) as client:
         model_id, depth = _model_info(client)
-        layers = [int(x) for x in args.start_layers.split(",")] if args.start_layers else \
-            sorted({max(0, round(depth * f)) for f in (1 / 8, 1 / 4, 1 / 2)})
+        layers = (
+            [int(x) for x in args.start_layers.split(",")]
+            if args.start_layers
+            else sorted({max(0, round(depth * f)) for f in (1 / 8, 1 / 4, 1 / 2)})
+        )
         if any(not 0 <= s <= depth for s in layers):
             raise SystemExit(f"start layers must be in [0, {depth}] for this model, got {layers}")
         for setting in [OFF, *grid(_floats(args.omegas), layers, _floats(args.kappas), contrast)]:
-            level, extra = (0.0, None) if setting == OFF else (1.0, {"omega": str(setting.omega),
-                                                                     "start_layer": str(setting.start_layer)})
-            rows = run_level(client, items, level, contrast, out / "captions" / f"{tag}-{setting.name}.jsonl",
-                             args.max_tokens, args.prompt, args.concurrency, f"{name} {setting.name}",
-                             None if setting == OFF else setting.kappa, extra)
+            level, extra = (
+                (0.0, None)
+                if setting == OFF
+                else (1.0, {"omega": str(setting.omega), "start_layer": str(setting.start_layer)})
+            )
+            rows = run_level(
+                client,
+                items,
+                level,
+                contrast,
+                out / "captions" / f"{tag}-{setting.name}.jsonl",
+                args.max_tokens,
+                args.prompt,
+                args.concurrency,
+                f"{name} {setting.name}",
+                None if setting == OFF else setting.kappa,
+                extra,
+            )
             row = summarize(items, rows, partners)
             points.append(Measured(setting, row[args.metric], row["recall"], row))
     steps = walk(points[0], points[1:], args.min_step)
@@ -222,27 +278,51 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     base_s = points[0].row["chair_s"]
     chair_s_se = round(math.sqrt(base_s * (1 - base_s) / max(1, len(items))), 4)
     title = f"{name}, contrast {args.contrast}, n={len(items)}, model {model_id}, frontier on {args.metric}"
-    result = {"set": name, "n": len(items), "contrast": contrast, "max_tokens": args.max_tokens, "model": model_id,
-              "metric": args.metric, "chair_s_standard_error": chair_s_se,
-              "num_layers": depth, "points": [{**asdict(p.setting), "name": p.setting.name, **p.row} for p in points],
-              "walk": [{"c": c, "setting": p.setting.name} for c, p in steps]}
+    result = {
+        "set": name,
+        "n": len(items),
+        "contrast": contrast,
+        "max_tokens": args.max_tokens,
+        "model": model_id,
+        "metric": args.metric,
+        "chair_s_standard_error": chair_s_se,
+        "num_layers": depth,
+        "points": [{**asdict(p.setting), "name": p.setting.name, **p.row} for p in points],
+        "walk": [{"c": c, "setting": p.setting.name} for c, p in steps],
+    }
     (out / f"{result_tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{result_tag}.md").write_text(markdown(title, points, steps)
-                                          + f"\nStandard error of the unmodified model's CHAIR_S: {chair_s_se}.\n")
-    plot(f"{name}, contrast {args.contrast}, n={len(items)}\nmodel {model_id}, frontier on {args.metric}",
-         points, steps, out / f"{result_tag}.png", args.metric, chair_s_se if args.metric == "chair_s" else None)
+    (out / f"{result_tag}.md").write_text(
+        markdown(title, points, steps) + f"\nStandard error of the unmodified model's CHAIR_S: {chair_s_se}.\n"
+    )
+    plot(
+        f"{name}, contrast {args.contrast}, n={len(items)}\nmodel {model_id}, frontier on {args.metric}",
+        points,
+        steps,
+        out / f"{result_tag}.png",
+        args.metric,
+        chair_s_se if args.metric == "chair_s" else None,
+    )
     print((out / f"{result_tag}.md").read_text())
     if not steps:
-        print(f"no setting lowered {args.metric.upper()} below the unmodified model's ({points[0].hallucination}) "
-              f"by {args.min_step} or more: no presets written; the knob would have nothing to walk on this model",
-              file=sys.stderr)
+        print(
+            f"no setting lowered {args.metric.upper()} below the unmodified model's ({points[0].hallucination}) "
+            f"by {args.min_step} or more: no presets written; the knob would have nothing to walk on this model",
+            file=sys.stderr,
+        )
         return 1
-    calibration = {"command": "python -m bench.chair " + " ".join(args.argv), "set": name,
-                   "n": len(items), "max_tokens": args.max_tokens, "prompt": args.prompt, "model": model_id,
-                   "metric": args.metric, "min_step": args.min_step, "chair_s_standard_error": chair_s_se,
-                   "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                   "note": f"c = share of the largest measured {args.metric.upper()} cut; knots' `measured` are "
-                           "over the set"}
+    calibration = {
+        "command": "python -m bench.chair " + " ".join(args.argv),
+        "set": name,
+        "n": len(items),
+        "max_tokens": args.max_tokens,
+        "prompt": args.prompt,
+        "model": model_id,
+        "metric": args.metric,
+        "min_step": args.min_step,
+        "chair_s_standard_error": chair_s_se,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "note": f"c = share of the largest measured {args.metric.upper()} cut; knots' `measured` are over the set",
+    }
     doc = presets_document(steps, contrast, calibration)
     parse_presets(doc, num_layers=depth)  # never write a file the server would refuse
     target = Path(args.presets) if args.presets else out / PRESETS_FILE
@@ -252,24 +332,43 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def add_calibrate_command(sub: Any) -> None:
-    cal = sub.add_parser("calibrate", help="sweep SEVI settings through a live server, draw the CHAIR_S / recall "
-                                           "frontier and write the model's knob presets")
+    cal = sub.add_parser(
+        "calibrate",
+        help="sweep SEVI settings through a live server, draw the CHAIR_S / recall "
+        "frontier and write the model's knob presets",
+    )
     source = cal.add_mutually_exclusive_group(required=True)
-    source.add_argument("--split", nargs="+", choices=("in-prior", "counter-prior", "hard"),
-                        help="synthetic scene splits, measured together")
+    source.add_argument(
+        "--split",
+        nargs="+",
+        choices=("in-prior", "counter-prior", "hard"),
+        help="synthetic scene splits, measured together",
+    )
     source.add_argument("--coco", help="local COCO folder (val2014/ and annotations/)")
     cal.add_argument("--server", default="http://127.0.0.1:8000")
     cal.add_argument("--api-key")
     cal.add_argument("--omegas", default="0.5,1,2,4")
     cal.add_argument("--start-layers", help="comma list (default: 1/8, 1/4 and 1/2 of the depth)")
     cal.add_argument("--kappas", default="0.2,0.5")
-    cal.add_argument("--contrast", choices=("on", "off"), default="on",
-                     help="contrastive decoding in every setting but the unmodified model (and the presets' default)")
-    cal.add_argument("--metric", choices=("chair_s", "chair_i"), default="chair_s",
-                     help="hallucination measure of the frontier (CHAIR_I resolves more on small sets)")
-    cal.add_argument("--min-step", type=float, default=0.0,
-                     help="least fall of the measure from one knot to the next (e.g. its standard error, which "
-                          "the output reports): closer settings are noise apart and make no knot")
+    cal.add_argument(
+        "--contrast",
+        choices=("on", "off"),
+        default="on",
+        help="contrastive decoding in every setting but the unmodified model (and the presets' default)",
+    )
+    cal.add_argument(
+        "--metric",
+        choices=("chair_s", "chair_i"),
+        default="chair_s",
+        help="hallucination measure of the frontier (CHAIR_I resolves more on small sets)",
+    )
+    cal.add_argument(
+        "--min-step",
+        type=float,
+        default=0.0,
+        help="least fall of the measure from one knot to the next (e.g. its standard error, which "
+        "the output reports): closer settings are noise apart and make no knot",
+    )
     cal.add_argument("--max-tokens", type=int, default=64)
     cal.add_argument("--limit", type=int, default=100, help="images per split (or of the COCO folder)")
     cal.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -68,8 +68,16 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def caption_one(client: httpx.Client, item: Item, level: float, contrast: bool, max_tokens: int,
-                prompt: str, kappa: float | None = None, extra: dict[str, str] | None = None) -> dict[str, Any]:
+def caption_one(
+    client: httpx.Client,
+    item: Item,
+    level: float,
+    contrast: bool,
+    max_tokens: int,
+    prompt: str,
+    kappa: float | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """One greedy caption; `extra`: more form fields (explicit omega / start_layer, as `calibrate` sends)."""
     data = {"conservativeness": str(level), "max_tokens": str(max_tokens), "temperature": "0", "prompt": prompt}
     if level > 0:  # level 0 is the unmodified model, the baseline of both curves
@@ -84,8 +92,12 @@ def caption_one(client: httpx.Client, item: Item, level: float, contrast: bool, 
             continue
         resp.raise_for_status()
         body = resp.json()
-        return {"image_id": item.image_id, "caption": body["caption"], "telemetry": body.get("telemetry", {}),
-                "alignment": body.get("alignment", {})}
+        return {
+            "image_id": item.image_id,
+            "caption": body["caption"],
+            "telemetry": body.get("telemetry", {}),
+            "alignment": body.get("alignment", {}),
+        }
     raise RuntimeError("server kept answering 503")
 
 
@@ -96,14 +108,28 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
     return {r["image_id"]: r for r in rows}
 
 
-def run_level(client: httpx.Client, items: list[Item], level: float, contrast: bool, path: Path,
-              max_tokens: int, prompt: str, concurrency: int, label: str,
-              kappa: float | None = None, extra: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+def run_level(
+    client: httpx.Client,
+    items: list[Item],
+    level: float,
+    contrast: bool,
+    path: Path,
+    max_tokens: int,
+    prompt: str,
+    concurrency: int,
+    label: str,
+    kappa: float | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
     done = _done(path)
     todo = [it for it in items if it.image_id not in done]
     lock = threading.Lock()
-    with path.open("a") as sink, ThreadPoolExecutor(concurrency) as pool, \
-            tqdm(total=len(items), initial=len(items) - len(todo), desc=label) as bar:
+    with (
+        path.open("a") as sink,
+        ThreadPoolExecutor(concurrency) as pool,
+        tqdm(total=len(items), initial=len(items) - len(todo), desc=label) as bar,
+    ):
+
         def work(item: Item) -> None:
             row = caption_one(client, item, level, contrast, max_tokens, prompt, kappa, extra)
             with lock:
@@ -134,8 +160,7 @@ def summarize(items: list[Item], rows: dict[str, dict[str, Any]], partners: bool
 def markdown(name: str, table: dict[str, dict[str, Any]]) -> str:
     cols = ["chair_s", "chair_i", "recall", "len", "partner_rate", "stage1_share", "stage2_share"]
     present = [c for c in cols if any(c in row for row in table.values())]
-    lines = [f"### {name}", "", "| conservativeness | " + " | ".join(present) + " |",
-             "|---|" + "---|" * len(present)]
+    lines = [f"### {name}", "", "| conservativeness | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
     for level, row in table.items():
         lines.append(f"| {level} | " + " | ".join(str(row.get(c, "")) for c in present) + " |")
     return "\n".join(lines) + "\n"
@@ -183,12 +208,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     table: dict[str, dict[str, Any]] = {}
     with httpx.Client(base_url=args.server, timeout=args.timeout, headers=headers) as client:
         for level in list(_levels(args.levels)):
-            rows = run_level(client, items, level, contrast, out / "captions" / f"{tag}-c{level:g}.jsonl",
-                             args.max_tokens, args.prompt, args.concurrency, f"{tag} c={level:g}", args.kappa)
+            rows = run_level(
+                client,
+                items,
+                level,
+                contrast,
+                out / "captions" / f"{tag}-c{level:g}.jsonl",
+                args.max_tokens,
+                args.prompt,
+                args.concurrency,
+                f"{tag} c={level:g}",
+                args.kappa,
+            )
             table[f"{level:g}"] = summarize(items, rows, partners)
-    (out / f"{tag}.json").write_text(json.dumps(
-        {"split": name, "contrast": contrast, "kappa": args.kappa, "n": len(items), "max_tokens": args.max_tokens,
-         "levels": table}, indent=1))
+    (out / f"{tag}.json").write_text(
+        json.dumps(
+            {
+                "split": name,
+                "contrast": contrast,
+                "kappa": args.kappa,
+                "n": len(items),
+                "max_tokens": args.max_tokens,
+                "levels": table,
+            },
+            indent=1,
+        )
+    )
     title = f"{name}, contrast {args.contrast}" + (f", kappa {args.kappa:g}" if args.kappa is not None else "")
     (out / f"{tag}.md").write_text(markdown(f"{title}, n={len(items)}", table))
     plot(f"{title} (n={len(items)})", table, out / f"{tag}.png")
@@ -207,7 +252,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for path in args.results:
         result = json.loads(Path(path).read_text())
         label = f"contrast {'on' if result['contrast'] else 'off'}" + (
-            f", kappa {result['kappa']:g}" if result.get("kappa") is not None else "")
+            f", kappa {result['kappa']:g}" if result.get("kappa") is not None else ""
+        )
         levels = [float(k) for k in result["levels"]]
         left.plot(levels, [r["chair_s"] for r in result["levels"].values()], "o-", label=label)
         right.plot(levels, [r["recall"] for r in result["levels"].values()], "o-", label=label)
@@ -240,8 +286,9 @@ def add_run_command(sub: Any) -> None:
     run.add_argument("--levels", default="0,0.25,0.5,0.75,1")
     run.add_argument("--contrast", choices=("on", "off"), default="on")
     run.add_argument("--max-tokens", type=int, default=64)
-    run.add_argument("--kappa", type=float, help="override the core-head threshold at levels > 0 (default: the "
-                                                 "mapping's 0.2)")
+    run.add_argument(
+        "--kappa", type=float, help="override the core-head threshold at levels > 0 (default: the mapping's 0.2)"
+    )
     run.add_argument("--limit", type=int, default=100, help="images per level")
     run.add_argument("--prompt", default=DEFAULT_PROMPT)
     run.add_argument("--concurrency", type=int, default=8, help="requests in flight (the server batches them)")

@@ -30,15 +30,51 @@ from bench.coco_objects import DOUBLE_WORD_MAP, WORD_TO_CATEGORY
 # No NLTK / pattern data can be downloaded here, so plurals are undone by a small rule set that covers
 # the COCO vocabulary: irregular forms first, then suffix rules, and known words are left alone.
 _IRREGULAR = {
-    "men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot", "teeth": "tooth",
-    "mice": "mouse", "geese": "goose", "oxen": "ox", "knives": "knife", "wives": "wife", "leaves": "leaf",
-    "shelves": "shelf", "calves": "calf", "wolves": "wolf", "halves": "half", "loaves": "loaf",
-    "scarves": "scarf", "lives": "life", "policemen": "policeman", "gentlemen": "gentleman",
-    "servicemen": "serviceman", "firemen": "fireman", "grandchildren": "grandchild", "dice": "die",
-    "buses": "bus", "glasses": "glass", "dishes": "dish", "benches": "bench", "couches": "couch",
-    "sandwiches": "sandwich", "toothbrushes": "toothbrush", "boxes": "box", "foxes": "fox",
-    "tomatoes": "tomato", "potatoes": "potato", "sheep": "sheep", "species": "species", "skis": "skis",
-    "scissors": "scissors", "series": "series", "cattle": "cattle", "ties": "tie", "pies": "pie", "taxis": "taxi",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "people": "person",
+    "feet": "foot",
+    "teeth": "tooth",
+    "mice": "mouse",
+    "geese": "goose",
+    "oxen": "ox",
+    "knives": "knife",
+    "wives": "wife",
+    "leaves": "leaf",
+    "shelves": "shelf",
+    "calves": "calf",
+    "wolves": "wolf",
+    "halves": "half",
+    "loaves": "loaf",
+    "scarves": "scarf",
+    "lives": "life",
+    "policemen": "policeman",
+    "gentlemen": "gentleman",
+    "servicemen": "serviceman",
+    "firemen": "fireman",
+    "grandchildren": "grandchild",
+    "dice": "die",
+    "buses": "bus",
+    "glasses": "glass",
+    "dishes": "dish",
+    "benches": "bench",
+    "couches": "couch",
+    "sandwiches": "sandwich",
+    "toothbrushes": "toothbrush",
+    "boxes": "box",
+    "foxes": "fox",
+    "tomatoes": "tomato",
+    "potatoes": "potato",
+    "sheep": "sheep",
+    "species": "species",
+    "skis": "skis",
+    "scissors": "scissors",
+    "series": "series",
+    "cattle": "cattle",
+    "ties": "tie",
+    "pies": "pie",
+    "taxis": "taxi",
 }
 # Words ending in "s" that are already singular (or the plural and singular coincide).
 _KEEP_S = ("ss", "us", "is", "ous", "ics")
@@ -68,7 +104,7 @@ def caption_words(caption: str) -> list[str]:
     merged: list[str] = []
     i = 0
     while i < len(words):
-        pair = " ".join(words[i:i + 2])
+        pair = " ".join(words[i : i + 2])
         if i + 1 < len(words) and pair in DOUBLE_WORD_MAP:
             merged.append(DOUBLE_WORD_MAP[pair])
             i += 2
@@ -119,9 +155,13 @@ def score_caption(image_id: str, caption: str, truth: Sequence[str]) -> ImageSco
     truth_set = set(truth)
     mentioned = [cat for _, cat in caption_objects(caption)]
     return ImageScore(
-        image_id=image_id, caption=caption, mentioned=mentioned,
+        image_id=image_id,
+        caption=caption,
+        mentioned=mentioned,
         hallucinated=[c for c in mentioned if c not in truth_set],
-        recalled=sorted(set(mentioned) & truth_set), truth=sorted(truth_set), words=len(caption.split()),
+        recalled=sorted(set(mentioned) & truth_set),
+        truth=sorted(truth_set),
+        words=len(caption.split()),
     )
 
 
@@ -139,7 +179,8 @@ def compute_chair(captions: Mapping[str, str], truth: Mapping[str, Sequence[str]
         chair_i=sum(len(i.hallucinated) for i in images) / mentions if mentions else 0.0,
         recall=sum(len(i.recalled) for i in images) / true_total if true_total else 0.0,
         len=sum(i.words for i in images) / n if n else 0.0,
-        n=n, images=images,
+        n=n,
+        images=images,
     )
 
 

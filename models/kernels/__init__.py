@@ -19,8 +19,10 @@ def use_interpreter() -> bool:
     kernels are defined, since triton reads it when @triton.jit decorates them."""
     if not torch.cuda.is_available() and not runtime_env.triton_interpreting():
         if "triton" in sys.modules:  # its own library's kernels were decorated for a GPU: the interpreter fails
-            raise RuntimeError("no CUDA device and triton was imported without TRITON_INTERPRET=1: set it in the "
-                               "environment before starting (the Triton kernels then run in its interpreter)")
+            raise RuntimeError(
+                "no CUDA device and triton was imported without TRITON_INTERPRET=1: set it in the "
+                "environment before starting (the Triton kernels then run in its interpreter)"
+            )
         runtime_env.use_triton_interpreter()
     return runtime_env.triton_interpreting()
 

@@ -49,26 +49,74 @@ class PagedKernel:
         built = int(lib.sevi_paged_element_types())
         self.cache_dtypes = frozenset(dt for dt, et in _ELEMENT_TYPES.items() if built >> et & 1)
 
-    def scores_args(self, key: torch.Tensor, transposed: bool, blocks: torch.Tensor, key_counts: torch.Tensor | None,
-                    num_keys: int, scale: float, rows: int, kv_heads: int, rep: int, head_dim: int) -> tuple[Any, ...]:
+    def scores_args(
+        self,
+        key: torch.Tensor,
+        transposed: bool,
+        blocks: torch.Tensor,
+        key_counts: torch.Tensor | None,
+        num_keys: int,
+        scale: float,
+        rows: int,
+        kv_heads: int,
+        rep: int,
+        head_dim: int,
+    ) -> tuple[Any, ...]:
         """The arguments of `sevi_paged_scores` between the cache pointer and the output pointer: all that
         the aligned layers of one step share (their caches have one shape and layout), so that a step
         builds them once (:meth:`run_scores`). blocks: long `[R * nb]`, contiguous (its pointer is taken)."""
         bs = key.shape[-1] if transposed else key.shape[-2]
         sb, sg, s2, s3 = key.stride()
         sd, sn = (s2, s3) if transposed else (s3, s2)
-        return (blocks.data_ptr(), _lens(key_counts), _ELEMENT_TYPES[key.dtype], rows, blocks.shape[0] // max(rows, 1),
-                kv_heads, rep, head_dim, bs, num_keys, sb, sg, sd, sn, scale)
+        return (
+            blocks.data_ptr(),
+            _lens(key_counts),
+            _ELEMENT_TYPES[key.dtype],
+            rows,
+            blocks.shape[0] // max(rows, 1),
+            kv_heads,
+            rep,
+            head_dim,
+            bs,
+            num_keys,
+            sb,
+            sg,
+            sd,
+            sn,
+            scale,
+        )
 
-    def values_args(self, value: torch.Tensor, transposed: bool, blocks: torch.Tensor,
-                    key_counts: torch.Tensor | None, num_keys: int, rows: int, kv_heads: int,
-                    rep: int) -> tuple[Any, ...]:
+    def values_args(
+        self,
+        value: torch.Tensor,
+        transposed: bool,
+        blocks: torch.Tensor,
+        key_counts: torch.Tensor | None,
+        num_keys: int,
+        rows: int,
+        kv_heads: int,
+        rep: int,
+    ) -> tuple[Any, ...]:
         """Likewise for `sevi_paged_values` (:meth:`run_values`)."""
         bs, d = (value.shape[-1], value.shape[-2]) if transposed else (value.shape[-2], value.shape[-1])
         sb, sg, s2, s3 = value.stride()
         sn, sd = (s3, s2) if transposed else (s2, s3)
-        return (blocks.data_ptr(), _lens(key_counts), _ELEMENT_TYPES[value.dtype], rows,
-                blocks.shape[0] // max(rows, 1), kv_heads, rep, d, bs, num_keys, sb, sg, sn, sd)
+        return (
+            blocks.data_ptr(),
+            _lens(key_counts),
+            _ELEMENT_TYPES[value.dtype],
+            rows,
+            blocks.shape[0] // max(rows, 1),
+            kv_heads,
+            rep,
+            d,
+            bs,
+            num_keys,
+            sb,
+            sg,
+            sn,
+            sd,
+        )
 
     def run_scores(self, q: int, key: int, args: tuple[Any, ...], out: int) -> None:
         """q.K for data pointers q (float32 `[R, G, rep, D]`, contiguous), key (the cache) and out (float32
@@ -81,8 +129,16 @@ class PagedKernel:
         rest from :meth:`values_args`."""
         self._values(probs, value, *args, out, int(softmax))
 
-    def scores(self, q: torch.Tensor, key: torch.Tensor, transposed: bool, block_index: torch.Tensor,
-               num_keys: int, scale: float, key_counts: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self,
+        q: torch.Tensor,
+        key: torch.Tensor,
+        transposed: bool,
+        block_index: torch.Tensor,
+        num_keys: int,
+        scale: float,
+        key_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q `[R, G, rep, D]` float32; key: the cache's K view (`[N, G, D, bs]` when transposed, else
         `[N, G, bs, D]`, of a dtype in `cache_dtypes`); block_index `[R * nb]` long -> float32 scores
         `[R, G * rep, num_keys]`.
@@ -95,9 +151,17 @@ class PagedKernel:
         self.run_scores(q.data_ptr(), key.data_ptr(), args, out.data_ptr())
         return out
 
-    def values(self, probs: torch.Tensor, value: torch.Tensor, transposed: bool, block_index: torch.Tensor,
-               num_kv_heads: int, out: torch.Tensor | None = None, key_counts: torch.Tensor | None = None,
-               softmax: bool = False) -> torch.Tensor:
+    def values(
+        self,
+        probs: torch.Tensor,
+        value: torch.Tensor,
+        transposed: bool,
+        block_index: torch.Tensor,
+        num_kv_heads: int,
+        out: torch.Tensor | None = None,
+        key_counts: torch.Tensor | None = None,
+        softmax: bool = False,
+    ) -> torch.Tensor:
         """probs `[R, H, K]` float32; value: the cache's V view -> float32 `[R, G, rep, D]` (into `out`,
         contiguous float32, when given). key_counts: long `[R]`, the keys each row reads (their
         probabilities past them must be 0), or None for all. softmax: `probs` holds scores; the output is
@@ -143,8 +207,12 @@ def _build(compiler: str, flags: list[str]) -> Path:
 
     def compile_to(path: Path) -> None:
         # -Wno-psabi: gcc notes that 64-byte vector returns change the ABI; they are all inlined.
-        subprocess.run([compiler, *flags, "-Wno-psabi", "-shared", "-fPIC", str(_SOURCE), "-o", str(path)], check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [compiler, *flags, "-Wno-psabi", "-shared", "-fPIC", str(_SOURCE), "-o", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     return cached_file(f"paged_kv-{digest}.so", compile_to)
 

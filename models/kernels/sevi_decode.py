@@ -55,10 +55,27 @@ def _group_program(H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: t
 
 
 @triton.jit
-def _scores_kernel(q_ptr, k_ptr, blocks_ptr, counts_ptr, out_ptr, scale, nb, block_size, num_keys,
-                   s_b, s_g, s_n, s_d,
-                   H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                   REP_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _scores_kernel(
+    q_ptr,
+    k_ptr,
+    blocks_ptr,
+    counts_ptr,
+    out_ptr,
+    scale,
+    nb,
+    block_size,
+    num_keys,
+    s_b,
+    s_g,
+    s_n,
+    s_d,
+    H: tl.constexpr,
+    REP: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    REP_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r, g, rows, hm, dims, dm = _group_program(H, REP, D, D_PAD, REP_PAD)
     q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
     count = tl.load(counts_ptr + r)
@@ -67,11 +84,13 @@ def _scores_kernel(q_ptr, k_ptr, blocks_ptr, counts_ptr, out_ptr, scale, nb, blo
         live = keys < count  # a row reads its own keys only; the rest of its scores are 0 (the mask drops them)
         blk = tl.load(blocks_ptr + r * nb + keys // block_size, mask=live, other=0)
         slot = keys % block_size
-        kt = tl.load(k_ptr + blk[None, :] * s_b + g * s_g + slot[None, :] * s_n + dims[:, None] * s_d,
-                     mask=live[None, :] & dm[:, None], other=0.0).to(tl.float32)  # [D, BLOCK]
+        kt = tl.load(
+            k_ptr + blk[None, :] * s_b + g * s_g + slot[None, :] * s_n + dims[:, None] * s_d,
+            mask=live[None, :] & dm[:, None],
+            other=0.0,
+        ).to(tl.float32)  # [D, BLOCK]
         s = tl.dot(q, kt, input_precision="ieee") * scale
-        tl.store(out_ptr + rows[:, None] * num_keys + keys[None, :], s,
-                 mask=hm[:, None] & (keys < num_keys)[None, :])
+        tl.store(out_ptr + rows[:, None] * num_keys + keys[None, :], s, mask=hm[:, None] & (keys < num_keys)[None, :])
 
 
 @triton.jit
@@ -81,9 +100,24 @@ def _lerp(a, b, w):
 
 
 @triton.jit
-def _align_kernel(s_ptr, counts_ptr, bias_ptr, sem_ptr, oth_ptr, kappa_ptr, blend_ptr, on_ptr, masks_ptr,
-                  num_keys, width, H: tl.constexpr, H_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                  MASK_VALUE: tl.constexpr, LOW: tl.constexpr):
+def _align_kernel(
+    s_ptr,
+    counts_ptr,
+    bias_ptr,
+    sem_ptr,
+    oth_ptr,
+    kappa_ptr,
+    blend_ptr,
+    on_ptr,
+    masks_ptr,
+    num_keys,
+    width,
+    H: tl.constexpr,
+    H_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MASK_VALUE: tl.constexpr,
+    LOW: tl.constexpr,
+):
     r = tl.program_id(0)
     heads = tl.arange(0, H_PAD)
     hm = heads < H
@@ -95,8 +129,11 @@ def _align_kernel(s_ptr, counts_ptr, bias_ptr, sem_ptr, oth_ptr, kappa_ptr, blen
     for start in range(0, num_keys, BLOCK):  # pass 1: per-head statistics (online: one read of the scores)
         keys = start + tl.arange(0, BLOCK)
         inrow = keys < num_keys
-        s = tl.load(s_ptr + (r * H + heads)[:, None] * num_keys + keys[None, :],
-                    mask=hm[:, None] & (keys < count)[None, :], other=0.0)
+        s = tl.load(
+            s_ptr + (r * H + heads)[:, None] * num_keys + keys[None, :],
+            mask=hm[:, None] & (keys < count)[None, :],
+            other=0.0,
+        )
         b = tl.load(bias_ptr + r * width + keys, mask=inrow, other=MASK_VALUE)
         sem = tl.load(sem_ptr + r * width + keys, mask=inrow, other=0.0)
         oth = tl.load(oth_ptr + r * width + keys, mask=inrow, other=0.0)
@@ -142,10 +179,27 @@ def _align_kernel(s_ptr, counts_ptr, bias_ptr, sem_ptr, oth_ptr, kappa_ptr, blen
 
 
 @triton.jit
-def _values_kernel(s_ptr, v_ptr, blocks_ptr, counts_ptr, out_ptr, nb, block_size, num_keys,
-                   s_b, s_g, s_n, s_d,
-                   H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                   REP_PAD: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
+def _values_kernel(
+    s_ptr,
+    v_ptr,
+    blocks_ptr,
+    counts_ptr,
+    out_ptr,
+    nb,
+    block_size,
+    num_keys,
+    s_b,
+    s_g,
+    s_n,
+    s_d,
+    H: tl.constexpr,
+    REP: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    REP_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+):
     r, g, rows, hm, dims, dm = _group_program(H, REP, D, D_PAD, REP_PAD)
     count = tl.load(counts_ptr + r)
     m = tl.full([REP_PAD], LOW, tl.float32)
@@ -161,8 +215,11 @@ def _values_kernel(s_ptr, v_ptr, blocks_ptr, counts_ptr, out_ptr, nb, block_size
         total = total * alpha + tl.sum(p, 1)
         blk = tl.load(blocks_ptr + r * nb + keys // block_size, mask=live, other=0)
         slot = keys % block_size
-        v = tl.load(v_ptr + blk[:, None] * s_b + g * s_g + slot[:, None] * s_n + dims[None, :] * s_d,
-                    mask=live[:, None] & dm[None, :], other=0.0).to(tl.float32)  # [BLOCK, D]
+        v = tl.load(
+            v_ptr + blk[:, None] * s_b + g * s_g + slot[:, None] * s_n + dims[None, :] * s_d,
+            mask=live[:, None] & dm[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK, D]
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m = m_new
     out = acc / total[:, None]
@@ -180,8 +237,16 @@ def _pad(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
-def paged_scores(q: torch.Tensor, key: torch.Tensor, key_transposed: bool, block_index: torch.Tensor,
-                 key_count: torch.Tensor, num_keys: int, scale: float, num_kv_heads: int) -> torch.Tensor:
+def paged_scores(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    key_transposed: bool,
+    block_index: torch.Tensor,
+    key_count: torch.Tensor,
+    num_keys: int,
+    scale: float,
+    num_kv_heads: int,
+) -> torch.Tensor:
     """Kernel A: float32 scores `[R, H, num_keys]` of q (`[R, H, D]`) against each row's keys (0 past them).
     block_index: long `[R * nb]` (row r reads blocks r*nb ..); key_count: long `[R]`."""
     r, h, d = q.shape
@@ -191,8 +256,23 @@ def paged_scores(q: torch.Tensor, key: torch.Tensor, key_transposed: bool, block
     if r == 0:
         return out
     _scores_kernel[(r, num_kv_heads)](
-        q.float().contiguous(), key, block_index, key_count, out, scale, block_index.shape[0] // r, block_size,
-        num_keys, *_strides(key, key_transposed), H=h, REP=rep, D=d, D_PAD=_pad(d), REP_PAD=_pad(rep), BLOCK=BLOCK_K)
+        q.float().contiguous(),
+        key,
+        block_index,
+        key_count,
+        out,
+        scale,
+        block_index.shape[0] // r,
+        block_size,
+        num_keys,
+        *_strides(key, key_transposed),
+        H=h,
+        REP=rep,
+        D=d,
+        D_PAD=_pad(d),
+        REP_PAD=_pad(rep),
+        BLOCK=BLOCK_K,
+    )
     return out
 
 
@@ -204,16 +284,36 @@ def align_in_place(scores: torch.Tensor, key_count: torch.Tensor, rows: Prepared
     if r:
         on = rows.on.to(torch.int8).contiguous()
         _align_kernel[(r,)](
-            scores, key_count, rows.key_bias.contiguous(), rows.semantic_keys.contiguous(),
-            rows.other_keys.contiguous(), rows.kappa.float().contiguous(), rows.blend.float().contiguous(), on,
-            masks, k, rows.key_bias.shape[-1], H=h, H_PAD=triton.next_power_of_2(h), BLOCK=BLOCK_K,
-            MASK_VALUE=MASKED, LOW=_LOW)
+            scores,
+            key_count,
+            rows.key_bias.contiguous(),
+            rows.semantic_keys.contiguous(),
+            rows.other_keys.contiguous(),
+            rows.kappa.float().contiguous(),
+            rows.blend.float().contiguous(),
+            on,
+            masks,
+            k,
+            rows.key_bias.shape[-1],
+            H=h,
+            H_PAD=triton.next_power_of_2(h),
+            BLOCK=BLOCK_K,
+            MASK_VALUE=MASKED,
+            LOW=_LOW,
+        )
     b = masks.bool()
     return HeadGroups(semantic=b[:, 0], core=b[:, 1], global_=b[:, 2], stage1=b[:, 3], stage2=b[:, 4])
 
 
-def paged_values(scores: torch.Tensor, value: torch.Tensor, value_transposed: bool, block_index: torch.Tensor,
-                 key_count: torch.Tensor, num_kv_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def paged_values(
+    scores: torch.Tensor,
+    value: torch.Tensor,
+    value_transposed: bool,
+    block_index: torch.Tensor,
+    key_count: torch.Tensor,
+    num_kv_heads: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Kernel C: softmax over each row's keys of float32 scores `[R, H, K]` (contiguous), then p.V from the
     paged cache: float32 `[R, H, D]` (into `out`, contiguous float32, when given)."""
     r, h, k = scores.shape
@@ -223,24 +323,48 @@ def paged_values(scores: torch.Tensor, value: torch.Tensor, value_transposed: bo
         out = torch.empty(r, h, d, dtype=torch.float32, device=scores.device)
     if r:
         _values_kernel[(r, num_kv_heads)](
-            scores, value, block_index, key_count, out, block_index.shape[0] // r, block_size, k,
-            *_strides(value, value_transposed), H=h, REP=h // num_kv_heads, D=d, D_PAD=_pad(d),
-            REP_PAD=_pad(h // num_kv_heads), BLOCK=BLOCK_K, LOW=_LOW)
+            scores,
+            value,
+            block_index,
+            key_count,
+            out,
+            block_index.shape[0] // r,
+            block_size,
+            k,
+            *_strides(value, value_transposed),
+            H=h,
+            REP=h // num_kv_heads,
+            D=d,
+            D_PAD=_pad(d),
+            REP_PAD=_pad(h // num_kv_heads),
+            BLOCK=BLOCK_K,
+            LOW=_LOW,
+        )
     return out
 
 
-def aligned_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_transposed: bool,
-                   value_transposed: bool, block_index: torch.Tensor, key_count: torch.Tensor, rows: PreparedRows,
-                   scale: float, num_kv_heads: int, out: torch.Tensor | None = None, align: bool = True,
-                   shards: ShardGather | None = None) -> tuple[torch.Tensor, HeadGroups | None, torch.Tensor | None]:
+def aligned_decode(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_transposed: bool,
+    value_transposed: bool,
+    block_index: torch.Tensor,
+    key_count: torch.Tensor,
+    rows: PreparedRows,
+    scale: float,
+    num_kv_heads: int,
+    out: torch.Tensor | None = None,
+    align: bool = True,
+    shards: ShardGather | None = None,
+) -> tuple[torch.Tensor, HeadGroups | None, torch.Tensor | None]:
     """SEVI-aligned attention of query rows q (`[R, H, D]`) over the paged cache: float32 `[R, H, D]`, the head
     groups with the heads each stage moved (None with `align=False`), and with `shards` per row whether each
     stage moved any head of any shard (bool `[R, 2]`, else None).
 
     key / value: per-block views (see the module docstring); block_index: long `[R * nb]`; key_count: long
     `[R]`, the keys each row reads (its valid keys are exactly the first key_count: `rows.key_bias`)."""
-    scores = paged_scores(q, key, key_transposed, block_index, key_count, rows.key_bias.shape[-1], scale,
-                          num_kv_heads)
+    scores = paged_scores(q, key, key_transposed, block_index, key_count, rows.key_bias.shape[-1], scale, num_kv_heads)
     groups, moved = None, None
     if shards is not None:
         scores, groups, moved = align_sharded(scores, rows, shards)

@@ -49,5 +49,4 @@ def register() -> None:
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "models.vllm_plugin.cpu_backend.SeviCPUAttentionBackend")
     elif current_platform.is_cuda():
-        register_backend(AttentionBackendEnum.FLASH_ATTN,
-                         "models.vllm_plugin.gpu_backend.SeviFlashAttentionBackend")
+        register_backend(AttentionBackendEnum.FLASH_ATTN, "models.vllm_plugin.gpu_backend.SeviFlashAttentionBackend")

@@ -20,14 +20,26 @@ from models.vllm_plugin.paged_read import PagedKV
 from models.vllm_plugin.plan import RowSet
 
 
-def bound_layer(rows: RowSet, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int,
-                head_dim: int) -> BoundLayer | None:
+def bound_layer(
+    rows: RowSet, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int, head_dim: int
+) -> BoundLayer | None:
     """The calls of this step's layers with all they share bound (:class:`BoundLayer`), built by the
     first layer that reads a cache of this shape and layout; None where the C kernel or the compiled
     operator does not apply (:func:`models.vllm_plugin.rows.align_layer` then takes the general path)."""
     k, v = cache.key, cache.value
-    key = (k.shape, k.stride(), v.stride(), k.dtype, v.dtype, cache.key_transposed, cache.value_transposed,
-           scale, num_kv_heads, n_heads, head_dim)
+    key = (
+        k.shape,
+        k.stride(),
+        v.stride(),
+        k.dtype,
+        v.dtype,
+        cache.key_transposed,
+        cache.value_transposed,
+        scale,
+        num_kv_heads,
+        n_heads,
+        head_dim,
+    )
     if key not in rows.bound_calls:
         rows.bound_calls[key] = BoundLayer.build(rows, cache, scale, num_kv_heads, n_heads, head_dim)
     return rows.bound_calls[key]  # type: ignore[no-any-return]
@@ -53,8 +65,9 @@ class BoundLayer:
     keep: tuple[torch.Tensor, ...]  # tensors whose pointers are in the args
 
     @staticmethod
-    def build(rows: RowSet, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int,
-              head_dim: int) -> BoundLayer | None:
+    def build(
+        rows: RowSet, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int, head_dim: int
+    ) -> BoundLayer | None:
         kern = paged_read.c_kernel_for(cache)
         operator = compiled_for(rows.prepared)
         if kern is None or operator is None:
@@ -64,11 +77,15 @@ class BoundLayer:
         blocks, counts = rows.block_index.contiguous(), rows.key_count.contiguous()
         scores = torch.empty(r, n_heads, num_keys, dtype=torch.float32)
         return BoundLayer(
-            kern, operator,
-            kern.scores_args(cache.key, cache.key_transposed, blocks, counts, num_keys, scale, r, num_kv_heads, rep,
-                             head_dim),
+            kern,
+            operator,
+            kern.scores_args(
+                cache.key, cache.key_transposed, blocks, counts, num_keys, scale, r, num_kv_heads, rep, head_dim
+            ),
             kern.values_args(cache.value, cache.value_transposed, blocks, counts, num_keys, r, num_kv_heads, rep),
-            operator_inputs(scores, rows.prepared), (blocks, counts))
+            operator_inputs(scores, rows.prepared),
+            (blocks, counts),
+        )
 
     def run(self, q: torch.Tensor, cache: PagedKV, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Aligned attention of the rows' queries q (float32 `[R, H, D]`, contiguous) into out (likewise);

@@ -36,16 +36,18 @@ from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
 
 
-def _write_probe(isa: str, dtype: torch.dtype, block_size: int, head_size: int, k: torch.Tensor,
-                 v: torch.Tensor, first_slot: int = 1) -> torch.Tensor:
+def _write_probe(
+    isa: str, dtype: torch.dtype, block_size: int, head_size: int, k: torch.Tensor, v: torch.Tensor, first_slot: int = 1
+) -> torch.Tensor:
     """Block regions `[n_blocks, kv_heads, 2, block_size * head_size]` after the kernel's own cache writer
     stored `k`, `v` (`[n, kv_heads, head_size]`) at slots first_slot .. first_slot + n - 1."""
     n, kv_heads = k.shape[0], k.shape[1]
     n_blocks = -(-(n + first_slot) // block_size)
     cache = torch.zeros(n_blocks, kv_heads, block_size, 2 * head_size, dtype=dtype)
     key_cache, value_cache = cache.view(n_blocks, kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), key_cache, value_cache,
-                                   torch.arange(n, dtype=torch.long) + first_slot, isa)
+    ops.cpu_attn_reshape_and_cache(
+        k.to(dtype), v.to(dtype), key_cache, value_cache, torch.arange(n, dtype=torch.long) + first_slot, isa
+    )
     return cache.view(n_blocks, kv_heads, 2, block_size * head_size)
 
 
@@ -62,8 +64,11 @@ def cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
 
     def read(part: int, transposed: bool) -> torch.Tensor:
         r = regions[:, :, part]
-        blk = (r.view(n_blocks, kv_heads, head_size, block_size).transpose(-1, -2) if transposed
-               else r.view(n_blocks, kv_heads, block_size, head_size))
+        blk = (
+            r.view(n_blocks, kv_heads, head_size, block_size).transpose(-1, -2)
+            if transposed
+            else r.view(n_blocks, kv_heads, block_size, head_size)
+        )
         return blk.transpose(0, 1).reshape(kv_heads, n_blocks * block_size, head_size)[:, slots].transpose(0, 1)
 
     found = []
@@ -90,8 +95,9 @@ def cache_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -
         x = number.to(torch.float32)[:, None, :]  # one KV head, the slots of block 0
         return _write_probe(isa, dtype, block_size, head_size, x, x, first_slot=0)[0, 0].to(torch.float32)
 
-    lo_s, hi_s, lo_d, hi_d = (written(x) for x in (slot % digits + 1, slot // digits + 1, dim % digits + 1,
-                                                  dim // digits + 1))
+    lo_s, hi_s, lo_d, hi_d = (
+        written(x) for x in (slot % digits + 1, slot // digits + 1, dim % digits + 1, dim // digits + 1)
+    )
     unknown = RuntimeError(f"SEVI: unknown CPU KV cache layout for isa={isa} dtype={dtype}; cannot read K/V")
     orders = []
     for part in (0, 1):
@@ -114,8 +120,9 @@ def cache_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -
     return orders[0], orders[1]
 
 
-def read_cpu_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, k_t: bool,
-                v_t: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def read_cpu_kv(
+    kv_cache: torch.Tensor, blocks: torch.Tensor, k_t: bool, v_t: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V `[S, kv_heads, nb * block_size, head_size]` of the sequences whose blocks are given.
 
     Materialises whole sequences (gather, then permute): the hot path reads blocks in place instead
@@ -127,8 +134,11 @@ def read_cpu_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, k_t: bool,
 
     def unpack(part: int, transposed: bool) -> torch.Tensor:
         r = regions[:, :, :, part]
-        x = (r.view(s, nb, kv_heads, head_size, block_size).transpose(-1, -2) if transposed
-             else r.view(s, nb, kv_heads, block_size, head_size))
+        x = (
+            r.view(s, nb, kv_heads, head_size, block_size).transpose(-1, -2)
+            if transposed
+            else r.view(s, nb, kv_heads, block_size, head_size)
+        )
         return x.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, nb * block_size, head_size)
 
     return unpack(0, k_t), unpack(1, v_t)
@@ -178,8 +188,18 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         if self._shards is not None:
             compiled_sharded()  # the operator's halves on either side of the workers' exchange
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
-                output_scale=None, output_block_scale=None) -> torch.Tensor:
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,  # type: ignore[no-untyped-def]
+        output_scale=None,
+        output_block_scale=None,
+    ) -> torch.Tensor:
         plan = rows = None
         if attn_metadata is not None and STATE.rows:
             if not self._layer_known:
@@ -190,11 +210,13 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         # The stock kernel computes only the rows that are not aligned here (the cache write is a separate
         # op, do_kv_cache_update): when every row is aligned it is skipped, when some sequences' whole
         # query is aligned it runs on the others (cpu_stock.py), else on every row.
-        stock = None if rows is None or not self._plain or output_scale is not None else self._stock(
-            layer, query, attn_metadata, rows)
+        stock = (
+            None
+            if rows is None or not self._plain or output_scale is not None
+            else self._stock(layer, query, attn_metadata, rows)
+        )
         if stock is None:
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                            output_block_scale)
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         elif stock.span is not None:
             first, end = stock.span
             super().forward(layer, query[first:end], key, value, kv_cache, stock.metadata, output[first:end])
@@ -207,8 +229,9 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         assert plan is not None and self._layer is not None
         if self._paged is None or self._paged[0] is not kv_cache:
             self._paged = (kv_cache, cpu_kv(kv_cache, layer.isa, self.head_size))
-        align_layer(plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads, STATE, rows,
-                    self._shards)
+        align_layer(
+            plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads, STATE, rows, self._shards
+        )
         return output
 
     def _stock(self, layer: Any, query: torch.Tensor, md: Any, rows: RowSet) -> StockRows | None:
@@ -218,15 +241,26 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
             return NO_STOCK_ROWS
         if "stock" not in rows.derived:
             rows.derived["stock"] = stock_rows(
-                md, rows.batch_row, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_size, dtype=query.dtype, isa=layer.isa, kv_cache_dtype=self.kv_cache_dtype)
+                md,
+                rows.batch_row,
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size,
+                dtype=query.dtype,
+                isa=layer.isa,
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
         return rows.derived["stock"]  # type: ignore[no-any-return]
 
     def _know(self, layer: Any) -> None:
         """What does not change between steps, found at the first forward (the layer name comes with it)."""
         self._layer = layer_index(getattr(layer, "layer_name", "")) if self.attn_type == "decoder" else None
-        self._plain = (self.alibi_slopes is None and self.sliding_window in (-1, None) and not self.logits_soft_cap
-                       and self.sinks is None)
+        self._plain = (
+            self.alibi_slopes is None
+            and self.sliding_window in (-1, None)
+            and not self.logits_soft_cap
+            and self.sinks is None
+        )
         self._layer_known = True
 
 

@@ -37,13 +37,27 @@ class StockRows:
 NO_STOCK_ROWS = StockRows(torch.empty(0, dtype=torch.long), None)
 
 
-def stock_rows(md: Any, batch_row: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
-               dtype: torch.dtype, isa: str, kv_cache_dtype: str) -> StockRows | None:
+def stock_rows(
+    md: Any,
+    batch_row: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    isa: str,
+    kv_cache_dtype: str,
+) -> StockRows | None:
     """The rows left to the stock kernel when the aligned rows (`batch_row`: the batch index of each, long
     `[R]`) are some sequences' whole query; None when every sequence keeps a row (the stock call as is) or
     the metadata is of a kind this does not rebuild (encoder, non-causal or dynamic-causal attention)."""
-    if (not isinstance(md.causal, bool) or not md.causal or md.dynamic_causal is not None
-            or md.encoder_cache is not None or md.use_sdpa_prefill):
+    if (
+        not isinstance(md.causal, bool)
+        or not md.causal
+        or md.dynamic_causal is not None
+        or md.encoder_cache is not None
+        or md.use_sdpa_prefill
+    ):
         return None
     qsl = md.query_start_loc.cpu()
     n = qsl.shape[0] - 1
@@ -59,16 +73,32 @@ def stock_rows(md: Any, batch_row: torch.Tensor, *, num_heads: int, num_kv_heads
     start[1:] = torch.cumsum(q_keep, 0)
     total = int(start[-1])
     # Each kept sequence's rows, in order: its first row in the full query plus 0, 1, ... q_len - 1.
-    tokens = (torch.repeat_interleave(qsl[keep].long() - start[:-1].long(), q_keep) + torch.arange(total))
+    tokens = torch.repeat_interleave(qsl[keep].long() - start[:-1].long(), q_keep) + torch.arange(total)
     seq_lens = md.seq_lens[keep.to(md.seq_lens.device)]
     query_start_loc = start.to(md.query_start_loc.device)
     metadata = dataclasses.replace(
-        md, num_actual_tokens=total, max_query_len=int(q_keep.max()), query_start_loc=query_start_loc,
-        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=md.block_table[keep.to(md.block_table.device)],
+        md,
+        num_actual_tokens=total,
+        max_query_len=int(q_keep.max()),
+        query_start_loc=query_start_loc,
+        max_seq_len=int(seq_lens.max()),
+        seq_lens=seq_lens,
+        block_table=md.block_table[keep.to(md.block_table.device)],
         slot_mapping=md.slot_mapping[tokens.to(md.slot_mapping.device)],
         scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=int(keep.shape[0]), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1,
-            isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=kv_cache_dtype))
+            num_reqs=int(keep.shape[0]),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            seq_lens=seq_lens,
+            dtype=dtype,
+            query_start_loc=query_start_loc,
+            causal=True,
+            sliding_window_size=-1,
+            isa=isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            kv_cache_dtype=kv_cache_dtype,
+        ),
+    )
     first, last = int(tokens[0]), int(tokens[-1])
     return StockRows(tokens, metadata, (first, last + 1) if last - first + 1 == total else None)

@@ -52,13 +52,25 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
         # FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype)
         kv_cache_dtype = str(kwargs["kv_cache_dtype"] if "kv_cache_dtype" in kwargs else args[6])
         if kv_cache_dtype.startswith("fp8"):
-            raise ValueError(f"SEVI recomputes aligned rows from the KV cache and does not read an fp8 cache "
-                             f"(kv_cache_dtype={kv_cache_dtype!r}): use kv_cache_dtype='auto'")
+            raise ValueError(
+                f"SEVI recomputes aligned rows from the KV cache and does not read an fp8 cache "
+                f"(kv_cache_dtype={kv_cache_dtype!r}): use kv_cache_dtype='auto'"
+            )
         super().__init__(*args, **kwargs)
         self._shards = head_shards()  # None with one GPU: no collective
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
-                output_scale=None, output_block_scale=None) -> torch.Tensor:
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,  # type: ignore[no-untyped-def]
+        output_scale=None,
+        output_block_scale=None,
+    ) -> torch.Tensor:
         plan = rows = None
         if attn_metadata is not None and STATE.rows and self.attn_type == "decoder":
             if not self._layer_known:
@@ -70,33 +82,58 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
         # SEVI on for the whole batch: the cache write is vLLM's separate do_kv_cache_update), told to read no
         # keys for the wholly aligned sequences in mixed steps, on every row where the layer is not plain.
         if rows is None or not self._plain:
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                            output_block_scale)
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         elif not rows.identity:
-            super().forward(layer, query, key, value, kv_cache, self._unaligned(attn_metadata, rows), output,
-                            output_scale, output_block_scale)
+            super().forward(
+                layer,
+                query,
+                key,
+                value,
+                kv_cache,
+                self._unaligned(attn_metadata, rows),
+                output,
+                output_scale,
+                output_block_scale,
+            )
         if rows is None:
             return output
         assert plan is not None and self._layer is not None
         if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
             raise RuntimeError(f"SEVI: unexpected FlashAttention cache shape {tuple(kv_cache.shape)}")
-        align_layer(plan, self._layer, query, output, paged_flash_kv(kv_cache), self.scale, self.num_kv_heads,
-                    STATE, rows, self._shards)
+        align_layer(
+            plan,
+            self._layer,
+            query,
+            output,
+            paged_flash_kv(kv_cache),
+            self.scale,
+            self.num_kv_heads,
+            STATE,
+            rows,
+            self._shards,
+        )
         return output
 
     def _unaligned(self, md: Any, rows: RowSet) -> Any:
         """FlashAttention's metadata for this step and row set, built by the first layer that asks."""
         if "flash" not in rows.derived:
-            subset = (getattr(self, "dcp_world_size", 1) == 1 and md.causal is True
-                      and getattr(md, "mm_prefix_query_range_tensor", None) is None)
+            subset = (
+                getattr(self, "dcp_world_size", 1) == 1
+                and md.causal is True
+                and getattr(md, "mm_prefix_query_range_tensor", None) is None
+            )
             rows.derived["flash"] = unaligned_metadata(md, rows.batch_row) if subset else md
         return rows.derived["flash"]
 
     def _know(self, layer: Any) -> None:
         """What does not change between steps, found at the first forward (the layer name comes with it)."""
         self._layer = layer_index(getattr(layer, "layer_name", ""))
-        self._plain = (self.alibi_slopes is None and self.sliding_window in (-1, None, (-1, -1))
-                       and not self.logits_soft_cap and self.sinks is None)
+        self._plain = (
+            self.alibi_slopes is None
+            and self.sliding_window in (-1, None, (-1, -1))
+            and not self.logits_soft_cap
+            and self.sinks is None
+        )
         self._layer_known = True
 
 

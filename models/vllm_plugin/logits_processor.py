@@ -56,10 +56,12 @@ def model_facts(hf_config: Any) -> dict[str, Any]:
     eos = eos_token_ids(hf_config)
     # A model of no known family keeps the LLaVA rule rather than failing: vLLM loads the plugin for every
     # model it serves, and one without an image token is never aligned.
-    return {"num_layers": int(text_config(hf_config).num_hidden_layers),
-            "image_token_id": token if token is not None else -1,
-            "other_is_image_only": spec is not None and spec.other_is_image_only,
-            "eos_token_id": eos[0] if eos else None}
+    return {
+        "num_layers": int(text_config(hf_config).num_hidden_layers),
+        "image_token_id": token if token is not None else -1,
+        "other_is_image_only": spec is not None and spec.other_is_image_only,
+        "eos_token_id": eos[0] if eos else None,
+    }
 
 
 class SeviLogitsProcessor(LogitsProcessor):
@@ -110,10 +112,18 @@ class SeviLogitsProcessor(LogitsProcessor):
         found = np.flatnonzero(mask)
         last = int(found[-1]) if found.size else -1
         seed = params.seed if params.seed is not None else extra.get(SEED_KEY)  # type: ignore[union-attr]
-        return Row(request=request, prompt_len=len(prompt_ids), last_image=last, image_mask=mask,
-                   output_ids=output_ids, temperature=float(params.temperature), top_p=float(params.top_p),
-                   seed=int(seed) if seed is not None else None, presence_penalty=float(params.presence_penalty),
-                   frequency_penalty=float(params.frequency_penalty))
+        return Row(
+            request=request,
+            prompt_len=len(prompt_ids),
+            last_image=last,
+            image_mask=mask,
+            output_ids=output_ids,
+            temperature=float(params.temperature),
+            top_p=float(params.top_p),
+            seed=int(seed) if seed is not None else None,
+            presence_penalty=float(params.presence_penalty),
+            frequency_penalty=float(params.frequency_penalty),
+        )
 
     def _index_pairs(self) -> None:
         pairs: dict[str, list[int | None]] = {}
@@ -142,8 +152,9 @@ class SeviLogitsProcessor(LogitsProcessor):
         if mains:
             self._combine(logits, mains, partners)
         if end_rows and STATE.eos_token_id is not None:
-            _force(logits, _indices(end_rows, logits.device), _indices([STATE.eos_token_id] * len(end_rows),
-                                                                        logits.device))
+            _force(
+                logits, _indices(end_rows, logits.device), _indices([STATE.eos_token_id] * len(end_rows), logits.device)
+            )
         return logits
 
     def _pair_state(self, pair: str, m: int | None, c: int | None) -> str:
@@ -163,7 +174,7 @@ class SeviLogitsProcessor(LogitsProcessor):
         # Greedy pairs stay on the device (no token is read back); a sampled pair's draw is the reference
         # engine's CPU sampler, so it reads its row back.
         rows = _indices(mains + partners, logits.device)
-        mixed = contrast_logits(logits[rows[: len(mains)]], logits[rows[len(mains):]])
+        mixed = contrast_logits(logits[rows[: len(mains)]], logits[rows[len(mains) :]])
         for k, m in enumerate(mains):  # penalties on what the token is chosen from, as the reference engine does
             row = _row(m)
             apply_penalties(mixed[k], row.output_ids, row.presence_penalty, row.frequency_penalty)

@@ -41,8 +41,14 @@ class PagedKV:
         return self.key.shape[-1] if self.key_transposed else self.key.shape[-2]
 
 
-def _blocks(view: torch.Tensor, transposed: bool, index: torch.Tensor, width: int,
-            order: torch.Tensor | None = None, head_size: int = 0) -> torch.Tensor:
+def _blocks(
+    view: torch.Tensor,
+    transposed: bool,
+    index: torch.Tensor,
+    width: int,
+    order: torch.Tensor | None = None,
+    head_size: int = 0,
+) -> torch.Tensor:
     """The blocks at `index`, each cut to its first `width` keys: `[len(index), G, D, width]` when
     transposed, else `[len(index), G, width, D]`. One copy, of only what is read (two for an `order`ed
     layout: the blocks, then their values put in (slot, d) order)."""
@@ -75,14 +81,25 @@ def c_kernel_for(cache: PagedKV) -> PagedKernel | None:
     if cache.key.device.type != "cpu":
         return None  # before kernel(): a GPU never builds the CPU kernel
     kern = kernel()
-    if (kern is None or cache.key.dtype not in kern.cache_dtypes or cache.value.dtype != cache.key.dtype
-            or cache.key_order is not None):
+    if (
+        kern is None
+        or cache.key.dtype not in kern.cache_dtypes
+        or cache.value.dtype != cache.key.dtype
+        or cache.key_order is not None
+    ):
         return None
     return kern
 
 
-def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_keys: int,
-                 scale: float, use_kernel: bool = True, key_counts: torch.Tensor | None = None) -> torch.Tensor:
+def block_scores(
+    q: torch.Tensor,
+    cache: PagedKV,
+    block_index: torch.Tensor,
+    num_keys: int,
+    scale: float,
+    use_kernel: bool = True,
+    key_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Pre-softmax scores `[R, H, num_keys]` of rows `q` (`[R, G, rep, D]`, float32) against the keys of
     the blocks `block_index` (`[R * nb]`, row-major: row r reads blocks r*nb .. r*nb+nb-1).
     key_counts (long `[R]`): the keys each row needs; the rest of its scores are left to the key mask
@@ -107,8 +124,9 @@ def block_scores(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num
     return torch.cat([head, _scores_on(q, cache, index[:, full], 1, tail, scale)], -1)
 
 
-def _scores_on(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: int, width: int,
-               scale: float) -> torch.Tensor:
+def _scores_on(
+    q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: int, width: int, scale: float
+) -> torch.Tensor:
     """Scores `[R, H, nb * width]` against `nb` blocks per row, each read up to `width` keys."""
     r, g, rep, d = q.shape
     k = f32(_blocks(cache.key, cache.key_transposed, block_index, width, cache.key_order, cache.head_size))
@@ -121,9 +139,16 @@ def _scores_on(q: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: i
     return s.view(r, nb, g, rep, width).permute(0, 2, 3, 1, 4).reshape(r, g * rep, nb * width)
 
 
-def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, num_kv_heads: int,
-                 out: torch.Tensor | None = None, use_kernel: bool = True,
-                 key_counts: torch.Tensor | None = None, softmax: bool = False) -> torch.Tensor:
+def block_values(
+    probs: torch.Tensor,
+    cache: PagedKV,
+    block_index: torch.Tensor,
+    num_kv_heads: int,
+    out: torch.Tensor | None = None,
+    use_kernel: bool = True,
+    key_counts: torch.Tensor | None = None,
+    softmax: bool = False,
+) -> torch.Tensor:
     """`probs @ V`: probs `[R, H, num_keys]` float32 -> `[R, G, rep, D]`, written into `out` (`[R, H, D]`
     float32, contiguous) when given. Blocks are read like :func:`block_scores` reads them; with
     key_counts, probabilities past a row's count must be 0 (the kernel does not read those keys).
@@ -131,8 +156,9 @@ def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor,
     the kernel while each row is in cache (`probs` is then overwritten: scratch), or by torch."""
     kern = c_kernel_for(cache) if use_kernel else None
     if kern is not None and (not softmax or (probs.is_contiguous() and probs.dtype == torch.float32)):
-        return kern.values(probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out, key_counts,
-                           softmax)
+        return kern.values(
+            probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out, key_counts, softmax
+        )
     if softmax:
         probs = torch.softmax(probs, dim=-1)
     r, _, num_keys = probs.shape
@@ -146,8 +172,9 @@ def block_values(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor,
     return result if out is None else out.view_as(result).copy_(result)
 
 
-def _values_on(probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: int, num_kv_heads: int,
-               out: torch.Tensor | None) -> torch.Tensor:
+def _values_on(
+    probs: torch.Tensor, cache: PagedKV, block_index: torch.Tensor, nb: int, num_kv_heads: int, out: torch.Tensor | None
+) -> torch.Tensor:
     """`probs @ V` over `nb` blocks per row, each read up to `probs.shape[-1] / nb` keys."""
     r, h, n = probs.shape
     g, rep = num_kv_heads, h // num_kv_heads

@@ -62,8 +62,11 @@ def parse_row_request(extra: Mapping[str, Any] | None, num_layers: int | None = 
     alignment: AlignmentParams | None = None
     if any(k in extra for k in KNOB_KEYS):
         alignment = resolve_alignment(
-            extra.get("conservativeness"), depth,
-            omega=_number(extra, "omega"), start_layer=_integer(extra, "start_layer"), kappa=_number(extra, "kappa"),
+            extra.get("conservativeness"),
+            depth,
+            omega=_number(extra, "omega"),
+            start_layer=_integer(extra, "start_layer"),
+            kappa=_number(extra, "kappa"),
         )
     role = extra.get(ROLE_KEY)
     pair = extra.get(PAIR_KEY)
@@ -101,11 +104,21 @@ def _integer(extra: Mapping[str, Any], name: str) -> int | None:
     return value  # type: ignore[no-any-return]
 
 
-def to_extra_args(alignment: AlignmentParams, *, role: str | None = None, pair: str | None = None,
-                  key: str | None = None, seed: int | None = None) -> dict[str, Any]:
+def to_extra_args(
+    alignment: AlignmentParams,
+    *,
+    role: str | None = None,
+    pair: str | None = None,
+    key: str | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
     """The extra_args our engine sends for a resolved parameter set (explicit values, no re-mapping)."""
-    out: dict[str, Any] = {"conservativeness": alignment.conservativeness, "omega": alignment.omega,
-                           "start_layer": alignment.start_layer, "kappa": alignment.kappa}
+    out: dict[str, Any] = {
+        "conservativeness": alignment.conservativeness,
+        "omega": alignment.omega,
+        "start_layer": alignment.start_layer,
+        "kappa": alignment.kappa,
+    }
     if role is not None:
         out[ROLE_KEY] = role
         out[PAIR_KEY] = pair

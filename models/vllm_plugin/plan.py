@@ -131,14 +131,22 @@ class StepPlan:
         tok = pick(self.token_index)
         p = self.prepared
         return RowSet(
-            token_index=tok, batch_row=pick(self.batch_row),
-            block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1), key_count=pick(self.key_count),
+            token_index=tok,
+            batch_row=pick(self.batch_row),
+            block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1),
+            key_count=pick(self.key_count),
             prepared=p if keep is None else select_rows(p, keep),
             identity=keep is None and self.covers_all_tokens,
         )
 
-    def advance(self, state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                block_table: torch.Tensor, block_size: int) -> bool:
+    def advance(
+        self,
+        state: WorkerState,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        block_size: int,
+    ) -> bool:
         """Move this plan on to this step, in place, when it is one decode token per batch row over the same
         rows and every seq_len one more; False when it is not (then build afresh).
 
@@ -154,9 +162,13 @@ class StepPlan:
             return False
         arrays, expect, seqs = self.decode
         n = expect.shape[0]
-        if (state.arrays() is not arrays or seq_lens.shape[0] < n or query_start_loc.shape[0] < n + 1
-                or not torch.equal(query_start_loc[: n + 1], _arange(n + 1, query_start_loc))
-                or not torch.equal(seq_lens[:n], expect)):
+        if (
+            state.arrays() is not arrays
+            or seq_lens.shape[0] < n
+            or query_start_loc.shape[0] < n + 1
+            or not torch.equal(query_start_loc[: n + 1], _arange(n + 1, query_start_loc))
+            or not torch.equal(seq_lens[:n], expect)
+        ):
             return False
         if self.room == 0:
             self._make_room(block_table, block_size, seqs)
@@ -241,15 +253,30 @@ def step_plan(state: WorkerState, md: Any, block_size: int, device: torch.device
     state.observe_seq_lens(md.seq_lens)
     plan = None
     if state.arrays().any_enabled:
-        plan = build_plan(state, md.query_start_loc, md.seq_lens, md.block_table, block_size, device,
-                          md.num_actual_tokens, cached[2] if cached is not None else None)
+        plan = build_plan(
+            state,
+            md.query_start_loc,
+            md.seq_lens,
+            md.block_table,
+            block_size,
+            device,
+            md.num_actual_tokens,
+            cached[2] if cached is not None else None,
+        )
     state.plan_cache = (state.step, id(md), plan)
     return plan
 
 
-def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-               block_size: int, device: torch.device, num_tokens: int | None = None,
-               previous: StepPlan | None = None) -> StepPlan | None:
+def build_plan(
+    state: WorkerState,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    block_size: int,
+    device: torch.device,
+    num_tokens: int | None = None,
+    previous: StepPlan | None = None,
+) -> StepPlan | None:
     """The rows of this step that need alignment, or None when there are none (stock path only).
 
     num_tokens: the step's scheduled tokens (vLLM's `num_actual_tokens`); default `query_start_loc[-1]`.
@@ -293,8 +320,13 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
     image_keys[:, :width] = t.image_keys[batch_row, :width]
     pos = torch.from_numpy(position)
     valid = torch.arange(num_keys)[None, :] <= pos[:, None]
-    semantic, other = span_masks(torch.arange(num_keys), pos, torch.from_numpy(t.last_image[batch_row]),
-                                 torch.from_numpy(image_keys), torch.full((total,), state.other_is_image_only))
+    semantic, other = span_masks(
+        torch.arange(num_keys),
+        pos,
+        torch.from_numpy(t.last_image[batch_row]),
+        torch.from_numpy(image_keys),
+        torch.full((total,), state.other_is_image_only),
+    )
     start = t.start_layer[batch_row]
     starts = sorted(set(start.tolist()))
     omega, kappa = (torch.from_numpy(x[batch_row]).to(device) for x in (t.omega, t.kappa))
@@ -304,9 +336,21 @@ def build_plan(state: WorkerState, query_start_loc: torch.Tensor, seq_lens: torc
         return torch.from_numpy(x).to(device)
 
     return StepPlan(
-        token_index=tensor(token_index), batch_row=tensor(batch_row), seq_slot=tensor(slot_of[batch_row]),
-        blocks=blocks, num_keys=num_keys, key_count=tensor(position + 1), key_count_host=position + 1,
+        token_index=tensor(token_index),
+        batch_row=tensor(batch_row),
+        seq_slot=tensor(slot_of[batch_row]),
+        blocks=blocks,
+        num_keys=num_keys,
+        key_count=tensor(position + 1),
+        key_count_host=position + 1,
         prepared=prepare_rows(valid.to(device), semantic.to(device), other.to(device), omega, kappa),
-        omega=omega, kappa=kappa, start_layer=tensor(start), min_start=starts[0], max_start=starts[-1],
-        starts=starts, num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens, decode=decode, room=room,
+        omega=omega,
+        kappa=kappa,
+        start_layer=tensor(start),
+        min_start=starts[0],
+        max_start=starts[-1],
+        starts=starts,
+        num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens,
+        decode=decode,
+        room=room,
     )

@@ -20,9 +20,18 @@ from models.vllm_plugin.plan import RowSet, StepPlan
 from models.vllm_plugin.state import WorkerState
 
 
-def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.Tensor, cache: PagedKV,
-                scale: float, num_kv_heads: int, state: WorkerState | None, rows: RowSet | None = None,
-                shards: ShardGather | None = None) -> None:
+def align_layer(
+    plan: StepPlan,
+    layer: int,
+    query: torch.Tensor,
+    output: torch.Tensor,
+    cache: PagedKV,
+    scale: float,
+    num_kv_heads: int,
+    state: WorkerState | None,
+    rows: RowSet | None = None,
+    shards: ShardGather | None = None,
+) -> None:
     """Overwrite `output` rows of this layer's aligned rows with SEVI-aligned attention.
 
     query: [T, H, D]; output: [T, H * D] or [T, H, D] (written in place); state: where the layer's
@@ -50,21 +59,47 @@ def align_layer(plan: StepPlan, layer: int, query: torch.Tensor, output: torch.T
     elif choice == "triton" and cache.key_order is None:  # the Triton kernels, reading the blocks in place
         from models.kernels.sevi_decode import aligned_decode
 
-        _, groups, moved = aligned_decode(q, cache.key, cache.value, cache.key_transposed, cache.value_transposed,
-                                          rows.block_index, rows.key_count, rows.prepared, scale, num_kv_heads,
-                                          new, shards=shards)
+        _, groups, moved = aligned_decode(
+            q,
+            cache.key,
+            cache.value,
+            cache.key_transposed,
+            cache.value_transposed,
+            rows.block_index,
+            rows.key_count,
+            rows.prepared,
+            scale,
+            num_kv_heads,
+            new,
+            shards=shards,
+        )
         assert groups is not None and groups.stage1 is not None and groups.stage2 is not None
         stage1, stage2 = groups.stage1, groups.stage2
     else:
         c_kernel = choice == "c"  # "torch": gather + bmm even where the C kernel is built
-        scores = block_scores(q.view(r, num_kv_heads, n_heads // num_kv_heads, head_dim), cache, rows.block_index,
-                              plan.num_keys, scale, use_kernel=c_kernel, key_counts=rows.key_count)  # [R, H, K]
+        scores = block_scores(
+            q.view(r, num_kv_heads, n_heads // num_kv_heads, head_dim),
+            cache,
+            rows.block_index,
+            plan.num_keys,
+            scale,
+            use_kernel=c_kernel,
+            key_counts=rows.key_count,
+        )  # [R, H, K]
         if shards is None:
             aligned, groups = align_prepared(scores, rows.prepared)  # masked keys already at MASKED
         else:
             aligned, groups, moved = align_sharded(scores, rows.prepared, shards)
-        block_values(aligned, cache, rows.block_index, num_kv_heads, new, use_kernel=c_kernel,
-                     key_counts=rows.key_count, softmax=True)
+        block_values(
+            aligned,
+            cache,
+            rows.block_index,
+            num_kv_heads,
+            new,
+            use_kernel=c_kernel,
+            key_counts=rows.key_count,
+            softmax=True,
+        )
         assert groups.stage1 is not None and groups.stage2 is not None
         stage1, stage2 = groups.stage1, groups.stage2
     if not direct:

@@ -69,8 +69,10 @@ class SeviScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.policy == SchedulingPolicy.PRIORITY:
-            raise ValueError("SeviScheduler keeps contrast pairs together under the FCFS policy only "
-                             "(the priority policy preempts anywhere in the batch)")
+            raise ValueError(
+                "SeviScheduler keeps contrast pairs together under the FCFS policy only "
+                "(the priority policy preempts anywhere in the batch)"
+            )
         self._role: dict[str, tuple[str, str]] = {}  # request id -> (role, pair id)
         self._pairs: dict[str, dict[str, str]] = {}  # pair id -> role -> request id
         self._aligned: set[str] = set()  # requests whose rows from the last prompt row on are aligned
@@ -200,8 +202,12 @@ class SeviScheduler(Scheduler):
             return n  # alone (its partner ended): nothing to keep in step with
         remaining = self._remaining(request, computed)
         running = request.status == RequestStatus.RUNNING
-        if running and partner.status == RequestStatus.RUNNING and partner.request_id not in step.seen \
-                and self._next_in_running(request, partner):
+        if (
+            running
+            and partner.status == RequestStatus.RUNNING
+            and partner.request_id not in step.seen
+            and self._next_in_running(request, partner)
+        ):
             left = self._remaining(partner, partner.num_computed_tokens)
             if n == remaining and self._budget_left() >= n + left and self._can_finish(partner, left):
                 step.joint[partner.request_id] = left

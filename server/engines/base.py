@@ -142,8 +142,9 @@ class Engine(ABC):
         """Token events for one request; see the module docstring for the contract."""
 
 
-async def stream_events(queue: asyncio.Queue[Any], finished: Callable[[], bool],
-                        cancel: Callable[[], None]) -> AsyncGenerator[TokenEvent, None]:
+async def stream_events(
+    queue: asyncio.Queue[Any], finished: Callable[[], bool], cancel: Callable[[], None]
+) -> AsyncGenerator[TokenEvent, None]:
     """One request's events as its engine posts them to `queue`, up to the final one; an exception posted
     there is raised. Leaving early (consumer closed, deadline, disconnect) calls `cancel` unless the
     request already finished. Consumers must close it promptly (`contextlib.aclosing`)."""
@@ -246,8 +247,13 @@ class QueuedEngine(Engine):
         """End every waiting and running job with `exc` (shutdown)."""
 
     @abstractmethod
-    def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[Any], stats: GenerationStats) -> QueuedJob: ...
+    def _new_job(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[Any],
+        stats: GenerationStats,
+    ) -> QueuedJob: ...
 
     @abstractmethod
     def _cancel(self, job: Any) -> None:
@@ -257,8 +263,9 @@ class QueuedEngine(Engine):
         """Requests counted against `max_queue` (under `_cond`): by default those waiting."""
         return len(self._pending)
 
-    async def generate(self, request: GenerationRequest, stats: GenerationStats | None = None
-                       ) -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self, request: GenerationRequest, stats: GenerationStats | None = None
+    ) -> AsyncIterator[TokenEvent]:
         if not self.ready:
             raise EngineNotReady(self._load_error or "the model is still loading")
         job = self._new_job(request, asyncio.get_running_loop(), asyncio.Queue(), stats or GenerationStats())
@@ -269,7 +276,8 @@ class QueuedEngine(Engine):
                 raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
             self._pending.append(job)
             self._cond.notify()
-        async with contextlib.aclosing(stream_events(job.queue, lambda: job.finished,
-                                                     lambda: self._cancel(job))) as events:
+        async with contextlib.aclosing(
+            stream_events(job.queue, lambda: job.finished, lambda: self._cancel(job))
+        ) as events:
             async for event in events:
                 yield event

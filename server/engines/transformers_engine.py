@@ -58,10 +58,20 @@ class _Cohort:
 
 
 class TransformersEngine(QueuedEngine):
-    def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
-                 max_cohorts: int = 2, dtype: str = "float32", device: str = "cpu",
-                 contrast_pool_dir: str | None = None, torch_threads: int | None = None,
-                 runtime: runtime_env.RuntimeOptions | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        model_name: str,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        max_cohorts: int = 2,
+        dtype: str = "float32",
+        device: str = "cpu",
+        contrast_pool_dir: str | None = None,
+        torch_threads: int | None = None,
+        runtime: runtime_env.RuntimeOptions | None = None,
+    ) -> None:
         super().__init__()
         self._model_dir = model_dir
         self._model_name = model_name
@@ -87,11 +97,18 @@ class TransformersEngine(QueuedEngine):
     @classmethod
     def from_settings(cls, settings: Settings) -> TransformersEngine:
         batch = settings.max_batch_size if settings.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
-        return cls(str(settings.model), model_name=settings.model_id, max_batch_size=batch,
-                   max_queue=settings.max_queue, max_cohorts=settings.max_cohorts, dtype=settings.dtype,
-                   device=settings.device, torch_threads=settings.torch_threads,
-                   contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
-                   runtime=settings.runtime_options())
+        return cls(
+            str(settings.model),
+            model_name=settings.model_id,
+            max_batch_size=batch,
+            max_queue=settings.max_queue,
+            max_cohorts=settings.max_cohorts,
+            dtype=settings.dtype,
+            device=settings.device,
+            torch_threads=settings.torch_threads,
+            contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
+            runtime=settings.runtime_options(),
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -105,13 +122,21 @@ class TransformersEngine(QueuedEngine):
         return self._model.num_layers
 
     def stats(self) -> EngineStats:
-        return EngineStats(queue_depth=len(self._pending), running=self._running,
-                           cancelled_total=self._cancelled_waiting + self._cancelled_running,
-                           failed_batches_total=self._failed_batches)
+        return EngineStats(
+            queue_depth=len(self._pending),
+            running=self._running,
+            cancelled_total=self._cancelled_waiting + self._cancelled_running,
+            failed_batches_total=self._failed_batches,
+        )
 
     # ---- the async side ----------------------------------------------------------------------------
-    def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[Any], stats: GenerationStats) -> _Job:
+    def _new_job(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[Any],
+        stats: GenerationStats,
+    ) -> _Job:
         return _Job(request, loop, queue, stats)
 
     def _cancel(self, job: _Job) -> None:
@@ -149,10 +174,17 @@ class TransformersEngine(QueuedEngine):
             compiled_operator()  # built (or loaded) now, not in the first aligned request
         pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else None
         t0 = time.perf_counter()
-        self._model = ReferenceModel.load(self._model_dir, dtype=self._dtype, device=self._device,
-                                          contrast_pool=pool)
-        log.info("model loaded", extra={"fields": {"model": self._model_dir, "seconds": round(
-            time.perf_counter() - t0, 3), "layers": self._model.num_layers}})
+        self._model = ReferenceModel.load(self._model_dir, dtype=self._dtype, device=self._device, contrast_pool=pool)
+        log.info(
+            "model loaded",
+            extra={
+                "fields": {
+                    "model": self._model_dir,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "layers": self._model.num_layers,
+                }
+            },
+        )
 
     def _admit(self) -> list[_Job]:
         """Waiting jobs for one new cohort (called under the lock)."""
@@ -233,8 +265,12 @@ class TransformersEngine(QueuedEngine):
 
     def _batch_failed(self, jobs: list[_Job], exc: BaseException) -> None:
         self._failed_batches += 1
-        log.error("batch of %d failed", len(jobs), exc_info=exc,
-                  extra={"fields": {"requests": [j.request.request_id for j in jobs]}})
+        log.error(
+            "batch of %d failed",
+            len(jobs),
+            exc_info=exc,
+            extra={"fields": {"requests": [j.request.request_id for j in jobs]}},
+        )
         err = EngineError(f"{type(exc).__name__}: {exc}")
         for job in jobs:
             self._finish(job, err)

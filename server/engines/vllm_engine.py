@@ -89,10 +89,20 @@ class VllmEngine(QueuedEngine):
     _load_context = " with vLLM"
     _log = log
 
-    def __init__(self, model_dir: str, *, model_name: str, max_batch_size: int | None = None, max_queue: int = 64,
-                 dtype: str = "float32", contrast_pool_dir: str | None = None, max_images_per_request: int = 4,
-                 torch_threads: int | None = None, options: VllmSettings | None = None,
-                 runtime: runtime_env.RuntimeOptions | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        model_name: str,
+        max_batch_size: int | None = None,
+        max_queue: int = 64,
+        dtype: str = "float32",
+        contrast_pool_dir: str | None = None,
+        max_images_per_request: int = 4,
+        torch_threads: int | None = None,
+        options: VllmSettings | None = None,
+        runtime: runtime_env.RuntimeOptions | None = None,
+    ) -> None:
         super().__init__()
         self._torch_threads = torch_threads
         self._model_dir = model_dir
@@ -125,11 +135,18 @@ class VllmEngine(QueuedEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:
-        return cls(str(settings.model), model_name=settings.model_id, max_batch_size=settings.max_batch_size,
-                   max_queue=settings.max_queue, dtype=settings.dtype,
-                   contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
-                   max_images_per_request=settings.max_images_per_request, torch_threads=settings.torch_threads,
-                   options=settings.vllm, runtime=settings.runtime_options())
+        return cls(
+            str(settings.model),
+            model_name=settings.model_id,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            dtype=settings.dtype,
+            contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
+            max_images_per_request=settings.max_images_per_request,
+            torch_threads=settings.torch_threads,
+            options=settings.vllm,
+            runtime=settings.runtime_options(),
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -160,12 +177,21 @@ class VllmEngine(QueuedEngine):
 
     def stats(self) -> EngineStats:
         running = min(self._inflight, self._max_batch)
-        return EngineStats(queue_depth=len(self._pending) + self._inflight - running, running=running,
-                           cancelled_total=self._cancelled, failed_batches_total=self._failed)
+        return EngineStats(
+            queue_depth=len(self._pending) + self._inflight - running,
+            running=running,
+            cancelled_total=self._cancelled,
+            failed_batches_total=self._failed,
+        )
 
     # ---- the async side -------------------------------------------------------------------------------
-    def _new_job(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[Any], stats: GenerationStats) -> _Job:
+    def _new_job(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[Any],
+        stats: GenerationStats,
+    ) -> _Job:
         sp = request.sampling  # generate() makes jobs only once loaded, so the tokenizer is there
         return _Job(request, loop, queue, stats, TextStream(self._tokenizer, sp.stop, sp.max_tokens))
 
@@ -231,13 +257,20 @@ class VllmEngine(QueuedEngine):
         self._num_layers = int(text_cfg["num_hidden_layers"])
         batch_args, usage_context = vllm_batch_args(self._batch_setting, _on_gpu())
         kwargs: dict[str, Any] = dict(
-            model=str(path), dtype=self._dtype, seed=opts.seed, max_model_len=opts.max_model_len, **batch_args,
-            tensor_parallel_size=opts.tensor_parallel_size, pipeline_parallel_size=opts.pipeline_parallel_size,
-            distributed_executor_backend=opts.distributed_executor_backend or (
-                "uni" if opts.tensor_parallel_size * opts.pipeline_parallel_size == 1 else None),
-            limit_mm_per_prompt={"image": self._max_images}, enable_prefix_caching=opts.prefix_caching,
+            model=str(path),
+            dtype=self._dtype,
+            seed=opts.seed,
+            max_model_len=opts.max_model_len,
+            **batch_args,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            pipeline_parallel_size=opts.pipeline_parallel_size,
+            distributed_executor_backend=opts.distributed_executor_backend
+            or ("uni" if opts.tensor_parallel_size * opts.pipeline_parallel_size == 1 else None),
+            limit_mm_per_prompt={"image": self._max_images},
+            enable_prefix_caching=opts.prefix_caching,
             enforce_eager=opts.enforce_eager,
-            gpu_memory_utilization=opts.gpu_memory_utilization, disable_log_stats=False,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            disable_log_stats=False,
         )
         # Contrast pairs scheduled in lockstep, and no aligned row in the prefix cache (scheduler.py). Synchronous
         # scheduling: the pairs' lockstep is decided from each step's outputs before the next step is planned.
@@ -263,15 +296,24 @@ class VllmEngine(QueuedEngine):
         self._tokenizer = self._processor.tokenizer
         self._pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else ContrastPool.default()
         generation = path / "generation_config.json"
-        self._eos = set(eos_token_ids(config, json.loads(generation.read_text()) if generation.exists() else None,
-                                      self._tokenizer))
+        self._eos = set(
+            eos_token_ids(config, json.loads(generation.read_text()) if generation.exists() else None, self._tokenizer)
+        )
         self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
         # The queue bound and the stats count requests: two sequences each at most (a contrast row).
         self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
         in_process = runtime_env.vllm_engine_core_in_process() and kwargs["distributed_executor_backend"] == "uni"
         self._worker_state = STATE if in_process else None
-        log.info("vLLM model loaded", extra={"fields": {"model": self._model_dir, "layers": self._num_layers,
-                                                        "seconds": round(time.perf_counter() - t0, 3)}})
+        log.info(
+            "vLLM model loaded",
+            extra={
+                "fields": {
+                    "model": self._model_dir,
+                    "layers": self._num_layers,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            },
+        )
 
     # ---- requests in ----------------------------------------------------------------------------------
     def _add(self, job: _Job) -> None:
@@ -291,22 +333,32 @@ class VllmEngine(QueuedEngine):
         try:
             text = self._prompt_text(req)
             base: dict[str, Any] = dict(
-                max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
-                presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
-                stop_token_ids=[] if sp.ignore_eos else sorted(self._eos), ignore_eos=sp.ignore_eos,
-                detokenize=False, output_kind=RequestOutputKind.DELTA)
+                max_tokens=sp.max_tokens,
+                temperature=sp.temperature,
+                top_p=sp.top_p,
+                seed=sp.seed,
+                presence_penalty=sp.presence_penalty,
+                frequency_penalty=sp.frequency_penalty,
+                stop_token_ids=[] if sp.ignore_eos else sorted(self._eos),
+                ignore_eos=sp.ignore_eos,
+                detokenize=False,
+                output_kind=RequestOutputKind.DELTA,
+            )
             if contrast:  # the logits processor samples a pair with this seed (params.py: sevi_seed)
                 base["seed"] = None
             seed = sp.seed if contrast else None
-            main_sp = SamplingParams(**base, extra_args=to_extra_args(
-                params, role="main" if contrast else None, pair=pair, key=job.main_id, seed=seed))
+            main_sp = SamplingParams(
+                **base,
+                extra_args=to_extra_args(
+                    params, role="main" if contrast else None, pair=pair, key=job.main_id, seed=seed
+                ),
+            )
             prompt = self._prompt(text, req.images)
             if contrast:
                 assert self._pool is not None
                 images = req.contrast_images or self._pool.draw(sp.seed, req.images[0], k=len(req.images))
                 job.contrast_id = job.main_id + ":contrast"
-                c_sp = SamplingParams(**base, extra_args=to_extra_args(params, role="contrast", pair=pair,
-                                                                        seed=seed))
+                c_sp = SamplingParams(**base, extra_args=to_extra_args(params, role="contrast", pair=pair, seed=seed))
                 # Contrast first, main second, both before the next step(): admitted in the same step.
                 self._engine.add_request(job.contrast_id, self._prompt(text, images), c_sp)
             self._engine.add_request(job.main_id, prompt, main_sp)
@@ -378,8 +430,9 @@ class VllmEngine(QueuedEngine):
             job.finished = True
             job.stats.engine_s = time.perf_counter() - job.submitted
             telemetry = self._collect_telemetry(job)
-        return TokenEvent(job.request.request_id, token, text, finish, job.prompt_len, len(job.output.token_ids),
-                          telemetry)
+        return TokenEvent(
+            job.request.request_id, token, text, finish, job.prompt_len, len(job.output.token_ids), telemetry
+        )
 
     def _collect_telemetry(self, job: _Job) -> Telemetry:
         """The request's telemetry from every vLLM worker (one `collective_rpc`: in-process with the `uni`

@@ -16,10 +16,24 @@ from models.coco_objects import DOUBLE_WORD_MAP, WORD_TO_CATEGORY
 # Plurals that no suffix rule gives. Words whose plural is the same, or that are plural already, map to
 # themselves ("sheep", "skis", "scissors", "cattle", "people").
 _IRREGULAR_PLURALS = {
-    "child": "children", "person": "people", "mouse": "mice", "goose": "geese", "ox": "oxen",
-    "knife": "knives", "calf": "calves", "grandchild": "grandchildren",
-    "sheep": "sheep", "skis": "skis", "scissors": "scissors", "cattle": "cattle", "oxen": "oxen",
-    "people": "people", "children": "children", "knives": "knives", "bison": "bison", "doberman": "dobermans",
+    "child": "children",
+    "person": "people",
+    "mouse": "mice",
+    "goose": "geese",
+    "ox": "oxen",
+    "knife": "knives",
+    "calf": "calves",
+    "grandchild": "grandchildren",
+    "sheep": "sheep",
+    "skis": "skis",
+    "scissors": "scissors",
+    "cattle": "cattle",
+    "oxen": "oxen",
+    "people": "people",
+    "children": "children",
+    "knives": "knives",
+    "bison": "bison",
+    "doberman": "dobermans",
 }
 # A key of the scorer's phrase table that only its singularizer produces ("wine glasses" -> "wine glas"):
 # captions never contain it.

@@ -30,17 +30,30 @@ router = APIRouter(tags=["sevi"], dependencies=[Depends(require_api_key)])
 _FORM_FIELDS = set(CaptionParams.model_fields)
 
 
-@router.post("/caption", response_model=CaptionResponse, openapi_extra=request_body_openapi(),
-             summary="Caption one image.",
-             description="multipart/form-data with an `image` file, or application/json with `image` as base64 or "
-                         "a data URI. `x-engine-time-ms` tells the engine's own time for the request.")
-async def caption(request: Request, response: Response, engine: EngineDep, settings: SettingsDep,
-                  metrics: MetricsDep, arrival: ArrivalDep) -> CaptionResponse | Response:
+@router.post(
+    "/caption",
+    response_model=CaptionResponse,
+    openapi_extra=request_body_openapi(),
+    summary="Caption one image.",
+    description="multipart/form-data with an `image` file, or application/json with `image` as base64 or "
+    "a data URI. `x-engine-time-ms` tells the engine's own time for the request.",
+)
+async def caption(
+    request: Request,
+    response: Response,
+    engine: EngineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    arrival: ArrivalDep,
+) -> CaptionResponse | Response:
     params, image_bytes = await _parse(request, settings)
-    spec = RequestSpec("cap", user_message(params.prompt, 1), [ImageBytes(image_bytes, "image")],
-                       Knobs(params.conservativeness, params.omega, params.start_layer, params.kappa, params.contrast),
-                       Sampling(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                                seed=params.seed))
+    spec = RequestSpec(
+        "cap",
+        user_message(params.prompt, 1),
+        [ImageBytes(image_bytes, "image")],
+        Knobs(params.conservativeness, params.omega, params.start_layer, params.kappa, params.contrast),
+        Sampling(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed),
+    )
     generation = await build(spec, engine, settings)
     run = Run(arrival, request.receive, engine, metrics, settings, "/caption", generation)
     await run.start()
@@ -49,9 +62,15 @@ async def caption(request: Request, response: Response, engine: EngineDep, setti
         return Response(status_code=499)  # client gone: nobody reads this
     response.headers.update(run.timing_headers())
     return CaptionResponse(
-        id=generation.request_id, created=int(time.time()), model=engine.model_name, caption=outcome.text,
-        finish_reason=outcome.finish_reason, usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
-        alignment=AppliedAlignment.model_validate(generation.alignment), telemetry=Telemetry.of(outcome.telemetry))
+        id=generation.request_id,
+        created=int(time.time()),
+        model=engine.model_name,
+        caption=outcome.text,
+        finish_reason=outcome.finish_reason,
+        usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
+        alignment=AppliedAlignment.model_validate(generation.alignment),
+        telemetry=Telemetry.of(outcome.telemetry),
+    )
 
 
 async def _parse(request: Request, settings: Settings) -> tuple[CaptionParams, bytes]:
@@ -60,8 +79,11 @@ async def _parse(request: Request, settings: Settings) -> tuple[CaptionParams, b
         return await _parse_form(request, settings)
     if ctype == "application/json":
         return await _parse_json(request, settings)
-    raise APIError(415, "send multipart/form-data (an `image` file) or application/json (`image` as base64 or a "
-                   "data URI)", code="unsupported_media_type")
+    raise APIError(
+        415,
+        "send multipart/form-data (an `image` file) or application/json (`image` as base64 or a data URI)",
+        code="unsupported_media_type",
+    )
 
 
 async def _parse_json(request: Request, settings: Settings) -> tuple[CaptionParams, bytes]:
@@ -70,8 +92,9 @@ async def _parse_json(request: Request, settings: Settings) -> tuple[CaptionPara
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
     if isinstance(raw, dict) and not isinstance(raw.get("image"), str):
-        raise APIError(400, "an image is required: `image` as base64 or a data URI", param="image",
-                       code="missing_image")
+        raise APIError(
+            400, "an image is required: `image` as base64 or a data URI", param="image", code="missing_image"
+        )
     body = _validate(CaptionJSON, raw)
     data = decode_base64(body.image, image_limits(settings), "image")
     return CaptionParams.model_validate(body.model_dump(exclude={"image"})), data
@@ -91,8 +114,9 @@ async def _parse_form(request: Request, settings: Settings) -> tuple[CaptionPara
         params = _validate(CaptionParams, fields)
         if isinstance(image, UploadFile):
             if image.size is not None and image.size > settings.max_image_bytes:
-                raise APIError(413, f"image is larger than {settings.max_image_bytes} bytes", param="image",
-                               code="image_too_large")
+                raise APIError(
+                    413, f"image is larger than {settings.max_image_bytes} bytes", param="image", code="image_too_large"
+                )
             data = await image.read(settings.max_image_bytes + 1)
         elif isinstance(image, str) and image:
             data = decode_base64(image, image_limits(settings), "image")

@@ -34,14 +34,28 @@ router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 MAX_STOP = 4
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion (OpenAI).",
-             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true."}})
-async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, engine: EngineDep,
-                           settings: SettingsDep, metrics: MetricsDep,
-                           arrival: ArrivalDep) -> ChatCompletionResponse | Response:
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    summary="Chat completion (OpenAI).",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true."}},
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    engine: EngineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    arrival: ArrivalDep,
+) -> ChatCompletionResponse | Response:
     if body.model is not None and body.model != engine.model_name:
-        raise APIError(404, f"the model `{body.model}` does not exist; this server serves `{engine.model_name}`",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model `{body.model}` does not exist; this server serves `{engine.model_name}`",
+            param="model",
+            code="model_not_found",
+        )
     refuse_unsupported(body)
     generation = await build(_spec(body, settings), engine, settings)
     run = Run(arrival, request.receive, engine, metrics, settings, "/v1/chat/completions", generation)
@@ -55,27 +69,50 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
         return Response(status_code=499)  # client gone: nobody reads this
     response.headers.update(run.timing_headers())
     return ChatCompletionResponse(
-        id=generation.request_id, created=created, model=engine.model_name,
+        id=generation.request_id,
+        created=created,
+        model=engine.model_name,
         choices=[Choice(message=AssistantMessage(content=outcome.text), finish_reason=outcome.finish_reason)],
         usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
         alignment=AppliedAlignment.model_validate(generation.alignment),
-        telemetry=Telemetry.of(outcome.telemetry))
+        telemetry=Telemetry.of(outcome.telemetry),
+    )
 
 
 def _spec(body: ChatCompletionRequest, settings: Settings) -> RequestSpec:
     """The chat body as a request spec; refuses too many stop strings or images before any image is decoded."""
-    max_tokens, max_param = ((body.max_completion_tokens, "max_completion_tokens")
-                             if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
-    sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        stop=_stops(body.stop), presence_penalty=body.presence_penalty,
-                        frequency_penalty=body.frequency_penalty, max_tokens_param=max_param)
+    max_tokens, max_param = (
+        (body.max_completion_tokens, "max_completion_tokens")
+        if body.max_completion_tokens is not None
+        else (body.max_tokens, "max_tokens")
+    )
+    sampling = Sampling(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=_stops(body.stop),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        max_tokens_param=max_param,
+    )
     over = body.alignment
-    knobs = Knobs(body.conservativeness, over.omega if over else None, over.start_layer if over else None,
-                  over.kappa if over else None, over.contrast if over else None, param_prefix="alignment.")
+    knobs = Knobs(
+        body.conservativeness,
+        over.omega if over else None,
+        over.start_layer if over else None,
+        over.kappa if over else None,
+        over.contrast if over else None,
+        param_prefix="alignment.",
+    )
     messages, images = _messages(body.messages)
     if len(images) > settings.max_images_per_request:
-        raise APIError(400, f"{len(images)} images; at most {settings.max_images_per_request} per request",
-                       param="messages", code="too_many_images")
+        raise APIError(
+            400,
+            f"{len(images)} images; at most {settings.max_images_per_request} per request",
+            param="messages",
+            code="too_many_images",
+        )
     return RequestSpec("chatcmpl", messages, images, knobs, sampling)
 
 
@@ -110,14 +147,16 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[I
     return out, images
 
 
-async def _chunks(run: Run, generation: GenerationRequest, created: int, model: str,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+async def _chunks(
+    run: Run, generation: GenerationRequest, created: int, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
     """`chat.completion.chunk` events: role first, then text deltas, the finish reason, usage if asked, [DONE]."""
     applied = AppliedAlignment.model_validate(generation.alignment)
 
     def chunk(choices: list[ChunkChoice], **extra: Any) -> bytes:
-        return sse(ChatCompletionChunk(id=generation.request_id, created=created, model=model, choices=choices,
-                                       **extra))
+        return sse(
+            ChatCompletionChunk(id=generation.request_id, created=created, model=model, choices=choices, **extra)
+        )
 
     yield chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))], alignment=applied)
     try:
@@ -126,8 +165,11 @@ async def _chunks(run: Run, generation: GenerationRequest, created: int, model: 
                 if ev.text:
                     yield chunk([ChunkChoice(delta=ChunkDelta(content=ev.text))])
                 if ev.finish_reason is not None:
-                    yield chunk([ChunkChoice(delta=ChunkDelta(), finish_reason=ev.finish_reason)], alignment=applied,
-                                telemetry=Telemetry.of(ev.telemetry))
+                    yield chunk(
+                        [ChunkChoice(delta=ChunkDelta(), finish_reason=ev.finish_reason)],
+                        alignment=applied,
+                        telemetry=Telemetry.of(ev.telemetry),
+                    )
                     if include_usage:
                         yield chunk([], usage=Usage.of(ev.prompt_tokens, ev.completion_tokens))
     except APIError as err:  # a deadline or engine failure after the headers went out: tell the client in-band

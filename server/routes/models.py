@@ -14,5 +14,10 @@ router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 async def list_models(request: Request, engine: EngineDep) -> ServedModelList:
     layers = engine.num_layers if engine.ready else None
     knobs = KnobMapCard.model_validate(engine.knob_map.describe(layers))
-    return ServedModelList(data=[ServedModelCard(id=engine.model_name, created=request.app.state.started,
-                                                 num_layers=layers, conservativeness=knobs)])
+    return ServedModelList(
+        data=[
+            ServedModelCard(
+                id=engine.model_name, created=request.app.state.started, num_layers=layers, conservativeness=knobs
+            )
+        ]
+    )

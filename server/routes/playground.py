@@ -23,24 +23,42 @@ from server.schemas.caption import DEFAULT_PROMPT
 
 router = APIRouter(include_in_schema=False)
 
-CONTENT_SECURITY_POLICY = "; ".join((
-    "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self' data:",
-    "connect-src 'self'", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
-))
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    )
+)
 _PAGE_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache",
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
 }
-_MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                ".css": "text/css; charset=utf-8", ".json": "application/json", ".png": "image/png"}
+_MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".png": "image/png",
+}
 
 
 @cache
 def _assets() -> dict[str, Path]:
     """URL path -> file, for every file under static/: requests name one of these or get a 404, so no path
     a client sends is ever joined onto the file system."""
-    return {p.relative_to(STATIC_DIR).as_posix(): p for p in sorted(STATIC_DIR.rglob("*"))
-            if p.is_file() and p.suffix in _MEDIA_TYPES}
+    return {
+        p.relative_to(STATIC_DIR).as_posix(): p
+        for p in sorted(STATIC_DIR.rglob("*"))
+        if p.is_file() and p.suffix in _MEDIA_TYPES
+    }
 
 
 @router.get("/")
@@ -71,11 +89,16 @@ async def config(settings: SettingsDep, engine: EngineDep) -> JSONResponse:
     """
     presets = engine.knob_map.names
     body: dict[str, Any] = {
-        "model": engine.model_name, "auth_required": settings.api_key is not None,
-        "default_prompt": DEFAULT_PROMPT, "default_levels": sorted(set(presets.values())), "presets": presets,
+        "model": engine.model_name,
+        "auth_required": settings.api_key is not None,
+        "default_prompt": DEFAULT_PROMPT,
+        "default_levels": sorted(set(presets.values())),
+        "presets": presets,
         "default_max_tokens": min(settings.default_max_tokens, settings.max_tokens_limit),
-        "max_tokens_limit": settings.max_tokens_limit, "max_image_bytes": settings.max_image_bytes,
-        "max_image_pixels": settings.max_image_pixels, "request_timeout_s": settings.request_timeout_s,
+        "max_tokens_limit": settings.max_tokens_limit,
+        "max_image_bytes": settings.max_image_bytes,
+        "max_image_pixels": settings.max_image_pixels,
+        "request_timeout_s": settings.request_timeout_s,
     }
     return JSONResponse(body, headers=_PAGE_HEADERS)
 

@@ -19,8 +19,9 @@ class CaptionParams(Strict):
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (default).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Reproducible sampling and contrast draw.")
-    contrast: bool | None = Field(None, description="Cross-image contrastive decoding (default: on when "
-                                                    "conservativeness > 0).")
+    contrast: bool | None = Field(
+        None, description="Cross-image contrastive decoding (default: on when conservativeness > 0)."
+    )
     omega: float | None = Field(None, description="Explicit re-weighting strength (>= 0).")
     start_layer: int | None = Field(None, description="Explicit first aligned layer (0-based).")
     kappa: float | None = Field(None, description="Explicit core-head threshold in [0, 1].")
@@ -52,7 +53,12 @@ def request_body_openapi() -> dict[str, Any]:
     }
     form_schema["required"] = ["image"]
     form_schema["title"] = "CaptionForm"
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": form_schema},
-        "application/json": {"schema": json_schema},
-    }}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": form_schema},
+                "application/json": {"schema": json_schema},
+            },
+        }
+    }

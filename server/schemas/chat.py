@@ -49,7 +49,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = Field(
-        None, description="Text, or a list of `text` and `image_url` parts (images only in user messages).")
+        None, description="Text, or a list of `text` and `image_url` parts (images only in user messages)."
+    )
     name: str | None = Field(None, description="Accepted and ignored.")
     refusal: Any = Field(None, description=_REFUSED)
     tool_calls: Any = Field(None, description=_REFUSED)
@@ -79,14 +80,19 @@ class ChatCompletionRequest(Strict):
     max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (default).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Makes sampling and the contrast image draw "
-                                                                  "reproducible.")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Makes sampling and the contrast image draw reproducible."
+    )
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the generation.")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Subtracted from the logit of every token "
-                                                                         "generated so far (default 0).")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Times the count of each token generated "
-                                                                           "so far, subtracted from its logit "
-                                                                           "(default 0).")
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from the logit of every token generated so far (default 0)."
+    )
+    frequency_penalty: float | None = Field(
+        None,
+        ge=-2,
+        le=2,
+        description="Times the count of each token generated so far, subtracted from its logit (default 0).",
+    )
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
@@ -100,13 +106,16 @@ class ChatCompletionRequest(Strict):
     prompt_cache_options: dict[str, Any] | None = Field(None, description=_NO_EFFECT)
     # Accepted with the one value the server honours, refused with any other.
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = Field(
-        None, description="`auto` or `default` (the one tier).")
+        None, description="`auto` or `default` (the one tier)."
+    )
     store: bool | None = Field(None, description="Only false (or absent): completions are not stored.")
     modalities: list[Literal["text", "audio"]] | None = Field(None, description='Only `["text"]`.')
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
-        None, description="Only `none`: the models do not reason before answering.")
-    response_format: dict[str, Any] | None = Field(None, description='Only `{"type": "text"}` (no JSON mode, no '
-                                                                    "structured output).")
+        None, description="Only `none`: the models do not reason before answering."
+    )
+    response_format: dict[str, Any] | None = Field(
+        None, description='Only `{"type": "text"}` (no JSON mode, no structured output).'
+    )
     # Refused when given.
     tools: list[Any] | None = Field(None, description=_REFUSED)
     tool_choice: Any = Field(None, description="Only `none`.")

@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 # A number in [0, 1] or a preset; range and preset names are checked by models.conservativeness (-> 400).
 Conservativeness = Annotated[
     StrictFloat | StrictInt | StrictStr | None,
-    Field(description="Hallucination-mitigation strength: a number in [0, 1] (0 = the unmodified model, "
-                      "0.5 = Balanced, 1 = Focused) or a preset name `off`, `balanced`, `focused`. "
-                      "Default: the server's default_conservativeness.",
-          examples=[0.5, "balanced"]),
+    Field(
+        description="Hallucination-mitigation strength: a number in [0, 1] (0 = the unmodified model, "
+        "0.5 = Balanced, 1 = Focused) or a preset name `off`, `balanced`, `focused`. "
+        "Default: the server's default_conservativeness.",
+        examples=[0.5, "balanced"],
+    ),
 ]
 
 SEED_MAX = 2**63 - 1
@@ -30,8 +32,9 @@ class AlignmentOverrides(Strict):
     omega: float | None = Field(None, description="Re-weighting strength (>= 0; 0 = off).", examples=[0.5])
     start_layer: int | None = Field(None, description="First decoder layer aligned (0-based).", examples=[8])
     kappa: float | None = Field(None, description="Core-head threshold in [0, 1].", examples=[0.2])
-    contrast: bool | None = Field(None, description="Cross-image contrastive decoding on/off "
-                                                    "(default: on when conservativeness > 0).")
+    contrast: bool | None = Field(
+        None, description="Cross-image contrastive decoding on/off (default: on when conservativeness > 0)."
+    )
 
 
 class AppliedAlignment(BaseModel):
@@ -57,9 +60,12 @@ class Telemetry(BaseModel):
     stage2_rows: int = Field(default=0, description="Aligned rows where stage 2 moved a head.")
     heads_reweighted: int = Field(default=0, description="Heads whose scores were moved, summed over rows and layers.")
     contrast_steps: int = Field(default=0, description="Tokens chosen by cross-image contrastive decoding.")
-    contrast_dissolved: int = Field(default=0, description="1 when the request's contrast pair fell out of lockstep "
-                                                           "and the rest of the output had no contrast (vLLM engine), "
-                                                           "else 0.")
+    contrast_dissolved: int = Field(
+        default=0,
+        description="1 when the request's contrast pair fell out of lockstep "
+        "and the rest of the output had no contrast (vLLM engine), "
+        "else 0.",
+    )
 
     @classmethod
     def of(cls, telemetry: object | None) -> Telemetry:
@@ -74,8 +80,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 __all__ = ["SEED_MAX", "AlignmentOverrides", "AppliedAlignment", "Conservativeness", "Strict", "Telemetry", "Usage"]

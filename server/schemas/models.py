@@ -27,15 +27,21 @@ class Knot(BaseModel):
 
 
 class KnobMapCard(BaseModel):
-    source: str = Field(description="The model folder's sevi_presets.json, or the default (the paper's LLaVA-1.5 "
-                                    "map, start layer scaled to the model's depth).")
-    contrast: bool = Field(description="Cross-image contrastive decoding at conservativeness > 0 unless a request "
-                                       "says otherwise.")
+    source: str = Field(
+        description="The model folder's sevi_presets.json, or the default (the paper's LLaVA-1.5 "
+        "map, start layer scaled to the model's depth)."
+    )
+    contrast: bool = Field(
+        description="Cross-image contrastive decoding at conservativeness > 0 unless a request says otherwise."
+    )
     presets: dict[str, PresetPoint] | None = Field(
-        None, description="What `off`, `balanced` and `focused` apply (null while the model loads).")
+        None, description="What `off`, `balanced` and `focused` apply (null while the model loads)."
+    )
     knots: list[Knot] | None = Field(
-        None, description="The presets file's knots: omega and kappa follow c linearly between them, start_layer "
-                          "too, rounded (null for the paper's map).")
+        None,
+        description="The presets file's knots: omega and kappa follow c linearly between them, start_layer "
+        "too, rounded (null for the paper's map).",
+    )
 
 
 class ServedModelCard(ModelCard):

@@ -40,7 +40,8 @@ def test_chunked_maps_equal_one_full_forward(family: str, tiny_model: Callable[[
 
 
 def test_shares_are_fractions_and_nothing_has_flowed_before_layer_0(
-        tiny_model: Callable[[str], ReferenceModel], tmp_path: Path) -> None:
+    tiny_model: Callable[[str], ReferenceModel], tmp_path: Path
+) -> None:
     result = analyze(tiny_model("llava"), random_image(3), max_tokens=8)
     layers = result["layers"]
     assert len(layers) == 4

@@ -17,8 +17,14 @@ from tests.helpers import REPO
 def test_gpu_check_refuses_without_a_gpu_within_seconds() -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", "/nonexistent/report.json"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", "/nonexistent/report.json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "needs an NVIDIA GPU" in done.stderr and done.stdout == ""
     assert time.monotonic() - started < 30

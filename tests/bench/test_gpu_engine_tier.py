@@ -13,8 +13,25 @@ pytestmark = pytest.mark.integration
 
 
 def test_engine_tier_agreement_runs_on_cpu() -> None:
-    report = gpu_engine_tier.main(["--device", "cpu", "--width", "tiny", "--dtype", "float32", "--layers", "2",
-                                   "--image-tokens", "16", "--images", "1", "--max-tokens", "8", "--no-throughput"])
+    report = gpu_engine_tier.main(
+        [
+            "--device",
+            "cpu",
+            "--width",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--layers",
+            "2",
+            "--image-tokens",
+            "16",
+            "--images",
+            "1",
+            "--max-tokens",
+            "8",
+            "--no-throughput",
+        ]
+    )
     agreement = report["agreement"]
     # float32 on a CPU: every request equal to the reference engine, telemetry included.
     for name, row in agreement["by_knob"].items():

@@ -21,12 +21,14 @@ def _masks(k_len: int, e: int, image: list[int], qwen: bool, i: int | None = Non
     return valid, semantic & valid, other & valid
 
 
-def _loop(scores: torch.Tensor, valid: torch.Tensor, semantic: torch.Tensor, other: torch.Tensor,
-          omega: float, kappa: float) -> torch.Tensor:
+def _loop(
+    scores: torch.Tensor, valid: torch.Tensor, semantic: torch.Tensor, other: torch.Tensor, omega: float, kappa: float
+) -> torch.Tensor:
     keys = [int(j) for j in valid[0].nonzero()[:, 0]]
     s = [[float(scores[0, h, j]) for j in keys] for h in range(scores.shape[1])]
-    out = align_row_loop(s, keys, set(semantic[0].nonzero()[:, 0].tolist()),
-                         set(other[0].nonzero()[:, 0].tolist()), omega, kappa)
+    out = align_row_loop(
+        s, keys, set(semantic[0].nonzero()[:, 0].tolist()), set(other[0].nonzero()[:, 0].tolist()), omega, kappa
+    )
     full = scores.clone().double()
     for h, row in enumerate(out):
         full[0, h, keys] = torch.tensor(row, dtype=torch.float64)
@@ -42,8 +44,9 @@ def test_operator_matches_loop_on_random_rows(qwen: bool, seed: int) -> None:
     valid, semantic, other = _masks(k_len, e, list(range(3, 10)), qwen, i=17)
     omega, kappa = 1.5, 0.45
     knob = dict(dtype=torch.float64)  # knobs in the scores' precision: the blend is then exact to 1e-9
-    got, groups = align_scores(scores, valid, semantic, other, torch.tensor([omega], **knob),
-                               torch.tensor([kappa], **knob))
+    got, groups = align_scores(
+        scores, valid, semantic, other, torch.tensor([omega], **knob), torch.tensor([kappa], **knob)
+    )
     want = _loop(scores, valid, semantic, other, omega, kappa)
     # Only valid keys are defined by the spec; the caller masks the rest before the softmax.
     torch.testing.assert_close(got[..., valid[0]], want[..., valid[0]], rtol=1e-9, atol=1e-9)
@@ -52,9 +55,10 @@ def test_operator_matches_loop_on_random_rows(qwen: bool, seed: int) -> None:
 def test_all_groups_populated_and_both_stages_change_scores() -> None:
     """Hand-made row: head 0 core (peaked on text), head 1 global (spread on text), head 2 other (image)."""
     e = 2  # keys 0..2 are image/prompt, 3..5 semantic
-    scores = torch.tensor([[[0.0, 0.0, 0.0, 9.0, 0.0, 0.0],
-                            [0.0, 0.0, 0.0, 2.0, 2.0, 2.0],
-                            [5.0, 5.0, 5.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+    scores = torch.tensor(
+        [[[0.0, 0.0, 0.0, 9.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0, 2.0, 2.0], [5.0, 5.0, 5.0, 0.0, 0.0, 0.0]]],
+        dtype=torch.float64,
+    )
     valid, semantic, other = _masks(6, e, [0, 1, 2], qwen=False)
     groups = classify_heads(scores, valid, semantic, other, torch.tensor([0.5]))
     assert groups.core[0].tolist() == [True, False, False]
@@ -103,8 +107,9 @@ def test_omega_zero_is_bit_identical_and_rows_are_independent() -> None:
     valid[1, :4] = False  # left padding on row 1
     keys = torch.arange(16)
     image_keys = ((keys >= 4) & (keys < 9))[None].expand(3, -1)
-    semantic, other = span_masks(keys, torch.full((3,), 15), torch.full((3,), 8), image_keys,
-                                 torch.tensor([False, True, False]))
+    semantic, other = span_masks(
+        keys, torch.full((3,), 15), torch.full((3,), 8), image_keys, torch.tensor([False, True, False])
+    )
     semantic &= valid
     other &= valid
     omega = torch.tensor([0.0, 3.0, 1.0])
@@ -112,16 +117,23 @@ def test_omega_zero_is_bit_identical_and_rows_are_independent() -> None:
     got, _ = align_scores(scores, valid, semantic, other, omega, kappa)
     assert torch.equal(got[0], scores[0])
     for r in (1, 2):
-        alone, _ = align_scores(scores[r:r + 1], valid[r:r + 1], semantic[r:r + 1], other[r:r + 1],
-                                omega[r:r + 1], kappa[r:r + 1])
+        alone, _ = align_scores(
+            scores[r : r + 1],
+            valid[r : r + 1],
+            semantic[r : r + 1],
+            other[r : r + 1],
+            omega[r : r + 1],
+            kappa[r : r + 1],
+        )
         torch.testing.assert_close(got[r], alone[0])
 
 
 def test_span_masks_per_family() -> None:
     keys = torch.arange(8)
     image_keys = torch.tensor([[False, True, True, True, False, False, False, False]] * 2)
-    semantic, other = span_masks(keys, torch.tensor([6, 6]), torch.tensor([3, 3]), image_keys,
-                                 torch.tensor([False, True]))
+    semantic, other = span_masks(
+        keys, torch.tensor([6, 6]), torch.tensor([3, 3]), image_keys, torch.tensor([False, True])
+    )
     assert semantic[0].tolist() == [False, False, False, False, True, True, True, False]
     assert other[0].tolist() == [True, True, True, True, False, False, False, False]  # LLaVA: all keys <= e
     assert other[1].tolist() == [False, True, True, True, False, False, False, False]  # Qwen: image span only
@@ -140,8 +152,9 @@ def test_with_new_key_equals_masks_built_one_key_wider() -> None:
         def prepared(width: int, pos: torch.Tensor) -> Any:
             j = keys[None, :width]
             valid = j <= pos[:, None]
-            return prepare_rows(valid, (j > e) & valid, (j <= e) & valid, torch.tensor([1.0, 0.0, 2.0]),
-                                torch.full((3,), 0.5))
+            return prepare_rows(
+                valid, (j > e) & valid, (j <= e) & valid, torch.tensor([1.0, 0.0, 2.0]), torch.full((3,), 0.5)
+            )
 
         before, want = prepared(k, last_key), prepared(k + 1, position)
         same_length = bool((last_key == k - 1).all())

@@ -49,14 +49,20 @@ def test_compiled_equals_eager(compiled: alignment_compiled.CompiledOperator, r:
 
 
 def test_align_prepared_takes_the_compiled_operator_for_float32_cpu_rows(
-        compiled: alignment_compiled.CompiledOperator, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: alignment_compiled.CompiledOperator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scores, rows = _inputs(4, 8, 40, seed=1)
     calls: list[int] = []
     run = compiled.run
     monkeypatch.setattr(compiled, "run", lambda args: calls.append(1) or run(args))
     align_prepared(scores, rows)
-    off = prepare_rows(rows.key_bias[:, 0] == 0, rows.semantic_keys[:, 0] > 0, rows.other_keys[:, 0] > 0,
-                       torch.tensor([2.0, 0.0, 2.0, 2.0]), rows.kappa[:, 0])
+    off = prepare_rows(
+        rows.key_bias[:, 0] == 0,
+        rows.semantic_keys[:, 0] > 0,
+        rows.other_keys[:, 0] > 0,
+        torch.tensor([2.0, 0.0, 2.0, 2.0]),
+        rows.kappa[:, 0],
+    )
     out, groups = align_prepared(scores, off)  # a row with omega == 0: compiled too, and left unmoved
     assert calls == [1, 1] and not bool(groups.stage1[1].any()) and not bool(groups.stage2[1].any())  # type: ignore[index]
     assert torch.equal(out[1], (scores + off.key_bias)[1])
@@ -64,16 +70,22 @@ def test_align_prepared_takes_the_compiled_operator_for_float32_cpu_rows(
     # (the compiled code would read them with the strides it was traced with).
     align_prepared(scores.double(), rows)
     align_prepared(scores.transpose(0, 1).contiguous().transpose(0, 1), rows)
-    wide = prepare_rows(torch.ones(4, 50, dtype=torch.bool), torch.zeros(4, 50, dtype=torch.bool),
-                        torch.ones(4, 50, dtype=torch.bool), torch.full((4,), 2.0), rows.kappa[:, 0])
+    wide = prepare_rows(
+        torch.ones(4, 50, dtype=torch.bool),
+        torch.zeros(4, 50, dtype=torch.bool),
+        torch.ones(4, 50, dtype=torch.bool),
+        torch.full((4,), 2.0),
+        rows.kappa[:, 0],
+    )
     strided = replace(rows, other_keys=wide.other_keys[..., :40])
     assert not strided.other_keys.is_contiguous()
     align_prepared(scores, strided)
     assert calls == [1, 1]
 
 
-def test_turned_off_or_unbuildable_means_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_turned_off_or_unbuildable_means_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "0")
     assert alignment_compiled.load() is None
     monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "1")

@@ -17,8 +17,13 @@ from models.alignment import HeadGroups, PreparedRows, prepare_rows, span_masks
 from models.alignment_dispatch import align_prepared, align_sharded
 
 
-def _rows(seed: int, r: int = 6, k: int = 24, e: int = 9, dtype: torch.dtype = torch.float64,
-          ) -> tuple[torch.Tensor, PreparedRows]:
+def _rows(
+    seed: int,
+    r: int = 6,
+    k: int = 24,
+    e: int = 9,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, PreparedRows]:
     g = torch.Generator().manual_seed(seed)
     heads = 8
     # Per-head scales: some heads peaked, some flat, so every group is populated somewhere.
@@ -33,8 +38,11 @@ def _rows(seed: int, r: int = 6, k: int = 24, e: int = 9, dtype: torch.dtype = t
     return scores, prepare_rows(valid, semantic, other, omega, kappa)
 
 
-def _run_shards(scores: torch.Tensor, rows: PreparedRows, shards: int,
-                ) -> list[tuple[torch.Tensor, HeadGroups, torch.Tensor]]:
+def _run_shards(
+    scores: torch.Tensor,
+    rows: PreparedRows,
+    shards: int,
+) -> list[tuple[torch.Tensor, HeadGroups, torch.Tensor]]:
     barrier = threading.Barrier(shards)
     slots: list[torch.Tensor | None] = [None] * shards
 
@@ -45,6 +53,7 @@ def _run_shards(scores: torch.Tensor, rows: PreparedRows, shards: int,
             every = torch.stack([s for s in slots if s is not None])
             barrier.wait()  # nobody overwrites a slot before every shard has read it
             return every
+
         return gather
 
     parts = scores.chunk(shards, dim=1)

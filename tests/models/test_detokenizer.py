@@ -13,8 +13,12 @@ from models.detokenizer import TextStream
 from models.tiny import make_word_tokenizer
 from tests.helpers import REPO
 
-CORPUS = ["A café in Zürich sells crème brûlée.", "日本語のテキストも少し。", "Emoji: 🙂🚀 and naïve façades!",
-          "The quick brown fox jumps over the lazy dog; 3.14 is pi."] * 4
+CORPUS = [
+    "A café in Zürich sells crème brûlée.",
+    "日本語のテキストも少し。",
+    "Emoji: 🙂🚀 and naïve façades!",
+    "The quick brown fox jumps over the lazy dog; 3.14 is pi.",
+] * 4
 
 
 def byte_level_bpe() -> PreTrainedTokenizerFast:
@@ -23,8 +27,12 @@ def byte_level_bpe() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    core.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
 
 
@@ -32,21 +40,28 @@ def metaspace_bpe() -> PreTrainedTokenizerFast:
     """A sentencepiece-style (Llama) tokenizer: word starts carry "▁", byte fallback for the rest."""
     core = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Metaspace()
-    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Strip(" ", 1, 0)])
+    core.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]
-                                                          + byte_tokens))
+    core.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens)
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def word_level() -> PreTrainedTokenizerFast:
-    return make_word_tokenizer(["a", "cat", "on", "mat", ".", ",", "red", "##s"], ["<pad>", "<unk>", "<eos>"],
-                               bos=None, eos="<eos>")
+    return make_word_tokenizer(
+        ["a", "cat", "on", "mat", ".", ",", "red", "##s"], ["<pad>", "<unk>", "<eos>"], bos=None, eos="<eos>"
+    )
 
 
-TOKENIZERS = {"byte-level": byte_level_bpe, "metaspace": metaspace_bpe, "word-level": word_level,
-              "bundled": lambda: AutoTokenizer.from_pretrained(REPO / "models" / "bundled")}
+TOKENIZERS = {
+    "byte-level": byte_level_bpe,
+    "metaspace": metaspace_bpe,
+    "word-level": word_level,
+    "bundled": lambda: AutoTokenizer.from_pretrained(REPO / "models" / "bundled"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))

@@ -34,8 +34,9 @@ def test_last_image_token_with_two_images(family: str, tiny_model: Callable[[str
     layout = model.family.image_layout(ids)
     image_positions = (ids == model.family.image_token_id).nonzero()[:, 0]
     # Both images' tokens are there (as many as each image alone gives), and e is the very last of them.
-    singles = [int((model.encode(user_message("x"), [im])["input_ids"] == model.family.image_token_id).sum())
-               for im in images]
+    singles = [
+        int((model.encode(user_message("x"), [im])["input_ids"] == model.family.image_token_id).sum()) for im in images
+    ]
     assert len(image_positions) == sum(singles)
     assert layout.last_image == int(image_positions[-1])
     assert ids[layout.last_image + 1] != model.family.image_token_id
@@ -52,15 +53,17 @@ def test_no_image_means_no_alignment_anchor(tiny_model: Callable[[str], Referenc
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 def test_collate_left_pads_and_stacks_images(family: str, tiny_model: Callable[[str], ReferenceModel]) -> None:
     model = tiny_model(family)
-    encs = [model.encode(user_message("hi"), [random_image(1, (40, 90))]),
-            model.encode([{"role": "user", "content": "a longer text only prompt with more words"}], []),
-            model.encode(user_message("what"), [random_image(2, (90, 40))])]
+    encs = [
+        model.encode(user_message("hi"), [random_image(1, (40, 90))]),
+        model.encode([{"role": "user", "content": "a longer text only prompt with more words"}], []),
+        model.encode(user_message("what"), [random_image(2, (90, 40))]),
+    ]
     batch = model.family.collate(encs, model.pad_id)
     width = max(e["input_ids"].shape[1] for e in encs)
     assert batch["input_ids"].shape == (3, width)
     for row, enc in enumerate(encs):
         n = enc["input_ids"].shape[1]
-        assert torch.equal(batch["input_ids"][row, width - n:], enc["input_ids"][0])
+        assert torch.equal(batch["input_ids"][row, width - n :], enc["input_ids"][0])
         assert int(batch["attention_mask"][row].sum()) == n
         assert not batch["attention_mask"][row, : width - n].any()
     n_images = sum(1 for e in encs if "pixel_values" in e)
@@ -110,7 +113,8 @@ def test_eos_ids_read_configs_and_their_json_alike() -> None:
 
 @pytest.mark.parametrize("model_type", list(SPECS))
 def test_tiny_builder_builds_each_family_from_its_spec(
-        model_type: str, tiny_model_dir: Callable[[str], Path], tiny_model: Callable[[str], ReferenceModel]) -> None:
+    model_type: str, tiny_model_dir: Callable[[str], Path], tiny_model: Callable[[str], ReferenceModel]
+) -> None:
     spec = SPECS[model_type]
     folder = tiny_model_dir(model_type)
     config = json.loads((folder / "config.json").read_text())
@@ -131,12 +135,16 @@ def test_tiny_builder_builds_each_family_from_its_spec(
 
 @pytest.mark.parametrize("model_type", list(SPECS))
 def test_plugin_reads_the_facts_the_reference_engine_reads(
-        model_type: str, tiny_model: Callable[[str], ReferenceModel]) -> None:
+    model_type: str, tiny_model: Callable[[str], ReferenceModel]
+) -> None:
     pytest.importorskip("vllm")
     from models.vllm_plugin.logits_processor import model_facts
 
     model = tiny_model(model_type)
     facts = model_facts(model.model.config)
-    assert facts == {"num_layers": model.num_layers, "image_token_id": model.family.image_token_id,
-                     "other_is_image_only": model.family.other_is_image_only,
-                     "eos_token_id": next(iter(model.eos_ids))}
+    assert facts == {
+        "num_layers": model.num_layers,
+        "image_token_id": model.family.image_token_id,
+        "other_is_image_only": model.family.other_is_image_only,
+        "eos_token_id": next(iter(model.eos_ids)),
+    }

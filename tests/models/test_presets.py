@@ -17,10 +17,15 @@ from tests.helpers import REPO
 
 def presets_doc(**overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "format": 1, "balanced": 0.4, "focused": 1.0, "contrast": True,
-        "knots": [{"c": 0.0, "omega": 0.0, "start_layer": 3, "kappa": 0.2},
-                  {"c": 0.4, "omega": 1.0, "start_layer": 3, "kappa": 0.2},
-                  {"c": 1.0, "omega": 3.0, "start_layer": 0, "kappa": 0.5, "measured": {"chair_s": 0.4}}],
+        "format": 1,
+        "balanced": 0.4,
+        "focused": 1.0,
+        "contrast": True,
+        "knots": [
+            {"c": 0.0, "omega": 0.0, "start_layer": 3, "kappa": 0.2},
+            {"c": 0.4, "omega": 1.0, "start_layer": 3, "kappa": 0.2},
+            {"c": 1.0, "omega": 3.0, "start_layer": 0, "kappa": 0.5, "measured": {"chair_s": 0.4}},
+        ],
     }
     doc.update(overrides)
     return doc
@@ -28,8 +33,9 @@ def presets_doc(**overrides: Any) -> dict[str, Any]:
 
 def model_folder(tmp_path: Path, layers: int = 4, presets: dict[str, Any] | str | None = None) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava",
-                                                      "text_config": {"num_hidden_layers": layers}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llava", "text_config": {"num_hidden_layers": layers}})
+    )
     if presets is not None:
         text = presets if isinstance(presets, str) else json.dumps(presets)
         (tmp_path / PRESETS_FILE).write_text(text)
@@ -79,29 +85,81 @@ def test_map_is_monotone_where_the_knots_are(tmp_path: Path) -> None:
     assert all(b.omega >= a.omega and b.start_layer <= a.start_layer for a, b in zip(params, params[1:], strict=False))
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"knots": [{"c": 0.0, "omega": 0.5, "start_layer": 1, "kappa": 0.2},
-                {"c": 1.0, "omega": 1.0, "start_layer": 1, "kappa": 0.2}]}, "knots.0"),
-    ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 0.9, "omega": 1.0, "start_layer": 1, "kappa": 0.2}]}, "knots.1.c"),
-    ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 0.5, "omega": 1.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 0.5, "omega": 2.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 1.0, "omega": 3.0, "start_layer": 1, "kappa": 0.2}]}, "knots.2.c"),
-    ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 1.0, "omega": -1.0, "start_layer": 1, "kappa": 0.2}]}, "knots.1.omega"),
-    ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 1.0, "omega": 1.0, "start_layer": 1, "kappa": 1.5}]}, "knots.1.kappa"),
-    ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 1.0, "omega": 1.0, "start_layer": 9, "kappa": 0.2}]}, "knots.1.start_layer"),
-    ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
-                {"c": 1.0, "omega": 1.0, "start_layer": 1}]}, "knots.1.kappa"),
-    ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2}]}, "knots"),
-    ({"balanced": 1.0, "focused": 0.8}, "focused"),
-    ({"balanced": 0}, "balanced"),
-    ({"format": 2}, "format"),
-    ({"omega": 4}, "omega"),  # unknown fields are refused, not ignored (a typo would silently do nothing)
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            {
+                "knots": [
+                    {"c": 0.0, "omega": 0.5, "start_layer": 1, "kappa": 0.2},
+                    {"c": 1.0, "omega": 1.0, "start_layer": 1, "kappa": 0.2},
+                ]
+            },
+            "knots.0",
+        ),
+        (
+            {
+                "knots": [
+                    {"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 0.9, "omega": 1.0, "start_layer": 1, "kappa": 0.2},
+                ]
+            },
+            "knots.1.c",
+        ),
+        (
+            {
+                "knots": [
+                    {"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 0.5, "omega": 1.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 0.5, "omega": 2.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 1.0, "omega": 3.0, "start_layer": 1, "kappa": 0.2},
+                ]
+            },
+            "knots.2.c",
+        ),
+        (
+            {
+                "knots": [
+                    {"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 1.0, "omega": -1.0, "start_layer": 1, "kappa": 0.2},
+                ]
+            },
+            "knots.1.omega",
+        ),
+        (
+            {
+                "knots": [
+                    {"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 1.0, "omega": 1.0, "start_layer": 1, "kappa": 1.5},
+                ]
+            },
+            "knots.1.kappa",
+        ),
+        (
+            {
+                "knots": [
+                    {"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 1.0, "omega": 1.0, "start_layer": 9, "kappa": 0.2},
+                ]
+            },
+            "knots.1.start_layer",
+        ),
+        (
+            {
+                "knots": [
+                    {"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2},
+                    {"c": 1.0, "omega": 1.0, "start_layer": 1},
+                ]
+            },
+            "knots.1.kappa",
+        ),
+        ({"knots": [{"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.2}]}, "knots"),
+        ({"balanced": 1.0, "focused": 0.8}, "focused"),
+        ({"balanced": 0}, "balanced"),
+        ({"format": 2}, "format"),
+        ({"omega": 4}, "omega"),  # unknown fields are refused, not ignored (a typo would silently do nothing)
+    ],
+)
 def test_invalid_file_names_the_field(tmp_path: Path, change: dict[str, Any], field: str) -> None:
     folder = model_folder(tmp_path, layers=4, presets=presets_doc(**change))
     with pytest.raises(PresetsError) as err:
@@ -113,7 +171,7 @@ def test_invalid_file_names_the_field(tmp_path: Path, change: dict[str, Any], fi
 
 def test_unreadable_json_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PresetsError, match="not valid JSON"):
-        load_knob_map(model_folder(tmp_path, presets="{\"knots\": ["))
+        load_knob_map(model_folder(tmp_path, presets='{"knots": ['))
 
 
 def test_parse_presets_accepts_a_mapping_and_checks_depth_only_when_known() -> None:
@@ -128,8 +186,13 @@ def test_parse_presets_accepts_a_mapping_and_checks_depth_only_when_known() -> N
 def test_server_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
     """`python -m server` stops before loading anything, with the file and the field in its message."""
     folder = model_folder(tmp_path, presets=presets_doc(focused=0.2))
-    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(folder), "--engine", "transformers",
-                           "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--model", str(folder), "--engine", "transformers", "--port", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert PRESETS_FILE in proc.stderr and "focused:" in proc.stderr
 

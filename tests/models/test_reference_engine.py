@@ -25,13 +25,21 @@ PROMPT = "please describe this image"
 STRONG = {"omega": 2.0, "start_layer": 1, "kappa": 0.6, "contrast": False}
 
 
-def _req(rid: str, params: AlignmentParams, image_seed: int | None = 0, n: int = 10,
-         size: tuple[int, int] = (48, 40), **sampling: Any) -> GenerationRequest:
+def _req(
+    rid: str,
+    params: AlignmentParams,
+    image_seed: int | None = 0,
+    n: int = 10,
+    size: tuple[int, int] = (48, 40),
+    **sampling: Any,
+) -> GenerationRequest:
     if image_seed is None:
-        return GenerationRequest(rid, [{"role": "user", "content": PROMPT}], [], params,
-                                 SamplingParams(max_tokens=n, **sampling))
-    return GenerationRequest(rid, user_message(PROMPT), [random_image(image_seed, size)], params,
-                             SamplingParams(max_tokens=n, **sampling))
+        return GenerationRequest(
+            rid, [{"role": "user", "content": PROMPT}], [], params, SamplingParams(max_tokens=n, **sampling)
+        )
+    return GenerationRequest(
+        rid, user_message(PROMPT), [random_image(image_seed, size)], params, SamplingParams(max_tokens=n, **sampling)
+    )
 
 
 def _steps(model: ReferenceModel, requests: list[GenerationRequest]) -> tuple[dict[str, list[int]], list[Any]]:
@@ -50,19 +58,24 @@ def _steps(model: ReferenceModel, requests: list[GenerationRequest]) -> tuple[di
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_off_and_text_only_equal_the_unmodified_model(family: str, tiny_model: Callable[[str], ReferenceModel],
-                                                      tiny_model_dir: Callable[[str], Any]) -> None:
+def test_off_and_text_only_equal_the_unmodified_model(
+    family: str, tiny_model: Callable[[str], ReferenceModel], tiny_model_dir: Callable[[str], Any]
+) -> None:
     model = tiny_model(family)
-    stock = type(model.model).from_pretrained(tiny_model_dir(family), dtype=torch.float32,
-                                              attn_implementation="sdpa").eval()
+    stock = (
+        type(model.model)
+        .from_pretrained(tiny_model_dir(family), dtype=torch.float32, attn_implementation="sdpa")
+        .eval()
+    )
     off = resolve_alignment(0, model.num_layers)
     focused_text = resolve_alignment(1, model.num_layers, kappa=0.6)
     requests = [_req("img-off", off, 1, 12), _req("text-focused", focused_text, None, 12)]
     got = run_to_completion(model, requests)
     for r in requests:
         enc = model.encode(r.messages, r.images)
-        want = stock.generate(**enc, do_sample=False, max_new_tokens=12,
-                              pad_token_id=model.pad_id)[0, enc["input_ids"].shape[1]:].tolist()
+        want = stock.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=model.pad_id)[
+            0, enc["input_ids"].shape[1] :
+        ].tolist()
         while want and want[-1] in model.eos_ids:  # the engine reports EOS as the finish, not as a token
             want.pop()
         assert got[r.request_id].token_ids == want, r.request_id
@@ -71,8 +84,16 @@ def test_off_and_text_only_equal_the_unmodified_model(family: str, tiny_model: C
 def _loop_reference_attention(state: dict[str, Any]) -> Callable[..., tuple[torch.Tensor, None]]:
     """Eager attention for one unpadded sequence; rows from `align_from` on go through the loop reference."""
 
-    def forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-                dropout: float = 0.0, scaling: float | None = None, **_: Any) -> tuple[torch.Tensor, None]:
+    def forward(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **_: Any,
+    ) -> tuple[torch.Tensor, None]:
         _, n_heads, q_len, dim = query.shape
         rep = n_heads // key.shape[1]
         k = key[0].repeat_interleave(rep, 0)
@@ -84,8 +105,18 @@ def _loop_reference_attention(state: dict[str, Any]) -> Callable[..., tuple[torc
             aligned = i >= state["align_from"] and module.layer_idx >= state["start_layer"]
             semantic = set(range(state["e"] + 1, i + 1))
             other = set(state["image"]) if state["qwen"] else set(range(state["e"] + 1))
-            out[i] = loop_attention_row(query[0, :, i].double(), k.double(), v.double(), scale, keys, semantic,
-                                        other, state["omega"], state["kappa"], aligned)
+            out[i] = loop_attention_row(
+                query[0, :, i].double(),
+                k.double(),
+                v.double(),
+                scale,
+                keys,
+                semantic,
+                other,
+                state["omega"],
+                state["kappa"],
+                aligned,
+            )
         return out[None].to(query.dtype), None
 
     return forward
@@ -114,7 +145,8 @@ def _full_inputs(model: ReferenceModel, request: GenerationRequest, generated: l
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_kv_cached_aligned_decoding_equals_loop_reference_and_full_recompute(
-        family: str, tiny_model: Callable[[str], ReferenceModel]) -> None:
+    family: str, tiny_model: Callable[[str], ReferenceModel]
+) -> None:
     model = tiny_model(family)
     params = resolve_alignment(1.0, model.num_layers, **STRONG)
     request = _req("a", params, 1, 8)
@@ -127,24 +159,32 @@ def test_kv_cached_aligned_decoding_equals_loop_reference_and_full_recompute(
     full = _full_inputs(model, request, generated[:-1])
 
     # 1. The naive loop implementation of spec section 2, without cache: every row from the last prompt row on.
-    state = {"align_from": p_len - 1, "start_layer": params.start_layer, "e": layout.last_image,
-             "image": layout.image_mask.nonzero()[:, 0].tolist(), "qwen": model.family.other_is_image_only,
-             "omega": params.omega, "kappa": params.kappa}
+    state = {
+        "align_from": p_len - 1,
+        "start_layer": params.start_layer,
+        "e": layout.last_image,
+        "image": layout.image_mask.nonzero()[:, 0].tolist(),
+        "qwen": model.family.other_is_image_only,
+        "omega": params.omega,
+        "kappa": params.kappa,
+    }
     AttentionInterface.register("sevi_loop_ref", _loop_reference_attention(state))
     AttentionMaskInterface.register("sevi_loop_ref", sdpa_mask)
     with torch.inference_mode(), _attention(model, "sevi_loop_ref"):
-        loop_logits = model.model(**full).logits[0, p_len - 1:]
+        loop_logits = model.model(**full).logits[0, p_len - 1 :]
     # 2. The project's own hook, full recompute without cache.
     n = full["input_ids"].shape[1]
     batch = AlignmentBatch(
-        omega=torch.tensor([params.omega]), kappa=torch.tensor([params.kappa]),
-        start_layer=torch.tensor([params.start_layer]), last_image=torch.tensor([layout.last_image]),
+        omega=torch.tensor([params.omega]),
+        kappa=torch.tensor([params.kappa]),
+        start_layer=torch.tensor([params.start_layer]),
+        last_image=torch.tensor([layout.last_image]),
         align_from=torch.tensor([p_len - 1]),
         image_keys=torch.cat([layout.image_mask, torch.zeros(n - p_len, dtype=torch.bool)])[None],
         other_is_image_only=torch.tensor([model.family.other_is_image_only]),
     )
     with torch.inference_mode(), alignment_context(batch):
-        recompute_logits = model.model(**full).logits[0, p_len - 1:]
+        recompute_logits = model.model(**full).logits[0, p_len - 1 :]
 
     cached = torch.stack(cached_logits)
     assert cached.shape == loop_logits.shape
@@ -214,8 +254,10 @@ def test_contrast_draw_is_reproducible(tiny_model: Callable[[str], ReferenceMode
 def test_sampling_is_reproducible_under_a_seed(tiny_model: Callable[[str], ReferenceModel]) -> None:
     model = tiny_model("qwen2_vl")
     p = resolve_alignment(0.5, model.num_layers)
-    runs = [run_to_completion(model, [_req("s", p, 2, 12, temperature=1.0, seed=s)])["s"].token_ids
-            for s in (11, 11, 12, 13)]
+    runs = [
+        run_to_completion(model, [_req("s", p, 2, 12, temperature=1.0, seed=s)])["s"].token_ids
+        for s in (11, 11, 12, 13)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2] or runs[0] != runs[3]
 
@@ -259,8 +301,9 @@ def test_cancel_removes_a_request_mid_batch(tiny_model: Callable[[str], Referenc
     assert batch.states["keep"].token_ids == run_to_completion(model, [keep])["keep"].token_ids
 
 
-def test_ignore_eos_runs_to_max_tokens(tiny_model: Callable[[str], ReferenceModel],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ignore_eos_runs_to_max_tokens(
+    tiny_model: Callable[[str], ReferenceModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Benchmarks set ignore_eos so that every request does the same work: with it an EOS token is generated
     like any other (same ids as before); without it the request stops there."""
     model = tiny_model("llava")

@@ -70,14 +70,19 @@ def test_sample_token_is_seeded_and_keeps_the_top_token_under_a_tiny_top_p() -> 
 
 
 def test_reference_engine_chooses_greedy_tokens_from_penalised_logits(
-        tiny_model: Callable[[str], ReferenceModel]) -> None:
+    tiny_model: Callable[[str], ReferenceModel],
+) -> None:
     """Step by step, the raw logits the batch computed, penalised by OpenAI's formula over the tokens generated
     before, have the token the engine chose as their argmax."""
     model = tiny_model("llava")
     presence, frequency = 1.0, 2.0
-    request = GenerationRequest("p", user_message("describe"), [random_image(20)], resolve_alignment(0, 4),
-                                SamplingParams(max_tokens=30, presence_penalty=presence, frequency_penalty=frequency,
-                                               ignore_eos=True))
+    request = GenerationRequest(
+        "p",
+        user_message("describe"),
+        [random_image(20)],
+        resolve_alignment(0, 4),
+        SamplingParams(max_tokens=30, presence_penalty=presence, frequency_penalty=frequency, ignore_eos=True),
+    )
     batch = model.start([request])
     chosen: list[int] = []
     moved = 0

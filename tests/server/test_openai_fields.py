@@ -28,14 +28,21 @@ def _client(server: LiveServer) -> openai.OpenAI:
 
 
 def _create(server: LiveServer, **kwargs: Any) -> Any:
-    body: dict[str, Any] = {"model": server.engine.model_name, "messages": image_message(PROMPT, PNG),
-                            "max_tokens": MAX_TOKENS, **kwargs}
+    body: dict[str, Any] = {
+        "model": server.engine.model_name,
+        "messages": image_message(PROMPT, PNG),
+        "max_tokens": MAX_TOKENS,
+        **kwargs,
+    }
     return _client(server).chat.completions.create(**body)
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-ASSISTANT_TOOL_CALL = {"role": "assistant", "content": None, "tool_calls": [
-    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+ASSISTANT_TOOL_CALL = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+}
 
 REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     ("tools", {"tools": [TOOL]}, "tools", "unsupported_parameter"),
@@ -44,8 +51,12 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     ("functions", {"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     ("function_call auto", {"function_call": "auto"}, "function_call", "unsupported_value"),
     ("json mode", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_value"),
-    ("json schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format", "unsupported_value"),
+    (
+        "json schema",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        "response_format",
+        "unsupported_value",
+    ),
     ("logprobs", {"logprobs": True}, "logprobs", "unsupported_value"),
     ("top_logprobs", {"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
     ("logit_bias", {"logit_bias": {"5": 10}}, "logit_bias", "unsupported_parameter"),
@@ -58,17 +69,42 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     ("verbosity", {"verbosity": "low"}, "verbosity", "unsupported_parameter"),
     ("flex tier", {"service_tier": "flex"}, "service_tier", "unsupported_value"),
     ("store", {"store": True}, "store", "unsupported_value"),
-    ("stream obfuscation", {"stream": True, "stream_options": {"include_obfuscation": True}},
-     "stream_options.include_obfuscation", "unsupported_value"),
-    ("assistant tool call", {"messages": [*image_message(PROMPT, PNG), ASSISTANT_TOOL_CALL,
-                                          {"role": "user", "content": "and?"}]}, "messages.1.tool_calls",
-     "unsupported_parameter"),
-    ("assistant refusal", {"messages": [*image_message(PROMPT, PNG), {"role": "assistant", "refusal": "no"},
-                                        {"role": "user", "content": "and?"}]}, "messages.1.refusal",
-     "unsupported_parameter"),
-    ("tool message", {"messages": [*image_message(PROMPT, PNG), ASSISTANT_TOOL_CALL,
-                                   {"role": "tool", "tool_call_id": "c1", "content": "42"}]}, "messages.2.role",
-     "invalid_value"),
+    (
+        "stream obfuscation",
+        {"stream": True, "stream_options": {"include_obfuscation": True}},
+        "stream_options.include_obfuscation",
+        "unsupported_value",
+    ),
+    (
+        "assistant tool call",
+        {"messages": [*image_message(PROMPT, PNG), ASSISTANT_TOOL_CALL, {"role": "user", "content": "and?"}]},
+        "messages.1.tool_calls",
+        "unsupported_parameter",
+    ),
+    (
+        "assistant refusal",
+        {
+            "messages": [
+                *image_message(PROMPT, PNG),
+                {"role": "assistant", "refusal": "no"},
+                {"role": "user", "content": "and?"},
+            ]
+        },
+        "messages.1.refusal",
+        "unsupported_parameter",
+    ),
+    (
+        "tool message",
+        {
+            "messages": [
+                *image_message(PROMPT, PNG),
+                ASSISTANT_TOOL_CALL,
+                {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            ]
+        },
+        "messages.2.role",
+        "invalid_value",
+    ),
     ("a field OpenAI does not have", {"extra_body": {"top_k": 5}}, "top_k", "invalid_value"),
     ("presence_penalty out of range", {"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
     ("frequency_penalty out of range", {"frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
@@ -76,8 +112,9 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
 
 
 @pytest.mark.parametrize(("case", "kwargs", "param", "code"), REFUSED, ids=[c[0] for c in REFUSED])
-def test_what_cannot_be_honoured_is_a_400_naming_the_field(server: LiveServer, case: str, kwargs: dict[str, Any],
-                                                           param: str, code: str) -> None:
+def test_what_cannot_be_honoured_is_a_400_naming_the_field(
+    server: LiveServer, case: str, kwargs: dict[str, Any], param: str, code: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         _create(server, **kwargs)
     err = caught.value
@@ -89,11 +126,26 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(server: LiveServer, c
 
 def test_hints_without_effect_are_accepted_and_change_nothing(server: LiveServer) -> None:
     plain = _create(server)
-    hinted = _create(server, user="u-1", safety_identifier="s-1", metadata={"team": "a"}, prompt_cache_key="k",
-                     prompt_cache_retention="24h", extra_body={"prompt_cache_options": {"ttl": "30m"}},
-                     service_tier="auto", store=False, modalities=["text"], response_format={"type": "text"},
-                     tool_choice="none", function_call="none", reasoning_effort="none", logprobs=False, n=1,
-                     tools=[], logit_bias={})
+    hinted = _create(
+        server,
+        user="u-1",
+        safety_identifier="s-1",
+        metadata={"team": "a"},
+        prompt_cache_key="k",
+        prompt_cache_retention="24h",
+        extra_body={"prompt_cache_options": {"ttl": "30m"}},
+        service_tier="auto",
+        store=False,
+        modalities=["text"],
+        response_format={"type": "text"},
+        tool_choice="none",
+        function_call="none",
+        reasoning_effort="none",
+        logprobs=False,
+        n=1,
+        tools=[],
+        logit_bias={},
+    )
     assert plain.choices[0].message.content
     assert hinted.choices[0].message.content == plain.choices[0].message.content
     assert hinted.choices[0].finish_reason == plain.choices[0].finish_reason
@@ -105,25 +157,36 @@ def model(llava_dir: Path) -> ReferenceModel:
 
 
 def _reference_text(model: ReferenceModel, conservativeness: float, **penalties: float) -> str:
-    request = GenerationRequest("r", user_message(PROMPT), [Image.open(io.BytesIO(PNG))],
-                                resolve_alignment(conservativeness, model.num_layers),
-                                SamplingParams(max_tokens=MAX_TOKENS, **penalties))
+    request = GenerationRequest(
+        "r",
+        user_message(PROMPT),
+        [Image.open(io.BytesIO(PNG))],
+        resolve_alignment(conservativeness, model.num_layers),
+        SamplingParams(max_tokens=MAX_TOKENS, **penalties),
+    )
     return run_to_completion(model, [request])["r"].text
 
 
 @pytest.mark.parametrize("conservativeness", [0.0, 0.5])  # 0.5: contrastive decoding on, penalties after it
-def test_penalties_are_the_reference_models(server: LiveServer, model: ReferenceModel,
-                                             conservativeness: float) -> None:
+def test_penalties_are_the_reference_models(server: LiveServer, model: ReferenceModel, conservativeness: float) -> None:
     texts = {}
-    for name, penalties in (("none", {}), ("frequency", {"frequency_penalty": 2.0}),
-                            ("presence", {"presence_penalty": 2.0}),
-                            ("both", {"frequency_penalty": -2.0, "presence_penalty": 1.0})):
+    for name, penalties in (
+        ("none", {}),
+        ("frequency", {"frequency_penalty": 2.0}),
+        ("presence", {"presence_penalty": 2.0}),
+        ("both", {"frequency_penalty": -2.0, "presence_penalty": 1.0}),
+    ):
         got = _create(server, extra_body={"conservativeness": conservativeness}, **penalties)
         texts[name] = got.choices[0].message.content
         assert texts[name] == _reference_text(model, conservativeness, **penalties), name
     # Not vacuous: each penalty changed what the model said.
     assert texts["frequency"] != texts["none"] and texts["presence"] != texts["none"]
     streamed = _client(server).chat.completions.create(
-        model=server.engine.model_name, messages=image_message(PROMPT, PNG),  # type: ignore[arg-type]
-        max_tokens=MAX_TOKENS, stream=True, frequency_penalty=2.0, extra_body={"conservativeness": conservativeness})
+        model=server.engine.model_name,
+        messages=image_message(PROMPT, PNG),  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        frequency_penalty=2.0,
+        extra_body={"conservativeness": conservativeness},
+    )
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == texts["frequency"]

@@ -45,14 +45,15 @@ MAX_TOKENS = 12
 API_KEY = "playground-test-key"
 
 
-
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     executable = find_chromium()
     if executable is None:
-        pytest.skip("no Chromium found for the playground's browser tests: `apt-get install chromium` "
-                    "(what `make install-browser` runs as root), or point SEVI_CHROMIUM at a Chrome binary")
+        pytest.skip(
+            "no Chromium found for the playground's browser tests: `apt-get install chromium` "
+            "(what `make install-browser` runs as root), or point SEVI_CHROMIUM at a Chrome binary"
+        )
     with chromium(executable) as launched:
         yield launched
 
@@ -62,8 +63,9 @@ class Session:
 
     def __init__(self, browser: Browser, origin: str) -> None:
         self.origin = origin
-        self.context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": 900},
-                                                           service_workers="block")
+        self.context: BrowserContext = browser.new_context(
+            viewport={"width": 1280, "height": 900}, service_workers="block"
+        )
         self.requests: list[str] = []
         self.foreign: list[str] = []
         self.errors: list[str] = []
@@ -101,13 +103,18 @@ def keyed_server(llava_dir: Path) -> Iterator[LiveServer]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def api_caption(server: LiveServer, image: bytes, level: float, *, max_tokens: int = MAX_TOKENS,
-                api_key: str | None = None) -> dict[str, Any]:
+def api_caption(
+    server: LiveServer, image: bytes, level: float, *, max_tokens: int = MAX_TOKENS, api_key: str | None = None
+) -> dict[str, Any]:
     """What `POST /caption` answers for the image at one level (greedy, the default prompt)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with server.client() as c:
-        r = c.post("/caption", files={"image": ("image.png", image, "image/png")}, headers=headers,
-                   data={"conservativeness": str(level), "max_tokens": str(max_tokens), "temperature": "0"})
+        r = c.post(
+            "/caption",
+            files={"image": ("image.png", image, "image/png")},
+            headers=headers,
+            data={"conservativeness": str(level), "max_tokens": str(max_tokens), "temperature": "0"},
+        )
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
@@ -146,8 +153,12 @@ def test_page_and_assets_forbid_other_origins(server: LiveServer) -> None:
     policy = page.headers["content-security-policy"]
     for directive in ("default-src 'none'", "script-src 'self'", "connect-src 'self'", "style-src 'self'"):
         assert directive in policy
-    for asset, media in (("playground.js", "text/javascript"), ("playground.css", "text/css"),
-                         ("samples/samples.json", "application/json"), ("samples/kitchen.png", "image/png")):
+    for asset, media in (
+        ("playground.js", "text/javascript"),
+        ("playground.css", "text/css"),
+        ("samples/samples.json", "application/json"),
+        ("samples/kitchen.png", "image/png"),
+    ):
         r = httpx.get(f"{server.url}/playground/assets/{asset}")
         assert r.status_code == 200 and r.headers["content-type"].startswith(media), asset
         assert r.headers["content-security-policy"] == policy
@@ -174,10 +185,20 @@ def test_config_and_vocabulary_need_no_key(server: LiveServer, keyed_server: Liv
 def test_levels_and_presets_follow_the_models_knob_map(browser: Browser, llava_dir: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(llava_dir, model)
-    (model / "sevi_presets.json").write_text(json.dumps({
-        "format": 1, "balanced": 0.4, "focused": 0.9, "contrast": True,
-        "knots": [{"c": 0.0, "omega": 0.0, "start_layer": 2, "kappa": 0.2},
-                  {"c": 1.0, "omega": 4.0, "start_layer": 1, "kappa": 0.2}]}))
+    (model / "sevi_presets.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "balanced": 0.4,
+                "focused": 0.9,
+                "contrast": True,
+                "knots": [
+                    {"c": 0.0, "omega": 0.0, "start_layer": 2, "kappa": 0.2},
+                    {"c": 1.0, "omega": 4.0, "start_layer": 1, "kappa": 0.2},
+                ],
+            }
+        )
+    )
     live = LiveServer(base_settings(model)).start()
     try:
         config = httpx.get(live.url + "/playground/config.json").json()
@@ -186,9 +207,13 @@ def test_levels_and_presets_follow_the_models_knob_map(browser: Browser, llava_d
         s = Session(browser, live.url)
         open_playground(s.page, live.url)
         assert s.page.locator("#levels input").evaluate_all("(inputs) => inputs.map((i) => i.value)") == [
-            "0", "0.4", "0.9"]
+            "0",
+            "0.4",
+            "0.9",
+        ]
         assert s.page.locator("#levels select").evaluate_all(
-            "(selects) => selects.map((s) => s.selectedOptions[0].text)") == ["Off", "Balanced", "Focused"]
+            "(selects) => selects.map((s) => s.selectedOptions[0].text)"
+        ) == ["Off", "Balanced", "Focused"]
         s.close()
     finally:
         live.stop()
@@ -198,8 +223,9 @@ def test_levels_and_presets_follow_the_models_knob_map(browser: Browser, llava_d
 def test_compare_streams_captions_equal_to_the_api(session: Session, server: LiveServer) -> None:
     page, image = session.page, png_bytes(3)
     chat_bodies: list[Any] = []
-    page.on("request", lambda r: chat_bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions")
-            else None)
+    page.on(
+        "request", lambda r: chat_bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None
+    )
     open_playground(page, server.url)
     upload(page, image)
     page.locator("#preview").wait_for()
@@ -218,8 +244,11 @@ def test_compare_streams_captions_equal_to_the_api(session: Session, server: Liv
         assert facts["Heads re-weighted"] == str(api["telemetry"]["heads_reweighted"])
         assert facts["Tokens"].split()[0] == str(api["usage"]["completion_tokens"])
         assert facts["Latency"].endswith(" s")
-    assert page.locator(".column .level-title").all_inner_texts() == ["c = 0 · Off", "c = 0.5 · Balanced",
-                                                                      "c = 1 · Focused"]
+    assert page.locator(".column .level-title").all_inner_texts() == [
+        "c = 0 · Off",
+        "c = 0.5 · Balanced",
+        "c = 1 · Focused",
+    ]
     # Each column streamed its own request through the OpenAI endpoint.
     assert sorted(b["conservativeness"] for b in chat_bodies) == list(LEVELS)
     assert all(b["stream"] is True and b["temperature"] == 0 for b in chat_bodies)
@@ -259,9 +288,15 @@ def test_marks_object_words_not_named_in_every_caption(session: Session, server:
 
 def test_page_reads_object_words_as_the_chair_scorer(session: Session, server: LiveServer) -> None:
     captions = [make_scene(split, i, render=False).caption for split in ("train", "counter-prior") for i in range(150)]
-    captions += ["Two hot dogs and a teddy bear.", "A baby bird on the toilet seat.", "People near the train tracks.",
-                 "Three puppies, knives and forks.", "A man on a motor bike by the traffic lights.",
-                 "An adult elephant and passenger trains.", "A stove top oven; wine glasses."]
+    captions += [
+        "Two hot dogs and a teddy bear.",
+        "A baby bird on the toilet seat.",
+        "People near the train tracks.",
+        "Three puppies, knives and forks.",
+        "A man on a motor bike by the traffic lights.",
+        "An adult elephant and passenger trains.",
+        "A stove top oven; wine glasses.",
+    ]
     open_playground(session.page, server.url)
     found = session.page.evaluate(
         """async (captions) => {
@@ -269,7 +304,9 @@ def test_page_reads_object_words_as_the_chair_scorer(session: Session, server: L
              const forms = (await (await fetch('playground/vocabulary.json')).json()).objects;
              const vocabulary = new Vocabulary(forms);
              return captions.map((c) => vocabulary.find(c).map((m) => [c.slice(m.start, m.end), m.category]));
-           }""", captions)
+           }""",
+        captions,
+    )
     for caption, mentions in zip(captions, found, strict=True):
         assert [cat for _, cat in mentions] == [cat for _, cat in caption_objects(caption)], caption
         assert all(categories(surface) == {cat} for surface, cat in mentions), caption
@@ -293,12 +330,15 @@ def test_sample_scene_and_single_level_slider(session: Session, server: LiveServ
 def test_drop_an_image(session: Session, server: LiveServer) -> None:
     page, image = session.page, png_bytes(6)
     open_playground(page, server.url)
-    transfer = page.evaluate_handle("""(b64) => {
+    transfer = page.evaluate_handle(
+        """(b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], 'dropped.png', { type: 'image/png' }));
         return transfer;
-      }""", base64.b64encode(image).decode())
+      }""",
+        base64.b64encode(image).decode(),
+    )
     page.dispatch_event("#drop-zone", "dragover", {"dataTransfer": transfer})
     page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
     page.locator("#preview").wait_for()
@@ -337,15 +377,17 @@ def test_non_image_file_is_refused_in_plain_words(session: Session, server: Live
     with comparison(page, 3):
         page.get_by_role("button", name="Compare").click()
     alert = page.get_by_role("alert")
-    assert alert.inner_text() == ("The server could not read this file as an image. Use a PNG, JPEG, WebP, GIF or "
-                                  "BMP image.")
+    assert alert.inner_text() == (
+        "The server could not read this file as an image. Use a PNG, JPEG, WebP, GIF or BMP image."
+    )
     assert page.locator("#columns .column[data-state=error]").count() == 3
     # Over the server's pixel limit (512 x 512 here): its 413, in plain words.
     upload(page, solid_png(600, 600), name="wide.png")
     with comparison(page, 3):
         page.get_by_role("button", name="Compare").click()
-    assert alert.inner_text() == ("The image is too large for this server (at most 0.25 MB and 0.3 million pixels). "
-                                  "Use a smaller image.")
+    assert alert.inner_text() == (
+        "The image is too large for this server (at most 0.25 MB and 0.3 million pixels). Use a smaller image."
+    )
     # Over its byte limit (256 KiB): said before anything is sent, and the image before it is dropped.
     upload(page, b"\x89PNG" + bytes(300 * 1024), name="huge.png")
     expect(alert).to_have_text("huge.png is too large: this server takes images of at most 0.25 MB.")
@@ -402,7 +444,9 @@ def test_api_key_asked_once_and_kept_for_the_tab(browser: Browser, keyed_server:
     assert column_captions(page)[0.5] == api_caption(keyed_server, image, 0.5, api_key=API_KEY)["caption"]
     # Kept for this tab (sessionStorage), never in localStorage; a reload still has it.
     assert page.evaluate("() => [sessionStorage.getItem('sevi-playground-api-key'), localStorage.length]") == [
-        API_KEY, 0]
+        API_KEY,
+        0,
+    ]
     page.reload()
     page.locator("body[data-ready=true]").wait_for()
     assert key_field.input_value() == API_KEY
@@ -443,4 +487,3 @@ def test_keyboard_alone_runs_a_comparison(session: Session, server: LiveServer) 
     first = {name: order.index(name) for name in ("image-input", "level-1", "prompt", "run") if name in order}
     assert list(first) == ["image-input", "level-1", "prompt", "run"], order
     assert sorted(first.values()) == list(first.values()), order
-

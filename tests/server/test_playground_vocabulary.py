@@ -29,20 +29,41 @@ def test_every_form_reads_as_the_scorer_reads_it() -> None:
 def test_every_one_word_synonym_and_common_plural_is_listed() -> None:
     forms = surface_forms()
     assert {w for w in WORD_TO_CATEGORY if " " not in w} <= set(forms)
-    for word, category in (("dogs", "dog"), ("puppies", "dog"), ("knives", "knife"), ("people", "person"),
-                           ("men", "person"), ("buses", "bus"), ("couches", "couch"), ("hot dogs", "hot dog"),
-                           ("teddy bears", "teddy bear"), ("baby birds", "bird"), ("sheep", "sheep")):
+    for word, category in (
+        ("dogs", "dog"),
+        ("puppies", "dog"),
+        ("knives", "knife"),
+        ("people", "person"),
+        ("men", "person"),
+        ("buses", "bus"),
+        ("couches", "couch"),
+        ("hot dogs", "hot dog"),
+        ("teddy bears", "teddy bear"),
+        ("baby birds", "bird"),
+        ("sheep", "sheep"),
+    ):
         assert forms[word] == category, word
     # Phrases that name no object are listed so that the page skips them whole, as the scorer does.
     assert forms["train track"] is None and forms["home plate"] is None
     assert "blow drier" not in forms  # a synonym of two words the scorer never merges: it never matches there
 
 
-@pytest.mark.parametrize(("word", "expected"), [
-    ("dog", "dogs"), ("bus", "buses"), ("bench", "benches"), ("puppy", "puppies"), ("turkey", "turkeys"),
-    ("policeman", "policemen"), ("doberman", "dobermans"), ("knife", "knives"), ("sheep", "sheep"),
-    ("teddy bear", "teddy bears"), ("child", "children"),
-])
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("dog", "dogs"),
+        ("bus", "buses"),
+        ("bench", "benches"),
+        ("puppy", "puppies"),
+        ("turkey", "turkeys"),
+        ("policeman", "policemen"),
+        ("doberman", "dobermans"),
+        ("knife", "knives"),
+        ("sheep", "sheep"),
+        ("teddy bear", "teddy bears"),
+        ("child", "children"),
+    ],
+)
 def test_plural(word: str, expected: str) -> None:
     assert plural(word) == expected
 

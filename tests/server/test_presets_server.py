@@ -17,10 +17,15 @@ from tests.helpers import LiveServer, base_settings, png_bytes
 pytestmark = pytest.mark.integration
 
 PRESETS = {
-    "format": 1, "balanced": 0.4, "focused": 1.0, "contrast": False,
-    "knots": [{"c": 0.0, "omega": 0.0, "start_layer": 3, "kappa": 0.3},
-              {"c": 0.4, "omega": 1.5, "start_layer": 3, "kappa": 0.3},
-              {"c": 1.0, "omega": 6.0, "start_layer": 1, "kappa": 0.6}],
+    "format": 1,
+    "balanced": 0.4,
+    "focused": 1.0,
+    "contrast": False,
+    "knots": [
+        {"c": 0.0, "omega": 0.0, "start_layer": 3, "kappa": 0.3},
+        {"c": 0.4, "omega": 1.5, "start_layer": 3, "kappa": 0.3},
+        {"c": 1.0, "omega": 6.0, "start_layer": 1, "kappa": 0.6},
+    ],
 }
 
 
@@ -36,8 +41,9 @@ def presets_server(llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def _caption(server: LiveServer, **fields: str) -> dict[str, Any]:
     with server.client() as c:
-        r = c.post("/caption", files={"image": ("a.png", png_bytes(5), "image/png")},
-                   data={"max_tokens": "3", **fields})
+        r = c.post(
+            "/caption", files={"image": ("a.png", png_bytes(5), "image/png")}, data={"max_tokens": "3", **fields}
+        )
     assert r.status_code == 200, r.text
     alignment: dict[str, Any] = r.json()["alignment"]
     return alignment
@@ -55,7 +61,12 @@ def test_models_reports_the_folder_s_presets(presets_server: LiveServer) -> None
 
 def test_requests_apply_the_folder_s_presets(presets_server: LiveServer) -> None:
     assert _caption(presets_server, conservativeness="focused") == {
-        "conservativeness": 1.0, "omega": 6.0, "start_layer": 1, "kappa": 0.6, "contrast": False}
+        "conservativeness": 1.0,
+        "omega": 6.0,
+        "start_layer": 1,
+        "kappa": 0.6,
+        "contrast": False,
+    }
     assert _caption(presets_server, conservativeness="balanced")["omega"] == 1.5
     # Between knots: linear (0.7 is half way from 0.4 to 1); the server's default knob goes through the file too.
     middle = {"conservativeness": 0.7, "omega": 3.75, "start_layer": 2, "kappa": 0.45, "contrast": False}
@@ -71,6 +82,10 @@ def test_without_a_file_the_paper_map_is_reported_and_applied(server: LiveServer
         card = c.get("/v1/models").json()["data"][0]["conservativeness"]
     assert card["source"].startswith("default") and card["knots"] is None and card["contrast"] is True
     focused = resolve_alignment("focused", 4)
-    assert card["presets"]["focused"] == {"conservativeness": 1.0, "omega": focused.omega,
-                                          "start_layer": focused.start_layer, "kappa": focused.kappa}
+    assert card["presets"]["focused"] == {
+        "conservativeness": 1.0,
+        "omega": focused.omega,
+        "start_layer": focused.start_layer,
+        "kappa": focused.kappa,
+    }
     assert _caption(server, conservativeness="focused") == focused.to_dict()

@@ -18,10 +18,29 @@ from server.sse import sse
 
 SEVI_FIELDS = {"conservativeness", "alignment"}
 # Honoured as OpenAI defines them (both engines), or hints that never change the output.
-HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
-            "stream", "stream_options", "presence_penalty", "frequency_penalty"}
-NO_EFFECT = {"user", "safety_identifier", "metadata", "prompt_cache_key", "prompt_cache_retention",
-             "prompt_cache_options"}
+HONOURED = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+}
+NO_EFFECT = {
+    "user",
+    "safety_identifier",
+    "metadata",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+}
 
 
 def openai_chat_fields() -> set[str]:
@@ -79,13 +98,23 @@ def test_stream_chunks_carry_only_what_they_have() -> None:
         return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
 
     first = event(choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))], alignment=applied)
-    assert first == {**head, "choices": [choice({"role": "assistant", "content": ""})],
-                     "alignment": applied.model_dump()}
+    assert first == {
+        **head,
+        "choices": [choice({"role": "assistant", "content": ""})],
+        "alignment": applied.model_dump(),
+    }
     text = event(choices=[ChunkChoice(delta=ChunkDelta(content="a"))])
     assert text == {**head, "choices": [choice({"content": "a"})]}
-    last = event(choices=[ChunkChoice(delta=ChunkDelta(), finish_reason="stop")], alignment=applied,
-                 telemetry=Telemetry(aligned_rows=3))
-    assert last == {**head, "choices": [choice({}, "stop")], "alignment": applied.model_dump(),
-                    "telemetry": Telemetry(aligned_rows=3).model_dump()}
+    last = event(
+        choices=[ChunkChoice(delta=ChunkDelta(), finish_reason="stop")],
+        alignment=applied,
+        telemetry=Telemetry(aligned_rows=3),
+    )
+    assert last == {
+        **head,
+        "choices": [choice({}, "stop")],
+        "alignment": applied.model_dump(),
+        "telemetry": Telemetry(aligned_rows=3).model_dump(),
+    }
     usage = event(choices=[], usage=Usage.of(5, 2))
     assert usage == {**head, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}

@@ -39,8 +39,11 @@ def test_probes_and_models(server: LiveServer) -> None:
 def test_caption_multipart_matches_the_model(server: LiveServer, llava_dir: Path) -> None:
     png = png_bytes(3)
     with server.client() as c:
-        r = c.post("/caption", files={"image": ("a.png", png, "image/png")},
-                   data={"conservativeness": "0.5", "max_tokens": "12", "prompt": "what do you see"})
+        r = c.post(
+            "/caption",
+            files={"image": ("a.png", png, "image/png")},
+            data={"conservativeness": "0.5", "max_tokens": "12", "prompt": "what do you see"},
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     applied = resolve_alignment(0.5, 4)
@@ -78,15 +81,29 @@ def test_caption_knob_maps_and_overrides(server: LiveServer) -> None:
     with server.client() as c:
         off = c.post("/caption", json={"image": data_uri(png), "conservativeness": "off", "max_tokens": 6}).json()
         focused = c.post("/caption", json={"image": data_uri(png), "conservativeness": 1, "max_tokens": 6}).json()
-        custom = c.post("/caption", files={"image": ("a.png", png, "image/png")},
-                        data={"conservativeness": "balanced", "omega": "2.5", "start_layer": "0", "kappa": "0.3",
-                              "contrast": "false", "max_tokens": "6"}).json()
+        custom = c.post(
+            "/caption",
+            files={"image": ("a.png", png, "image/png")},
+            data={
+                "conservativeness": "balanced",
+                "omega": "2.5",
+                "start_layer": "0",
+                "kappa": "0.3",
+                "contrast": "false",
+                "max_tokens": "6",
+            },
+        ).json()
     assert off["alignment"] == resolve_alignment(0, 4).to_dict()
     assert off["alignment"]["omega"] == 0 and off["alignment"]["contrast"] is False
     assert off["telemetry"]["aligned_rows"] == 0
     assert focused["alignment"] == resolve_alignment(1, 4).to_dict()
-    assert custom["alignment"] == {"conservativeness": 0.5, "omega": 2.5, "start_layer": 0, "kappa": 0.3,
-                                   "contrast": False}
+    assert custom["alignment"] == {
+        "conservativeness": 0.5,
+        "omega": 2.5,
+        "start_layer": 0,
+        "kappa": 0.3,
+        "contrast": False,
+    }
 
 
 def _chat(server: LiveServer, **body: object) -> dict[str, object]:
@@ -97,8 +114,13 @@ def _chat(server: LiveServer, **body: object) -> dict[str, object]:
 
 
 def test_chat_completion_shape_and_alignment(server: LiveServer) -> None:
-    body = _chat(server, messages=image_message("what do you see", png_bytes(6)), max_tokens=9,
-                 conservativeness=1, alignment={"kappa": 0.5})
+    body = _chat(
+        server,
+        messages=image_message("what do you see", png_bytes(6)),
+        max_tokens=9,
+        conservativeness=1,
+        alignment={"kappa": 0.5},
+    )
     assert body["object"] == "chat.completion"
     choice = body["choices"][0]  # type: ignore[index]
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
@@ -107,22 +129,32 @@ def test_chat_completion_shape_and_alignment(server: LiveServer) -> None:
     # Every field of the engines' telemetry, the contrast ones too (conservativeness 1: this request was contrasted).
     assert set(body["telemetry"]) == {f.name for f in fields(Telemetry)}  # type: ignore[arg-type]
     assert body["telemetry"]["contrast_steps"] == body["usage"]["completion_tokens"] + (  # type: ignore[index]
-        choice["finish_reason"] == "stop")  # one per token chosen, the EOS included
+        choice["finish_reason"] == "stop"
+    )  # one per token chosen, the EOS included
 
 
 def test_openai_client_plain_and_streaming_agree(server: LiveServer) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     messages = image_message("what do you see", png_bytes(8))
-    plain = client.chat.completions.create(model=server.engine.model_name, messages=messages,  # type: ignore[arg-type]
-                                           max_tokens=10, extra_body={"conservativeness": 0.5})
+    plain = client.chat.completions.create(
+        model=server.engine.model_name,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=10,
+        extra_body={"conservativeness": 0.5},
+    )
     assert plain.choices[0].message.content
     assert plain.usage is not None and plain.usage.completion_tokens <= 10
     extra = plain.model_extra or {}
     assert extra["alignment"] == resolve_alignment(0.5, 4).to_dict()
 
-    stream = client.chat.completions.create(model=server.engine.model_name, messages=messages,  # type: ignore[arg-type]
-                                            max_tokens=10, stream=True, stream_options={"include_usage": True},
-                                            extra_body={"conservativeness": 0.5})
+    stream = client.chat.completions.create(
+        model=server.engine.model_name,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"conservativeness": 0.5},
+    )
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == plain.choices[0].message.content
@@ -165,8 +197,10 @@ def test_text_only_chat_and_stop_sequences(server: LiveServer) -> None:
     cut2 = _chat(server, messages=messages, max_tokens=12, conservativeness=0.5, stop=[across])
     assert cut2["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
     assert cut2["choices"][0]["message"]["content"] == text[: text.index(across)]  # type: ignore[index]
-    for stop, want in ((across, cut2["choices"][0]["message"]["content"]),  # type: ignore[index]
-                       (" never-generated", text)):
+    for stop, want in (
+        (across, cut2["choices"][0]["message"]["content"]),  # type: ignore[index]
+        (" never-generated", text),
+    ):
         assert _streamed_text(server, messages=messages, max_tokens=12, conservativeness=0.5, stop=[stop]) == want
 
 
@@ -178,8 +212,7 @@ def _streamed_text(server: LiveServer, **body: object) -> str:
 
 
 def test_seeded_sampling_is_reproducible(server: LiveServer) -> None:
-    kwargs = dict(messages=image_message("what do you see", png_bytes(10)), max_tokens=12, temperature=1.0,
-                  top_p=0.9)
+    kwargs = dict(messages=image_message("what do you see", png_bytes(10)), max_tokens=12, temperature=1.0, top_p=0.9)
     a = _chat(server, seed=1234, **kwargs)
     b = _chat(server, seed=1234, **kwargs)
     assert a["choices"] == b["choices"]
@@ -188,8 +221,16 @@ def test_seeded_sampling_is_reproducible(server: LiveServer) -> None:
 def test_allow_listed_image_url_is_fetched(server: LiveServer) -> None:
     host = server.settings.allowed_image_hosts[0]
     url = f"http://{host}{IMAGE_SERVER_PATH}"
-    fetched = _chat(server, messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "describe"}]}], max_tokens=6)
+    fetched = _chat(
+        server,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "describe"}],
+            }
+        ],
+        max_tokens=6,
+    )
     inline = _chat(server, messages=image_message("describe", png_bytes(7)), max_tokens=6)
     assert fetched["choices"] == inline["choices"]  # the host serves png_bytes(7)
 

@@ -63,8 +63,7 @@ def slow_model(small_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Liv
     machine, so the cancellation and deadline tests cannot race a fast CPU."""
     model = small_server.engine._model
     real_start = model.start
-    monkeypatch.setattr(model, "start", lambda requests: SteppedBatch(real_start(requests),
-                                                                       lambda _: time.sleep(0.01)))
+    monkeypatch.setattr(model, "start", lambda requests: SteppedBatch(real_start(requests), lambda _: time.sleep(0.01)))
     return small_server
 
 
@@ -88,13 +87,16 @@ def watch_batch(server: LiveServer) -> Iterator[list[int]]:
 
 def test_32_concurrent_requests_all_answered_correctly(server: LiveServer, watch_batch: list[int]) -> None:
     variants: list[tuple[str, dict[str, Any]]] = [
-        ("/v1/chat/completions", {"messages": image_message("what do you see", png_bytes(30)), "max_tokens": 8,
-                                  "conservativeness": 0}),
-        ("/v1/chat/completions", {"messages": image_message("describe", png_bytes(31)), "max_tokens": 8,
-                                  "conservativeness": 1}),
+        (
+            "/v1/chat/completions",
+            {"messages": image_message("what do you see", png_bytes(30)), "max_tokens": 8, "conservativeness": 0},
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": image_message("describe", png_bytes(31)), "max_tokens": 8, "conservativeness": 1},
+        ),
         ("/caption", {"image": data_uri(png_bytes(32)), "max_tokens": 8, "conservativeness": "balanced"}),
-        ("/caption", {"image": data_uri(png_bytes(33)), "max_tokens": 8, "conservativeness": 0.8,
-                      "contrast": False}),
+        ("/caption", {"image": data_uri(png_bytes(33)), "max_tokens": 8, "conservativeness": 0.8, "contrast": False}),
     ]
 
     def text(path: str, body: dict[str, Any]) -> str:
@@ -107,8 +109,7 @@ def test_32_concurrent_requests_all_answered_correctly(server: LiveServer, watch
     async def fire() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
-            return list(await asyncio.gather(*(c.post(variants[i % 4][0], json=variants[i % 4][1])
-                                               for i in range(32))))
+            return list(await asyncio.gather(*(c.post(variants[i % 4][0], json=variants[i % 4][1]) for i in range(32))))
 
     responses = asyncio.run(fire())
     assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
@@ -163,6 +164,7 @@ def test_full_queue_answers_503_with_retry_after(slow_model: LiveServer) -> None
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
+
             async def stream_forever() -> None:
                 async with c.stream("POST", "/v1/chat/completions", json={**long_chat(), "stream": True}) as r:
                     async for _ in r.aiter_lines():

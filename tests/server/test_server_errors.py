@@ -75,32 +75,136 @@ CHAT_CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("no messages", {"messages": []}, 400, "messages"),
     ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
     ("unknown part type", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages.0.content"),
-    ("image in an assistant turn", {"messages": [
-        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_uri(PNG)}}]},
-        {"role": "user", "content": "hi"}]}, 400, "messages.0.content.0.image_url"),
+    (
+        "image in an assistant turn",
+        {
+            "messages": [
+                {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_uri(PNG)}}]},
+                {"role": "user", "content": "hi"},
+            ]
+        },
+        400,
+        "messages.0.content.0.image_url",
+    ),
     ("unknown model", chat(model="gpt-9"), 404, "model"),
-    ("URL host not allow-listed", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}]}, 400, IMG0),
-    ("file URL", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}, 400, IMG0),
-    ("data URI not base64", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}}]}]}, 400, IMG0),
-    ("invalid base64", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!!"}}]}]}, 400, IMG0),
-    ("svg media type", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(b"<svg/>", "image/svg+xml")}}]}]}, 415, IMG0),
-    ("not an image", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(b"hello world")}}]}]}, 415, IMG0),
-    ("truncated PNG", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(png_bytes(1, (200, 200))[:300])}}]}]}, 415, IMG0),
-    ("TIFF", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(tiff_bytes(), "image/png")}}]}]}, 415, IMG0),
-    ("decompression bomb", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(bomb_png())}}]}]}, 413, IMG0),
-    ("image over the byte limit", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(b"\x89PNG" + b"\x00" * 300_000)}}]}]}, 413, IMG0),
-    ("prompt too long for the context", {"messages": [{"role": "user", "content": "a " * 1100}],
-                                         "max_tokens": 8}, 400, "max_tokens"),
+    (
+        "URL host not allow-listed",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}
+            ]
+        },
+        400,
+        IMG0,
+    ),
+    (
+        "file URL",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}
+            ]
+        },
+        400,
+        IMG0,
+    ),
+    (
+        "data URI not base64",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}}]}
+            ]
+        },
+        400,
+        IMG0,
+    ),
+    (
+        "invalid base64",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!!"}}]}
+            ]
+        },
+        400,
+        IMG0,
+    ),
+    (
+        "svg media type",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_uri(b"<svg/>", "image/svg+xml")}}],
+                }
+            ]
+        },
+        415,
+        IMG0,
+    ),
+    (
+        "not an image",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(b"hello world")}}]}
+            ]
+        },
+        415,
+        IMG0,
+    ),
+    (
+        "truncated PNG",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_uri(png_bytes(1, (200, 200))[:300])}}],
+                }
+            ]
+        },
+        415,
+        IMG0,
+    ),
+    (
+        "TIFF",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_uri(tiff_bytes(), "image/png")}}],
+                }
+            ]
+        },
+        415,
+        IMG0,
+    ),
+    (
+        "decompression bomb",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(bomb_png())}}]}
+            ]
+        },
+        413,
+        IMG0,
+    ),
+    (
+        "image over the byte limit",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_uri(b"\x89PNG" + b"\x00" * 300_000)}}],
+                }
+            ]
+        },
+        413,
+        IMG0,
+    ),
+    (
+        "prompt too long for the context",
+        {"messages": [{"role": "user", "content": "a " * 1100}], "max_tokens": 8},
+        400,
+        "max_tokens",
+    ),
 ]
 
 
@@ -112,11 +216,19 @@ def test_chat_errors(server: LiveServer, case: str, body: dict[str, Any], status
 
 def test_chat_malformed_bodies(server: LiveServer) -> None:
     with server.client() as c:
-        err = _error(c.post("/v1/chat/completions", content=b"{not json",
-                            headers={"content-type": "application/json"}), 400)
+        err = _error(
+            c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
+        )
         assert "JSON" in err["message"]
-        _error(c.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "x"}], '
-                      b'"temperature": NaN}', headers={"content-type": "application/json"}), 400, "temperature")
+        _error(
+            c.post(
+                "/v1/chat/completions",
+                content=b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "temperature",
+        )
         _error(c.post("/v1/chat/completions", content=b"[]", headers={"content-type": "application/json"}), 400)
         _error(c.get("/v1/chat/completions"), 405)
         _error(c.get("/no/such/route"), 404)
@@ -137,10 +249,12 @@ CAPTION_JSON_CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "status", "param"), CAPTION_JSON_CASES,
-                         ids=[c[0] for c in CAPTION_JSON_CASES])
-def test_caption_json_errors(server: LiveServer, case: str, body: dict[str, Any], status: int,
-                             param: str | None) -> None:
+@pytest.mark.parametrize(
+    ("case", "body", "status", "param"), CAPTION_JSON_CASES, ids=[c[0] for c in CAPTION_JSON_CASES]
+)
+def test_caption_json_errors(
+    server: LiveServer, case: str, body: dict[str, Any], status: int, param: str | None
+) -> None:
     with server.client() as c:
         _error(c.post("/caption", json=body), status, param)
 
@@ -148,30 +262,41 @@ def test_caption_json_errors(server: LiveServer, case: str, body: dict[str, Any]
 def test_caption_multipart_errors(server: LiveServer) -> None:
     with server.client() as c:
         # Text only: /caption needs an image.
-        _error(c.post("/caption", data={"prompt": "describe"}, files={"other": ("x.txt", b"x", "text/plain")}),
-               400, "image")
-        _error(c.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"conservativeness": "2"}),
-               400, "conservativeness")
-        _error(c.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"max_tokens": "-4"}),
-               400, "max_tokens")
-        _error(c.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"colour": "red"}),
-               400, "colour")
+        _error(
+            c.post("/caption", data={"prompt": "describe"}, files={"other": ("x.txt", b"x", "text/plain")}),
+            400,
+            "image",
+        )
+        _error(
+            c.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"conservativeness": "2"}),
+            400,
+            "conservativeness",
+        )
+        _error(
+            c.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"max_tokens": "-4"}),
+            400,
+            "max_tokens",
+        )
+        _error(c.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"colour": "red"}), 400, "colour")
         _error(c.post("/caption", files={"image": ("a.png", b"\x00\x01garbage", "image/png")}), 415, "image")
-        _error(c.post("/caption", files={"image": ("a.png", png_bytes(1, (200, 200))[:500], "image/png")}),
-               415, "image")
+        _error(
+            c.post("/caption", files={"image": ("a.png", png_bytes(1, (200, 200))[:500], "image/png")}), 415, "image"
+        )
         _error(c.post("/caption", files={"image": ("a.png", bomb_png(), "image/png")}), 413, "image")
-        _error(c.post("/caption", files={"image": ("a.png", b"\x89PNG" + b"\x00" * 300_000, "image/png")}),
-               413, "image")
+        _error(
+            c.post("/caption", files={"image": ("a.png", b"\x89PNG" + b"\x00" * 300_000, "image/png")}), 413, "image"
+        )
         _error(c.post("/caption", content=b"image please", headers={"content-type": "text/plain"}), 415)
-        _error(c.post("/caption", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; "
-                                                                                     "boundary=x"}), 400)
+        _error(
+            c.post("/caption", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=x"}),
+            400,
+        )
 
 
 def test_request_body_limit(server: LiveServer) -> None:
     big = b"{" + b" " * (server.settings.max_request_bytes + 10) + b"}"
     with server.client() as c:
-        err = _error(c.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"}),
-                     413)
+        err = _error(c.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"}), 413)
         assert err["code"] == "request_too_large"
 
         def chunked() -> Any:  # no Content-Length: the limit is enforced while reading
@@ -188,8 +313,9 @@ def test_a_refused_request_does_not_sink_its_batch(server: LiveServer) -> None:
     async def go() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             good = [c.post("/v1/chat/completions", json=chat(max_tokens=6)) for _ in range(3)]
-            bad = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a " * 1100}],
-                                                       "max_tokens": 8})
+            bad = c.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "a " * 1100}], "max_tokens": 8}
+            )
             return list(await asyncio.gather(bad, *good))
 
     bad, *good = asyncio.run(go())

@@ -36,8 +36,14 @@ def test_no_server_errors(fuzz_server: LiveServer) -> None:
     for op in operations:
 
         @given(case=op.as_strategy())
-        @settings(max_examples=30, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        @settings(
+            max_examples=30,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate],
+        )
         def run(case: Any) -> None:
             seen[case.operation.label] = seen.get(case.operation.label, 0) + 1
             case.call_and_validate(checks=[not_a_server_error], timeout=30)

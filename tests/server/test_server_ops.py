@@ -32,15 +32,20 @@ def test_api_key(keyed_server: LiveServer) -> None:
     body = {"messages": image_message("describe", png_bytes(40)), "max_tokens": 3}
     with keyed_server.client() as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-            for method, path, kwargs in (("POST", "/v1/chat/completions", {"json": body}), ("GET", "/v1/models", {}),
-                                         ("POST", "/caption", {"json": {"image": data_uri(png_bytes(40))}})):
+            for method, path, kwargs in (
+                ("POST", "/v1/chat/completions", {"json": body}),
+                ("GET", "/v1/models", {}),
+                ("POST", "/caption", {"json": {"image": data_uri(png_bytes(40))}}),
+            ):
                 r = c.request(method, path, headers=headers, **kwargs)
                 assert r.status_code == 401, (path, headers)
                 assert r.json()["error"]["type"] == "authentication_error"
         good = {"Authorization": f"Bearer {KEY}"}
         assert c.post("/v1/chat/completions", json=body, headers=good).status_code == 200
-        assert c.post("/caption", json={"image": data_uri(png_bytes(40)), "max_tokens": 3},
-                      headers=good).status_code == 200
+        assert (
+            c.post("/caption", json={"image": data_uri(png_bytes(40)), "max_tokens": 3}, headers=good).status_code
+            == 200
+        )
         # Probes and scrapes stay open.
         assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
         assert c.get("/metrics").status_code == 200
@@ -55,14 +60,26 @@ def test_metrics_content(server: LiveServer) -> None:
     heads = m("sevi_heads_reweighted_total")
     knob_count, knob_sum = (m("sevi_requested_conservativeness_count"), m("sevi_requested_conservativeness_sum"))
     prompt, completion = m("sevi_prompt_tokens_total"), m("sevi_completion_tokens_total")
-    ttft, itl = m("sevi_time_to_first_token_seconds_count", {"endpoint": "/caption"}), m(
-        "sevi_inter_token_latency_seconds_count")
+    ttft, itl = (
+        m("sevi_time_to_first_token_seconds_count", {"endpoint": "/caption"}),
+        m("sevi_inter_token_latency_seconds_count"),
+    )
     ok = m("sevi_requests_total", {"endpoint": "/caption", "status": "200"})
     bad = m("sevi_requests_total", {"endpoint": "/caption", "status": "400"})
     with server.client() as c:
         # These explicit parameters re-weight heads on the test model (checked through the telemetry).
-        r = c.post("/caption", json={"image": data_uri(png_bytes(41)), "prompt": "what do you see", "max_tokens": 6,
-                                     "conservativeness": 0.75, "omega": 4.0, "start_layer": 0, "kappa": 0.9})
+        r = c.post(
+            "/caption",
+            json={
+                "image": data_uri(png_bytes(41)),
+                "prompt": "what do you see",
+                "max_tokens": 6,
+                "conservativeness": 0.75,
+                "omega": 4.0,
+                "start_layer": 0,
+                "kappa": 0.9,
+            },
+        )
         assert c.post("/caption", json={"image": data_uri(png_bytes(41)), "conservativeness": 9}).status_code == 400
         text = c.get("/metrics").text
     body = r.json()
@@ -77,8 +94,13 @@ def test_metrics_content(server: LiveServer) -> None:
     assert m("sevi_inter_token_latency_seconds_count") == itl + body["usage"]["completion_tokens"] - 1
     assert m("sevi_requests_total", {"endpoint": "/caption", "status": "200"}) == ok + 1
     assert m("sevi_requests_total", {"endpoint": "/caption", "status": "400"}) == bad + 1
-    for name in ("sevi_request_latency_seconds_bucket", "sevi_queue_depth", "sevi_running_requests",
-                 "sevi_engine_cancelled_requests_total", "sevi_engine_failed_batches_total"):
+    for name in (
+        "sevi_request_latency_seconds_bucket",
+        "sevi_queue_depth",
+        "sevi_running_requests",
+        "sevi_engine_cancelled_requests_total",
+        "sevi_engine_failed_batches_total",
+    ):
         assert name in text, name
     assert m("sevi_queue_depth") == 0 and m("sevi_running_requests") == 0
     # Unknown paths share one label, so scanners cannot grow the label set.
@@ -87,8 +109,9 @@ def test_metrics_content(server: LiveServer) -> None:
     assert "/random/path/1" not in httpx.get(server.url + "/metrics").text
 
 
-def test_one_json_log_line_per_request_without_image_bytes(server: LiveServer,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_one_json_log_line_per_request_without_image_bytes(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
     png = png_bytes(42)
 
     def lines_of(rid: str) -> list[logging.LogRecord]:
@@ -118,8 +141,20 @@ def test_settings_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SEVI_PORT", "9001")
     monkeypatch.setenv("SEVI_ALLOWED_IMAGE_HOSTS", "a.example, b.example:8080")
     monkeypatch.setenv("SEVI_API_KEY", "env-key-42")
-    s = parse_cli(["--model", "/m", "--port", "9002", "--default-conservativeness", "0.25", "--engine",
-                   "transformers", "--max-queue", "5"])
+    s = parse_cli(
+        [
+            "--model",
+            "/m",
+            "--port",
+            "9002",
+            "--default-conservativeness",
+            "0.25",
+            "--engine",
+            "transformers",
+            "--max-queue",
+            "5",
+        ]
+    )
     assert s.max_batch_size == 3  # from the environment
     assert s.port == 9002  # the flag wins over the environment
     assert s.model == Path("/m") and s.default_conservativeness == 0.25 and s.max_queue == 5
@@ -128,8 +163,7 @@ def test_settings_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert "env-key-42" not in repr(s)
 
 
-def test_cli_refuses_bad_settings_a_missing_model_or_engine(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_bad_settings_a_missing_model_or_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--default-conservativeness", "3"]) == 2
     assert "default_conservativeness" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "nothing")]) == 2
@@ -170,8 +204,25 @@ def test_load_bench_smoke(server: LiveServer, tmp_path: Path, capsys: pytest.Cap
     from bench.load import main as bench_main
 
     out = tmp_path / "levels.json"
-    assert bench_main(["--url", server.url, "--concurrency", "1,3", "--requests", "6", "--seconds", "30",
-                       "--max-tokens", "4", "--json", str(out)]) == 0
+    assert (
+        bench_main(
+            [
+                "--url",
+                server.url,
+                "--concurrency",
+                "1,3",
+                "--requests",
+                "6",
+                "--seconds",
+                "30",
+                "--max-tokens",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     levels = json.loads(out.read_text())
     assert [lv["concurrency"] for lv in levels] == [1, 3]
     for lv in levels:

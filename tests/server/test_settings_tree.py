@@ -20,8 +20,13 @@ from server.engines.vllm_engine import VllmEngine, VllmOptions
 from server.settings import Settings, parse_cli
 from tests.helpers import REPO
 
-KERNEL_VARS = (runtime_env.ALIGNED_KERNEL, runtime_env.PAGED_KERNEL, runtime_env.COMPILED_OPERATOR,
-               runtime_env.KERNEL_CACHE, runtime_env.PLUGIN_DISABLE)
+KERNEL_VARS = (
+    runtime_env.ALIGNED_KERNEL,
+    runtime_env.PAGED_KERNEL,
+    runtime_env.COMPILED_OPERATOR,
+    runtime_env.KERNEL_CACHE,
+    runtime_env.PLUGIN_DISABLE,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +40,8 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_nested_groups_take_the_command_line_over_the_environment_over_the_defaults(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("SEVI_VLLM_TENSOR_PARALLEL_SIZE", "2")
     monkeypatch.setenv("SEVI_VLLM_MAX_MODEL_LEN", "512")
     monkeypatch.setenv("SEVI_ALIGNED_KERNEL", "torch")
@@ -71,8 +77,9 @@ def test_defaults_without_environment() -> None:
     assert s.runtime_options() == runtime_env.RuntimeOptions()  # the same defaults on both sides of the export
 
 
-def test_bad_group_values_are_refused_at_start(monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_group_values_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("SEVI_ALIGNED_KERNEL", "cuda")
     assert main([]) == 2
     assert "kernels.aligned_kernel" in capsys.readouterr().err
@@ -85,16 +92,37 @@ def test_help_lists_the_nested_options(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         parse_cli(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--vllm.tensor-parallel-size", "--vllm.enforce-eager", "--vllm.engine-args", "--vllm.disable",
-                 "--kernels.aligned-kernel", "--kernels.paged-kernel", "--kernels.compiled-operator",
-                 "--kernels.kernel-cache", "--max-batch-size"):
+    for flag in (
+        "--vllm.tensor-parallel-size",
+        "--vllm.enforce-eager",
+        "--vllm.engine-args",
+        "--vllm.disable",
+        "--kernels.aligned-kernel",
+        "--kernels.paged-kernel",
+        "--kernels.compiled-operator",
+        "--kernels.kernel-cache",
+        "--max-batch-size",
+    ):
         assert flag in out, flag
 
 
 def test_engines_receive_the_groups(tmp_path: Path) -> None:
-    s = parse_cli(["--model", str(tmp_path), "--vllm.enforce-eager", "true", "--vllm.max-model-len", "300",
-                   "--kernels.aligned-kernel", "torch", "--kernels.compiled-operator", "false", "--vllm.disable",
-                   "true"])
+    s = parse_cli(
+        [
+            "--model",
+            str(tmp_path),
+            "--vllm.enforce-eager",
+            "true",
+            "--vllm.max-model-len",
+            "300",
+            "--kernels.aligned-kernel",
+            "torch",
+            "--kernels.compiled-operator",
+            "false",
+            "--vllm.disable",
+            "true",
+        ]
+    )
     vllm = VllmEngine.from_settings(s)
     assert vllm.options is s.vllm and vllm.options.enforce_eager and vllm.options.max_model_len == 300
     want = runtime_env.RuntimeOptions(aligned_kernel="torch", compiled_operator=False, plugin_disabled=True)
@@ -104,15 +132,24 @@ def test_engines_receive_the_groups(tmp_path: Path) -> None:
 
 def test_export_reaches_this_process_and_its_children(tmp_path: Path) -> None:
     """What vLLM's worker processes see: the switches the server exported, read back by runtime_env in a child."""
-    options = runtime_env.RuntimeOptions(aligned_kernel="torch", paged_kernel=False, compiled_operator=False,
-                                         kernel_cache=tmp_path, plugin_disabled=True)
+    options = runtime_env.RuntimeOptions(
+        aligned_kernel="torch", paged_kernel=False, compiled_operator=False, kernel_cache=tmp_path, plugin_disabled=True
+    )
     runtime_env.export(options)
     assert runtime_env.current() == options
     child = subprocess.run(
-        [sys.executable, "-c", "import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', "
-         f"{str(REPO / 'models' / 'runtime_env.py')!r}); m = importlib.util.module_from_spec(spec); "
-         "sys.modules['r'] = m; spec.loader.exec_module(m); print(m.current())"],
-        capture_output=True, text=True, check=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', "
+            f"{str(REPO / 'models' / 'runtime_env.py')!r}); m = importlib.util.module_from_spec(spec); "
+            "sys.modules['r'] = m; spec.loader.exec_module(m); print(m.current())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert child.stdout.strip() == repr(options).replace("models.runtime_env.", "")
     runtime_env.export(runtime_env.RuntimeOptions())  # defaults: the variables are gone again
     assert not any(name in os.environ for name in KERNEL_VARS)
@@ -124,8 +161,18 @@ def test_the_reference_engine_loads_under_its_settings(tmp_path: Path, monkeypat
     import server.engines.transformers_engine as te
 
     monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "1")
-    s = parse_cli(["--model", str(tmp_path), "--kernels.compiled-operator", "false", "--kernels.kernel-cache",
-                   str(tmp_path), "--torch-threads", str(torch.get_num_threads())])
+    s = parse_cli(
+        [
+            "--model",
+            str(tmp_path),
+            "--kernels.compiled-operator",
+            "false",
+            "--kernels.kernel-cache",
+            str(tmp_path),
+            "--torch-threads",
+            str(torch.get_num_threads()),
+        ]
+    )
     seen: list[runtime_env.RuntimeOptions] = []
 
     class Stop(Exception):
@@ -165,6 +212,9 @@ def test_only_runtime_env_touches_the_environment_below_the_settings() -> None:
     (server/settings.py reads it through pydantic-settings, not by hand)."""
     pattern = re.compile(r"\bos\.(environ|getenv|putenv|unsetenv)\b|\bgetenv\(")
     modules = [path for folder in ("models", "server") for path in (REPO / folder).rglob("*.py")]
-    offenders = [str(path.relative_to(REPO)) for path in modules
-                 if path.name != "runtime_env.py" and pattern.search(path.read_text())]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in modules
+        if path.name != "runtime_env.py" and pattern.search(path.read_text())
+    ]
     assert offenders == []

@@ -21,9 +21,30 @@ def _caption_requests(server: LiveServer) -> float:
 
 def test_calibrate_writes_frontier_and_presets_and_resumes(server: LiveServer, tmp_path: Path) -> None:
     # The tiny random model names objects at random, so CHAIR_S is 1 everywhere on 6 images; CHAIR_I resolves.
-    args = ["calibrate", "--server", server.url, "--split", "counter-prior", "in-prior", "--limit", "3",
-            "--max-tokens", "8", "--omegas", "1,4", "--start-layers", "0,2", "--kappas", "0.5", "--contrast", "on",
-            "--concurrency", "3", "--out", str(tmp_path)]
+    args = [
+        "calibrate",
+        "--server",
+        server.url,
+        "--split",
+        "counter-prior",
+        "in-prior",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "8",
+        "--omegas",
+        "1,4",
+        "--start-layers",
+        "0,2",
+        "--kappas",
+        "0.5",
+        "--contrast",
+        "on",
+        "--concurrency",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
     before = _caption_requests(server)
     assert chair_main([*args, "--metric", "chair_i"]) == 0
     # 6 images x (unmodified + contrast alone + 2 omegas x 2 start layers).
@@ -62,8 +83,21 @@ def test_calibrate_writes_frontier_and_presets_and_resumes(server: LiveServer, t
 
 def test_calibrate_refuses_start_layers_past_the_depth(server: LiveServer, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="start layers"):
-        chair_main(["calibrate", "--server", server.url, "--split", "counter-prior", "--limit", "1",
-                    "--start-layers", "9", "--out", str(tmp_path)])
+        chair_main(
+            [
+                "calibrate",
+                "--server",
+                server.url,
+                "--split",
+                "counter-prior",
+                "--limit",
+                "1",
+                "--start-layers",
+                "9",
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_calibrate_reads_a_local_coco_folder(server: LiveServer, tmp_path: Path) -> None:
@@ -72,16 +106,45 @@ def test_calibrate_reads_a_local_coco_folder(server: LiveServer, tmp_path: Path)
     (coco / "val2014").mkdir()
     for image_id, colour in ((42, (200, 40, 40)), (73, (40, 40, 200))):
         Image.new("RGB", (40, 32), colour).save(coco / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
-    (coco / "annotations" / "instances_val2014.json").write_text(json.dumps({
-        "images": [{"id": 42}, {"id": 73}], "categories": [{"id": 18, "name": "dog"}, {"id": 62, "name": "chair"}],
-        "annotations": [{"image_id": 42, "category_id": 18}, {"image_id": 73, "category_id": 62}]}))
+    (coco / "annotations" / "instances_val2014.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 42}, {"id": 73}],
+                "categories": [{"id": 18, "name": "dog"}, {"id": 62, "name": "chair"}],
+                "annotations": [{"image_id": 42, "category_id": 18}, {"image_id": 73, "category_id": 62}],
+            }
+        )
+    )
     before = _caption_requests(server)
-    rc = chair_main(["calibrate", "--server", server.url, "--coco", str(coco), "--limit", "2", "--max-tokens", "6",
-                     "--omegas", "4", "--start-layers", "0", "--kappas", "0.5", "--contrast", "off",
-                     "--metric", "chair_i", "--out", str(tmp_path / "out")])
+    rc = chair_main(
+        [
+            "calibrate",
+            "--server",
+            server.url,
+            "--coco",
+            str(coco),
+            "--limit",
+            "2",
+            "--max-tokens",
+            "6",
+            "--omegas",
+            "4",
+            "--start-layers",
+            "0",
+            "--kappas",
+            "0.5",
+            "--contrast",
+            "off",
+            "--metric",
+            "chair_i",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert _caption_requests(server) - before == 2 * 2  # 2 images x (unmodified + 1 setting)
     result = json.loads((tmp_path / "out" / "calibrate-coco-contrast-off-chair_i.json").read_text())
-    assert result["set"] == "coco" and result["n"] == 2 and [p["name"] for p in result["points"]] == [
-        "off", "w4-s0-k0.5"]
+    assert (
+        result["set"] == "coco" and result["n"] == 2 and [p["name"] for p in result["points"]] == ["off", "w4-s0-k0.5"]
+    )
     lowered = result["points"][1]["chair_i"] < result["points"][0]["chair_i"]
     assert rc == (0 if lowered else 1) and (tmp_path / "out" / PRESETS_FILE).exists() == lowered

@@ -18,8 +18,25 @@ def _caption_requests(server: LiveServer) -> float:
 
 
 def test_run_writes_table_plot_and_resumes(server: LiveServer, tmp_path: Path) -> None:
-    args = ["run", "--server", server.url, "--split", "counter-prior", "--levels", "0,1", "--limit", "3",
-            "--max-tokens", "6", "--contrast", "off", "--concurrency", "3", "--out", str(tmp_path)]
+    args = [
+        "run",
+        "--server",
+        server.url,
+        "--split",
+        "counter-prior",
+        "--levels",
+        "0,1",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "6",
+        "--contrast",
+        "off",
+        "--concurrency",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
     before = _caption_requests(server)
     assert chair_main(args) == 0
     assert _caption_requests(server) - before == 6  # 3 images x 2 levels
@@ -36,8 +53,10 @@ def test_run_writes_table_plot_and_resumes(server: LiveServer, tmp_path: Path) -
     assert len(lines) == 3 and json.loads(lines[0])["alignment"]["contrast"] is False
 
     # Several results overlay on one trade-off chart.
-    assert chair_main(["compare", str(tmp_path / "counter-prior-contrast-off.json"), "--out",
-                       str(tmp_path / "cmp.png")]) == 0
+    assert (
+        chair_main(["compare", str(tmp_path / "counter-prior-contrast-off.json"), "--out", str(tmp_path / "cmp.png")])
+        == 0
+    )
     assert (tmp_path / "cmp.png").stat().st_size > 1000
 
     # A second run finds every caption on disk and sends nothing.

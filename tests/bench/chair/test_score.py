@@ -38,10 +38,28 @@ def test_vocabulary_is_the_80_coco_categories() -> None:
 
 @pytest.mark.parametrize(
     ("plural", "singular"),
-    [("puppies", "puppy"), ("knives", "knife"), ("men", "man"), ("women", "woman"), ("buses", "bus"),
-     ("glasses", "glass"), ("benches", "bench"), ("skis", "skis"), ("scissors", "scissors"), ("bus", "bus"),
-     ("tennis", "tennis"), ("dogs", "dog"), ("lorries", "lorry"), ("toothbrushes", "toothbrush"), ("ties", "tie"),
-     ("people", "person"), ("children", "child"), ("couches", "couch"), ("tvs", "tv"), ("sheep", "sheep")],
+    [
+        ("puppies", "puppy"),
+        ("knives", "knife"),
+        ("men", "man"),
+        ("women", "woman"),
+        ("buses", "bus"),
+        ("glasses", "glass"),
+        ("benches", "bench"),
+        ("skis", "skis"),
+        ("scissors", "scissors"),
+        ("bus", "bus"),
+        ("tennis", "tennis"),
+        ("dogs", "dog"),
+        ("lorries", "lorry"),
+        ("toothbrushes", "toothbrush"),
+        ("ties", "tie"),
+        ("people", "person"),
+        ("children", "child"),
+        ("couches", "couch"),
+        ("tvs", "tv"),
+        ("sheep", "sheep"),
+    ],
 )
 def test_singularize(plural: str, singular: str) -> None:
     assert singularize(plural) == singular
@@ -115,24 +133,53 @@ def test_score_command_as_module(tmp_path: Path) -> None:
     caps, truth = _write_inputs(tmp_path)
     # Truth values may also be objects with an "objects" list (as in richer metadata files).
     truth.write_text(json.dumps({k: {"objects": v, "context": "x"} for k, v in TRUTH.items()}))
-    run = subprocess.run([sys.executable, "-m", "bench.chair", "score", "--captions", str(caps), "--truth", str(truth),
-                          "--summary-only", "--compact"], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.chair",
+            "score",
+            "--captions",
+            str(caps),
+            "--truth",
+            str(truth),
+            "--summary-only",
+            "--compact",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(run.stdout) == {"chair_s": 0.5, "chair_i": 3 / 11, "recall": 7 / 8, "len": 9.75, "n": 4}
 
 
 def test_load_coco_truth(tmp_path: Path) -> None:
     ann = tmp_path / "annotations"
     ann.mkdir()
-    (ann / "instances_val2014.json").write_text(json.dumps({
-        "images": [{"id": 42}, {"id": 73}, {"id": 99}],
-        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 62, "name": "chair"}],
-        "annotations": [{"image_id": 42, "category_id": 1}, {"image_id": 42, "category_id": 18},
-                        {"image_id": 42, "category_id": 1}, {"image_id": 73, "category_id": 62}],
-    }))
-    (ann / "captions_val2014.json").write_text(json.dumps({
-        "annotations": [{"image_id": 73, "caption": "A cat sleeping on a chair."},
-                        {"image_id": 99, "caption": "An empty room."}],
-    }))
+    (ann / "instances_val2014.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 42}, {"id": 73}, {"id": 99}],
+                "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 62, "name": "chair"}],
+                "annotations": [
+                    {"image_id": 42, "category_id": 1},
+                    {"image_id": 42, "category_id": 18},
+                    {"image_id": 42, "category_id": 1},
+                    {"image_id": 73, "category_id": 62},
+                ],
+            }
+        )
+    )
+    (ann / "captions_val2014.json").write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {"image_id": 73, "caption": "A cat sleeping on a chair."},
+                    {"image_id": 99, "caption": "An empty room."},
+                ],
+            }
+        )
+    )
     assert load_coco_truth(tmp_path) == {"42": ["dog", "person"], "73": ["cat", "chair"], "99": []}
     assert load_coco_truth(tmp_path, use_captions=False)["73"] == ["chair"]
     assert load_coco_truth(tmp_path, image_ids=[42]) == {"42": ["dog", "person"]}

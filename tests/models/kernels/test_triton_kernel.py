@@ -30,8 +30,9 @@ if _WHY is None:
     from models.kernels.sevi_decode import aligned_decode, paged_scores
 
 
-def paged_cache(n_blocks: int, g: int, bs: int, d: int, dtype: torch.dtype, layout: str,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+def paged_cache(
+    n_blocks: int, g: int, bs: int, d: int, dtype: torch.dtype, layout: str, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor, torch.Tensor]:
     """(K view, V view, K transposed, K and V as `[N, G, bs, D]` float32 for the reference).
     flash: `[N, G, bs, 2D]`, K the first D channels; cpu: per (block, head) a K region ([D, bs]: transposed)
     then a V region ([bs, D]), as vLLM's CPU cache on AVX2."""
@@ -49,8 +50,9 @@ def paged_cache(n_blocks: int, g: int, bs: int, d: int, dtype: torch.dtype, layo
     return key, value, True, k.float(), v.float()
 
 
-def masks(counts: list[int], width: int, images: list[tuple[int, int]], image_only: bool, omega: list[float],
-          kappa: float) -> PreparedRows:
+def masks(
+    counts: list[int], width: int, images: list[tuple[int, int]], image_only: bool, omega: list[float], kappa: float
+) -> PreparedRows:
     """Rows whose prompt holds `images` (spans [first, last]); row r's query is at counts[r] - 1."""
     r = len(counts)
     pos = torch.tensor(counts) - 1
@@ -63,8 +65,15 @@ def masks(counts: list[int], width: int, images: list[tuple[int, int]], image_on
     return prepare_rows(valid, semantic, other, torch.tensor(omega), torch.full((r,), kappa))
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, counts: list[int],
-              rows: PreparedRows, scale: float) -> tuple[torch.Tensor, torch.Tensor, object]:
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: torch.Tensor,
+    counts: list[int],
+    rows: PreparedRows,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, object]:
     """q.K on each row's gathered keys (0 past them), the torch operator, softmax, p.V: float32 `[R, H, D]`."""
     r, h, d = q.shape
     g, width = k.shape[1], rows.key_bias.shape[-1]
@@ -88,9 +97,11 @@ CASES = {  # name: heads, kv heads, block size, row key counts, images (first, l
 
 # Every dtype and layout on the GQA shape (4 KV heads: cheap in the interpreter); the 32-KV-head shape (32 programs
 # per row and kernel, about 4 s a case here) on a selection that still covers each dtype and layout.
-MATRIX = [("qwen2vl-7b", layout, dtype) for layout in ("flash", "cpu")
-          for dtype in (torch.float32, torch.float16, torch.bfloat16)] + [
-    ("llava-7b", "flash", torch.float32), ("llava-7b", "cpu", torch.bfloat16), ("llava-7b-2img", "cpu", torch.float16)]
+MATRIX = [
+    ("qwen2vl-7b", layout, dtype)
+    for layout in ("flash", "cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+] + [("llava-7b", "flash", torch.float32), ("llava-7b", "cpu", torch.bfloat16), ("llava-7b-2img", "cpu", torch.float16)]
 
 
 @pytest.mark.parametrize(("case", "layout", "dtype"), MATRIX)
@@ -109,8 +120,7 @@ def test_kernel_equals_torch_operator_softmax_and_pv(case: str, layout: str, dty
     rows = masks(counts, width, images, image_only, omega, kappa=0.2)
     scale = d**-0.5
     count_t = torch.tensor(counts)
-    out, groups, _ = aligned_decode(q, key, value, k_t, False, blocks.reshape(-1), count_t, rows,
-                                    scale, kv_heads)
+    out, groups, _ = aligned_decode(q, key, value, k_t, False, blocks.reshape(-1), count_t, rows, scale, kv_heads)
     want, _, want_groups = reference(q, k, v, blocks, counts, rows, scale)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert groups is not None
@@ -118,8 +128,9 @@ def test_kernel_equals_torch_operator_softmax_and_pv(case: str, layout: str, dty
         assert torch.equal(getattr(groups, name), getattr(want_groups, name)), name
     # Not vacuous: both stages moved heads, and the result differs from plain attention.
     assert bool(groups.stage1.any()) and bool(groups.stage2.any())
-    plain, _, _ = aligned_decode(q, key, value, k_t, False, blocks.reshape(-1), count_t, rows, scale, kv_heads,
-                                 align=False)
+    plain, _, _ = aligned_decode(
+        q, key, value, k_t, False, blocks.reshape(-1), count_t, rows, scale, kv_heads, align=False
+    )
     assert float((plain - out).abs().max()) > 1e-3
 
 
@@ -135,16 +146,36 @@ def test_sharded_heads_equal_the_whole_layer() -> None:
     q = torch.randn(len(counts), heads, d, generator=gen) * torch.linspace(0.3, 3.0, heads)[None, :, None]
     rows = masks(counts, width, images, image_only, [2.0] * len(counts), kappa=0.2)
     count_t, half, kv_half = torch.tensor(counts), heads // 2, kv_heads // 2
-    shard_q = [q[:, i * half:(i + 1) * half].contiguous() for i in range(2)]
-    shard_k = [key[:, i * kv_half:(i + 1) * kv_half] for i in range(2)]
-    shard_v = [value[:, i * kv_half:(i + 1) * kv_half] for i in range(2)]
-    packed = torch.stack([  # what each shard contributes to the gather, from its own heads' scores
-        shard_partials(paged_scores(shard_q[i], shard_k[i], k_t, blocks.reshape(-1), count_t, width, d**-0.5, kv_half),
-                       rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa)[4] for i in range(2)])
+    shard_q = [q[:, i * half : (i + 1) * half].contiguous() for i in range(2)]
+    shard_k = [key[:, i * kv_half : (i + 1) * kv_half] for i in range(2)]
+    shard_v = [value[:, i * kv_half : (i + 1) * kv_half] for i in range(2)]
+    packed = torch.stack(
+        [  # what each shard contributes to the gather, from its own heads' scores
+            shard_partials(
+                paged_scores(shard_q[i], shard_k[i], k_t, blocks.reshape(-1), count_t, width, d**-0.5, kv_half),
+                rows.key_bias,
+                rows.semantic_keys,
+                rows.other_keys,
+                rows.kappa,
+            )[4]
+            for i in range(2)
+        ]
+    )
     outs = []
     for i in range(2):
-        part, groups, moved = aligned_decode(shard_q[i], shard_k[i], shard_v[i], k_t, False, blocks.reshape(-1),
-                                             count_t, rows, d**-0.5, kv_half, shards=lambda _: packed)
+        part, groups, moved = aligned_decode(
+            shard_q[i],
+            shard_k[i],
+            shard_v[i],
+            k_t,
+            False,
+            blocks.reshape(-1),
+            count_t,
+            rows,
+            d**-0.5,
+            kv_half,
+            shards=lambda _: packed,
+        )
         assert groups is not None and moved is not None and bool(moved.any())
         outs.append(part)
     want, _, _ = reference(q, k, v, blocks, counts, rows, d**-0.5)
@@ -170,8 +201,9 @@ def test_a_row_with_a_single_global_head() -> None:
             break
     else:
         pytest.fail("no seed gave a row with exactly one global head")
-    out, groups, _ = aligned_decode(q, key, value, k_t, False, blocks.reshape(-1), torch.tensor(counts), rows,
-                                    d**-0.5, kv_heads)
+    out, groups, _ = aligned_decode(
+        q, key, value, k_t, False, blocks.reshape(-1), torch.tensor(counts), rows, d**-0.5, kv_heads
+    )
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert groups is not None
     for name in ("semantic", "core", "global_", "stage1", "stage2"):

@@ -58,5 +58,9 @@ def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int) -> None:
     want = torch.matmul(q, keys.transpose(-1, -2)).mul(0.2).reshape(2, g * rep, num_keys)
     torch.testing.assert_close(block_scores(q, paged, blocks.reshape(-1), num_keys, 0.2), want, rtol=1e-5, atol=1e-5)
     probs = torch.softmax(torch.randn(2, g * rep, num_keys, generator=gen), -1)
-    torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g),
-                               torch.matmul(probs.view(2, g, rep, num_keys), vals), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        block_values(probs, paged, blocks.reshape(-1), g),
+        torch.matmul(probs.view(2, g, rep, num_keys), vals),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -41,8 +41,15 @@ def test_fp8_cache_is_refused_with_a_clear_error(positional: bool) -> None:
         if positional:
             SeviFlashAttentionImpl(*args)
         else:
-            names = ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
-                     "kv_cache_dtype")
+            names = (
+                "num_heads",
+                "head_size",
+                "scale",
+                "num_kv_heads",
+                "alibi_slopes",
+                "sliding_window",
+                "kv_cache_dtype",
+            )
             SeviFlashAttentionImpl(**dict(zip(names, args, strict=True)))
 
 
@@ -67,8 +74,9 @@ def test_layer_facts_found_at_the_first_forward(window: int | None, plain: bool)
 
 
 @pytest.mark.parametrize(("importable", "want"), [(True, "triton"), (False, "torch")])
-def test_a_gpu_defaults_to_the_triton_kernels_where_triton_imports(monkeypatch: pytest.MonkeyPatch,
-                                                                  importable: bool, want: str) -> None:
+def test_a_gpu_defaults_to_the_triton_kernels_where_triton_imports(
+    monkeypatch: pytest.MonkeyPatch, importable: bool, want: str
+) -> None:
     import models.kernels as kernels
     from models.kernels import choice
 
@@ -82,8 +90,7 @@ def test_a_gpu_defaults_to_the_triton_kernels_where_triton_imports(monkeypatch: 
         choice.aligned_kernel.cache_clear()
 
 
-def _flash_reference(query: torch.Tensor, kv_cache: torch.Tensor, md: Any, output: torch.Tensor,
-                     scale: float) -> None:
+def _flash_reference(query: torch.Tensor, kv_cache: torch.Tensor, md: Any, output: torch.Tensor, scale: float) -> None:
     """What FlashAttention's varlen kernel computes on the paged cache: causal attention of each sequence's
     query rows over its first `seq_lens` keys (`seqused_k`), zeros for a sequence given none."""
     qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
@@ -106,8 +113,7 @@ def _flash_reference(query: torch.Tensor, kv_cache: torch.Tensor, md: Any, outpu
         output[first:end] = out.transpose(0, 1).reshape(end - first, -1).to(output.dtype)
 
 
-def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
     """A mixed step (an aligned decode row, an unaligned one, a prompt whose last row is aligned, a decode row
     whose start layer comes later), with FlashAttention replaced by a reference of its varlen contract: per
     layer it is given zero keys exactly for the sequences whose whole query is aligned there, and the layer's
@@ -126,8 +132,17 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(
     monkeypatch.setenv("SEVI_ALIGNED_KERNEL", "torch")
     seen: list[Any] = []
 
-    def flash(self: Any, layer: Any, query: torch.Tensor, key: Any, value: Any, kv_cache: torch.Tensor, md: Any,
-              output: torch.Tensor, *args: Any) -> torch.Tensor:
+    def flash(
+        self: Any,
+        layer: Any,
+        query: torch.Tensor,
+        key: Any,
+        value: Any,
+        kv_cache: torch.Tensor,
+        md: Any,
+        output: torch.Tensor,
+        *args: Any,
+    ) -> torch.Tensor:
         seen.append(md)
         _flash_reference(query, kv_cache, md, output, self.scale)
         return output
@@ -139,8 +154,16 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(
         early = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.5))
         late = to_extra_args(resolve_alignment(None, 4, start_layer=3, omega=2.0, kappa=0.5))
         prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
-        add_rows(proc, [(0, early, prompt, [11] * 30), (1, None, prompt, [4] * 20), (2, early, prompt, []),
-                        (3, late, prompt, [11] * 25)], 4)
+        add_rows(
+            proc,
+            [
+                (0, early, prompt, [11] * 30),
+                (1, None, prompt, [4] * 20),
+                (2, early, prompt, []),
+                (3, late, prompt, [11] * 25),
+            ],
+            4,
+        )
         q_len = torch.tensor([1, 1, 12, 1], dtype=torch.int32)
         seq = torch.tensor([42, 32, 12, 37], dtype=torch.int32)
         qsl = torch.cat([torch.zeros(1, dtype=torch.int32), q_len.cumsum(0).int()])
@@ -149,9 +172,16 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(
         kv_cache = torch.randn(16, kv_heads, bs, 2 * hd, generator=gen)
         table = torch.randperm(16, generator=gen)[:12].view(4, 3).int()
         n_tokens = int(qsl[-1])
-        md = FlashAttentionMetadata(num_actual_tokens=n_tokens, max_query_len=12, query_start_loc=qsl,
-                                    max_seq_len=42, seq_lens=seq, block_table=table,
-                                    slot_mapping=torch.arange(n_tokens), scheduler_metadata=torch.zeros(4))
+        md = FlashAttentionMetadata(
+            num_actual_tokens=n_tokens,
+            max_query_len=12,
+            query_start_loc=qsl,
+            max_seq_len=42,
+            seq_lens=seq,
+            block_table=table,
+            slot_mapping=torch.arange(n_tokens),
+            scheduler_metadata=torch.zeros(4),
+        )
         md.sevi_step = StepMetadata(qsl.long(), seq, table, n_tokens)  # type: ignore[attr-defined]
         # Sharp heads (core) and flat ones (global), so both stages of the alignment act.
         query = torch.randn(n_tokens, heads, hd, generator=gen) * torch.tensor([4.0, 4.0, 0.25, 0.25])[:, None]
@@ -180,6 +210,7 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(
         # Built on the device's metadata alone: nothing is read back to the host (a wait for the GPU).
         with monkeypatch.context() as m:
             for name in ("cpu", "tolist", "item", "numpy", "__bool__", "__int__"):
+
                 def refuse(*args: object, _name: str = name, **kwargs: object) -> None:
                     raise AssertionError(f"read a tensor back ({_name})")
 

@@ -21,9 +21,15 @@ def _pair_batch(proc: SeviLogitsProcessor) -> tuple[list[int], list[int]]:
     params = resolve_alignment(None, 4, omega=2.0, start_layer=1, contrast=True)
     main_out: list[int] = [9]
     contrast_out: list[int] = [9]
-    add_rows(proc, [(0, to_extra_args(params, role="main", pair="p"), [1, PLUGIN_IMAGE, 7], main_out),
-                (1, to_extra_args(params, role="contrast", pair="p"), [1, PLUGIN_IMAGE, PLUGIN_IMAGE, 7], contrast_out),
-                (2, None, [1, 7], [3])], 3)
+    add_rows(
+        proc,
+        [
+            (0, to_extra_args(params, role="main", pair="p"), [1, PLUGIN_IMAGE, 7], main_out),
+            (1, to_extra_args(params, role="contrast", pair="p"), [1, PLUGIN_IMAGE, PLUGIN_IMAGE, 7], contrast_out),
+            (2, None, [1, 7], [3]),
+        ],
+        3,
+    )
     return main_out, contrast_out
 
 

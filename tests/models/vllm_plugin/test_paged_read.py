@@ -30,12 +30,24 @@ def v_blocks(cache: torch.Tensor, v_t: bool) -> torch.Tensor:
 
 # (keys, block size): a partial block, one full, two full, 2 + a partial; vLLM's CPU block of 128 keys.
 # The 16-bit caches (vLLM's --dtype bfloat16 / float16) on the larger shapes.
-@pytest.mark.parametrize(("num_keys", "bs", "dtype"), [
-    (20, 32, torch.float32), (32, 32, torch.float32), (64, 32, torch.float32), (75, 32, torch.float32),
-    (111, 128, torch.float32), (300, 128, torch.float32), (75, 32, torch.bfloat16), (300, 128, torch.bfloat16),
-    (75, 32, torch.float16), (300, 128, torch.float16)])
-def test_block_wise_scores_and_values_equal_the_gathered_ones(num_keys: int, bs: int, dtype: torch.dtype,
-                                                             kv_path: str) -> None:
+@pytest.mark.parametrize(
+    ("num_keys", "bs", "dtype"),
+    [
+        (20, 32, torch.float32),
+        (32, 32, torch.float32),
+        (64, 32, torch.float32),
+        (75, 32, torch.float32),
+        (111, 128, torch.float32),
+        (300, 128, torch.float32),
+        (75, 32, torch.bfloat16),
+        (300, 128, torch.bfloat16),
+        (75, 32, torch.float16),
+        (300, 128, torch.float16),
+    ],
+)
+def test_block_wise_scores_and_values_equal_the_gathered_ones(
+    num_keys: int, bs: int, dtype: torch.dtype, kv_path: str
+) -> None:
     hd, g, rep = 32, 2, 3
     cache, k_t, v_t = random_cpu_cache(12, g, bs, hd, seed=num_keys, dtype=dtype)
     if kv_path.startswith("kernel"):  # the C kernel reads every dtype vLLM's CPU cache comes in
@@ -75,10 +87,13 @@ def test_block_wise_scores_and_values_for_any_block_size(bs: int, rep: int, hd: 
 
     want = torch.matmul(q, seq(k).transpose(-1, -2)).mul(0.5).reshape(3, g * rep, num_keys)
     want_v = torch.matmul(probs.view(3, g, rep, num_keys), seq(v))
-    for paged in (PagedKV(k, v, False, False),
-                  PagedKV(k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous(), True, True)):
-        torch.testing.assert_close(block_scores(q, paged, blocks.reshape(-1), num_keys, 0.5), want,
-                                   rtol=1e-5, atol=1e-5)
+    for paged in (
+        PagedKV(k, v, False, False),
+        PagedKV(k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous(), True, True),
+    ):
+        torch.testing.assert_close(
+            block_scores(q, paged, blocks.reshape(-1), num_keys, 0.5), want, rtol=1e-5, atol=1e-5
+        )
         torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g), want_v, rtol=1e-5, atol=1e-5)
 
 
@@ -107,8 +122,9 @@ def test_rows_of_different_lengths_read_only_their_own_keys(rep: int, kernel_bui
     assert bool(cache.isnan().any())
     got = block_scores(q, paged, blocks.reshape(-1), num_keys, 0.3, key_counts=counts)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(block_values(probs, paged, blocks.reshape(-1), g, key_counts=counts), want_v,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        block_values(probs, paged, blocks.reshape(-1), g, key_counts=counts), want_v, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most weights underflow to 0, as in peaked heads
@@ -116,6 +132,7 @@ def test_values_kernel_takes_the_softmax_as_torch_does(spread: float, kernel_bui
     """The kernel's softmax (vectorised exp in place before p.V, the division after) equals torch's, masked
     keys and rows of different lengths included; its p.V equals the torch path's on torch's softmax."""
     from models.alignment import MASKED
+
     bs, g, rep, hd, num_keys = 128, 2, 3, 32, 300
     cache, k_t, v_t = random_cpu_cache(12, g, bs, hd, seed=5)
     paged = paged_cpu_kv(cache, k_t, v_t)
@@ -135,6 +152,5 @@ def test_values_kernel_takes_the_softmax_as_torch_does(spread: float, kernel_bui
     # sum): normalised, torch's softmax; masked keys exactly 0.
     own = torch.arange(num_keys)[None, None, :] < counts[:, None, None]
     exps = inplace.masked_fill(~own, 0.0)
-    torch.testing.assert_close(exps / exps.sum(-1, keepdim=True), want_p.masked_fill(~own, 0.0), rtol=2e-6,
-                               atol=1e-12)
+    torch.testing.assert_close(exps / exps.sum(-1, keepdim=True), want_p.masked_fill(~own, 0.0), rtol=2e-6, atol=1e-12)
     assert bool((inplace.masked_select(mask[:, None] & own) == 0).all())

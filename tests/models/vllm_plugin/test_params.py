@@ -16,10 +16,20 @@ from models.vllm_plugin.params import parse_row_request, to_extra_args  # noqa: 
 pytestmark = pytest.mark.usefixtures("fresh_state")
 
 
-@pytest.mark.parametrize("extra", [
-    {"conservativeness": 1.5}, {"conservativeness": "loud"}, {"omega": -1}, {"omega": "x"}, {"kappa": 2},
-    {"start_layer": -1}, {"start_layer": "two"}, {"sevi_role": "main"}, {"sevi_role": "boss", "sevi_pair": "p"},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"conservativeness": 1.5},
+        {"conservativeness": "loud"},
+        {"omega": -1},
+        {"omega": "x"},
+        {"kappa": 2},
+        {"start_layer": -1},
+        {"start_layer": "two"},
+        {"sevi_role": "main"},
+        {"sevi_role": "boss", "sevi_pair": "p"},
+    ],
+)
 def test_validate_params_refuses_bad_values(extra: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SeviLogitsProcessor.validate_params(SamplingParams(extra_args=extra))

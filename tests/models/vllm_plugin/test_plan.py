@@ -42,8 +42,10 @@ def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
     assert plan.semantic[0, :8].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # e=2 < j <= 5
     assert plan.other[1, :8].tolist() == [True] * 3 + [False] * 5  # LLaVA: every key up to e
     # A partial prefill chunk that stops before the last prompt row aligns nothing.
-    assert build_plan(STATE, torch.tensor([0, 3, 3, 3, 3]), torch.tensor([3, 0, 0, 0]), table, 32,
-                      torch.device("cpu")) is None
+    assert (
+        build_plan(STATE, torch.tensor([0, 3, 3, 3, 3]), torch.tensor([3, 0, 0, 0]), table, 32, torch.device("cpu"))
+        is None
+    )
 
 
 PREPARED_TENSORS = ("key_bias", "semantic_keys", "other_keys", "kappa", "blend", "on")
@@ -82,8 +84,16 @@ def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: 
     early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
     late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
     prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
-    add_rows(proc, [(0, early, prompt, [11] * 19), (1, None, prompt, [4]), (2, late, prompt, [11] * 3),
-                (3, early, [1, 7, 8], [5])], 4)
+    add_rows(
+        proc,
+        [
+            (0, early, prompt, [11] * 19),
+            (1, None, prompt, [4]),
+            (2, late, prompt, [11] * 3),
+            (3, early, [1, 7, 8], [5]),
+        ],
+        4,
+    )
     table = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:12].view(4, 3).int()
     bs = 32
     qsl = torch.arange(5, dtype=torch.int32)
@@ -120,8 +130,14 @@ def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: 
     add_rows(proc, [(1, early, prompt, [4])], 4)
     assert not again.advance(STATE, qsl, seq + 1, table, bs)
     # A prefill that aligns several rows of a sequence (recomputed after a preemption) is not one to move on.
-    redo = build_plan(STATE, torch.tensor([0, 31, 32, 33, 34], dtype=torch.int32), torch.tensor([31, 14, 16, 4]),
-                      table, bs, torch.device("cpu"))
+    redo = build_plan(
+        STATE,
+        torch.tensor([0, 31, 32, 33, 34], dtype=torch.int32),
+        torch.tensor([31, 14, 16, 4]),
+        table,
+        bs,
+        torch.device("cpu"),
+    )
     assert redo is not None and redo.token_index.shape[0] > 4 and redo.decode is None
 
 
@@ -149,7 +165,8 @@ def test_a_row_reaching_a_new_block_reads_its_id_even_when_the_widest_row_does_n
         _assert_same_rows(plan, fresh)
         rows = plan.rows_at(1)
         assert rows is not None and rows.block_index.view(2, -1)[1, : -(-int(seq[1]) // 16)].tolist() == (
-            [4, 5] if int(seq[1]) > 16 else [4])
+            [4, 5] if int(seq[1]) > 16 else [4]
+        )
 
 
 def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,8 +184,12 @@ def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch
     add_rows(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [4])], 2)
 
     def md(seq: list[int]) -> SimpleNamespace:
-        return SimpleNamespace(query_start_loc=torch.arange(3, dtype=torch.int32), seq_lens=torch.tensor(seq),
-                               block_table=torch.arange(4).view(2, 2).int(), num_actual_tokens=2)
+        return SimpleNamespace(
+            query_start_loc=torch.arange(3, dtype=torch.int32),
+            seq_lens=torch.tensor(seq),
+            block_table=torch.arange(4).view(2, 2).int(),
+            num_actual_tokens=2,
+        )
 
     STATE.begin_step(False)
     first = md([15, 13])
@@ -207,6 +228,7 @@ def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.Monk
     assert first is not None
     with monkeypatch.context() as m:
         for name in ("cpu", "tolist", "item", "numpy", "__bool__", "__int__"):
+
             def refuse(*args: object, _name: str = name, **kwargs: object) -> None:
                 raise AssertionError(f"a decode step read a tensor back ({_name})")
 

@@ -23,8 +23,17 @@ from tests.helpers import PLUGIN_IMAGE, add_rows, processor, random_cpu_cache  #
 pytestmark = pytest.mark.usefixtures("fresh_state")
 
 
-def _dense(plan: Any, layer: int, query: torch.Tensor, stock: torch.Tensor, cache: torch.Tensor,
-           table: torch.Tensor, k_t: bool, v_t: bool, g: int) -> torch.Tensor:
+def _dense(
+    plan: Any,
+    layer: int,
+    query: torch.Tensor,
+    stock: torch.Tensor,
+    cache: torch.Tensor,
+    table: torch.Tensor,
+    k_t: bool,
+    v_t: bool,
+    g: int,
+) -> torch.Tensor:
     """What align_layer must write: each aligned row recomputed alone from gathered K/V, the rest `stock`."""
     heads, hd = query.shape[1], query.shape[2]
     want = stock.clone()
@@ -35,8 +44,14 @@ def _dense(plan: Any, layer: int, query: torch.Tensor, stock: torch.Tensor, cach
         k = k[0, :, : plan.num_keys].repeat_interleave(heads // g, 0).float()  # [H, K, D]
         v = v[0, :, : plan.num_keys].repeat_interleave(heads // g, 0).float()
         scores = torch.einsum("hd,hkd->hk", query[tok].float(), k)[None] * hd**-0.5
-        aligned, _ = align_scores(scores, plan.valid[i : i + 1], plan.semantic[i : i + 1], plan.other[i : i + 1],
-                                  plan.omega[i : i + 1], plan.kappa[i : i + 1])
+        aligned, _ = align_scores(
+            scores,
+            plan.valid[i : i + 1],
+            plan.semantic[i : i + 1],
+            plan.other[i : i + 1],
+            plan.omega[i : i + 1],
+            plan.kappa[i : i + 1],
+        )
         probs = torch.softmax(aligned.masked_fill(~plan.valid[i, None, None], float("-inf")), -1)
         want[tok] = torch.einsum("hk,hkd->hd", probs[0], v).reshape(-1).to(want.dtype)
     return want
@@ -53,8 +68,16 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str, dtype: 
     late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
     prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]  # 12 tokens, e = 8
     long_out = [11] * 60  # 72 keys: three blocks of 32
-    add_rows(proc, [(0, early, prompt, [11, 12, 13]),  # prefill of prompt + outputs: rows 11..14 aligned
-                (1, early, prompt, long_out), (2, None, prompt, [4]), (3, late, prompt, long_out[:40])], 4)
+    add_rows(
+        proc,
+        [
+            (0, early, prompt, [11, 12, 13]),  # prefill of prompt + outputs: rows 11..14 aligned
+            (1, early, prompt, long_out),
+            (2, None, prompt, [4]),
+            (3, late, prompt, long_out[:40]),
+        ],
+        4,
+    )
     q_len = torch.tensor([15, 1, 1, 1])
     seq = torch.tensor([15, 73, 14, 53])
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_len.cumsum(0)])
@@ -93,11 +116,25 @@ def _stock_attention(query: torch.Tensor, cache: torch.Tensor, md: Any) -> torch
     key_cache, value_cache = cache.view(n_blocks, kv_heads, 2 * bs, -1).chunk(2, dim=2)
     out = torch.zeros(md.num_actual_tokens, query.shape[1], query.shape[2], dtype=query.dtype)
     ops.cpu_attention_with_kv_cache(
-        query=query[: md.num_actual_tokens], key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=md.query_start_loc, seq_lens=md.seq_lens, scale=query.shape[2] ** -0.5, causal=True,
-        alibi_slopes=None, sliding_window=-1, block_table=md.block_table, softcap=0,
-        scheduler_metadata=md.scheduler_metadata, s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0,
-        kv_cache_dtype="auto")
+        query=query[: md.num_actual_tokens],
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=out,
+        query_start_loc=md.query_start_loc,
+        seq_lens=md.seq_lens,
+        scale=query.shape[2] ** -0.5,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=md.block_table,
+        softcap=0,
+        scheduler_metadata=md.scheduler_metadata,
+        s_aux=None,
+        dynamic_causal=None,
+        k_scale=1.0,
+        v_scale=1.0,
+        kv_cache_dtype="auto",
+    )
     return out
 
 
@@ -115,8 +152,16 @@ def test_stock_kernel_runs_only_on_the_sequences_not_wholly_aligned() -> None:
     early = to_extra_args(resolve_alignment(None, 4, start_layer=1, **knobs))  # type: ignore[arg-type]
     late = to_extra_args(resolve_alignment(None, 4, start_layer=3, **knobs))  # type: ignore[arg-type]
     prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
-    add_rows(proc, [(0, early, prompt, [11, 12, 13]), (1, early, prompt, [11] * 60), (2, None, prompt, [4]),
-                (3, late, prompt, [11] * 40)], 4)
+    add_rows(
+        proc,
+        [
+            (0, early, prompt, [11, 12, 13]),
+            (1, early, prompt, [11] * 60),
+            (2, None, prompt, [4]),
+            (3, late, prompt, [11] * 40),
+        ],
+        4,
+    )
     q_len = torch.tensor([15, 1, 1, 1])
     seq = torch.tensor([15, 73, 14, 53], dtype=torch.int32)
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_len.cumsum(0)]).int()
@@ -127,11 +172,28 @@ def test_stock_kernel_runs_only_on_the_sequences_not_wholly_aligned() -> None:
     assert plan is not None
     n_tokens = int(qsl[-1])
     md = CPUAttentionMetadata(
-        num_actual_tokens=n_tokens, max_query_len=15, query_start_loc=qsl, max_seq_len=73, seq_lens=seq,
-        block_table=table, slot_mapping=torch.arange(n_tokens), causal=True,
+        num_actual_tokens=n_tokens,
+        max_query_len=15,
+        query_start_loc=qsl,
+        max_seq_len=73,
+        seq_lens=seq,
+        block_table=table,
+        slot_mapping=torch.arange(n_tokens),
+        causal=True,
         scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=4, num_heads=heads, num_kv_heads=g, head_dim=hd, seq_lens=seq, dtype=torch.float32,
-            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=True))
+            num_reqs=4,
+            num_heads=heads,
+            num_kv_heads=g,
+            head_dim=hd,
+            seq_lens=seq,
+            dtype=torch.float32,
+            query_start_loc=qsl,
+            causal=True,
+            sliding_window_size=-1,
+            isa="vec",
+            enable_kv_split=True,
+        ),
+    )
     query = torch.randn(n_tokens, heads, hd, generator=torch.Generator().manual_seed(5))
     full = _stock_attention(query, cache, md)
     kw = dict(num_heads=heads, num_kv_heads=g, head_dim=hd, dtype=torch.float32, isa="vec", kv_cache_dtype="auto")

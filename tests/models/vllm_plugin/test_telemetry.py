@@ -50,13 +50,29 @@ def test_telemetry_merged_over_shards_and_stages() -> None:
     from models.vllm_plugin.telemetry import merge
 
     def entry(rows: int, heads: int) -> dict[str, int]:
-        return {"aligned_rows": rows, "stage1_rows": rows - 1, "stage2_rows": rows - 2, "heads_reweighted": heads,
-                "contrast_steps": 7, "contrast_dissolved": 0}
+        return {
+            "aligned_rows": rows,
+            "stage1_rows": rows - 1,
+            "stage2_rows": rows - 2,
+            "heads_reweighted": heads,
+            "contrast_steps": 7,
+            "contrast_dissolved": 0,
+        }
 
-    replies = [(0, 0, {"r": entry(10, 3)}), (1, 0, {"r": entry(10, 5)}),
-               (0, 1, {"r": entry(20, 4), "other": entry(1, 1)}), (1, 1, {"r": entry(20, 6)})]
-    assert merge(replies, "r") == {"aligned_rows": 30, "stage1_rows": 28, "stage2_rows": 26, "heads_reweighted": 18,
-                                   "contrast_steps": 7, "contrast_dissolved": 0}
+    replies = [
+        (0, 0, {"r": entry(10, 3)}),
+        (1, 0, {"r": entry(10, 5)}),
+        (0, 1, {"r": entry(20, 4), "other": entry(1, 1)}),
+        (1, 1, {"r": entry(20, 6)}),
+    ]
+    assert merge(replies, "r") == {
+        "aligned_rows": 30,
+        "stage1_rows": 28,
+        "stage2_rows": 26,
+        "heads_reweighted": 18,
+        "contrast_steps": 7,
+        "contrast_dissolved": 0,
+    }
     assert merge(replies, "missing") == {}
 
 

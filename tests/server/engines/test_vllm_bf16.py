@@ -28,16 +28,24 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Callable[[str], Path]) -> Iterator[VllmEngine]:
-    eng = VllmEngine(str(tiny_model_dir("llava")), model_name="tiny-bf16", max_batch_size=16, dtype="bfloat16",
-                     options=VllmOptions(enforce_eager=True))
+    eng = VllmEngine(
+        str(tiny_model_dir("llava")),
+        model_name="tiny-bf16",
+        max_batch_size=16,
+        dtype="bfloat16",
+        options=VllmOptions(enforce_eager=True),
+    )
     start_engine(eng)
     yield eng
     asyncio.run(eng.stop())
 
 
 def test_bfloat16_cache_is_read_by_the_kernel_and_equals_the_torch_path(
-        engine: VllmEngine, tiny_model: Callable[[str], ReferenceModel], tiny_model_dir: Callable[[str], Path],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: VllmEngine,
+    tiny_model: Callable[[str], ReferenceModel],
+    tiny_model_dir: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import models.vllm_plugin.paged_read as paged_read
 
     dtypes: list[torch.dtype] = []
@@ -51,8 +59,11 @@ def test_bfloat16_cache_is_read_by_the_kernel_and_equals_the_torch_path(
         return found
 
     monkeypatch.setattr(paged_read, "c_kernel_for", spy)
-    reqs = [r for r in mixed_batch(tiny_model("llava").num_layers, [random_image(s) for s in range(2)])
-            if "+cd" not in r.request_id]  # contrast rows are tested in float32; here the K/V reads
+    reqs = [
+        r
+        for r in mixed_batch(tiny_model("llava").num_layers, [random_image(s) for s in range(2)])
+        if "+cd" not in r.request_id
+    ]  # contrast rows are tested in float32; here the K/V reads
     with_kernel = run_engine(engine, reqs)
     assert dtypes and set(dtypes) == {torch.bfloat16} and all(kernel_used)
 

@@ -19,10 +19,12 @@ from tests.helpers import check_mixed_batch, start_engine  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-def test_compiled_engine_equals_reference_engine(tiny_model_dir: Callable[[str], Path],
-                                                 tiny_model: Callable[[str], ReferenceModel]) -> None:
-    engine = VllmEngine(str(tiny_model_dir("llava")), model_name="tiny", max_batch_size=16,
-                        options=VllmOptions(enforce_eager=False))
+def test_compiled_engine_equals_reference_engine(
+    tiny_model_dir: Callable[[str], Path], tiny_model: Callable[[str], ReferenceModel]
+) -> None:
+    engine = VllmEngine(
+        str(tiny_model_dir("llava")), model_name="tiny", max_batch_size=16, options=VllmOptions(enforce_eager=False)
+    )
     try:
         start_engine(engine)
         assert engine._engine.vllm_config.compilation_config.mode != 0  # really compiled (0 = NONE)

@@ -47,7 +47,6 @@ from tests.helpers import (  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture(scope="module")
 def live(tiny_model_dir: Callable[[str], Path]) -> Iterator[LiveServer]:
     server = LiveServer(base_settings(tiny_model_dir("llava"), engine="vllm", max_batch_size=16)).start(timeout=180)
@@ -60,8 +59,9 @@ def ref(tiny_model: Callable[[str], ReferenceModel]) -> ReferenceModel:
     return tiny_model("llava")
 
 
-def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceModel,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_batch_equals_reference_engine(
+    live: LiveServer, ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import models.vllm_plugin.cpu_backend as cpu_backend
 
     shares: list[tuple[int, int]] = []  # (rows the stock kernel computed, rows in the step), per step and row set
@@ -81,8 +81,9 @@ def test_mixed_batch_equals_reference_engine(live: LiveServer, ref: ReferenceMod
     assert any(0 < stock < total for stock, total in shares)
 
 
-def test_mixed_batch_on_the_triton_kernel_equals_reference_engine(live: LiveServer, ref: ReferenceModel,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_batch_on_the_triton_kernel_equals_reference_engine(
+    live: LiveServer, ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SEVI_ALIGNED_KERNEL=triton: the engine's aligned rows computed by the Triton kernels (here in Triton's
     interpreter, in this process: the uni executor), tokens and telemetry equal to the reference engine's, and
     /ready names the kernel."""
@@ -118,8 +119,9 @@ def test_ready_names_the_default_aligned_kernel(live: LiveServer) -> None:
 
 
 @pytest.mark.parametrize("knobs", ["explicit", "explicit+cd"])
-def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref: ReferenceModel, knobs: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_request_joining_aligned_decodes_equals_reference(
+    live: LiveServer, ref: ReferenceModel, knobs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Aligned requests join while others decode: their prefill steps hold aligned decode rows, so the
     stock kernel runs on the joining prompt's rows alone, in place (one range); every output still equals
     the reference engine's for the same request. Long enough that each row's keys pass vLLM's block of 128
@@ -139,8 +141,16 @@ def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref:
 
     monkeypatch.setattr(cpu_backend, "stock_rows", spied)
     params = knob_set(ref.num_layers)[knobs]
-    reqs = [GenerationRequest(f"join/{i}", user_message(DESCRIBE_PROMPT), [random_image(10 + i)], params,
-                              SamplingParams(max_tokens=140, ignore_eos=True)) for i in range(3)]
+    reqs = [
+        GenerationRequest(
+            f"join/{i}",
+            user_message(DESCRIBE_PROMPT),
+            [random_image(10 + i)],
+            params,
+            SamplingParams(max_tokens=140, ignore_eos=True),
+        )
+        for i in range(3)
+    ]
 
     async def staggered() -> dict[str, list[int]]:
         async def one(req: GenerationRequest, after: asyncio.Event | None, started: asyncio.Event) -> list[int]:
@@ -165,7 +175,8 @@ def test_request_joining_aligned_decodes_equals_reference(live: LiveServer, ref:
 
 
 def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(
-        live: LiveServer, ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    live: LiveServer, ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import models.vllm_plugin.plan as step_plans
 
     built: list[object] = []
@@ -180,8 +191,10 @@ def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(
     images = [random_image(s) for s in range(2)]
     mixed = mixed_batch(ref.num_layers, images)
     off = [r for r in mixed if r.request_id.startswith("c0/")]
-    alone = run_engine(live.engine, [GenerationRequest("alone" + r.request_id, r.messages, r.images, r.alignment,
-                                                       r.sampling) for r in off])
+    alone = run_engine(
+        live.engine,
+        [GenerationRequest("alone" + r.request_id, r.messages, r.images, r.alignment, r.sampling) for r in off],
+    )
     # No aligned row in that batch: the backend never built a plan, i.e. vLLM's own kernel output only.
     assert built == []
     together = run_engine(live.engine, mixed)
@@ -190,8 +203,11 @@ def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(
         assert alone["alone" + r.request_id][0] == together[r.request_id][0]
 
 
-PENALTIES = {"frequency": {"frequency_penalty": 2.0}, "presence": {"presence_penalty": 2.0},
-             "both": {"frequency_penalty": -2.0, "presence_penalty": 1.0}}
+PENALTIES = {
+    "frequency": {"frequency_penalty": 2.0},
+    "presence": {"presence_penalty": 2.0},
+    "both": {"frequency_penalty": -2.0, "presence_penalty": 1.0},
+}
 
 
 def test_penalties_equal_reference_engine(live: LiveServer, ref: ReferenceModel) -> None:
@@ -199,24 +215,36 @@ def test_penalties_equal_reference_engine(live: LiveServer, ref: ReferenceModel)
     contrast, the SEVI logits processor the contrast pairs (after combining their logits, where the reference
     engine penalises too); tokens and telemetry equal the reference engine's."""
     layers = ref.num_layers
-    knobs = {"off": resolve_alignment(0, layers),
-             "explicit": resolve_alignment(None, layers, contrast=False, **EXPLICIT),  # type: ignore[arg-type]
-             "explicit+cd": resolve_alignment(None, layers, contrast=True, **EXPLICIT)}  # type: ignore[arg-type]
+    knobs = {
+        "off": resolve_alignment(0, layers),
+        "explicit": resolve_alignment(None, layers, contrast=False, **EXPLICIT),  # type: ignore[arg-type]
+        "explicit+cd": resolve_alignment(None, layers, contrast=True, **EXPLICIT),
+    }  # type: ignore[arg-type]
     # Images where each penalty changes a contrast pair's tokens. (Not random_image(1): there the frequency-penalised
     # aligned trajectory reaches a step whose head groups sit on a threshold, and the engines' float32 noise puts a
     # head on either side, penalties or not: same tokens forced into both, the logits differ at that one step.)
     images = [random_image(s) for s in (0, 15)]
-    reqs = [GenerationRequest(f"{k}/{p}/{i}", user_message(DESCRIBE_PROMPT), [img], params,
-                              SamplingParams(max_tokens=24, **penalties))  # type: ignore[arg-type]
-            for i, img in enumerate(images) for k, params in knobs.items() for p, penalties in PENALTIES.items()]
+    reqs = [
+        GenerationRequest(
+            f"{k}/{p}/{i}", user_message(DESCRIBE_PROMPT), [img], params, SamplingParams(max_tokens=24, **penalties)
+        )  # type: ignore[arg-type]
+        for i, img in enumerate(images)
+        for k, params in knobs.items()
+        for p, penalties in PENALTIES.items()
+    ]
     got = run_engine(live.engine, reqs)
     want = run_to_completion(ref, reqs)
     for r in reqs:
         assert got[r.request_id][0] == want[r.request_id].token_ids, r.request_id
         assert got[r.request_id][1] == want[r.request_id].telemetry, r.request_id
     # Not vacuous: the penalties changed tokens, on rows without contrast and on contrast pairs.
-    plain = run_to_completion(ref, [GenerationRequest(r.request_id, r.messages, r.images, r.alignment,
-                                                      SamplingParams(max_tokens=24)) for r in reqs])
+    plain = run_to_completion(
+        ref,
+        [
+            GenerationRequest(r.request_id, r.messages, r.images, r.alignment, SamplingParams(max_tokens=24))
+            for r in reqs
+        ],
+    )
     changed = {r.request_id.split("/")[0] for r in reqs if plain[r.request_id].token_ids != got[r.request_id][0]}
     assert changed == set(knobs)
 
@@ -237,8 +265,11 @@ def reference_text(ref: ReferenceModel, png: bytes, params: AlignmentParams, max
 
 def test_chat_completions_equal_reference(live: LiveServer, ref: ReferenceModel) -> None:
     png = png_bytes(3)
-    body: dict[str, Any] = {"messages": image_message("what do you see", png), "max_tokens": 12,
-                            "alignment": dict(EXPLICIT, contrast=True)}
+    body: dict[str, Any] = {
+        "messages": image_message("what do you see", png),
+        "max_tokens": 12,
+        "alignment": dict(EXPLICIT, contrast=True),
+    }
     r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -251,8 +282,12 @@ def test_openai_client_plain_and_streaming(live: LiveServer, ref: ReferenceModel
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
     png = png_bytes(4)
-    kwargs: dict[str, Any] = dict(model=live.engine.model_name, messages=image_message("what do you see", png),
-                                  max_tokens=10, extra_body={"conservativeness": 1.0, "alignment": {"contrast": False}})
+    kwargs: dict[str, Any] = dict(
+        model=live.engine.model_name,
+        messages=image_message("what do you see", png),
+        max_tokens=10,
+        extra_body={"conservativeness": 1.0, "alignment": {"contrast": False}},
+    )
     plain = client.chat.completions.create(**kwargs)
     text = plain.choices[0].message.content
     assert text == reference_text(ref, png, resolve_alignment(1.0, ref.num_layers, contrast=False), 10)
@@ -270,17 +305,31 @@ def test_openai_client_penalties_and_refusals(live: LiveServer, ref: ReferenceMo
     image = Image.open(io.BytesIO(png)).convert("RGB")
     params = resolve_alignment(None, ref.num_layers, contrast=True, **EXPLICIT)  # type: ignore[arg-type]
     penalties = {"frequency_penalty": 2.0, "presence_penalty": 1.0}
-    got = client.chat.completions.create(model=live.engine.model_name, messages=image_message(DESCRIBE_PROMPT, png),
-                                         max_tokens=24, extra_body={"alignment": dict(EXPLICIT, contrast=True)},
-                                         **penalties)
-    want = run_to_completion(ref, [GenerationRequest("p", user_message(DESCRIBE_PROMPT), [image], params,
-                                                     SamplingParams(max_tokens=24, **penalties))])["p"]
-    plain = run_to_completion(ref, [GenerationRequest("p", user_message(DESCRIBE_PROMPT), [image], params,
-                                                      SamplingParams(max_tokens=24))])["p"]
+    got = client.chat.completions.create(
+        model=live.engine.model_name,
+        messages=image_message(DESCRIBE_PROMPT, png),
+        max_tokens=24,
+        extra_body={"alignment": dict(EXPLICIT, contrast=True)},
+        **penalties,
+    )
+    want = run_to_completion(
+        ref,
+        [
+            GenerationRequest(
+                "p", user_message(DESCRIBE_PROMPT), [image], params, SamplingParams(max_tokens=24, **penalties)
+            )
+        ],
+    )["p"]
+    plain = run_to_completion(
+        ref, [GenerationRequest("p", user_message(DESCRIBE_PROMPT), [image], params, SamplingParams(max_tokens=24))]
+    )["p"]
     assert got.choices[0].message.content == want.text != plain.text
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=live.engine.model_name, messages=image_message(DESCRIBE_PROMPT, png),
-                                       response_format={"type": "json_object"})
+        client.chat.completions.create(
+            model=live.engine.model_name,
+            messages=image_message(DESCRIBE_PROMPT, png),
+            response_format={"type": "json_object"},
+        )
     assert caught.value.param == "response_format"
 
 
@@ -291,12 +340,20 @@ def test_bad_conservativeness_is_a_400(live: LiveServer) -> None:
 
 
 def test_caption_multipart_and_cancelled_stream_frees_the_engine(live: LiveServer) -> None:
-    r = httpx.post(live.url + "/caption", files={"image": ("a.png", png_bytes(2), "image/png")},
-                   data={"conservativeness": "balanced", "max_tokens": "6"}, timeout=60)
+    r = httpx.post(
+        live.url + "/caption",
+        files={"image": ("a.png", png_bytes(2), "image/png")},
+        data={"conservativeness": "balanced", "max_tokens": "6"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["alignment"]["contrast"] is True
-    body = {"messages": image_message("what do you see", png_bytes(5)), "max_tokens": 400, "stream": True,
-            "alignment": {"omega": 1.0, "contrast": True}}
+    body = {
+        "messages": image_message("what do you see", png_bytes(5)),
+        "max_tokens": 400,
+        "stream": True,
+        "alignment": {"omega": 1.0, "contrast": True},
+    }
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:]).get("choices"):
@@ -312,13 +369,20 @@ def test_caption_multipart_and_cancelled_stream_frees_the_engine(live: LiveServe
 def test_metrics_include_vllms_own(live: LiveServer) -> None:
     """/metrics carries vLLM's `vllm:*` families beside ours, and they move with traffic."""
     with live.client() as client:
-        assert client.post("/caption", files={"image": ("a.png", png_bytes(3), "image/png")},
-                           data={"conservativeness": "0", "max_tokens": "3"}).status_code == 200
+        assert (
+            client.post(
+                "/caption",
+                files={"image": ("a.png", png_bytes(3), "image/png")},
+                data={"conservativeness": "0", "max_tokens": "3"},
+            ).status_code
+            == 200
+        )
         text = client.get("/metrics").text
     assert "sevi_requests_total" in text
     assert "vllm:num_requests_running" in text
-    prompt_tokens = [float(line.rpartition(" ")[2]) for line in text.splitlines()
-                     if line.startswith("vllm:prompt_tokens_total{")]
+    prompt_tokens = [
+        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith("vllm:prompt_tokens_total{")
+    ]
     assert prompt_tokens and sum(prompt_tokens) > 0
 
 
@@ -334,8 +398,9 @@ def test_ignore_eos_runs_to_max_tokens(live: LiveServer, monkeypatch: pytest.Mon
     params = resolve_alignment(0, live.engine.num_layers)
 
     def run(rid: str, **sampling: Any) -> tuple[list[int], str | None]:
-        req = GenerationRequest(rid, user_message(DESCRIBE_PROMPT), [random_image(1)], params,
-                                SamplingParams(max_tokens=8, **sampling))
+        req = GenerationRequest(
+            rid, user_message(DESCRIBE_PROMPT), [random_image(1)], params, SamplingParams(max_tokens=8, **sampling)
+        )
 
         async def go() -> tuple[list[int], str | None]:
             ids, finish = [], None

@@ -41,8 +41,9 @@ LONGER_PROMPT = "Please describe this image in detail. " * 20
 
 
 @pytest.fixture(scope="module", params=["tiny", "bundled"])
-def model(request: pytest.FixtureRequest,
-          tiny_model_dir: Callable[[str], Path]) -> Iterator[tuple[Any, ReferenceModel]]:
+def model(
+    request: pytest.FixtureRequest, tiny_model_dir: Callable[[str], Path]
+) -> Iterator[tuple[Any, ReferenceModel]]:
     from server.engines.vllm_engine import VllmEngine
 
     if request.param == "bundled" and not (BUNDLED / "config.json").exists():
@@ -58,9 +59,14 @@ def generate(engine: Any, req: GenerationRequest) -> list[int]:
 
 
 def turn(rid: str, messages: list[dict[str, Any]], params: AlignmentParams, max_tokens: int) -> GenerationRequest:
-    return GenerationRequest(rid, messages, [random_image(7)], params,
-                             SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                             contrast_images=[random_image(8)])
+    return GenerationRequest(
+        rid,
+        messages,
+        [random_image(7)],
+        params,
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        contrast_images=[random_image(8)],
+    )
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -81,8 +87,11 @@ def test_second_turn_over_the_prefix_cache_equals_reference(model: tuple[Any, Re
     # and turn 2's ids would then leave turn 1's within the first block.
     answer = ref.processor.tokenizer.decode(one.token_ids, skip_special_tokens=False)
     assert "<image>" not in answer
-    messages = [*first.messages, {"role": "assistant", "content": answer},
-                *user_message("What do you see in this image?", n_images=0)]
+    messages = [
+        *first.messages,
+        {"role": "assistant", "content": answer},
+        *user_message("What do you see in this image?", n_images=0),
+    ]
     second = turn(f"t2/{contrast}", messages, params, max_tokens=24)
     two: Completion = run_to_completion(ref, [second])[second.request_id]
     # Not vacuous: turn 2's first block is turn 1's, aligned rows included (its last prompt row onward).
@@ -94,8 +103,13 @@ def test_second_turn_over_the_prefix_cache_equals_reference(model: tuple[Any, Re
 def prefix_cache_hits() -> float:
     from prometheus_client import REGISTRY
 
-    return sum(s.value for family in REGISTRY.collect() if family.name == "vllm:prefix_cache_hits"
-               for s in family.samples if s.name.endswith("_total"))
+    return sum(
+        s.value
+        for family in REGISTRY.collect()
+        if family.name == "vllm:prefix_cache_hits"
+        for s in family.samples
+        if s.name.endswith("_total")
+    )
 
 
 def test_image_and_prompt_blocks_are_shared_across_knobs(model: tuple[Any, ReferenceModel]) -> None:
@@ -103,11 +117,17 @@ def test_image_and_prompt_blocks_are_shared_across_knobs(model: tuple[Any, Refer
     text but other knobs (unaligned here, then aligned differently) reads them and still equals the reference."""
     engine, ref = model
     image = random_image(21)
-    knobs = [resolve_alignment(None, ref.num_layers, contrast=False, **KNOBS),  # type: ignore[arg-type]
-             resolve_alignment(0, ref.num_layers), resolve_alignment(1.0, ref.num_layers, contrast=False)]
-    reqs = [GenerationRequest(f"share/{i}", user_message(LONGER_PROMPT), [image], p,
-                              SamplingParams(max_tokens=8, ignore_eos=True))
-            for i, p in enumerate(knobs)]
+    knobs = [
+        resolve_alignment(None, ref.num_layers, contrast=False, **KNOBS),  # type: ignore[arg-type]
+        resolve_alignment(0, ref.num_layers),
+        resolve_alignment(1.0, ref.num_layers, contrast=False),
+    ]
+    reqs = [
+        GenerationRequest(
+            f"share/{i}", user_message(LONGER_PROMPT), [image], p, SamplingParams(max_tokens=8, ignore_eos=True)
+        )
+        for i, p in enumerate(knobs)
+    ]
     generate(engine, reqs[0])
     for req in reqs[1:]:
         before = prefix_cache_hits()

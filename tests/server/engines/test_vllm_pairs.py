@@ -67,13 +67,20 @@ def engine_with(model_dir: Path) -> Iterator[Callable[..., Any]]:
 
 def contrasted(n: int, max_tokens: int) -> list[GenerationRequest]:
     params = resolve_alignment(None, 4, contrast=True, **KNOBS)  # type: ignore[arg-type]
-    return [GenerationRequest(f"pair/{i}", user_message(PROMPT), [random_image(i)], params,
-                              SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                              contrast_images=[random_image(100 + i)]) for i in range(n)]
+    return [
+        GenerationRequest(
+            f"pair/{i}",
+            user_message(PROMPT),
+            [random_image(i)],
+            params,
+            SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            contrast_images=[random_image(100 + i)],
+        )
+        for i in range(n)
+    ]
 
 
-def check(got: dict[str, tuple[list[int], Telemetry]], reqs: list[GenerationRequest],
-          ref: ReferenceModel) -> None:
+def check(got: dict[str, tuple[list[int], Telemetry]], reqs: list[GenerationRequest], ref: ReferenceModel) -> None:
     dissolved = [rid for rid, (_, tel) in got.items() if tel.contrast_dissolved]
     assert dissolved == [], f"{len(dissolved)} of {len(got)} pairs dissolved"
     want = run_to_completion(ref, reqs)
@@ -83,15 +90,17 @@ def check(got: dict[str, tuple[list[int], Telemetry]], reqs: list[GenerationRequ
         assert tel.contrast_steps == r.sampling.max_tokens, r.request_id  # every step contrasted
 
 
-def test_pairs_stay_in_lockstep_under_a_small_token_budget(engine_with: Callable[..., Any],
-                                                           ref: ReferenceModel) -> None:
+def test_pairs_stay_in_lockstep_under_a_small_token_budget(
+    engine_with: Callable[..., Any], ref: ReferenceModel
+) -> None:
     engine = engine_with(max_num_batched_tokens=320)
     reqs = contrasted(8, max_tokens=12)
     check(run_engine(engine, reqs), reqs, ref)
 
 
-def test_pairs_are_preempted_and_resumed_together(engine_with: Callable[..., Any], ref: ReferenceModel,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pairs_are_preempted_and_resumed_together(
+    engine_with: Callable[..., Any], ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A KV cache of 13 blocks of 128: two pairs fit at admission (3 blocks a row) and each row needs a 4th
     block after about 110 tokens, so vLLM must preempt; the pairs still equal the reference engine."""
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -122,8 +131,11 @@ def test_dissolved_pairs_are_counted_in_prometheus(model_dir: Path, monkeypatch:
     live = LiveServer(base_settings(model_dir, engine="vllm", max_batch_size=4)).start(timeout=180)
     try:
         assert live.metric("sevi_contrast_pairs_dissolved_total") == 0
-        body: dict[str, Any] = {"messages": image_message(PROMPT, png_bytes(0)), "max_tokens": 4,
-                                "alignment": dict(KNOBS, contrast=True)}
+        body: dict[str, Any] = {
+            "messages": image_message(PROMPT, png_bytes(0)),
+            "max_tokens": 4,
+            "alignment": dict(KNOBS, contrast=True),
+        }
 
         async def send() -> list[int]:
             async with httpx.AsyncClient(base_url=live.url, timeout=120) as client:

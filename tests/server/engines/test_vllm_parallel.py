@@ -29,8 +29,12 @@ def _engine(model_dir: Path, **options: int) -> Iterator[VllmEngine]:
     with pytest.MonkeyPatch.context() as mp:
         # One core per worker: vLLM's CPU workers refuse to share cores without a binding.
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-        engine = VllmEngine(str(model_dir), model_name="tiny", max_batch_size=16,
-                            options=VllmOptions(distributed_executor_backend="mp", **options))  # type: ignore[arg-type]
+        engine = VllmEngine(
+            str(model_dir),
+            model_name="tiny",
+            max_batch_size=16,
+            options=VllmOptions(distributed_executor_backend="mp", **options),
+        )  # type: ignore[arg-type]
         start_engine(engine, timeout=300)
         try:
             yield engine

@@ -20,13 +20,16 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Callable[[str], Path]) -> Iterator[VllmEngine]:
-    eng = VllmEngine(str(tiny_model_dir("qwen2_vl")), model_name="tiny-qwen", max_batch_size=16,
-                     options=VllmOptions(enforce_eager=False))
+    eng = VllmEngine(
+        str(tiny_model_dir("qwen2_vl")),
+        model_name="tiny-qwen",
+        max_batch_size=16,
+        options=VllmOptions(enforce_eager=False),
+    )
     start_engine(eng)
     yield eng
     asyncio.run(eng.stop())
 
 
-def test_mixed_batch_equals_reference_engine(engine: VllmEngine,
-                                             tiny_model: Callable[[str], ReferenceModel]) -> None:
+def test_mixed_batch_equals_reference_engine(engine: VllmEngine, tiny_model: Callable[[str], ReferenceModel]) -> None:
     check_mixed_batch(engine, tiny_model("qwen2_vl"))
