@@ -47,8 +47,9 @@ test-unit: install
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: install
-	$(BIN)/ruff check models server bench tests
-	$(BIN)/mypy models server bench
+	$(BIN)/ruff check models server bench training tests
+	$(BIN)/ruff format --check models server bench training tests
+	$(BIN)/mypy models server bench training
 	$(BIN)/lint-imports
 
 # Speed benchmarks (each prints ratios measured side by side in one run). The CHAIR evaluation needs a

@@ -2,7 +2,7 @@
 
     python -m bench.eval_bundled --model runs/bundled/latest -n 300 --out runs/bundled/eval.json
 
-Captions the in-prior, counter-prior and hard scenes of `models.scenes` through the model's own
+Captions the in-prior, counter-prior and hard scenes of `training.scenes` through the model's own
 processor and chat template (the serving path), then scores them with `bench.chair`. On counter-prior
 scenes it also reports `partner_rate`: the share of captions that name the absent usual partner.
 """
@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from bench.chair import compute_chair, partner_rate
-from models import scenes
 from models.families import DEFAULT_PROMPT
+from training import scenes
 
 HELD_OUT = ("in-prior", "counter-prior", "hard")
 

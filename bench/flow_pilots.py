@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from bench.analyze import analyze
-from models import scenes
 from models.generation import ReferenceModel
+from training import scenes
 
 COLUMNS = ("visual_info_text_side", "attention_text_side", "semantic_heads", "global_heads")
 ANALYSIS_SEED = 4321  # not the held-out splits' seed (scenes.SEED): scenes nobody trained or evaluated on
@@ -35,22 +35,31 @@ def measure(model_dir: str | Path, n: int = 6, kappa: float = 0.2, max_tokens: i
     images = [scenes.make_scene("counter-prior", i, seed=ANALYSIS_SEED).image for i in range(n)]
     runs = [analyze(model, image, max_tokens=max_tokens, kappa=kappa) for image in images if image is not None]
     layers = len(runs[0]["layers"])
-    per_layer = [{c: round(sum(r["layers"][li][c] for r in runs) / len(runs), 4) for c in COLUMNS}
-                 for li in range(layers)]
-    upper = per_layer[layers // 2:]
+    per_layer = [
+        {c: round(sum(r["layers"][li][c] for r in runs) / len(runs), 4) for c in COLUMNS} for li in range(layers)
+    ]
+    upper = per_layer[layers // 2 :]
     ranges = {c: [min(row[c] for row in upper), max(row[c] for row in upper)] for c in COLUMNS}
-    global_of_semantic = [row["global_heads"] / row["semantic_heads"] if row["semantic_heads"] else 0.0
-                          for row in upper]
+    global_of_semantic = [
+        row["global_heads"] / row["semantic_heads"] if row["semantic_heads"] else 0.0 for row in upper
+    ]
     targets = {
         "visual_info_over_half": all(row["visual_info_text_side"] > 0.5 for row in upper),
         "attention_under_0.35": all(row["attention_text_side"] < 0.35 for row in upper),
         # A ratio over almost no semantic heads says nothing: also at least 5% of all heads global.
         "global_real_share": min(global_of_semantic) >= 0.1 and all(row["global_heads"] >= 0.05 for row in upper),
     }
-    return {"n": n, "kappa": kappa, "max_tokens": max_tokens, "upper_layers": [layers // 2, layers - 1],
-            "upper_ranges": ranges, "global_share_of_semantic": [round(min(global_of_semantic), 3),
-                                                                 round(max(global_of_semantic), 3)],
-            "targets": targets, "per_layer": per_layer, "captions": [r["caption"] for r in runs]}
+    return {
+        "n": n,
+        "kappa": kappa,
+        "max_tokens": max_tokens,
+        "upper_layers": [layers // 2, layers - 1],
+        "upper_ranges": ranges,
+        "global_share_of_semantic": [round(min(global_of_semantic), 3), round(max(global_of_semantic), 3)],
+        "targets": targets,
+        "per_layer": per_layer,
+        "captions": [r["caption"] for r in runs],
+    }
 
 
 def row_text(name: str, result: dict[str, Any]) -> str:
@@ -61,8 +70,11 @@ def row_text(name: str, result: dict[str, Any]) -> str:
 
 def markdown(table: dict[str, dict[str, Any]]) -> str:
     """Every pilot in the results file as one table: the note's four columns and the targets met."""
-    lines = ["| pilot | what changed | visual info, text side | attention, text side | semantic heads | "
-             "global heads | targets met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| pilot | what changed | visual info, text side | attention, text side | semantic heads | "
+        "global heads | targets met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in table.items():
         cols = " | ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in (r["upper_ranges"][c] for c in COLUMNS))
         lines.append(f"| {name} | {r.get('note', '')} | {cols} | {sum(r['targets'].values())}/3 |")
@@ -81,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"note": args.note, "model": args.model,
-              **measure(args.model, args.n, args.kappa, args.max_tokens)}
+    result = {"note": args.note, "model": args.model, **measure(args.model, args.n, args.kappa, args.max_tokens)}
     run_json = Path(args.model).parent / "run.json"
     if run_json.exists():  # the pilot's own record: its variant, steps, size
         run = json.loads(run_json.read_text())

@@ -39,7 +39,7 @@ class Item:
 
 
 def scene_items(split: str, limit: int) -> list[Item]:
-    from models import scenes
+    from training import scenes
 
     def drawer(i: int) -> Any:
         return lambda: scenes.make_scene(split, i).image

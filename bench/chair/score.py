@@ -11,7 +11,7 @@ A mention whose category is not in the image's ground truth is hallucinated.
 
     python -m bench.chair score --captions caps.jsonl --truth truth.json
 
-Ground truth comes from the scene generator (`models.scenes.write_split` writes `truth.json`) or from
+Ground truth comes from the scene generator (`training.scenes.write_split` writes `truth.json`) or from
 a local COCO folder (`load_coco_truth`). The command line is bench/chair/cli.py.
 """
 

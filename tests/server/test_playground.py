@@ -22,7 +22,6 @@ from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 
 from bench.chair import caption_objects
-from models.scenes import make_scene
 from server.playground.vocabulary import surface_forms
 from server.schemas.caption import DEFAULT_PROMPT
 from tests.helpers import LiveServer, base_settings, long_png, png_bytes
@@ -37,6 +36,7 @@ from tests.server.browser import (
     open_playground,
     screenshot,
 )
+from training.scenes import make_scene
 
 pytestmark = pytest.mark.integration  # every test here starts servers; the browser ones Chromium too
 

@@ -30,7 +30,7 @@ hard           300      in-prior composition; every object either small (9-14 px
                         40-55% of it hidden behind an occluding slab (`hard` in meta)
 =============  =======  ===============================================================================
 
-Statistics (`python -m models.scenes stats SPLIT`; means per image; seed 1234):
+Statistics (`python -m training.scenes stats SPLIT`; means per image; seed 1234):
 
 =============  ==========  =======  ===============  ==================================================
 split          categories  anchors  P(partner|anch)  other
@@ -170,8 +170,10 @@ def _stop_sign(d: ImageDraw.ImageDraw, b: Box, c: Colour, r: np.random.Generator
     d.rectangle(_rect(b, 0.45, 0.6, 0.55, 1.0), fill=(120, 120, 120))
     cx, cy = _pt(b, 0.5, 0.36)
     rr = 0.5 * (b[2] - b[0])
-    pts = [(cx + rr * math.cos(math.pi / 8 + k * math.pi / 4), cy + rr * math.sin(math.pi / 8 + k * math.pi / 4))
-           for k in range(8)]
+    pts = [
+        (cx + rr * math.cos(math.pi / 8 + k * math.pi / 4), cy + rr * math.sin(math.pi / 8 + k * math.pi / 4))
+        for k in range(8)
+    ]
     d.polygon(pts, fill=c)
     d.rectangle([cx - 0.6 * rr, cy - 0.14 * rr, cx + 0.6 * rr, cy + 0.14 * rr], fill=(245, 245, 245))
 
@@ -248,8 +250,12 @@ def _bench(d: ImageDraw.ImageDraw, b: Box, c: Colour, r: np.random.Generator) ->
 
 def _bird(d: ImageDraw.ImageDraw, b: Box, c: Colour, r: np.random.Generator) -> None:
     w = _lw(b, 0.09)
-    d.line([_pt(b, 0.0, 0.3), _pt(b, 0.25, 0.1), _pt(b, 0.5, 0.5), _pt(b, 0.75, 0.1), _pt(b, 1.0, 0.3)],
-           fill=c, width=w, joint="curve")
+    d.line(
+        [_pt(b, 0.0, 0.3), _pt(b, 0.25, 0.1), _pt(b, 0.5, 0.5), _pt(b, 0.75, 0.1), _pt(b, 1.0, 0.3)],
+        fill=c,
+        width=w,
+        joint="curve",
+    )
     d.ellipse(_rect(b, 0.4, 0.4, 0.6, 0.75), fill=c)
 
 
@@ -300,8 +306,9 @@ def _clock(d: ImageDraw.ImageDraw, b: Box, c: Colour, r: np.random.Generator) ->
     w = _lw(b, 0.06)
     ang = float(r.uniform(0, 2 * math.pi))
     d.line([_pt(b, 0.5, 0.5), _pt(b, 0.5, 0.18)], fill=(20, 20, 20), width=w)
-    d.line([_pt(b, 0.5, 0.5), _pt(b, 0.5 + 0.25 * math.cos(ang), 0.5 + 0.25 * math.sin(ang))],
-           fill=(20, 20, 20), width=w)
+    d.line(
+        [_pt(b, 0.5, 0.5), _pt(b, 0.5 + 0.25 * math.cos(ang), 0.5 + 0.25 * math.sin(ang))], fill=(20, 20, 20), width=w
+    )
 
 
 def _book(d: ImageDraw.ImageDraw, b: Box, c: Colour, r: np.random.Generator) -> None:
@@ -337,24 +344,49 @@ _CATS: tuple[Category, ...] = (
     Category("spoon", "kitchen", _spoon, (165, 115, 55), 0.45, (("spoon", "spoons"),)),
     Category("bowl", "kitchen", _bowl, (230, 150, 60), 1.6, (("bowl", "bowls"),)),
     Category("bottle", "kitchen", _bottle, (60, 150, 80), 0.45, (("bottle", "bottles"),)),
-    Category("dining table", "kitchen", _table, (140, 90, 45), 1.5,
-             (("table", "tables"), ("dining table", "dining tables"))),
+    Category(
+        "dining table", "kitchen", _table, (140, 90, 45), 1.5, (("table", "tables"), ("dining table", "dining tables"))
+    ),
     # street
     Category("car", "street", _car, (200, 40, 40), 1.6, (("car", "cars"), ("taxi", "taxis"), ("sedan", "sedans"))),
-    Category("traffic light", "street", _traffic_light, (40, 40, 45), 0.45,
-             (("traffic light", "traffic lights"), ("stop light", "stop lights"))),
+    Category(
+        "traffic light",
+        "street",
+        _traffic_light,
+        (40, 40, 45),
+        0.45,
+        (("traffic light", "traffic lights"), ("stop light", "stop lights")),
+    ),
     Category("bus", "street", _bus, (235, 190, 40), 1.8, (("bus", "buses"),)),
     Category("stop sign", "street", _stop_sign, (210, 30, 35), 0.7, (("stop sign", "stop signs"),)),
     Category("truck", "street", _truck, (60, 90, 170), 1.6, (("truck", "trucks"), ("lorry", "lorries"))),
     Category("bicycle", "street", _bicycle, (30, 160, 170), 1.5, (("bicycle", "bicycles"), ("bike", "bikes"))),
-    Category("fire hydrant", "street", _hydrant, (220, 180, 30), 0.65,
-             (("fire hydrant", "fire hydrants"), ("hydrant", "hydrants"))),
+    Category(
+        "fire hydrant",
+        "street",
+        _hydrant,
+        (220, 180, 30),
+        0.65,
+        (("fire hydrant", "fire hydrants"), ("hydrant", "hydrants")),
+    ),
     # park
     Category("dog", "park", _dog, (150, 100, 55), 1.3, (("dog", "dogs"), ("puppy", "puppies"), ("pup", "pups"))),
     Category("frisbee", "park", _frisbee, (240, 90, 170), 1.5, (("frisbee", "frisbees"),)),
-    Category("person", "park", _person, (210, 60, 60), 0.6,
-             (("man", "men"), ("woman", "women"), ("person", "people"), ("boy", "boys"), ("girl", "girls"),
-              ("child", "children"))),
+    Category(
+        "person",
+        "park",
+        _person,
+        (210, 60, 60),
+        0.6,
+        (
+            ("man", "men"),
+            ("woman", "women"),
+            ("person", "people"),
+            ("boy", "boys"),
+            ("girl", "girls"),
+            ("child", "children"),
+        ),
+    ),
     Category("kite", "park", _kite, (250, 140, 30), 0.75, (("kite", "kites"),)),
     Category("bench", "park", _bench, (110, 70, 40), 1.5, (("bench", "benches"),)),
     Category("bird", "park", _bird, (40, 40, 60), 1.6, (("bird", "birds"), ("pigeon", "pigeons"))),
@@ -363,8 +395,14 @@ _CATS: tuple[Category, ...] = (
     Category("tv", "living room", _tv, (35, 35, 40), 1.3, (("tv", "tvs"), ("television", "televisions"))),
     Category("remote", "living room", _remote, (50, 50, 55), 0.4, (("remote", "remotes"),)),
     Category("couch", "living room", _couch, (90, 120, 160), 1.6, (("couch", "couches"), ("sofa", "sofas"))),
-    Category("potted plant", "living room", _potted_plant, (50, 150, 60), 0.8,
-             (("potted plant", "potted plants"), ("houseplant", "houseplants"))),
+    Category(
+        "potted plant",
+        "living room",
+        _potted_plant,
+        (50, 150, 60),
+        0.8,
+        (("potted plant", "potted plants"), ("houseplant", "houseplants")),
+    ),
     Category("clock", "living room", _clock, (120, 70, 40), 1.0, (("clock", "clocks"),)),
     Category("book", "living room", _book, (150, 40, 60), 0.8, (("book", "books"),)),
     Category("vase", "living room", _vase, (60, 160, 190), 0.65, (("vase", "vases"),)),
@@ -381,10 +419,17 @@ PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
 PARTNER_OF: dict[str, str] = {a: p for pairs in PAIRS.values() for a, p in pairs}
 ANCHOR_OF: dict[str, str] = {p: a for a, p in PARTNER_OF.items()}
 _BACKGROUND: dict[str, Colour] = {
-    "kitchen": (225, 215, 195), "street": (150, 150, 155), "park": (120, 175, 95), "living room": (205, 180, 150),
+    "kitchen": (225, 215, 195),
+    "street": (150, 150, 155),
+    "park": (120, 175, 95),
+    "living room": (205, 180, 150),
 }
-_CONTEXT_PHRASE = {"kitchen": "in a kitchen", "street": "on a street", "park": "in a park",
-                   "living room": "in a living room"}
+_CONTEXT_PHRASE = {
+    "kitchen": "in a kitchen",
+    "street": "on a street",
+    "park": "in a park",
+    "living room": "in a living room",
+}
 
 
 # ------------------------------------------------------------------------------------------ scenes
@@ -414,10 +459,14 @@ class Scene:
 
     def meta(self) -> dict[str, Any]:
         return {
-            "context": self.context, "anchors": self.anchors, "absent_partners": self.absent_partners,
+            "context": self.context,
+            "anchors": self.anchors,
+            "absent_partners": self.absent_partners,
             "hard": sorted({i.category for i in self.instances if i.small or i.occluded}),
-            "instances": [{"category": i.category, "box": list(i.box), "small": i.small, "occluded": i.occluded}
-                          for i in self.instances],
+            "instances": [
+                {"category": i.category, "box": list(i.box), "small": i.small, "occluded": i.occluded}
+                for i in self.instances
+            ],
             "caption": self.caption,
         }
 
@@ -558,8 +607,14 @@ def make_scene(split: str, index: int, *, seed: int = SEED, render: bool = True)
             size_px = r.uniform(16, 36)
         box = _place(r, CATEGORIES[name], size_px, boxes, 0.0 if hard else 0.25)
         boxes.append(box)
-        instances.append(Instance(name, tuple(int(round(v)) for v in box), small=small,  # type: ignore[arg-type]
-                                  occluded=k in occlude))
+        instances.append(
+            Instance(
+                name,
+                tuple(int(round(v)) for v in box),  # type: ignore[arg-type]
+                small=small,
+                occluded=k in occlude,
+            )
+        )
     scene = Scene(f"{split}-{index:05d}", split, context, instances, anchors, absent)
     scene.caption = make_caption(scene, r)
     if render:  # rendering draws from `r` last, so composition and caption do not depend on it

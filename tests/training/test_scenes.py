@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bench.chair import caption_objects, compute_chair, load_truth
-from models import scenes
+from training import scenes
 
 
 def test_deterministic_and_varied() -> None:

@@ -1,12 +1,12 @@
-"""The pilot variants of models/flow_pilot.py: what each one changes in the training samples."""
+"""The pilot variants of training/flow_pilot.py: what each one changes in the training samples."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from models import scenes
-from models.flow_pilot import SYSTEM_PROMPT, PilotBatcher, Variant, build_processor, long_caption, qa_pair, where
-from models.train_bundled import ModelConfig
+from training import scenes
+from training.flow_pilot import SYSTEM_PROMPT, PilotBatcher, Variant, build_processor, long_caption, qa_pair, where
+from training.train_bundled import ModelConfig
 
 
 def test_where_names_the_third_of_the_image() -> None:

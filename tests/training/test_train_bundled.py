@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models import scenes
-from models.train_bundled import MICRO, PROMPTS, Batcher, build_processor, lr_at, main, plot_loss_curve
 from tests.helpers import BUNDLED
+from training import scenes
+from training.train_bundled import MICRO, PROMPTS, Batcher, build_processor, lr_at, main, plot_loss_curve
 
 ARGS = ["--micro", "--batch", "3", "--save-every", "2", "--log-every", "1", "--threads", "1", "--warmup", "2"]
 
@@ -126,8 +126,6 @@ def test_export(runs: tuple[Path, Path], tmp_path: Path) -> None:
     assert AutoProcessor.from_pretrained(tmp_path / "m").tokenizer.eos_token == "</s>"
     assert (tmp_path / "m" / "loss_curve.csv").read_text().count("\n") == 6
     assert (tmp_path / "m" / "loss_curve.png").exists()
-
-
 
 
 @pytest.mark.integration

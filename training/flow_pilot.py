@@ -1,10 +1,10 @@
 """Short pilot runs toward a bundled model whose information flow resembles LLaVA-1.5's (issue 16, item 1).
 
-    nice -n 15 python -m models.flow_pilot --out runs/pilot-sink --steps 400 --system-prompt
-    nice -n 15 python -m models.flow_pilot --out runs/pilot-long --steps 400 --long-captions
-    nice -n 15 python -m models.flow_pilot --out runs/pilot-deep --steps 250 --text-layers 16 --text-intermediate 320
+    nice -n 15 python -m training.flow_pilot --out runs/pilot-sink --steps 400 --system-prompt
+    nice -n 15 python -m training.flow_pilot --out runs/pilot-long --steps 400 --long-captions
+    nice -n 15 python -m training.flow_pilot --out runs/pilot-deep --steps 250 --text-layers 16 --text-intermediate 320
 
-Each run trains the bundled model's recipe (`models.train_bundled`: same data stream, loss, optimiser and
+Each run trains the bundled model's recipe (`training.train_bundled`: same data stream, loss, optimiser and
 schedule) with one or more changes of the text side, and is measured with `bench.flow_pilots` before
 any long training. The changes:
 
@@ -19,7 +19,7 @@ any long training. The changes:
   size stays 32 (vLLM's CPU attention has no smaller one).
 
 Runs resume from `ckpt.pt` (the data depends on the sample index only) and write a loadable model folder
-`latest/` like `models.train_bundled`.
+`latest/` like `training.train_bundled`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import scenes
 from models.tiny import LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
-from models.train_bundled import (
+from training import scenes
+from training.train_bundled import (
     CLIP_MEAN,
     CLIP_STD,
     PROMPTS,
@@ -49,10 +49,37 @@ from models.train_bundled import (
     vocabulary,
 )
 
-SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the human's questions.")
-_WHERE_WORDS = ("The", "is", "are", "at", "the", "top", "bottom", "left", "right", "middle", "in", "of", "picture",
-                "Is", "there", "a", "an", "this", "image", "?", "Yes", "No", ",", "no", ".")
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions."
+)
+_WHERE_WORDS = (
+    "The",
+    "is",
+    "are",
+    "at",
+    "the",
+    "top",
+    "bottom",
+    "left",
+    "right",
+    "middle",
+    "in",
+    "of",
+    "picture",
+    "Is",
+    "there",
+    "a",
+    "an",
+    "this",
+    "image",
+    "?",
+    "Yes",
+    "No",
+    ",",
+    "no",
+    ".",
+)
 
 
 @dataclass
@@ -89,12 +116,21 @@ def build_processor(cfg: ModelConfig, variant: Variant) -> Any:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tok = make_word_tokenizer(pilot_vocabulary(), LLAVA_SPECIALS, bos="<s>", eos="</s>")
-    improc = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
-                                   crop_size={"height": cfg.image_size, "width": cfg.image_size},
-                                   do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=cfg.patch,
-                          vision_feature_select_strategy="default", chat_template=chat_template(variant.system_prompt),
-                          num_additional_image_tokens=1)
+    improc = CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        patch_size=cfg.patch,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template(variant.system_prompt),
+        num_additional_image_tokens=1,
+    )
 
 
 def where(box: tuple[int, int, int, int]) -> str:
@@ -173,9 +209,12 @@ class PilotBatcher(Batcher):
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     base = ModelConfig()
-    return ModelConfig(patch=args.patch or base.patch, text_layers=args.text_layers or base.text_layers,
-                       text_heads=args.text_heads or base.text_heads,
-                       text_intermediate=args.text_intermediate or base.text_intermediate)
+    return ModelConfig(
+        patch=args.patch or base.patch,
+        text_layers=args.text_layers or base.text_layers,
+        text_heads=args.text_heads or base.text_heads,
+        text_intermediate=args.text_intermediate or base.text_intermediate,
+    )
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -196,8 +235,12 @@ def train(args: argparse.Namespace) -> Path:
         model.generation_config = gen
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    meta: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "threads")},
-                            "model": asdict(cfg), "variant": asdict(variant), "elapsed_s": 0.0}
+    meta: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "threads")},
+        "model": asdict(cfg),
+        "variant": asdict(variant),
+        "elapsed_s": 0.0,
+    }
     ckpt = out / "ckpt.pt"
     step = 0
     if ckpt.exists():
@@ -227,8 +270,13 @@ def train(args: argparse.Namespace) -> Path:
         step += 1
         window.append(loss.item())
         if step % args.log_every == 0 or step == args.steps:
-            row = {"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
-                   "samples": step * args.batch, "elapsed_s": round(time.time() - start, 1)}
+            row = {
+                "step": step,
+                "loss": round(sum(window) / len(window), 5),
+                "lr": lr,
+                "samples": step * args.batch,
+                "elapsed_s": round(time.time() - start, 1),
+            }
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

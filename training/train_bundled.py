@@ -1,8 +1,8 @@
-"""Train the bundled captioning model (a small LLaVA) on the synthetic scenes of `models.scenes`.
+"""Train the bundled captioning model (a small LLaVA) on the synthetic scenes of `training.scenes`.
 
-    python -m models.train_bundled --out runs/bundled --steps 2400 --threads 2
-    python -m models.train_bundled --out runs/bundled --steps 2400 --threads 2   # resumes from runs/bundled
-    python -m models.train_bundled --out runs/bundled --export models/bundled   # ship the run's weights
+    python -m training.train_bundled --out runs/bundled --steps 2400 --threads 2
+    python -m training.train_bundled --out runs/bundled --steps 2400 --threads 2   # resumes from runs/bundled
+    python -m training.train_bundled --out runs/bundled --export models/bundled   # ship the run's weights
 
 Architecture (issue 5): LlavaForConditionalGeneration with a CLIP vision tower (96 px, patch 16: 36
 image tokens; the last vision layer feeds the projector because the tower is shallow) and a Llama
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import scenes
 from models.tiny import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
+from training import scenes
 
 # Serving prompts: the first is the CHAIR protocol's; the others keep the model from keying on one text.
 PROMPTS = (
@@ -62,8 +62,9 @@ class ModelConfig:
     text_intermediate: int = 512
 
 
-MICRO = ModelConfig(vision_hidden=32, vision_layers=1, vision_heads=1, text_hidden=64, text_layers=2,
-                    text_heads=2, text_intermediate=64)
+MICRO = ModelConfig(
+    vision_hidden=32, vision_layers=1, vision_heads=1, text_hidden=64, text_layers=2, text_heads=2, text_intermediate=64
+)
 
 
 def vocabulary() -> list[str]:
@@ -80,12 +81,21 @@ def build_processor(cfg: ModelConfig) -> Any:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tok = make_word_tokenizer(vocabulary(), LLAVA_SPECIALS, bos="<s>", eos="</s>")
-    improc = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
-                                   crop_size={"height": cfg.image_size, "width": cfg.image_size},
-                                   do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=cfg.patch,
-                          vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
-                          num_additional_image_tokens=1)
+    improc = CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        patch_size=cfg.patch,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
 
 
 def build_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
@@ -93,19 +103,37 @@ def build_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
     text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_heads, head_dim=cfg.text_hidden // cfg.text_heads, max_position_embeddings=512,
-        pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"], bos_token_id=ids["<s>"], tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads,
+        head_dim=cfg.text_hidden // cfg.text_heads,
+        max_position_embeddings=512,
+        pad_token_id=ids["<pad>"],
+        eos_token_id=ids["</s>"],
+        bos_token_id=ids["<s>"],
+        tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch,
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=4 * cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch,
         projection_dim=cfg.vision_hidden,
     )
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
-                         vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         image_seq_length=(cfg.image_size // cfg.patch) ** 2, tie_word_embeddings=False)
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=(cfg.image_size // cfg.patch) ** 2,
+        tie_word_embeddings=False,
+    )
     config.architectures = ["LlavaForConditionalGeneration"]  # vLLM picks its model class from this
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -230,8 +258,13 @@ def train(args: argparse.Namespace) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.2e}", refresh=False)
         if step % args.log_every == 0 or step == args.steps:
-            row = {"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
-                   "samples": step * args.batch, "elapsed_s": round(time.time() - start, 1)}
+            row = {
+                "step": step,
+                "loss": round(sum(window) / len(window), 5),
+                "lr": lr,
+                "samples": step * args.batch,
+                "elapsed_s": round(time.time() - start, 1),
+            }
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             window = []
@@ -256,8 +289,10 @@ def export(run: str | Path, dst: str | Path) -> Path:
     model.load_state_dict(state["model"])
     save_model_dir(model.eval(), processor, dst)
     rows = [json.loads(x) for x in (run / "loss.jsonl").read_text().splitlines() if x.strip()]
-    (dst / "loss_curve.csv").write_text("step,loss,lr,samples,elapsed_s\n" + "".join(
-        f"{r['step']},{r['loss']},{r['lr']:.6g},{r['samples']},{r['elapsed_s']}\n" for r in rows))
+    (dst / "loss_curve.csv").write_text(
+        "step,loss,lr,samples,elapsed_s\n"
+        + "".join(f"{r['step']},{r['loss']},{r['lr']:.6g},{r['samples']},{r['elapsed_s']}\n" for r in rows)
+    )
     plot_loss_curve(run / "loss.jsonl", dst / "loss_curve.png")
     return dst
 
@@ -282,7 +317,7 @@ def plot_loss_curve(log: str | Path, png: str | Path, size: tuple[int, int] = (4
     while tick <= hi + 1e-9:
         y = xy(0, tick)[1]
         d.line([pad - 4, y, pad, y], fill="black")
-        d.text((2, y - 6), f"{10 ** tick:.2g}", fill="black")
+        d.text((2, y - 6), f"{10**tick:.2g}", fill="black")
         tick += 0.5
     d.line([xy(s, v) for s, v in zip(steps, losses, strict=True)], fill=(30, 80, 200), width=2)
     d.text((pad, h - pad + 6), f"step 0 .. {max(steps)}   (loss per caption token, log scale)", fill="black")
