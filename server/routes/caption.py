@@ -95,6 +95,9 @@ async def _parse_json(request: Request, settings: Settings) -> tuple[CaptionPara
         raise APIError(
             400, "an image is required: `image` as base64 or a data URI", param="image", code="missing_image"
         )
+    unknown = sorted(set(raw) - _FORM_FIELDS - {"image"}) if isinstance(raw, dict) else []
+    if unknown:  # a misspelt knob must not fall back to the default in silence (as in the form and the chat API)
+        raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0], code="invalid_value")
     body = _validate(CaptionJSON, raw)
     data = decode_base64(body.image, image_limits(settings), "image")
     return CaptionParams.model_validate(body.model_dump(exclude={"image"})), data

@@ -243,6 +243,7 @@ CAPTION_JSON_CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("negative seed", {"image": data_uri(PNG), "seed": -5}, 400, "seed"),
     ("empty prompt", {"image": data_uri(PNG), "prompt": ""}, 400, "prompt"),
     ("bad omega", {"image": data_uri(PNG), "omega": -2}, 400, "omega"),
+    ("misspelt knob", {"image": data_uri(PNG), "conservatism": 1}, 400, "conservatism"),
     ("invalid base64", {"image": "%%%"}, 400, "image"),
     ("not an image", {"image": base64.b64encode(b"GIF89a-but-not-really").decode()}, 415, "image"),
     ("bomb", {"image": data_uri(bomb_png())}, 413, "image"),
