@@ -123,13 +123,17 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
     from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl, FlashAttentionMetadata
 
     from models.conservativeness import resolve_alignment
+    from models.kernels import choice
     from models.vllm_plugin.gpu_backend import unaligned_metadata
     from models.vllm_plugin.params import to_extra_args
     from models.vllm_plugin.plan import StepMetadata
     from models.vllm_plugin.state import STATE
     from tests.helpers import PLUGIN_IMAGE, add_rows, processor
 
+    # The kernel choice is read once per process: cleared here and after, so neither this test nor the ones
+    # after it run with another test's choice.
     monkeypatch.setenv("SEVI_ALIGNED_KERNEL", "torch")
+    choice.aligned_kernel.cache_clear()
     seen: list[Any] = []
 
     def flash(
@@ -219,3 +223,4 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
         assert subset.seq_lens.tolist() == [0, 32, 12, 0]
     finally:
         STATE.reset()
+        choice.aligned_kernel.cache_clear()
