@@ -10,6 +10,7 @@ import asyncio
 import base64
 import functools
 import io
+import json
 import socket
 import threading
 import time
@@ -260,7 +261,8 @@ PLUGIN_IMAGE = 5
 PLUGIN_EOS = 2
 
 
-def processor(layers: int = 4) -> SeviLogitsProcessor:
+def processor(layers: int = 4, model_dir: Path | None = None) -> SeviLogitsProcessor:
+    """The logits processor as vLLM's worker builds it; `model_dir` is the served folder (its presets file)."""
     from types import SimpleNamespace
 
     import torch
@@ -273,7 +275,9 @@ def processor(layers: int = 4) -> SeviLogitsProcessor:
     text.num_hidden_layers = layers
     text.eos_token_id = PLUGIN_EOS
     return SeviLogitsProcessor(
-        SimpleNamespace(model_config=SimpleNamespace(hf_config=cfg)),  # type: ignore[arg-type]
+        SimpleNamespace(  # type: ignore[arg-type]
+            model_config=SimpleNamespace(hf_config=cfg, model=str(model_dir or "tiny-llava/not-a-folder"))
+        ),
         torch.device("cpu"),
         False,
     )
@@ -329,3 +333,37 @@ def use_kernel(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(paged_read, "kernel", avx2_kernel)
     else:
         assert paged_read.kernel() is not None, "the C kernel did not build here"
+
+
+# ---- knob presets files (models/presets.py) ----
+
+
+def presets_doc(**overrides: Any) -> dict[str, Any]:
+    """A valid presets document (balanced at c = 0.4), with `overrides` applied."""
+    doc: dict[str, Any] = {
+        "format": 1,
+        "balanced": 0.4,
+        "focused": 1.0,
+        "contrast": True,
+        "knots": [
+            {"c": 0.0, "omega": 0.0, "start_layer": 3, "kappa": 0.2},
+            {"c": 0.4, "omega": 1.0, "start_layer": 3, "kappa": 0.2},
+            {"c": 1.0, "omega": 3.0, "start_layer": 0, "kappa": 0.5, "measured": {"chair_s": 0.4}},
+        ],
+    }
+    doc.update(overrides)
+    return doc
+
+
+def model_folder(tmp_path: Path, layers: int = 4, presets: dict[str, Any] | str | None = None) -> Path:
+    """A model folder with just a config.json of `layers` decoder layers and, if given, a presets file."""
+    from models.presets import PRESETS_FILE
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llava", "text_config": {"num_hidden_layers": layers}})
+    )
+    if presets is not None:
+        text = presets if isinstance(presets, str) else json.dumps(presets)
+        (tmp_path / PRESETS_FILE).write_text(text)
+    return tmp_path

@@ -37,6 +37,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from models.conservativeness import AlignmentParamError
 from models.contrastive import contrast_logits
 from models.families import eos_token_ids, find_spec, image_token_id, text_config
+from models.presets import load_knob_map
 from models.sampling import apply_penalties, sample_token
 from models.vllm_plugin.params import SEED_KEY, has_sevi_args, parse_row_request
 from models.vllm_plugin.state import STATE, Row
@@ -76,7 +77,12 @@ class SeviLogitsProcessor(LogitsProcessor):
             raise ValueError(str(err)) from err
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        STATE.configure(**model_facts(vllm_config.model_config.hf_config))
+        # A model folder's sevi_presets.json sets what `conservativeness` means for it (a bad file stops
+        # vLLM's start-up here, naming the field); a hub id or a folder without one keeps the paper's map.
+        STATE.configure(
+            **model_facts(vllm_config.model_config.hf_config),
+            knob_map=load_knob_map(vllm_config.model_config.model),
+        )
         self._pairs: dict[str, list[int | None]] = {}  # pair id -> [main index, contrast index]
         self._generators: OrderedDict[str, torch.Generator] = OrderedDict()
 
@@ -105,7 +111,7 @@ class SeviLogitsProcessor(LogitsProcessor):
         if not has_sevi_args(extra):
             return None
         try:
-            request = parse_row_request(extra, STATE.num_layers)
+            request = parse_row_request(extra, STATE.num_layers, STATE.knob_map)
         except AlignmentParamError:  # validated in the front end already; never fail a worker step
             return None
         mask = np.asarray(prompt_ids, dtype=np.int64) == STATE.image_token_id

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.conservativeness import AlignmentParamError, AlignmentParams, resolve_alignment
+from models.presets import KnobMap
 
 KNOB_KEYS = ("conservativeness", "omega", "start_layer", "kappa")
 ROLE_KEY = "sevi_role"
@@ -54,8 +55,14 @@ def has_sevi_args(extra: Mapping[str, Any] | None) -> bool:
     return bool(extra) and any(k in extra for k in (*KNOB_KEYS, ROLE_KEY, PAIR_KEY))  # type: ignore[operator]
 
 
-def parse_row_request(extra: Mapping[str, Any] | None, num_layers: int | None = None) -> RowRequest:
-    """Validate and resolve the SEVI keys of `extra_args`; raises AlignmentParamError on bad values."""
+def parse_row_request(
+    extra: Mapping[str, Any] | None, num_layers: int | None = None, knob_map: KnobMap | None = None
+) -> RowRequest:
+    """Validate and resolve the SEVI keys of `extra_args`; raises AlignmentParamError on bad values.
+
+    `knob_map`: the served model's own map (its `sevi_presets.json`), which the worker reads at start-up, so
+    `vllm serve` users' `conservativeness` means what it means in our server; None is the paper's map.
+    """
     if not extra:
         return RowRequest(None, None, None, None)
     depth = num_layers if num_layers is not None else UNKNOWN_DEPTH
@@ -67,6 +74,7 @@ def parse_row_request(extra: Mapping[str, Any] | None, num_layers: int | None = 
             omega=_number(extra, "omega"),
             start_layer=_integer(extra, "start_layer"),
             kappa=_number(extra, "kappa"),
+            knob_map=knob_map,
         )
     role = extra.get(ROLE_KEY)
     pair = extra.get(PAIR_KEY)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,34 +11,7 @@ import pytest
 
 from models.conservativeness import AlignmentParamError, resolve_alignment
 from models.presets import PAPER_MAP, PRESETS_FILE, KnobMap, PresetsError, load_knob_map, parse_presets
-from tests.helpers import REPO
-
-
-def presets_doc(**overrides: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "format": 1,
-        "balanced": 0.4,
-        "focused": 1.0,
-        "contrast": True,
-        "knots": [
-            {"c": 0.0, "omega": 0.0, "start_layer": 3, "kappa": 0.2},
-            {"c": 0.4, "omega": 1.0, "start_layer": 3, "kappa": 0.2},
-            {"c": 1.0, "omega": 3.0, "start_layer": 0, "kappa": 0.5, "measured": {"chair_s": 0.4}},
-        ],
-    }
-    doc.update(overrides)
-    return doc
-
-
-def model_folder(tmp_path: Path, layers: int = 4, presets: dict[str, Any] | str | None = None) -> Path:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config.json").write_text(
-        json.dumps({"model_type": "llava", "text_config": {"num_hidden_layers": layers}})
-    )
-    if presets is not None:
-        text = presets if isinstance(presets, str) else json.dumps(presets)
-        (tmp_path / PRESETS_FILE).write_text(text)
-    return tmp_path
+from tests.helpers import REPO, model_folder, presets_doc
 
 
 def test_absent_file_is_the_paper_map(tmp_path: Path) -> None:
