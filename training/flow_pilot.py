@@ -15,11 +15,8 @@ any long training. The changes:
   at the top left."). A longer text side is what makes text-side attention diffuse, i.e. heads "global".
 - `--qa-share`: that share of the samples asks "Is there a X in this image?" and answers it: the question
   token X (a text position) has to gather what the image says about X.
-- `--image-drop P`: in that share of the samples, the text side (every position after the image) cannot attend
-  to the image tokens in the upper half of the decoder layers (from `--image-drop-from`, default depth / 2);
-  the lower layers read the image as always. Training only: the served model attends as any LLaVA does. In
-  LLaVA-1.5 the upper layers read the image through the text side (the instruction and the tokens generated
-  so far), not the image tokens; this asks the small model to carry the image there too.
+- `--image-drop P`: `training.image_drop` on that share of the samples, from layer `--image-drop-from`
+  (default depth / 2): the text side cannot read the image tokens in the upper layers (training only).
 - `--init-from DIR`: start from another run's `ckpt.pt` weights (fresh optimiser, schedule and log), with
   `--sample-offset` moving the data stream past what that run saw.
 - model size: `--text-layers`, `--text-heads`, `--text-kv-heads`, `--text-intermediate`, `--patch`. Head
@@ -43,6 +40,7 @@ import torch
 
 from models.tiny import LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
 from training import scenes
+from training.image_drop import ImageDrop
 from training.train_bundled import (
     CLIP_MEAN,
     CLIP_STD,
@@ -180,58 +178,6 @@ def qa_pair(scene: scenes.Scene, r: np.random.Generator) -> tuple[str, str]:
     return f"Is there {art} {noun} in this image?", answer
 
 
-DROP_ATTN = "pilot_image_drop"
-# [batch, query, key] True where the position may not read that key in the upper layers; set per batch.
-_blocked: torch.Tensor | None = None
-_drop_from = 0
-
-
-def image_drop_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """SDPA, with the image keys hidden from the text side in layers >= `_drop_from` for the chosen samples."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    layer = getattr(module, "layer_idx", -1)
-    if _blocked is not None and layer >= _drop_from:
-        q_len, k_len = query.shape[2], key.shape[2]
-        if attention_mask is None:
-            causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
-            attention_mask = causal[None, None].expand(query.shape[0], 1, q_len, k_len)
-        block = _blocked[:, None, -q_len:, -k_len:]
-        if attention_mask.dtype == torch.bool:
-            attention_mask = attention_mask & ~block
-        else:
-            attention_mask = attention_mask.masked_fill(block, torch.finfo(attention_mask.dtype).min)
-        kwargs.pop("is_causal", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
-
-
-def use_image_drop(model: Any, from_layer: int) -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    global _drop_from
-    AttentionInterface.register(DROP_ATTN, image_drop_attention)
-    AttentionMaskInterface.register(DROP_ATTN, sdpa_mask)
-    model.config.get_text_config(decoder=True)._attn_implementation = DROP_ATTN
-    _drop_from = from_layer
-
-
-def image_blocks(ids: torch.Tensor, image_id: int, chosen: torch.Tensor) -> torch.Tensor:
-    """[batch, seq, seq]: for chosen rows, positions after the last image token may not read image tokens."""
-    is_img = ids == image_id
-    pos = torch.arange(ids.shape[1])
-    last = torch.where(is_img, pos, -1).amax(dim=1)  # [batch]
-    after = pos[None, :] > last[:, None]
-    return chosen[:, None, None] & after[:, :, None] & is_img[:, None, :]
-
-
 class PilotBatcher(Batcher):
     """`train_bundled.Batcher` with the variant's prompts and captions."""
 
@@ -303,8 +249,9 @@ def train(args: argparse.Namespace) -> Path:
     if args.init_from:
         init = torch.load(Path(args.init_from) / "ckpt.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(init["model"])
-    if variant.image_drop:
-        use_image_drop(model, variant.image_drop_from)
+    drop = ImageDrop(variant.image_drop, variant.image_drop_from, args.seed) if variant.image_drop else None
+    if drop is not None:
+        drop.attach(model)
     image_id = int(model.config.image_token_index)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -337,10 +284,8 @@ def train(args: argparse.Namespace) -> Path:
             group["lr"] = lr
         first = args.sample_offset + step * args.batch
         inputs = batcher.batch(range(first, first + args.batch))
-        global _blocked
-        if variant.image_drop:
-            pick = torch.rand(args.batch, generator=torch.Generator().manual_seed(args.seed * 100_003 + step))
-            _blocked = image_blocks(inputs["input_ids"], image_id, pick < variant.image_drop)
+        if drop is not None:
+            drop.choose(inputs["input_ids"], image_id, step)
         loss = model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -364,11 +309,11 @@ def train(args: argparse.Namespace) -> Path:
             meta["elapsed_s"] = time.time() - start
             _save_ckpt(ckpt, model, opt, step, meta)
             model.eval()
-            # The folder is served by stock LLaVA attention: the training-only mask is not part of the model.
-            model.config.get_text_config(decoder=True)._attn_implementation = "sdpa"
+            if drop is not None:
+                drop.detach(model)  # the folder is a stock LLaVA: the training-only mask is not part of it
             save_model_dir(model, processor, out / "latest")
-            if variant.image_drop:
-                use_image_drop(model, variant.image_drop_from)
+            if drop is not None:
+                drop.attach(model)
             model.train()
     return out / "latest"
 

@@ -3,6 +3,8 @@
     python -m training.train_bundled --out runs/bundled --steps 2400 --threads 2
     python -m training.train_bundled --out runs/bundled --steps 2400 --threads 2   # resumes from runs/bundled
     python -m training.train_bundled --out runs/bundled --export models/bundled   # ship the run's weights
+    python -m training.train_bundled --out runs/bundled-v2 --init-from models/bundled --sample-offset 96000 \
+        --image-drop 0.9 --steps 400 --lr 1e-3 --warmup 20    # a second stage with image drop
 
 Architecture (issue 5): LlavaForConditionalGeneration with a CLIP vision tower (96 px, patch 16: 36
 image tokens; the last vision layer feeds the projector because the tower is shallow) and a Llama
@@ -12,7 +14,10 @@ processor come from `models.tiny`, so the model folder loads in transformers and
 Training data is the seeded, unbounded `train` stream: sample i of the run is scene i, so a run is
 reproducible and resumes exactly from a step number. The prompt is the serving prompt (chat template,
 image, one of a few "describe this image" phrasings); the loss covers the caption tokens and the
-end-of-sequence token only. Every `--save-every` steps the script writes `ckpt.pt` (model, optimizer,
+end-of-sequence token only. `--image-drop P` hides the image tokens from the text side in the upper
+layers for that share of the samples (`training.image_drop`); `--init-from` starts from a model folder's
+or a run's weights (a second stage), `--sample-offset` moves the data stream past what they saw. Every
+`--save-every` steps the script writes `ckpt.pt` (model, optimizer,
 step) and a loadable model folder `latest/`; `loss.jsonl` logs the loss curve.
 """
 
@@ -33,6 +38,7 @@ from tqdm import tqdm
 
 from models.tiny import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
 from training import scenes
+from training.image_drop import ImageDrop
 
 # Serving prompts: the first is the CHAIR protocol's; the others keep the model from keying on one text.
 PROMPTS = (
@@ -220,6 +226,12 @@ def train(args: argparse.Namespace) -> Path:
     cfg = MICRO if args.micro else ModelConfig()
     processor = build_processor(cfg)
     model = build_model(cfg, processor.tokenizer, args.seed)
+    if args.init_from:
+        model.load_state_dict(initial_weights(args.init_from))
+    drop = None
+    if args.image_drop:
+        drop = ImageDrop(args.image_drop, args.image_drop_from or cfg.text_layers // 2, args.seed)
+        drop.attach(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     hparams = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads")}
@@ -247,7 +259,10 @@ def train(args: argparse.Namespace) -> Path:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = batcher.batch(range(step * args.batch, (step + 1) * args.batch))
+        first = args.sample_offset + step * args.batch
+        batch = batcher.batch(range(first, first + args.batch))
+        if drop is not None:
+            drop.choose(batch["input_ids"], batcher.image_id, step)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,11 +287,25 @@ def train(args: argparse.Namespace) -> Path:
             meta["elapsed_s"] = time.time() - start
             _save_ckpt(ckpt, model, opt, step, meta)
             model.eval()
+            if drop is not None:
+                drop.detach(model)  # the folder is a stock LLaVA: the training-only mask is not part of it
             save_model_dir(model, processor, out / "latest")
             (out / "latest" / "train_state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+            if drop is not None:
+                drop.attach(model)
             model.train()
     bar.close()
     return out / "latest"
+
+
+def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """Weights to start from: a run folder's `ckpt.pt`, or a model folder (e.g. `models/bundled`)."""
+    source = Path(source)
+    if (source / "ckpt.pt").exists():
+        return torch.load(source / "ckpt.pt", map_location="cpu", weights_only=False)["model"]  # type: ignore[no-any-return]
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).state_dict()  # type: ignore[no-any-return]
 
 
 def export(run: str | Path, dst: str | Path) -> Path:
@@ -339,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--bar-interval", type=float, default=10.0, help="seconds between progress-bar refreshes")
     p.add_argument("--micro", action="store_true", help="a micro model, for tests")
+    p.add_argument("--init-from", metavar="DIR", help="start from these weights: a model folder or a run folder")
+    p.add_argument("--sample-offset", type=int, default=0, help="first training scene (past what --init-from saw)")
+    p.add_argument("--image-drop", type=float, default=0.0, help="share of samples trained with image drop")
+    p.add_argument("--image-drop-from", type=int, default=0, help="first layer of the drop (default: depth / 2)")
     return p
 
 
