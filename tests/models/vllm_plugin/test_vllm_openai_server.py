@@ -11,7 +11,9 @@ no contrastive decoding). Tokens are compared by id (`return_token_ids`) and as 
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ from models.generation import (  # noqa: E402
     run_to_completion,
     user_message,
 )
+from models.presets import PRESETS_FILE  # noqa: E402
 from tests.helpers import REPO, image_message, png_bytes  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -186,3 +189,33 @@ def test_bad_values_are_a_400(server: Server, xargs: dict[str, Any], word: str) 
     resp = chat(server, png_bytes(1), xargs)
     assert resp.status_code == 400, resp.text
     assert word in resp.json()["error"]["message"]
+
+
+def test_the_served_folder_s_presets_set_what_the_knob_means(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path, ref: ReferenceModel
+) -> None:
+    """A model folder's sevi_presets.json is read by vLLM's worker: `balanced` there means the file's
+    knot (EXPLICIT's numbers), not the paper's map, as in sevi-serve's own server."""
+    folder = tmp_path / "tiny-llava"
+    shutil.copytree(tiny_model_dir("llava"), folder)
+    knots = [
+        {"c": 0.0, "omega": 0.0, "start_layer": 1, "kappa": 0.6},
+        {"c": 0.5, "omega": 3.0, "start_layer": 1, "kappa": 0.6},
+        {"c": 1.0, "omega": 3.0, "start_layer": 1, "kappa": 0.6},
+    ]
+    doc = {"format": 1, "balanced": 0.5, "focused": 1.0, "contrast": False, "knots": knots}
+    (folder / PRESETS_FILE).write_text(json.dumps(doc))
+    (tmp_path / "logs").mkdir()
+    srv = vllm_server(folder, tmp_path / "logs")
+    try:
+        srv.wait_ready(START_TIMEOUT_S)
+        png = png_bytes(3)
+        resp = chat(srv, png, {"conservativeness": "balanced"})
+        plain = chat(srv, png, None)
+    finally:
+        srv.stop()
+    assert resp.status_code == 200 and plain.status_code == 200, (resp.text, plain.text)
+    want_ids, _ = reference(ref, png, explicit(ref.num_layers, 0.5))
+    assert generated_ids(resp.json()["choices"][0], ref) == want_ids
+    # Not vacuous: the paper's balanced leaves this model's output as it is (see EXPLICIT), the file's does not.
+    assert generated_ids(plain.json()["choices"][0], ref) != want_ids
