@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,21 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.tiny import LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
-from training import scenes
+from training import scenes, train_bundled
 from training.image_drop import ImageDrop
-from training.train_bundled import (
-    CLIP_MEAN,
-    CLIP_STD,
-    PROMPTS,
-    Batcher,
-    ModelConfig,
-    _save_ckpt,
-    _trim_log,
-    build_model,
-    lr_at,
-    vocabulary,
-)
+from training.train_bundled import PROMPTS, Batcher, ModelConfig, Run, build_model, fit, initial_weights, vocabulary
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
@@ -119,25 +106,8 @@ def pilot_vocabulary() -> list[str]:
 
 
 def build_processor(cfg: ModelConfig, variant: Variant) -> Any:
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tok = make_word_tokenizer(pilot_vocabulary(), LLAVA_SPECIALS, bos="<s>", eos="</s>")
-    improc = CLIPImageProcessorPil(
-        size={"shortest_edge": cfg.image_size},
-        crop_size={"height": cfg.image_size, "width": cfg.image_size},
-        do_center_crop=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    return LlavaProcessor(
-        image_processor=improc,
-        tokenizer=tok,
-        patch_size=cfg.patch,
-        vision_feature_select_strategy="default",
-        chat_template=chat_template(variant.system_prompt),
-        num_additional_image_tokens=1,
-    )
+    """The bundled model's processor with the pilots' vocabulary and the variant's chat template."""
+    return train_bundled.build_processor(cfg, pilot_vocabulary(), chat_template(variant.system_prompt))
 
 
 def where(box: tuple[int, int, int, int]) -> str:
@@ -226,8 +196,6 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = _model_config(args)
     variant = Variant(
         args.system_prompt,
@@ -247,75 +215,15 @@ def train(args: argparse.Namespace) -> Path:
         gen, model = model.generation_config, type(model)(model.config)
         model.generation_config = gen
     if args.init_from:
-        init = torch.load(Path(args.init_from) / "ckpt.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(init["model"])
+        model.load_state_dict(initial_weights(args.init_from))
     drop = ImageDrop(variant.image_drop, variant.image_drop_from, args.seed) if variant.image_drop else None
-    if drop is not None:
-        drop.attach(model)
-    image_id = int(model.config.image_token_index)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     meta: dict[str, Any] = {
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "threads")},
         "model": asdict(cfg),
         "variant": asdict(variant),
-        "elapsed_s": 0.0,
     }
-    ckpt = out / "ckpt.pt"
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["meta"].get("model") != meta["model"] or state["meta"].get("variant") != meta["variant"]:
-            raise SystemExit(f"{ckpt} was written for another pilot; use a new --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        meta["elapsed_s"] = float(state["meta"].get("elapsed_s", 0.0))
-    log = out / "loss.jsonl"
-    _trim_log(log, step)
-    n_params = sum(p.numel() for p in model.parameters())
-    (out / "run.json").write_text(json.dumps({**meta, "params": n_params}, indent=1))
     batcher = PilotBatcher(processor, cfg, args.data_seed, variant)
-    start = time.time() - meta["elapsed_s"]
-    window: list[float] = []
-    while step < args.steps:
-        lr = lr_at(step, args.lr, args.warmup, args.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        first = args.sample_offset + step * args.batch
-        inputs = batcher.batch(range(first, first + args.batch))
-        if drop is not None:
-            drop.choose(inputs["input_ids"], image_id, step)
-        loss = model(**inputs).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        window.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps:
-            row = {
-                "step": step,
-                "loss": round(sum(window) / len(window), 5),
-                "lr": lr,
-                "samples": step * args.batch,
-                "elapsed_s": round(time.time() - start, 1),
-            }
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-            window = []
-        if step % args.save_every == 0 or step == args.steps:
-            meta["elapsed_s"] = time.time() - start
-            _save_ckpt(ckpt, model, opt, step, meta)
-            model.eval()
-            if drop is not None:
-                drop.detach(model)  # the folder is a stock LLaVA: the training-only mask is not part of it
-            save_model_dir(model, processor, out / "latest")
-            if drop is not None:
-                drop.attach(model)
-            model.train()
-    return out / "latest"
+    return fit(Run(model, processor, batcher, meta, identity=("model", "variant"), drop=drop), args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--bar-interval", type=float, default=10.0, help="seconds between progress-bar refreshes")
     p.add_argument("--system-prompt", action="store_true")
     p.add_argument("--long-captions", action="store_true")
     p.add_argument("--qa-share", type=float, default=0.0)

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,15 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def build_processor(cfg: ModelConfig) -> Any:
-    """LlavaProcessor: word tokenizer, chat template, PIL CLIP image processor sized to the scenes."""
+def build_processor(
+    cfg: ModelConfig, words: Sequence[str] | None = None, chat_template: str = LLAVA_CHAT_TEMPLATE
+) -> Any:
+    """LlavaProcessor: word tokenizer (`words`, default this model's vocabulary), chat template, PIL CLIP
+    image processor sized to the scenes."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tok = make_word_tokenizer(vocabulary(), LLAVA_SPECIALS, bos="<s>", eos="</s>")
+    tok = make_word_tokenizer(list(words or vocabulary()), LLAVA_SPECIALS, bos="<s>", eos="</s>")
     improc = CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
@@ -99,7 +103,7 @@ def build_processor(cfg: ModelConfig) -> Any:
         tokenizer=tok,
         patch_size=cfg.patch,
         vision_feature_select_strategy="default",
-        chat_template=LLAVA_CHAT_TEMPLATE,
+        chat_template=chat_template,
         num_additional_image_tokens=1,
     )
 
@@ -219,38 +223,44 @@ def _trim_log(log: Path, step: int) -> None:
         log.write_text("".join(r + "\n" for r in rows))
 
 
-def train(args: argparse.Namespace) -> Path:
-    torch.set_num_threads(args.threads)
+@dataclass
+class Run:
+    """One training run: what `fit` trains and how its checkpoint is recognised on resume."""
+
+    model: Any
+    processor: Any
+    batcher: Batcher
+    meta: dict[str, Any]  # args, model config, ...: written to run.json and every checkpoint
+    identity: tuple[str, ...] = ("model",)  # meta keys a checkpoint must match to be resumed
+    drop: ImageDrop | None = None
+
+
+def fit(run: Run, args: argparse.Namespace) -> Path:
+    """The training loop of the bundled model and the pilots: AdamW, warm-up + cosine, gradient clip 1,
+    `loss.jsonl`, `ckpt.pt` and a loadable `latest/` every `--save-every` steps; resumes from `ckpt.pt`."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = MICRO if args.micro else ModelConfig()
-    processor = build_processor(cfg)
-    model = build_model(cfg, processor.tokenizer, args.seed)
-    if args.init_from:
-        model.load_state_dict(initial_weights(args.init_from))
-    drop = None
-    if args.image_drop:
-        drop = ImageDrop(args.image_drop, args.image_drop_from or cfg.text_layers // 2, args.seed)
+    model, drop, meta = run.model, run.drop, {**run.meta, "elapsed_s": 0.0}
+    image_id = run.batcher.image_id
+    if drop is not None:
         drop.attach(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    hparams = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads")}
-    meta: dict[str, Any] = {"args": hparams, "model": asdict(cfg), "elapsed_s": 0.0}
     ckpt = out / "ckpt.pt"
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        for key in run.identity:
+            if state["meta"].get(key) != meta[key]:
+                raise SystemExit(f"{ckpt} was written for another run (its {key} differs); use a new --out")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         meta["elapsed_s"] = float(state["meta"].get("elapsed_s", 0.0))
-        if state["meta"].get("model") != meta["model"]:
-            raise SystemExit(f"{ckpt} was written for another model config; use a new --out")
     log = out / "loss.jsonl"
     _trim_log(log, step)
     n_params = sum(p.numel() for p in model.parameters())
     (out / "run.json").write_text(json.dumps({**meta, "params": n_params}, indent=1))
-    batcher = Batcher(processor, cfg, args.data_seed)
 
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=args.bar_interval, dynamic_ncols=True)
     start = time.time() - meta["elapsed_s"]
@@ -260,9 +270,9 @@ def train(args: argparse.Namespace) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         first = args.sample_offset + step * args.batch
-        batch = batcher.batch(range(first, first + args.batch))
+        batch = run.batcher.batch(range(first, first + args.batch))
         if drop is not None:
-            drop.choose(batch["input_ids"], batcher.image_id, step)
+            drop.choose(batch["input_ids"], image_id, step)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -289,13 +299,28 @@ def train(args: argparse.Namespace) -> Path:
             model.eval()
             if drop is not None:
                 drop.detach(model)  # the folder is a stock LLaVA: the training-only mask is not part of it
-            save_model_dir(model, processor, out / "latest")
+            save_model_dir(model, run.processor, out / "latest")
             (out / "latest" / "train_state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
             if drop is not None:
                 drop.attach(model)
             model.train()
     bar.close()
     return out / "latest"
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    cfg = MICRO if args.micro else ModelConfig()
+    processor = build_processor(cfg)
+    model = build_model(cfg, processor.tokenizer, args.seed)
+    if args.init_from:
+        model.load_state_dict(initial_weights(args.init_from))
+    drop = None
+    if args.image_drop:
+        drop = ImageDrop(args.image_drop, args.image_drop_from or cfg.text_layers // 2, args.seed)
+    hparams = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads")}
+    meta: dict[str, Any] = {"args": hparams, "model": asdict(cfg)}
+    return fit(Run(model, processor, Batcher(processor, cfg, args.data_seed), meta, drop=drop), args)
 
 
 def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
