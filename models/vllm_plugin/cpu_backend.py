@@ -28,9 +28,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from models.alignment_dispatch import compiled_operator, compiled_sharded
 from models.kernels.paged_kv import kernel
+from models.vllm_plugin.aligned_impl import AlignedImpl
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_read import PagedKV
-from models.vllm_plugin.plan import RowSet, layer_index, step_plan
+from models.vllm_plugin.plan import RowSet
 from models.vllm_plugin.rows import align_layer
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
@@ -172,10 +173,7 @@ def cpu_kv(kv_cache: torch.Tensor, isa: str, head_size: int) -> PagedKV:
     return ordered_cpu_kv(kv_cache, *cache_order(isa, kv_cache.dtype, kv_cache.shape[2], head_size))
 
 
-class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
-    _layer: int | None = None  # decoder layer number; None: not a layer SEVI aligns (encoder, unnamed)
-    _layer_known = False
-    _plain = False  # plain causal attention, the only kind the recomputation reproduces
+class SeviCPUAttentionImpl(AlignedImpl, CPUAttentionBackendImpl):
     _paged: tuple[torch.Tensor, PagedKV] | None = None  # this layer's cache tensor and its block views
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -200,13 +198,7 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
         output_scale=None,
         output_block_scale=None,
     ) -> torch.Tensor:
-        plan = rows = None
-        if attn_metadata is not None and STATE.rows:
-            if not self._layer_known:
-                self._know(layer)
-            if self._layer is not None:
-                plan = step_plan(STATE, attn_metadata, kv_cache.shape[2], _CPU)
-                rows = plan.rows_at(self._layer) if plan is not None else None
+        plan, rows = self._plan_rows(layer, attn_metadata, kv_cache, _CPU)
         # The stock kernel computes only the rows that are not aligned here (the cache write is a separate
         # op, do_kv_cache_update): when every row is aligned it is skipped, when some sequences' whole
         # query is aligned it runs on the others (cpu_stock.py), else on every row.
@@ -251,17 +243,6 @@ class SeviCPUAttentionImpl(CPUAttentionBackendImpl):
                 kv_cache_dtype=self.kv_cache_dtype,
             )
         return rows.derived["stock"]  # type: ignore[no-any-return]
-
-    def _know(self, layer: Any) -> None:
-        """What does not change between steps, found at the first forward (the layer name comes with it)."""
-        self._layer = layer_index(getattr(layer, "layer_name", "")) if self.attn_type == "decoder" else None
-        self._plain = (
-            self.alibi_slopes is None
-            and self.sliding_window in (-1, None)
-            and not self.logits_soft_cap
-            and self.sinks is None
-        )
-        self._layer_known = True
 
 
 _CPU = torch.device("cpu")

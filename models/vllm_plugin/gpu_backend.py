@@ -29,8 +29,9 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from models.vllm_plugin.aligned_impl import AlignedImpl
 from models.vllm_plugin.paged_read import PagedKV
-from models.vllm_plugin.plan import RowSet, StepMetadata, layer_index, step_plan
+from models.vllm_plugin.plan import RowSet, StepMetadata
 from models.vllm_plugin.rows import align_layer
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
@@ -43,11 +44,7 @@ def paged_flash_kv(kv_cache: torch.Tensor) -> PagedKV:
     return PagedKV(kv_cache[..., :head_size], kv_cache[..., head_size:], False, False)
 
 
-class SeviFlashAttentionImpl(FlashAttentionImpl):
-    _layer: int | None = None
-    _layer_known = False
-    _plain = False  # plain causal attention, the only kind the recomputation reproduces
-
+class SeviFlashAttentionImpl(AlignedImpl, FlashAttentionImpl):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype)
         kv_cache_dtype = str(kwargs["kv_cache_dtype"] if "kv_cache_dtype" in kwargs else args[6])
@@ -71,13 +68,8 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
         output_scale=None,
         output_block_scale=None,
     ) -> torch.Tensor:
-        plan = rows = None
-        if attn_metadata is not None and STATE.rows and self.attn_type == "decoder":
-            if not self._layer_known:
-                self._know(layer)
-            if self._layer is not None:
-                plan = step_plan(STATE, attn_metadata.sevi_step, kv_cache.shape[2], query.device)
-                rows = plan.rows_at(self._layer) if plan is not None else None
+        step_md = getattr(attn_metadata, "sevi_step", None)  # None: no metadata, or not a SEVI step (encoder)
+        plan, rows = self._plan_rows(layer, step_md, kv_cache, query.device)
         # FlashAttention for the rows that are not aligned here: skipped when every row is (a decode step with
         # SEVI on for the whole batch: the cache write is vLLM's separate do_kv_cache_update), told to read no
         # keys for the wholly aligned sequences in mixed steps, on every row where the layer is not plain.
@@ -124,17 +116,6 @@ class SeviFlashAttentionImpl(FlashAttentionImpl):
             )
             rows.derived["flash"] = unaligned_metadata(md, rows.batch_row) if subset else md
         return rows.derived["flash"]
-
-    def _know(self, layer: Any) -> None:
-        """What does not change between steps, found at the first forward (the layer name comes with it)."""
-        self._layer = layer_index(getattr(layer, "layer_name", ""))
-        self._plain = (
-            self.alibi_slopes is None
-            and self.sliding_window in (-1, None, (-1, -1))
-            and not self.logits_soft_cap
-            and self.sinks is None
-        )
-        self._layer_known = True
 
 
 def unaligned_metadata(md: Any, batch_row: torch.Tensor) -> Any:
