@@ -168,7 +168,9 @@ class WorkerState:
                 self.step_counts = torch.zeros(
                     self.batch_size, len(TELEMETRY_FIELDS), dtype=torch.long, device=rows.device
                 )
-            self.step_counts.index_add_(0, rows, per_row)
+            # Out of place: vLLM's update_state runs under inference mode, so a tensor made there is an
+            # inference tensor, and `collect` (the engine thread, outside inference mode) may not add to it.
+            self.step_counts = self.step_counts.index_add(0, rows, per_row)
         return self.step_counts
 
     def remove(self, index: int) -> None:

@@ -223,7 +223,11 @@ class QueuedEngine(Engine):
                     break
                 cancels, self._cancels = self._cancels, []
                 admitted = self._admit()
-            self._turn(cancels, admitted)
+            try:
+                self._turn(cancels, admitted)
+            except Exception as exc:  # noqa: BLE001 - a bug in one turn fails the requests it held, not the worker
+                self._log.exception("engine turn failed")
+                self._turn_failed(EngineError(f"{type(exc).__name__}: {exc}"), admitted)
         self._fail_all(EngineNotReady("the server is shutting down"))
 
     @abstractmethod
@@ -241,6 +245,12 @@ class QueuedEngine(Engine):
     @abstractmethod
     def _turn(self, cancels: list[Any], admitted: list[Any]) -> None:
         """One turn of the worker: drop the cancelled jobs, start the admitted ones, step the batch."""
+
+    @abstractmethod
+    def _turn_failed(self, err: EngineError, admitted: list[Any]) -> None:
+        """A turn raised past the engine's own error handling: end every running job and this turn's admitted
+        ones with `err` (a 500 to their clients) and leave the batch empty, so the worker serves on. Without
+        it the worker thread died and every request then waited out its deadline."""
 
     @abstractmethod
     def _fail_all(self, exc: BaseException) -> None:

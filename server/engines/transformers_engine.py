@@ -275,6 +275,14 @@ class TransformersEngine(QueuedEngine):
         for job in jobs:
             self._finish(job, err)
 
+    def _turn_failed(self, err: EngineError, admitted: list[_Job]) -> None:
+        self._failed_batches += 1
+        running = [job for cohort in self._cohorts for job in cohort.jobs.values()]
+        self._cohorts.clear()
+        for job in running + admitted:
+            if not job.finished:  # an admitted job may be in a cohort too, or already refused
+                self._finish(job, err)
+
     def _finish(self, job: _Job, item: BaseException) -> None:
         """End a job that was admitted (counted as running) with an error."""
         if not job.finished:

@@ -453,12 +453,18 @@ class VllmEngine(QueuedEngine):
             self._inflight -= 1
 
     def _step_failed(self, exc: BaseException) -> None:
-        self._failed += 1
         log.error("vLLM step failed", exc_info=exc)
-        err = EngineError(f"{type(exc).__name__}: {exc}")
-        for job in list(self._jobs.values()):
+        self._turn_failed(EngineError(f"{type(exc).__name__}: {exc}"), [])
+
+    def _turn_failed(self, err: EngineError, admitted: list[_Job]) -> None:
+        self._failed += 1
+        # A job still held here has not had its final event posted, even where `finished` is already set (the
+        # turn may have raised while making that event); an admitted job not held never reached vLLM.
+        running = list(self._jobs.values())
+        held = {id(job) for job in running}
+        for job in running + [j for j in admitted if id(j) not in held and not j.finished]:
             job.finished = True
-            self._release(job, vllm_done=False)
+            self._release(job, vllm_done=False)  # stops its rows in vLLM (and its contrast row)
             self._post(job, err)
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -91,3 +91,26 @@ def test_a_row_replaced_by_a_condensing_move_files_its_telemetry() -> None:
     proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[], moved=[move]))
     assert STATE.collect("left") == {"aligned_rows": 1, "stage1_rows": 1, "stage2_rows": 1, "heads_reweighted": 2}
     assert STATE.collect("stays") == {"aligned_rows": 1, "stage1_rows": 1, "stage2_rows": 1, "heads_reweighted": 2}
+
+
+def test_a_finished_row_is_collected_outside_inference_mode_after_counting_inside_it() -> None:
+    """vLLM runs the forward and update_state under torch.inference_mode, and the engine thread collects a
+    finished request's telemetry outside it. Once a long unchanged batch has counted its pending layers
+    (inside inference mode), the last step's layers are added at collection: this raised "Inplace update to
+    inference tensor outside InferenceMode" and killed the server's engine thread (a 16-layer model at 32
+    tokens; LLaVA-1.5's 32 layers at 16)."""
+    from models.vllm_plugin import state
+
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, omega=2.0, start_layer=1), key="done")
+    add_rows(proc, [(0, on, [1, PLUGIN_IMAGE, 7], [])], 1)
+    moved = torch.tensor([[True, False, True, False]])
+    steps = state._MAX_PENDING // 3 + 2  # past the pending bound: counted mid-way, under inference mode
+    for _ in range(steps):
+        with torch.inference_mode():
+            for _ in range(3):
+                STATE.record(torch.tensor([0]), moved, moved)
+            proc.update_state(None)
+    assert STATE.step_counts is not None and STATE.pending  # counted once, the last layers still pending
+    n = 3 * steps
+    assert STATE.collect("done") == {"aligned_rows": n, "stage1_rows": n, "stage2_rows": n, "heads_reweighted": 4 * n}

@@ -9,6 +9,7 @@ head group is populated: omega 3, start layer 1, kappa 0.6 does it here).
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -419,3 +420,54 @@ def test_ignore_eos_runs_to_max_tokens(live: LiveServer, monkeypatch: pytest.Mon
     assert finish == "stop" and len(stopped) <= 3
     kept, finish = run("kept", ignore_eos=True)
     assert kept == full and finish == "length"
+
+
+def _last_event(live: LiveServer, rid: str, params: AlignmentParams, max_tokens: int = 8) -> Any:
+    req = GenerationRequest(
+        rid, user_message(DESCRIBE_PROMPT), [random_image(1)], params, SamplingParams(max_tokens=max_tokens)
+    )
+
+    async def go() -> Any:
+        last = None
+        async for ev in live.engine.generate(req):
+            last = ev
+        return last
+
+    return asyncio.run(asyncio.wait_for(go(), 120))  # a dead worker thread would leave it waiting
+
+
+def test_telemetry_counted_under_inference_mode_is_collected(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found serving a 16-layer model: once an unchanged batch had counted its pending layers (inside vLLM's
+    inference mode), collecting a finished request's telemetry raised and killed the engine thread, and every
+    request after it waited out its deadline. The count must also not depend on when it is taken."""
+    from models.vllm_plugin import state
+
+    params = resolve_alignment(None, live.engine.num_layers, **EXPLICIT)  # type: ignore[arg-type]
+    counted_at_the_end = _last_event(live, "count-late", params)
+    monkeypatch.setattr(state, "_MAX_PENDING", 1)  # count at every step, under inference mode
+    counted_each_step = _last_event(live, "count-each-step", params)
+    assert counted_each_step.finish_reason is not None
+    assert counted_each_step.telemetry == counted_at_the_end.telemetry
+    assert counted_each_step.telemetry.aligned_rows > 0
+
+
+def test_a_failing_turn_fails_its_requests_and_the_engine_serves_on(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug past the engine's own error handling (here: telemetry collection) ends the requests it held with a
+    500 in the API's error format at once, and the next request is served: the worker thread lives on."""
+    params = resolve_alignment(1.0, live.engine.num_layers)
+    failed_before = live.engine.stats().failed_batches_total
+
+    def broken(job: Any) -> Any:
+        raise RuntimeError("telemetry is broken")
+
+    with monkeypatch.context() as m:
+        m.setattr(live.engine, "_collect_telemetry", broken)
+        with live.client() as c:
+            r = c.post("/caption", json={"image": base64.b64encode(png_bytes(3)).decode(), "max_tokens": 6})
+        assert r.status_code == 500, r.text
+        assert "telemetry is broken" in r.json()["error"]["message"]
+    assert live.engine.stats().failed_batches_total == failed_before + 1
+    assert _last_event(live, "after-the-failure", params).finish_reason is not None
+    assert live.engine.stats().running == 0
