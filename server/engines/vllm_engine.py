@@ -226,12 +226,8 @@ class VllmEngine(QueuedEngine):
         for job in admitted:
             self._add(job)
         if self._jobs:
-            try:
-                outputs = self._engine.step()
-            except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
-                self._step_failed(exc)
-                return
-            self._dispatch(outputs)
+            # A step that raises fails what was running and the worker serves on (QueuedEngine._turn_failed).
+            self._dispatch(self._engine.step())
 
     def _load(self) -> None:
         # Before vLLM is imported and starts workers: they inherit the environment, not this object.
@@ -451,10 +447,6 @@ class VllmEngine(QueuedEngine):
                 self._engine.abort_request(ids)
         if self._jobs.pop(job.main_id, None) is not None:
             self._inflight -= 1
-
-    def _step_failed(self, exc: BaseException) -> None:
-        log.error("vLLM step failed", exc_info=exc)
-        self._turn_failed(EngineError(f"{type(exc).__name__}: {exc}"), [])
 
     def _turn_failed(self, err: EngineError, admitted: list[_Job]) -> None:
         self._failed += 1

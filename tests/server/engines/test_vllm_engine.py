@@ -451,23 +451,27 @@ def test_telemetry_counted_under_inference_mode_is_collected(live: LiveServer, m
     assert counted_each_step.telemetry.aligned_rows > 0
 
 
+@pytest.mark.parametrize("broken", ["vllm_step", "telemetry"])
 def test_a_failing_turn_fails_its_requests_and_the_engine_serves_on(
-    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch, broken: str
 ) -> None:
-    """A bug past the engine's own error handling (here: telemetry collection) ends the requests it held with a
+    """A vLLM step that raises, or a bug past it (telemetry collection), ends the requests the turn held with a
     500 in the API's error format at once, and the next request is served: the worker thread lives on."""
     params = resolve_alignment(1.0, live.engine.num_layers)
     failed_before = live.engine.stats().failed_batches_total
 
-    def broken(job: Any) -> Any:
-        raise RuntimeError("telemetry is broken")
+    def fail(*args: Any) -> Any:
+        raise RuntimeError(f"{broken} is broken")
 
     with monkeypatch.context() as m:
-        m.setattr(live.engine, "_collect_telemetry", broken)
+        if broken == "vllm_step":
+            m.setattr(live.engine._engine, "step", fail)
+        else:
+            m.setattr(live.engine, "_collect_telemetry", fail)
         with live.client() as c:
             r = c.post("/caption", json={"image": base64.b64encode(png_bytes(3)).decode(), "max_tokens": 6})
         assert r.status_code == 500, r.text
-        assert "telemetry is broken" in r.json()["error"]["message"]
+        assert f"{broken} is broken" in r.json()["error"]["message"]
     assert live.engine.stats().failed_batches_total == failed_before + 1
     assert _last_event(live, "after-the-failure", params).finish_reason is not None
     assert live.engine.stats().running == 0
