@@ -185,8 +185,11 @@ DESCRIBE_PROMPT = "Please describe this image in detail."
 EXPLICIT = {"omega": 3.0, "start_layer": 1, "kappa": 0.6}
 
 
-def run_engine(engine: Engine, requests: list[GenerationRequest]) -> dict[str, tuple[list[int], Telemetry]]:
-    """All requests submitted together; generated ids (EOS excluded, as the reference reports) and telemetry."""
+def run_engine(
+    engine: Engine, requests: list[GenerationRequest], timeout: float | None = None
+) -> dict[str, tuple[list[int], Telemetry]]:
+    """All requests submitted together; generated ids (EOS excluded, as the reference reports) and telemetry.
+    With a timeout a stalled engine fails the test instead of hanging it."""
 
     async def one(req: GenerationRequest) -> tuple[list[int], Telemetry]:
         ids: list[int] = []
@@ -202,7 +205,7 @@ def run_engine(engine: Engine, requests: list[GenerationRequest]) -> dict[str, t
     async def all_() -> list[tuple[list[int], Telemetry]]:
         return await asyncio.gather(*(one(r) for r in requests))
 
-    return dict(zip([r.request_id for r in requests], asyncio.run(all_()), strict=True))
+    return dict(zip([r.request_id for r in requests], asyncio.run(asyncio.wait_for(all_(), timeout)), strict=True))
 
 
 def knob_set(layers: int) -> dict[str, AlignmentParams]:

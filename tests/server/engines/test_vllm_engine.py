@@ -31,6 +31,7 @@ from models.generation import (  # noqa: E402
     run_to_completion,
     user_message,
 )
+from models.telemetry import Telemetry  # noqa: E402
 from tests.helpers import (  # noqa: E402
     DESCRIBE_PROMPT,
     EXPLICIT,
@@ -422,18 +423,9 @@ def test_ignore_eos_runs_to_max_tokens(live: LiveServer, monkeypatch: pytest.Mon
     assert kept == full and finish == "length"
 
 
-def _last_event(live: LiveServer, rid: str, params: AlignmentParams, max_tokens: int = 8) -> Any:
-    req = GenerationRequest(
-        rid, user_message(DESCRIBE_PROMPT), [random_image(1)], params, SamplingParams(max_tokens=max_tokens)
-    )
-
-    async def go() -> Any:
-        last = None
-        async for ev in live.engine.generate(req):
-            last = ev
-        return last
-
-    return asyncio.run(asyncio.wait_for(go(), 120))  # a dead worker thread would leave it waiting
+def _run_one(live: LiveServer, rid: str, params: AlignmentParams) -> tuple[list[int], Telemetry]:
+    req = GenerationRequest(rid, user_message(DESCRIBE_PROMPT), [random_image(1)], params, SamplingParams(max_tokens=8))
+    return run_engine(live.engine, [req], timeout=120)[rid]  # a dead worker thread would leave it waiting
 
 
 def test_telemetry_counted_under_inference_mode_is_collected(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -443,12 +435,12 @@ def test_telemetry_counted_under_inference_mode_is_collected(live: LiveServer, m
     from models.vllm_plugin import state
 
     params = resolve_alignment(None, live.engine.num_layers, **EXPLICIT)  # type: ignore[arg-type]
-    counted_at_the_end = _last_event(live, "count-late", params)
+    ids, counted_at_the_end = _run_one(live, "count-late", params)
     monkeypatch.setattr(state, "_MAX_PENDING", 1)  # count at every step, under inference mode
-    counted_each_step = _last_event(live, "count-each-step", params)
-    assert counted_each_step.finish_reason is not None
-    assert counted_each_step.telemetry == counted_at_the_end.telemetry
-    assert counted_each_step.telemetry.aligned_rows > 0
+    ids_again, counted_each_step = _run_one(live, "count-each-step", params)
+    assert ids_again == ids
+    assert counted_each_step == counted_at_the_end
+    assert counted_each_step.aligned_rows > 0
 
 
 @pytest.mark.parametrize("broken", ["vllm_step", "telemetry"])
@@ -473,5 +465,5 @@ def test_a_failing_turn_fails_its_requests_and_the_engine_serves_on(
         assert r.status_code == 500, r.text
         assert f"{broken} is broken" in r.json()["error"]["message"]
     assert live.engine.stats().failed_batches_total == failed_before + 1
-    assert _last_event(live, "after-the-failure", params).finish_reason is not None
+    _run_one(live, "after-the-failure", params)  # returns once the final event came (raises on a 500's error)
     assert live.engine.stats().running == 0
