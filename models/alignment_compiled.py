@@ -84,16 +84,20 @@ class CompiledOperator:
 
 
 def _example() -> tuple[torch.Tensor, ...]:
+    # float32 spelt out: the package is traced for its example's dtypes, and vLLM builds it while loading a
+    # model under `set_default_torch_dtype(model dtype)`: a bfloat16 model made a bfloat16 package, cached
+    # under the same name, that returned bfloat16 and wrong head groups to every later float32 caller.
     r, h, k = 3, 4, 20
+    f32 = torch.float32
     gen = torch.Generator().manual_seed(0)
-    keys = torch.rand(r, 1, k, generator=gen)
+    keys = torch.rand(r, 1, k, generator=gen, dtype=f32)
     return (
-        torch.randn(r, h, k, generator=gen),
-        torch.zeros(r, 1, k),
-        (keys < 0.3).float(),
-        (keys > 0.6).float(),
-        torch.full((r, 1), 0.2),
-        torch.full((r, 1, 1), 0.5),
+        torch.randn(r, h, k, generator=gen, dtype=f32),
+        torch.zeros(r, 1, k, dtype=f32),
+        (keys < 0.3).to(f32),
+        (keys > 0.6).to(f32),
+        torch.full((r, 1), 0.2, dtype=f32),
+        torch.full((r, 1, 1), 0.5, dtype=f32),
         torch.tensor([[True], [False], [True]]),
     )
 
@@ -129,7 +133,14 @@ def _program(name: str) -> torch.export.ExportedProgram:
 
 
 def _build(path: Path, name: str = "operator") -> None:
-    torch._inductor.aoti_compile_and_package(_program(name), package_path=str(path))
+    # Constants the traced function makes without a dtype follow the default dtype too: trace in float32
+    # whatever the caller's context (see _example).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch._inductor.aoti_compile_and_package(_program(name), package_path=str(path))
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _package_name(name: str = "operator") -> str:

@@ -98,3 +98,29 @@ def test_turned_off_or_unbuildable_means_eager(
     with caplog.at_level(logging.WARNING, logger="sevi.alignment"):
         assert alignment_compiled.load() is None
     assert "running it eagerly" in caplog.text
+
+
+@pytest.mark.integration
+def test_a_build_under_a_bfloat16_default_dtype_is_the_float32_operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM builds the operator while it loads a model, under `set_default_torch_dtype(model dtype)`. A bfloat16
+    model once made a bfloat16 package under the float32 package's name: every later float32 caller got
+    bfloat16 outputs and other head groups (fails without the float32 example and trace in _build)."""
+    monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "1")
+    monkeypatch.setenv("SEVI_KERNEL_CACHE", str(tmp_path))  # a build is due
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        op = alignment_compiled.load()
+    finally:
+        torch.set_default_dtype(default)
+    assert op is not None
+    scores, rows = _inputs(8, 8, 111, seed=8 * 1000 + 8 * 10 + 111)  # test_compiled_equals_eager's (8, 8, 111)
+    on = torch.ones(8, 1, dtype=torch.bool)
+    args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)
+    got, want = op.run([*args, on]), align_tensors(*args, on=on)
+    assert got[0].dtype == torch.float32
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert torch.equal(g, w)
+    assert bool(want[4].any()) and bool(want[5].any())  # both stages moved heads: the comparison can fail
