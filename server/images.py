@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from server.errors import APIError
+from server.url_safety import UnsafeAddress, checked_address
+
+log = logging.getLogger("sevi.server.images")
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp"}
@@ -106,8 +110,34 @@ def host_allowed(url: str, allowed: list[str]) -> bool:
     return host in names or with_port in names
 
 
-async def fetch_image_bytes(url: str, limits: ImageLimits, allowed: list[str], timeout_s: float, param: str) -> bytes:
-    """GET an allow-listed http(s) URL with a byte cap; no redirects (they could leave the allow-list)."""
+async def pinned_request(
+    url: str, allow_internal: bool, param: str
+) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """The URL to GET (its host replaced by the address that was checked), the Host header and the TLS server name
+    that keep the original name: one resolution, so DNS cannot answer the check and the connection differently."""
+    target = httpx.URL(url)
+    host = target.host
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        address = await checked_address(host, port, allow_internal)
+    except UnsafeAddress as exc:
+        log.warning("image URL refused", extra={"fields": {"host": host, "reason": str(exc)}})
+        raise APIError(
+            400,
+            f"{exc}; internal addresses are refused unless the server sets allow_internal_image_hosts",
+            param=param,
+            code="image_url_forbidden",
+        ) from None
+    headers = {"Host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    return target.copy_with(host=address), headers, extensions
+
+
+async def fetch_image_bytes(
+    url: str, limits: ImageLimits, allowed: list[str], timeout_s: float, param: str, allow_internal: bool = False
+) -> bytes:
+    """GET an allow-listed http(s) URL with a byte cap: only a public address (`url_safety`), the one checked, and
+    no redirects (they could leave the allow-list)."""
     if not host_allowed(url, allowed):
         raise APIError(
             400,
@@ -116,10 +146,12 @@ async def fetch_image_bytes(url: str, limits: ImageLimits, allowed: list[str], t
             param=param,
             code="invalid_image_url",
         )
+    target, headers, extensions = await pinned_request(url, allow_internal, param)
     try:
+        # trust_env=False: an HTTP(S)_PROXY from the environment would resolve the name again, out of our sight.
         async with (
-            httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client,
-            client.stream("GET", url) as resp,
+            httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client,
+            client.stream("GET", target, headers=headers, extensions=extensions) as resp,
         ):
             if resp.status_code != 200:
                 raise APIError(
@@ -147,13 +179,13 @@ async def fetch_image_bytes(url: str, limits: ImageLimits, allowed: list[str], t
 
 
 async def load_image_url(
-    url: str, limits: ImageLimits, allowed: list[str], timeout_s: float, param: str
+    url: str, limits: ImageLimits, allowed: list[str], timeout_s: float, param: str, allow_internal: bool = False
 ) -> Image.Image:
     """An OpenAI `image_url.url` (data URI, or allow-listed http(s)) -> decoded image; decoding off the event loop."""
     if url[:5].lower() == "data:":
         data = decode_base64(url, limits, param)
     elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
-        data = await fetch_image_bytes(url, limits, allowed, timeout_s, param)
+        data = await fetch_image_bytes(url, limits, allowed, timeout_s, param, allow_internal)
     else:
         raise APIError(
             400,

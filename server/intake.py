@@ -63,7 +63,12 @@ class ImageURL:
 
     async def load(self, settings: Settings) -> Image.Image:
         return await load_image_url(
-            self.url, image_limits(settings), settings.allowed_image_hosts, settings.image_fetch_timeout_s, self.param
+            self.url,
+            image_limits(settings),
+            settings.allowed_image_hosts,
+            settings.image_fetch_timeout_s,
+            self.param,
+            allow_internal=settings.allow_internal_image_hosts,
         )
 
 

@@ -171,6 +171,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Most requests waiting for a batch slot; beyond it 503 + Retry-After.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request deadline, queueing included.")
+    engine_dead_exit_after_s: float = Field(
+        5.0,
+        ge=0,
+        description="Once the engine is dead (a worker process or thread gone), /health and /ready answer 503 and "
+        "the process exits with status 3 after this many seconds, for a supervisor to restart it.",
+    )
 
     max_request_bytes: int = Field(20 * MiB, ge=1024, description="Largest request body (413 above).")
     max_image_bytes: int = Field(10 * MiB, ge=1, description="Largest encoded image (413 above).")
@@ -183,6 +189,11 @@ class Settings(BaseSettings):
     allowed_image_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Hosts (host or host:port) that image_url may fetch over http(s); empty = data URIs only.",
+    )
+    allow_internal_image_hosts: bool = Field(
+        False,
+        description="Let allowed_image_hosts reach loopback, private, link-local and other internal addresses "
+        "(refused by default, even for a listed host).",
     )
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for fetching an allow-listed image URL.")
 

@@ -64,7 +64,9 @@ def image_host() -> Iterator[str]:
 
 @pytest.fixture(scope="package")
 def server(llava_dir: Path, image_host: str) -> Iterator[LiveServer]:
-    live = LiveServer(base_settings(llava_dir, allowed_image_hosts=[image_host])).start()
+    # The image host is on loopback: internal addresses must be allowed explicitly (listing it is not enough).
+    settings = base_settings(llava_dir, allowed_image_hosts=[image_host], allow_internal_image_hosts=True)
+    live = LiveServer(settings).start()
     yield live
     live.stop()
 
