@@ -9,12 +9,18 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+# Characters that Python's `str.splitlines` (and so httpx's `aiter_lines`, and `httpx-sse` on it) takes for line
+# ends besides \n and \r: JSON may carry them raw inside strings, which would cut an event's line in two. JSON's
+# own encoders already escape the C0 ones; U+0085, U+2028 and U+2029 are what a model's text brings.
+_LINE_BREAKS = {c: f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+_ESCAPE_LINE_BREAKS = str.maketrans(_LINE_BREAKS)
+
 
 def sse(payload: dict[str, Any] | BaseModel) -> bytes:
-    """One `data:` event: a typed model as its JSON (fields it leaves out stay out), or a plain JSON object."""
-    if isinstance(payload, BaseModel):
-        return b"data: " + payload.model_dump_json().encode() + b"\n\n"
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    """One `data:` event: a typed model as its JSON (fields it leaves out stay out), or a plain JSON object, on one
+    line for any line splitter (`_LINE_BREAKS` escaped; JSON strings read them back as the same characters)."""
+    text = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload, separators=(",", ":"))
+    return b"data: " + text.translate(_ESCAPE_LINE_BREAKS).encode() + b"\n\n"
 
 
 class EventStream(StreamingResponse):
