@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.conservativeness import AlignmentParamError
 from models.generation import RequestError
-from server.engines.base import EngineError, EngineNotReady, EngineOverloaded
+from server.engines.base import EngineDead, EngineError, EngineNotReady, EngineOverloaded
 
 log = logging.getLogger("sevi.server")
 
@@ -74,6 +74,14 @@ def from_exception(exc: BaseException, retry_after_s: int = 1) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="invalid_request")
     if isinstance(exc, EngineOverloaded):
         return APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, EngineDead):  # a retry goes to another replica, or to this one once restarted
+        return APIError(
+            503,
+            f"the engine died ({exc}); this server is restarting",
+            code="engine_dead",
+            type="server_error",
+            headers={"Retry-After": str(retry_after_s)},
+        )
     if isinstance(exc, EngineNotReady):
         return APIError(503, str(exc), code="model_not_ready", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, TimeoutError):

@@ -17,10 +17,17 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 class _EngineCollector(Collector):
     """Reads the engine's counters at scrape time, so the engine needs no knowledge of Prometheus."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], up: Callable[[], bool] | None) -> None:
         self._stats = stats
+        self._up = up
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        if self._up is not None:
+            yield GaugeMetricFamily(
+                "sevi_engine_up",
+                "1 while the engine is alive (loading or serving); 0 once it is dead or failed to load. Alert on 0.",
+                value=1 if self._up() else 0,
+            )
         s = self._stats()
         if s is None:
             return
@@ -47,7 +54,9 @@ class _VllmCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(
+        self, engine_stats: Callable[[], EngineStats | None], engine_up: Callable[[], bool] | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -92,5 +101,5 @@ class Metrics:
             registry=r,
         )
         self.cancelled = Counter("sevi_cancelled_requests", "Requests cancelled by the server.", ["reason"], registry=r)
-        r.register(_EngineCollector(engine_stats))
+        r.register(_EngineCollector(engine_stats, engine_up))
         r.register(_VllmCollector())

@@ -14,6 +14,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,11 +73,14 @@ IMAGE_SERVER_PATH = "/pic.png"
 
 
 class LiveServer:
-    """create_app(settings) served by uvicorn on a pre-bound loopback socket (no port race)."""
+    """create_app(settings) served by uvicorn on a pre-bound loopback socket (no port race). `engine` and
+    `exit_process` go to create_app (a stub engine; a hook that records the exit a dead engine asks for)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine | None = None, exit_process: Callable[[int], None] | None = None
+    ) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, engine, exit_process)
         self.engine = self.app.state.engine
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -370,3 +374,133 @@ def model_folder(tmp_path: Path, layers: int = 4, presets: dict[str, Any] | str 
         text = presets if isinstance(presets, str) else json.dumps(presets)
         (tmp_path / PRESETS_FILE).write_text(text)
     return tmp_path
+
+
+# --- a load of requests in flight when something dies or stops (tests of engine death and shutdown) -----------
+
+
+def long_request(stream: bool, max_tokens: int = 900) -> dict[str, Any]:
+    """A chat body that runs for hundreds of greedy tokens on the tiny LLaVA (see long_png)."""
+    body: dict[str, Any] = {
+        "messages": image_message(LONG_PROMPT, long_png()),
+        "max_tokens": max_tokens,
+        "conservativeness": 0,
+    }
+    return {**body, "stream": True} if stream else body
+
+
+class RequestOutcome:
+    """How one request of a RequestLoad ended: status, the parsed SSE events (streams) or the JSON body, whether
+    the stream ended with [DONE], and the client's own error (a timeout: the request hung)."""
+
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+        self.status = 0
+        self.events: list[dict[str, Any]] = []
+        self.done = False
+        self.body: dict[str, Any] | None = None
+        self.client_error: str | None = None
+        self.first_token = threading.Event()
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [c["finish_reason"] for e in self.events for c in e.get("choices", []) if c.get("finish_reason")]
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The API error this request ended with (in-band for a stream), if any."""
+        for e in self.events:
+            if "error" in e:
+                return dict(e["error"])
+        if self.body is not None and "error" in self.body:
+            return dict(self.body["error"])
+        return None
+
+
+class RequestLoad:
+    """`streams` streamed and `unstreamed` plain chat requests sent at once from threads, each with a bounded client
+    timeout, so that a request left hanging shows as a client error instead of hanging the test."""
+
+    def __init__(
+        self, url: str, streams: int, unstreamed: int, timeout: float = 120, body: Callable[[bool], Any] | None = None
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        make = body or long_request
+        self.outcomes = [RequestOutcome(True) for _ in range(streams)] + [
+            RequestOutcome(False) for _ in range(unstreamed)
+        ]
+        self.threads = [
+            threading.Thread(target=self._run, args=(o, make(o.stream)), daemon=True) for o in self.outcomes
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, outcome: RequestOutcome, body: dict[str, Any]) -> None:
+        try:
+            with httpx.Client(base_url=self.url, timeout=self.timeout) as c:
+                if not outcome.stream:
+                    r = c.post("/v1/chat/completions", json=body)
+                    outcome.status, outcome.body = r.status_code, r.json()
+                    return
+                with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    outcome.status = r.status_code
+                    if r.status_code != 200:
+                        outcome.body = json.loads(r.read())
+                        return
+                    for line in r.iter_lines():
+                        if line == "data: [DONE]":
+                            outcome.done = True
+                        elif line.startswith("data: "):
+                            event = json.loads(line[6:])
+                            outcome.events.append(event)
+                            if any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+                                outcome.first_token.set()
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted on by the test
+            outcome.client_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            outcome.first_token.set()
+
+    def wait_streaming(self, timeout: float) -> None:
+        """Until every stream has had a token (unstreamed requests were sent with them)."""
+        deadline = time.monotonic() + timeout
+        for o in self.outcomes:
+            if o.stream:
+                assert o.first_token.wait(max(0.0, deadline - time.monotonic())), "a stream had no token in time"
+                assert o.client_error is None and o.status == 200, (o.status, o.body, o.client_error)
+
+    def join(self, timeout: float) -> list[RequestOutcome]:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        hanging = sum(t.is_alive() for t in self.threads)
+        assert hanging == 0, f"{hanging} requests still hanging {timeout} s after the fault"
+        return self.outcomes
+
+
+def assert_ended_by_engine_death(outcomes: list[RequestOutcome]) -> None:
+    """Every request ended at once with the engine's death: a stream with an in-band error event then [DONE] and no
+    finish_reason (a truncation never passes for stop / length), an unstreamed request with a 503 `engine_dead`."""
+    for o in outcomes:
+        assert o.client_error is None, o.client_error
+        error = o.error
+        assert error is not None and error["code"] == "engine_dead", (o.status, o.events[-2:], o.body)
+        if o.stream:
+            assert o.status == 200 and o.done, (o.status, o.done)
+            assert "error" in o.events[-1], o.events[-1]  # the error is the last event before [DONE]
+            assert o.finish_reasons == [], o.finish_reasons
+        else:
+            assert o.status == 503, (o.status, o.body)
+
+
+def eventually(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> float | None:
+    """Seconds until `predicate()` held (HTTP errors count as not yet), or None if it did not within `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if predicate():
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    return None

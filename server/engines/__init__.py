@@ -9,7 +9,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from server.engines.base import Engine, EngineError, EngineNotReady, EngineOverloaded, EngineStats, GenerationStats
+from server.engines.base import (
+    Engine,
+    EngineDead,
+    EngineError,
+    EngineHealth,
+    EngineNotReady,
+    EngineOverloaded,
+    EngineStats,
+    GenerationStats,
+)
 from server.settings import Settings
 
 ENGINES: dict[str, str] = {
@@ -21,7 +30,9 @@ __all__ = [
     "AUTO",
     "ENGINES",
     "Engine",
+    "EngineDead",
     "EngineError",
+    "EngineHealth",
     "EngineNotReady",
     "EngineOverloaded",
     "EngineStats",

@@ -3,8 +3,13 @@
 Contract of `generate`: an async iterator of :class:`TokenEvent` for one request, ending after the event
 with a `finish_reason`. Errors surface from the iterator: :class:`EngineOverloaded` (queue full) and
 :class:`EngineNotReady` before the first event, `models.generation.RequestError` for a request the
-model refuses, :class:`EngineError` when the engine failed while running it. Closing the iterator
-early (client gone, deadline) cancels the request and frees its batch slot.
+model refuses, :class:`EngineError` when the engine failed while running it, :class:`EngineDead` (at any
+point) once the engine can no longer serve at all. Closing the iterator early (client gone, deadline)
+cancels the request and frees its batch slot.
+
+Liveness: `health()` says whether the engine can still serve; the server's watchdog (server/watchdog.py)
+polls it, turns the probes and `sevi_engine_up` to "dead", and exits the process after a grace period so
+that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -61,6 +66,19 @@ class EngineNotReady(RuntimeError):
     """The model is still loading, failed to load, or the engine is stopping (HTTP 503)."""
 
 
+class EngineDead(EngineNotReady):
+    """The engine died (a worker process or thread is gone): nothing more can run in this process (HTTP 503).
+    Requests in flight end with it, new ones are refused with it, until the process exits and is restarted."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What `Engine.health()` reports: alive, or dead and why (the cause names what died)."""
+
+    alive: bool
+    reason: str | None = None
+
+
 @dataclass
 class GenerationStats:
     """Timings the engine fills in for one request (seconds, monotonic clock)."""
@@ -104,6 +122,15 @@ class Engine(ABC):
     _model_dir: str = ""
     _load_error: str | None = None
     _knob_map: KnobMap | None = None
+    _dead_reason: str | None = None  # set once, when the engine is found dead (never cleared)
+
+    def health(self) -> EngineHealth:
+        """Alive, or dead with the cause. Polled by the server's watchdog about twice a second on the event loop:
+        cheap and non-blocking. An engine that can die in ways its requests do not reveal (a worker process
+        killed while idle) looks here; see `QueuedEngine._liveness_failure`."""
+        if self._dead_reason is not None:
+            return EngineHealth(False, self._dead_reason)
+        return EngineHealth(True)
 
     @property
     def knob_map(self) -> KnobMap:
@@ -164,6 +191,7 @@ async def stream_events(
 class QueuedJob(Protocol):
     """What :class:`QueuedEngine` needs of a job; each engine's job dataclass adds its own fields."""
 
+    loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
     finished: bool
 
@@ -190,6 +218,9 @@ class QueuedEngine(Engine):
         self._cancels: list[Any] = []  # running jobs whose consumer left; guarded by _cond
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Every job between submission and its consumer leaving (guarded by _cond): what a death must end, wherever
+        # the job is (waiting, in a batch, or inside a worker step that will never return).
+        self._live: set[Any] = set()
         # torch threads of the worker thread, where the model runs (set once loaded; the count is per thread).
         self.compute_threads: int | None = None
 
@@ -204,7 +235,47 @@ class QueuedEngine(Engine):
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, self._join_timeout_s)
+            # A dead engine's thread may be stuck in a step that never returns: do not hold the exit for it.
+            timeout = 5.0 if self._dead_reason is not None else self._join_timeout_s
+            await asyncio.to_thread(self._thread.join, timeout)
+
+    # ---- liveness ----------------------------------------------------------------------------------
+    def health(self) -> EngineHealth:
+        if self._dead_reason is None and not self._stopping and self._load_error is None:
+            reason = self._liveness_failure()
+            if reason is not None:
+                self._declare_dead(reason)
+        return super().health()
+
+    def _liveness_failure(self) -> str | None:
+        """Why this engine can no longer serve, found by looking rather than by a failing request; None while it
+        can. Here: the worker thread has exited (it only does at stop or after a failed load, both excluded).
+        Engines with processes of their own add their checks (vLLM: server/engines/vllm_liveness.py)."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stopping and self._load_error is None:
+            return f"the engine's worker thread {thread.name!r} exited"
+        return None
+
+    def _fatal_failure(self, exc: BaseException) -> str | None:
+        """After a turn raised `exc`: why the engine is dead, or None when only that turn failed (a 500 for the
+        requests it held, and the worker serves on). By default: whatever `_liveness_failure` now finds."""
+        return self._liveness_failure()
+
+    def _declare_dead(self, reason: str) -> None:
+        """The engine is dead (any thread): refuse new requests, end every request in flight with EngineDead at once
+        (a step stuck on a dead worker would otherwise hold them to their deadline), stop the worker loop, log it."""
+        with self._cond:
+            if self._dead_reason is not None:
+                return
+            self._dead_reason = reason
+            jobs = list(self._live)
+            self._pending.clear()
+            self._cond.notify_all()
+        self._log.error("engine dead", extra={"fields": {"cause": reason, "requests_in_flight": len(jobs)}})
+        err = EngineDead(reason)
+        for job in jobs:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                job.loop.call_soon_threadsafe(job.queue.put_nowait, err)
 
     def _worker(self) -> None:
         try:
@@ -215,20 +286,37 @@ class QueuedEngine(Engine):
             self._load_error = f"failed to load {self._model_dir}{self._load_context}: {exc}"
             self._log.exception(f"model load failed{self._load_context}")
             return
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - past the turn guard (a bug in the recovery itself): dead
+            self._log.error("engine worker thread died", exc_info=exc)
+            self._declare_dead(f"the engine's worker thread {self._thread_name!r} died: {type(exc).__name__}: {exc}")
+            return
+        if self._dead_reason is not None:
+            self._fail_all(EngineDead(self._dead_reason))
+        else:
+            self._fail_all(EngineNotReady("the server is shutting down"))
+
+    def _serve(self) -> None:
+        """The worker's loop: wait for work, take cancellations and admissions under the lock, run a turn."""
         while True:
             with self._cond:
-                while not (self._stopping or self._pending or self._cancels or self._busy()):
+                while not (self._stopping or self._dead_reason or self._pending or self._cancels or self._busy()):
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping or self._dead_reason is not None:
                     break
                 cancels, self._cancels = self._cancels, []
                 admitted = self._admit()
             try:
                 self._turn(cancels, admitted)
             except Exception as exc:  # noqa: BLE001 - a bug in one turn fails the requests it held, not the worker
+                fatal = self._fatal_failure(exc)
+                if fatal is not None:
+                    self._log.error("engine turn failed on a dead engine", exc_info=exc)
+                    self._declare_dead(fatal)
+                    break
                 self._log.exception("engine turn failed")
                 self._turn_failed(EngineError(f"{type(exc).__name__}: {exc}"), admitted)
-        self._fail_all(EngineNotReady("the server is shutting down"))
 
     @abstractmethod
     def _load(self) -> None:
@@ -276,18 +364,27 @@ class QueuedEngine(Engine):
     async def generate(
         self, request: GenerationRequest, stats: GenerationStats | None = None
     ) -> AsyncIterator[TokenEvent]:
+        if self._dead_reason is not None:
+            raise EngineDead(self._dead_reason)
         if not self.ready:
             raise EngineNotReady(self._load_error or "the model is still loading")
         job = self._new_job(request, asyncio.get_running_loop(), asyncio.Queue(), stats or GenerationStats())
         with self._cond:
+            if self._dead_reason is not None:
+                raise EngineDead(self._dead_reason)
             if self._stopping:
                 raise EngineNotReady("the server is shutting down")
             if self._queue_depth() >= self._max_queue:
                 raise EngineOverloaded(f"the request queue is full ({self._max_queue} waiting); retry later")
             self._pending.append(job)
+            self._live.add(job)
             self._cond.notify()
-        async with contextlib.aclosing(
-            stream_events(job.queue, lambda: job.finished, lambda: self._cancel(job))
-        ) as events:
-            async for event in events:
-                yield event
+        try:
+            async with contextlib.aclosing(
+                stream_events(job.queue, lambda: job.finished, lambda: self._cancel(job))
+            ) as events:
+                async for event in events:
+                    yield event
+        finally:
+            with self._cond:
+                self._live.discard(job)

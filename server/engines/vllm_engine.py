@@ -46,6 +46,7 @@ from server.engines.base import (
     default_cpu_threads,
     set_torch_threads,
 )
+from server.engines.vllm_liveness import vllm_engine_failure
 from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings, VllmSettings
 
 log = logging.getLogger("sevi.engine.vllm")
@@ -161,6 +162,13 @@ class VllmEngine(QueuedEngine):
     @property
     def ready(self) -> bool:
         return self._engine is not None and not self._stopping
+
+    # ---- liveness (vLLM's signs of death: server/engines/vllm_liveness.py) ----------------------------
+    def _liveness_failure(self) -> str | None:
+        return super()._liveness_failure() or vllm_engine_failure(self._engine)
+
+    def _fatal_failure(self, exc: BaseException) -> str | None:
+        return super()._fatal_failure(exc) or vllm_engine_failure(self._engine, exc)
 
     @property
     def aligned_kernel(self) -> str:
