@@ -404,7 +404,9 @@ class RequestOutcome:
 
     @property
     def finish_reasons(self) -> list[str]:
-        return [c["finish_reason"] for e in self.events for c in e.get("choices", []) if c.get("finish_reason")]
+        """Every finish_reason this request reported (stream events, or the body's choices)."""
+        payloads = [*self.events, *([self.body] if self.body is not None else [])]
+        return [c["finish_reason"] for e in payloads for c in e.get("choices", []) if c.get("finish_reason")]
 
     @property
     def error(self) -> dict[str, Any] | None:

@@ -31,10 +31,13 @@ def vllm_engine_failure(engine: Any, exc: BaseException | None = None) -> str | 
     executor = _executor(engine)
     if executor is None:
         return None
-    for worker in getattr(executor, "workers", None) or ():
-        proc = getattr(worker, "proc", None)
-        if proc is not None and proc.exitcode is not None:
-            return f"vLLM worker process {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}"
+    procs = [getattr(worker, "proc", None) for worker in getattr(executor, "workers", None) or ()]
+    # Every exited one is named: once one dies the executor stops the others, and which went first is a race.
+    exited = [
+        f"{p.name} (pid {p.pid}, exit code {p.exitcode})" for p in procs if p is not None and p.exitcode is not None
+    ]
+    if exited:
+        return "vLLM worker process exited: " + ", ".join(exited)
     if getattr(executor, "is_failed", False) is True:
         return f"vLLM's executor failed ({type(executor).__name__}: a worker died)"
     return None
