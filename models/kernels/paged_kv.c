@@ -22,6 +22,16 @@
  * streamed the next one is prefetched (prefetch_at). Other layouts take plain loops.
  * Each loop is written once over an element type that is a compile-time constant in every caller
  * (always_inline), so each type gets its own specialised code.
+ *
+ * vLLM's AMX layout (bfloat16 on CPUs with AMX tiles: cpu_attn_amx.hpp's reshape_and_cache) is no strided
+ * view; `et` BF16_AMX reads it in place (sd, sn unused). In one (block, KV head) region of bs * D values:
+ *   K of slot n, dim d at (n / 16) * 16 * D + (d / 2) * 32 + (n % 16) * 2 + d % 2: groups of 16 keys, and in
+ *     each one 64-byte tile row per pair of dims (d, d + 1), its 16 keys side by side;
+ *   V of slot n, dim d at (d / 16) * 16 * bs + (n / 2) * 32 + (d % 16) * 2 + n % 2: groups of 16 dims, and in
+ *     each one tile row per pair of keys (n, n + 1), its 16 dims side by side.
+ * So a tile row read as 32-bit words holds in word i the pair's two values for key (dim) i, low half first:
+ * a shift and a mask widen both to float32, and the loops are the CPU layout's with two FMAs per word.
+ * paged_kv.py checks this formula against vLLM's own writer before it takes this path.
  */
 #include <stdint.h>
 #include <math.h>
@@ -51,7 +61,9 @@ typedef int32_t int_tile __attribute__((vector_size(CH * sizeof(int32_t))));
 #define SPAN 4
 #endif
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { F32 = 0, BF16 = 1, F16 = 2, BF16_AMX = 3 };
+/* Word tiles per 16-wide group of the AMX layout (16 keys of K, 16 dims of V). */
+#define KW (16 / CH)
 /* Prefetch hint: 3 = into L1 (2, 1 and 0 measured the same within noise). */
 #define PF_LOCALITY 3
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -59,9 +71,9 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };
 /* Element types this build reads (bit et set): float16 needs the compiler's _Float16. */
 int64_t sevi_paged_element_types(void) {
 #ifdef __FLT16_MAX__
-    return (1 << F32) | (1 << BF16) | (1 << F16);
+    return (1 << F32) | (1 << BF16) | (1 << F16) | (1 << BF16_AMX);
 #else
-    return (1 << F32) | (1 << BF16);
+    return (1 << F32) | (1 << BF16) | (1 << BF16_AMX);
 #endif
 }
 
@@ -244,6 +256,84 @@ ALWAYS_INLINE void values_block(const float *restrict ph, const void *restrict v
         for (int t = 0; t < NT; t++) ((tile *)(o + h * D))[t] += acc[h * NT + t];
 }
 
+/* A tile row of the AMX layout as CH words from word i on: both bfloat16 halves of each, as float32. */
+ALWAYS_INLINE void load_pairs(const uint16_t *restrict base, int64_t i, tile *lo, tile *hi) {
+    word_tile w;
+    memcpy(&w, base + 2 * i, sizeof w);
+    *lo = (tile)(w << 16);
+    *hi = (tile)(w & 0xFFFF0000u);
+}
+
+/* AMX K: the scores of one group of 16 keys (from slot n0 of the block, the group at gb) for REP query heads
+ * at once: each pair row of the group is read once, in order, and serves every head; `keep` <= 16 scores
+ * stored (slots past the row's keys are read, never stored). */
+ALWAYS_INLINE void amx_scores_group(const float *restrict qg, const uint16_t *restrict kc, int64_t gb, int64_t pf,
+                                    int64_t D, int64_t n0, float scale, float *restrict o, int64_t K, int64_t keep,
+                                    const int REP) {
+    tile acc[16]; /* REP * KW of them */
+    for (int i = 0; i < REP * KW; i++) acc[i] = (tile){0};
+    for (int64_t j = 0; j < D / 2; j++) {
+        const int64_t row = gb + j * 32;
+        prefetch_at(kc, pf, n0 * D + j * 32, BF16);
+        for (int t = 0; t < KW; t++) {
+            tile lo, hi;
+            load_pairs(kc + row, t * CH, &lo, &hi);
+            for (int h = 0; h < REP; h++)
+                acc[h * KW + t] += qg[h * D + 2 * j] * lo + qg[h * D + 2 * j + 1] * hi;
+        }
+    }
+    for (int h = 0; h < REP; h++)
+        for (int t = 0; t < KW; t++) {
+            const tile x = acc[h * KW + t] * scale;
+            float *dst = o + h * K + n0 + t * CH;
+            if ((t + 1) * CH <= keep) memcpy(dst, &x, sizeof x);
+            else for (int64_t i = 0; i < keep - t * CH; i++) dst[i] = x[i];
+        }
+}
+
+/* AMX V: out[16 dims from d0] += sum over the block's first w keys of p[n] * V[n] for REP heads, the group of
+ * 16 dims at gb; the key pairs' rows read once, in order. A last odd key takes only its low half (the other
+ * slot may hold anything, NaN included, and its probability is not the row's). */
+ALWAYS_INLINE void amx_values_group(const float *restrict ph, const uint16_t *restrict vc, int64_t vb, int64_t pf,
+                                    int64_t w, int64_t bs, int64_t K, int64_t D, int64_t d0, float *restrict o,
+                                    const int REP) {
+    const int64_t gb = vb + d0 * bs; /* the group of dims d0 .. d0 + 15: (d0 / 16) * 16 * bs into the region */
+    tile acc[16]; /* REP * KW of them */
+    for (int i = 0; i < REP * KW; i++) acc[i] = (tile){0};
+    int64_t m = 0;
+    for (; 2 * m + 1 < w; m++) {
+        prefetch_at(vc, pf, d0 * bs + m * 32, BF16);
+        for (int t = 0; t < KW; t++) {
+            tile lo, hi;
+            load_pairs(vc + gb + m * 32, t * CH, &lo, &hi);
+            for (int h = 0; h < REP; h++) acc[h * KW + t] += ph[h * K + 2 * m] * lo + ph[h * K + 2 * m + 1] * hi;
+        }
+    }
+    if (2 * m < w)
+        for (int t = 0; t < KW; t++) {
+            tile lo, hi;
+            load_pairs(vc + gb + m * 32, t * CH, &lo, &hi);
+            for (int h = 0; h < REP; h++) acc[h * KW + t] += ph[h * K + 2 * m] * lo;
+        }
+    for (int h = 0; h < REP; h++)
+        for (int t = 0; t < KW; t++) {
+            tile x;
+            float *dst = o + h * D + d0 + t * CH;
+            memcpy(&x, dst, sizeof x);
+            x += acc[h * KW + t];
+            memcpy(dst, &x, sizeof x);
+        }
+}
+
+/* Query heads per AMX group call: REP * KW accumulators within ACC (defined below). */
+#define AMX_CASES(CALL) \
+    switch (c) {        \
+    case 8: CALL(8); break; \
+    case 4: CALL(4); break; \
+    case 2: CALL(2); break; \
+    default: CALL(1); break; \
+    }
+
 /* Query heads of one KV head taken together by the fused loops, at most ACC accumulator tiles in
  * registers (16 of AVX-512's 32, 8 of AVX2's 16, beside the tiles loaded): the largest of 8, 4, 2, 1
  * heads that fits, for `left` heads still to do and `per_head` tiles per head. */
@@ -290,7 +380,17 @@ ALWAYS_INLINE void scores(const float *restrict q, const void *restrict kc, cons
                 const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
                 const int64_t kb = blocks[r * nb + j] * sb + g * sg;
                 const int64_t pf = next_region(blocks, lens, r, g, j, R, nb, G, bs, K, sb, sg);
-                if (sn == 1) { /* K as [D, block] (the CPU layout): each K tile loaded once for several heads */
+                if (et == BF16_AMX) { /* AMX tiles: groups of 16 keys, several heads per pass */
+                    for (int64_t n0 = 0; n0 < w; n0 += 16)
+                        for (int64_t h = 0; h < rep;) {
+                            const int c = head_chunk(rep - h, KW);
+                            const int64_t keep = w - n0 < 16 ? w - n0 : 16;
+#define AMX_SCORES(C) amx_scores_group(qg + h * D, kc, kb + n0 * D, pf, D, n0, scale, og + h * K + k0, K, keep, C)
+                            AMX_CASES(AMX_SCORES)
+#undef AMX_SCORES
+                            h += c;
+                        }
+                } else if (sn == 1) { /* K as [D, block] (the CPU layout): each K tile loaded once for several heads */
                     for (int64_t h = 0; h < rep;) {
                         const int c = head_chunk(rep - h, 1);
                         const float *qh = qg + h * D;
@@ -370,6 +470,17 @@ ALWAYS_INLINE void values(float *restrict p, const void *restrict vc, const int6
                 const int64_t w = Kr - k0 < bs ? Kr - k0 : bs;
                 const int64_t vb = blocks[r * nb + j] * sb + g * sg;
                 const int64_t pf = next_region(blocks, lens, r, g, j, R, nb, G, bs, K, sb, sg);
+                if (et == BF16_AMX) { /* AMX tiles: groups of 16 dims, several heads per pass */
+                    for (int64_t d0 = 0; d0 < D; d0 += 16)
+                        for (int64_t h = 0; h < rep;) {
+                            const int c = head_chunk(rep - h, KW);
+#define AMX_VALUES(C) amx_values_group(pg + h * K + k0, vc, vb, pf, w, bs, K, D, d0, og + h * D, C)
+                            AMX_CASES(AMX_VALUES)
+#undef AMX_VALUES
+                            h += c;
+                        }
+                    continue;
+                }
                 if (sd == 1 && D % CH == 0) { /* the CPU layout: stream through the block, each V row loaded
                                                  once for several heads, 8 tiles of it at a time */
                     for (int64_t d0 = 0; d0 < D; d0 += 8 * CH) {
@@ -405,6 +516,7 @@ void sevi_paged_scores(const float *restrict q, const void *restrict kc, const i
                        float *restrict out) {
     switch (et) {
     case BF16: scores(q, kc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sd, sn, scale, out, BF16); break;
+    case BF16_AMX: scores(q, kc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, 0, 0, scale, out, BF16_AMX); break;
 #ifdef __FLT16_MAX__
     case F16: scores(q, kc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sd, sn, scale, out, F16); break;
 #endif
@@ -418,6 +530,9 @@ void sevi_paged_values(float *restrict p, const void *restrict vc, const int64_t
                        float *restrict out, int64_t normalize) {
     switch (et) {
     case BF16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, normalize, BF16); break;
+    case BF16_AMX:
+        values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, 0, 0, out, normalize, BF16_AMX);
+        break;
 #ifdef __FLT16_MAX__
     case F16: values(p, vc, blocks, lens, R, nb, G, rep, D, bs, K, sb, sg, sn, sd, out, normalize, F16); break;
 #endif

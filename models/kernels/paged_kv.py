@@ -35,6 +35,21 @@ _PTR = ctypes.c_void_p
 
 # The cache's element types, as paged_kv.c numbers them (queries, probabilities and outputs are float32).
 _ELEMENT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# bfloat16 in vLLM's AMX tile layout (amx_order), read in place from flat block regions.
+_BF16_AMX = 3
+
+
+def amx_order(block_size: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM's AMX cache writer (bfloat16 on CPUs with AMX tiles) puts K and V of (slot, dim) inside a
+    block region, for each (slot, dim) in row-major order (long `[block_size * head_size]` each): K in groups of
+    16 keys with each pair of dims side by side, V in groups of 16 dims with each pair of keys side by side
+    (paged_kv.c says it in full). The C kernel reads exactly this; the CPU backend takes that path only where
+    the order it learned from vLLM's writer equals it."""
+    n = torch.arange(block_size).view(-1, 1)
+    d = torch.arange(head_size).view(1, -1)
+    key = (n // 16) * 16 * head_size + (d // 2) * 32 + (n % 16) * 2 + d % 2
+    value = (d // 16) * 16 * block_size + (n // 2) * 32 + (d % 16) * 2 + n % 2
+    return key.reshape(-1), value.reshape(-1)
 
 
 class PagedKernel:
@@ -48,6 +63,7 @@ class PagedKernel:
         lib.sevi_paged_element_types.restype = _I64
         built = int(lib.sevi_paged_element_types())
         self.cache_dtypes = frozenset(dt for dt, et in _ELEMENT_TYPES.items() if built >> et & 1)
+        self.reads_amx = bool(built >> _BF16_AMX & 1)  # bfloat16 in vLLM's AMX tiles (amx_order)
 
     def scores_args(
         self,
@@ -61,17 +77,17 @@ class PagedKernel:
         kv_heads: int,
         rep: int,
         head_dim: int,
+        amx: bool = False,
     ) -> tuple[Any, ...]:
         """The arguments of `sevi_paged_scores` between the cache pointer and the output pointer: all that
         the aligned layers of one step share (their caches have one shape and layout), so that a step
-        builds them once (:meth:`run_scores`). blocks: long `[R * nb]`, contiguous (its pointer is taken)."""
-        bs = key.shape[-1] if transposed else key.shape[-2]
-        sb, sg, s2, s3 = key.stride()
-        sd, sn = (s2, s3) if transposed else (s3, s2)
+        builds them once (:meth:`run_scores`). blocks: long `[R * nb]`, contiguous (its pointer is taken).
+        amx: `key` is flat bfloat16 block regions `[N, G, bs * D]` in vLLM's AMX layout (:func:`amx_order`)."""
+        et, bs, (sb, sg, sd, sn) = _layout(key, transposed, head_dim, amx)
         return (
             blocks.data_ptr(),
             _lens(key_counts),
-            _ELEMENT_TYPES[key.dtype],
+            et,
             rows,
             blocks.shape[0] // max(rows, 1),
             kv_heads,
@@ -96,15 +112,16 @@ class PagedKernel:
         rows: int,
         kv_heads: int,
         rep: int,
+        amx_head_dim: int = 0,
     ) -> tuple[Any, ...]:
-        """Likewise for `sevi_paged_values` (:meth:`run_values`)."""
-        bs, d = (value.shape[-1], value.shape[-2]) if transposed else (value.shape[-2], value.shape[-1])
-        sb, sg, s2, s3 = value.stride()
-        sn, sd = (s3, s2) if transposed else (s2, s3)
+        """Likewise for `sevi_paged_values` (:meth:`run_values`); amx_head_dim: D of flat AMX regions (0: a
+        strided view)."""
+        d = amx_head_dim or (value.shape[-2] if transposed else value.shape[-1])
+        et, bs, (sb, sg, sd, sn) = _layout(value, transposed, d, bool(amx_head_dim))
         return (
             blocks.data_ptr(),
             _lens(key_counts),
-            _ELEMENT_TYPES[value.dtype],
+            et,
             rows,
             blocks.shape[0] // max(rows, 1),
             kv_heads,
@@ -138,16 +155,17 @@ class PagedKernel:
         num_keys: int,
         scale: float,
         key_counts: torch.Tensor | None = None,
+        amx: bool = False,
     ) -> torch.Tensor:
         """q `[R, G, rep, D]` float32; key: the cache's K view (`[N, G, D, bs]` when transposed, else
-        `[N, G, bs, D]`, of a dtype in `cache_dtypes`); block_index `[R * nb]` long -> float32 scores
-        `[R, G * rep, num_keys]`.
+        `[N, G, bs, D]`, of a dtype in `cache_dtypes`; with `amx`, bfloat16 regions `[N, G, bs * D]` in vLLM's
+        AMX layout); block_index `[R * nb]` long -> float32 scores `[R, G * rep, num_keys]`.
         key_counts: long `[R]`, the keys each row reads (0 past them), or None for all."""
         r, g, rep, d = q.shape
         q = q.contiguous()
         blocks = block_index.contiguous()
         out = torch.empty(r, g * rep, num_keys, dtype=torch.float32)
-        args = self.scores_args(key, transposed, blocks, key_counts, num_keys, scale, r, g, rep, d)
+        args = self.scores_args(key, transposed, blocks, key_counts, num_keys, scale, r, g, rep, d, amx)
         self.run_scores(q.data_ptr(), key.data_ptr(), args, out.data_ptr())
         return out
 
@@ -161,6 +179,7 @@ class PagedKernel:
         out: torch.Tensor | None = None,
         key_counts: torch.Tensor | None = None,
         softmax: bool = False,
+        amx_head_dim: int = 0,
     ) -> torch.Tensor:
         """probs `[R, H, K]` float32; value: the cache's V view -> float32 `[R, G, rep, D]` (into `out`,
         contiguous float32, when given). key_counts: long `[R]`, the keys each row reads (their
@@ -173,12 +192,26 @@ class PagedKernel:
             assert probs.is_contiguous() and probs.dtype == torch.float32, "softmax in place needs float32 rows"
         probs = probs.contiguous()
         blocks = block_index.contiguous()
-        d = value.shape[-2] if transposed else value.shape[-1]
+        d = amx_head_dim or (value.shape[-2] if transposed else value.shape[-1])
         if out is None:
             out = torch.empty(r, g, rep, d, dtype=torch.float32)
-        args = self.values_args(value, transposed, blocks, key_counts, k, r, g, rep)
+        args = self.values_args(value, transposed, blocks, key_counts, k, r, g, rep, amx_head_dim)
         self.run_values(probs.data_ptr(), value.data_ptr(), args, out.data_ptr(), softmax)
         return out.view(r, g, rep, d)
+
+
+def _layout(
+    view: torch.Tensor, transposed: bool, head_dim: int, amx: bool
+) -> tuple[int, int, tuple[int, int, int, int]]:
+    """(element type as paged_kv.c numbers it, block size, element strides (block, head, d, n)) of a cache view;
+    the AMX layout has no d or n stride (the kernel knows its order)."""
+    if amx:
+        assert view.dtype == torch.bfloat16 and view.dim() == 3 and head_dim % 16 == 0
+        sb, sg, _ = view.stride()
+        return _BF16_AMX, view.shape[-1] // head_dim, (sb, sg, 0, 0)
+    sb, sg, s2, s3 = view.stride()
+    bs = view.shape[-1] if transposed else view.shape[-2]
+    return _ELEMENT_TYPES[view.dtype], bs, (sb, sg, s2, s3) if transposed else (sb, sg, s3, s2)
 
 
 def _lens(key_counts: torch.Tensor | None) -> int | None:

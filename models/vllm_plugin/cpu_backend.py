@@ -10,8 +10,9 @@ then a V region of `block_size * head_size` values each. How the kernel orders v
 depends on its ISA (on the AVX2 build K is stored transposed, `[head_size, block_size]`, V row-major),
 so the layout is probed once per (ISA, dtype, block, head size) by writing known K/V through
 `cpu_attn_reshape_and_cache` and reading them back. Layouts that are no strided view (the AMX
-kernel's, for bfloat16 on CPUs with AMX) are learned as a permutation of each block region and read by
-gathering; anything else refuses to run rather than align against garbage.
+kernel's, for bfloat16 on CPUs with AMX) are learned as a permutation of each block region: where it is the
+AMX layout the C kernel knows (models/kernels/paged_kv.py: amx_order) the kernel reads it in place, any other
+permutation is read by gathering; anything else refuses to run rather than align against garbage.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from models.alignment_dispatch import compiled_operator, compiled_sharded
-from models.kernels.paged_kv import kernel
+from models.kernels.paged_kv import amx_order, kernel
 from models.vllm_plugin.aligned_impl import AlignedImpl
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_read import PagedKV
@@ -159,10 +160,19 @@ def paged_cpu_kv(kv_cache: torch.Tensor, k_t: bool, v_t: bool) -> PagedKV:
 
 def ordered_cpu_kv(kv_cache: torch.Tensor, k_order: torch.Tensor, v_order: torch.Tensor) -> PagedKV:
     """The CPU cache as flat block regions with the orders of :func:`cache_order` (layouts that are not a
-    strided view)."""
+    strided view), marked `amx` where they are the AMX layout the C kernel reads in place."""
     n_blocks, kv_heads, block_size, two_d = kv_cache.shape
-    regions = kv_cache.view(n_blocks, kv_heads, 2, block_size * two_d // 2)
-    return PagedKV(regions[:, :, 0], regions[:, :, 1], False, False, k_order, v_order, two_d // 2)
+    head_size = two_d // 2
+    regions = kv_cache.view(n_blocks, kv_heads, 2, block_size * head_size)
+    amx_k, amx_v = amx_order(block_size, head_size)
+    amx = (
+        kv_cache.dtype == torch.bfloat16
+        and head_size % 16 == 0
+        and block_size % 16 == 0
+        and torch.equal(k_order, amx_k)
+        and torch.equal(v_order, amx_v)
+    )
+    return PagedKV(regions[:, :, 0], regions[:, :, 1], False, False, k_order, v_order, head_size, amx)
 
 
 def cpu_kv(kv_cache: torch.Tensor, isa: str, head_size: int) -> PagedKV:

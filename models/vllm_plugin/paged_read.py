@@ -23,7 +23,9 @@ class PagedKV:
     else `[num_blocks, kv_heads, block_size, head_size]`; value likewise with `value_transposed`.
     Layouts no strided view describes (the AMX kernel's tiles of key pairs) come as flat block regions
     `[num_blocks, kv_heads, block_size * head_size]` with `key_order` / `value_order`: for each (slot, d)
-    in row-major order, its place in the region (read by gathering; the C kernel does not take them).
+    in row-major order, its place in the region. `amx`: those orders are vLLM's AMX layout exactly
+    (:func:`models.kernels.paged_kv.amx_order`), which the C kernel reads in place; any other order is read
+    by gathering.
     """
 
     key: torch.Tensor
@@ -33,6 +35,12 @@ class PagedKV:
     key_order: torch.Tensor | None = None  # long [block_size * head_size]
     value_order: torch.Tensor | None = None
     head_size: int = 0  # with the orders: D of the flat regions
+    amx: bool = False  # the orders are vLLM's AMX bfloat16 layout (the C kernel reads it in place)
+
+    @property
+    def amx_head_dim(self) -> int:
+        """D of flat AMX regions for the C kernel's calls; 0 for a strided view."""
+        return self.head_size if self.amx else 0
 
     @property
     def block_size(self) -> int:
@@ -81,13 +89,10 @@ def c_kernel_for(cache: PagedKV) -> PagedKernel | None:
     if cache.key.device.type != "cpu":
         return None  # before kernel(): a GPU never builds the CPU kernel
     kern = kernel()
-    if (
-        kern is None
-        or cache.key.dtype not in kern.cache_dtypes
-        or cache.value.dtype != cache.key.dtype
-        or cache.key_order is not None
-    ):
+    if kern is None or cache.key.dtype not in kern.cache_dtypes or cache.value.dtype != cache.key.dtype:
         return None
+    if cache.key_order is not None and not (cache.amx and kern.reads_amx):
+        return None  # an order the kernel does not know: gathered
     return kern
 
 
@@ -112,7 +117,7 @@ def block_scores(
     """
     kern = c_kernel_for(cache) if use_kernel else None
     if kern is not None:
-        return kern.scores(q, cache.key, cache.key_transposed, block_index, num_keys, scale, key_counts)
+        return kern.scores(q, cache.key, cache.key_transposed, block_index, num_keys, scale, key_counts, cache.amx)
     r = q.shape[0]
     nb = block_index.shape[0] // max(r, 1)
     if nb == 1:
@@ -157,7 +162,15 @@ def block_values(
     kern = c_kernel_for(cache) if use_kernel else None
     if kern is not None and (not softmax or (probs.is_contiguous() and probs.dtype == torch.float32)):
         return kern.values(
-            probs, cache.value, cache.value_transposed, block_index, num_kv_heads, out, key_counts, softmax
+            probs,
+            cache.value,
+            cache.value_transposed,
+            block_index,
+            num_kv_heads,
+            out,
+            key_counts,
+            softmax,
+            cache.amx_head_dim,
         )
     if softmax:
         probs = torch.softmax(probs, dim=-1)

@@ -27,10 +27,11 @@ def test_cache_layout_probe_reads_back_what_the_kernel_wrote() -> None:
 
 
 @pytest.mark.parametrize("hd", [32, 128])
-def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int) -> None:
+def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int, kv_path: str) -> None:
     """vLLM's AMX kernel (bfloat16 on CPUs with AMX) keeps K in tiles of 16 keys x pairs of dims and V in
     pairs of keys: no strided view. The backend learns the layout as a permutation of each block (from
-    the same writer the AMX kernel uses, which runs on any x86) and reads K/V by gathering."""
+    the same writer the AMX kernel uses, which runs on x86 builds with AVX-512), finds it is the AMX layout
+    the C kernel reads in place, and reads K/V there (or by gathering, on the torch path)."""
     from vllm import _custom_ops as ops
 
     from models.vllm_plugin.cpu_backend import cache_order, cpu_kv
@@ -48,7 +49,8 @@ def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int) -> None:
     v = torch.randn(n_blocks * bs, g, hd, generator=gen).bfloat16()
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(n_blocks * bs, dtype=torch.long), "amx")
     paged = cpu_kv(cache, "amx", hd)
-    assert paged.key_order is not None and paged.block_size == bs and c_kernel_for(paged) is None
+    assert paged.key_order is not None and paged.block_size == bs and paged.amx
+    assert (c_kernel_for(paged) is not None) == kv_path.startswith("kernel")
     k_order, _ = cache_order("amx", torch.bfloat16, bs, hd)
     assert not torch.equal(k_order, torch.arange(bs * hd))  # not the row-major layout under another name
     blocks = torch.tensor([[4, 0, 2], [1, 5, 3]])
