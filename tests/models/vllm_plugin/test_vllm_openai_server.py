@@ -32,7 +32,6 @@ from models.generation import (  # noqa: E402
     GenerationRequest,
     ReferenceModel,
     SamplingParams,
-    run_to_completion,
     user_message,
 )
 from models.presets import PRESETS_FILE  # noqa: E402
@@ -81,11 +80,31 @@ def ref(tiny_model: Callable[[str], ReferenceModel]) -> ReferenceModel:
     return tiny_model("llava")
 
 
+# The least gap between the reference's top two logits at any generated token for its greedy tokens to be
+# the yardstick: vLLM's CPU attention sums in another order than transformers' (and in another one per ISA and
+# batch), a few 1e-5 apart; where two logits are closer than this, which token wins is that order's choice.
+NEAR_TIE = 0.005
+
+
 def reference(ref: ReferenceModel, png: bytes, params: AlignmentParams) -> tuple[list[int], str]:
+    """The reference engine's greedy tokens and text, checked to be decidable: every token's top-two logit gap
+    is at least NEAR_TIE (so a mismatch is a bug, not summation order; a test image that fails this is the
+    test's to change)."""
     img = Image.open(io.BytesIO(png)).convert("RGB")
     req = GenerationRequest("r", user_message(PROMPT), [img], params, SamplingParams(max_tokens=MAX_TOKENS))
-    out = run_to_completion(ref, [req])["r"]
-    return out.token_ids, out.text
+    batch = ref.start([req])
+    gaps: list[float] = []
+    done: tuple[list[int], str] | None = None
+    while done is None:
+        events = batch.step()
+        assert batch.last_logits is not None
+        top = batch.last_logits[0].topk(2).values
+        gaps.append(float(top[0] - top[1]))
+        if any(ev.finish_reason is not None for ev in events):
+            state = batch.states["r"]
+            done = list(state.token_ids), state.text
+    assert min(gaps) >= NEAR_TIE, f"near-tied logits at token {gaps.index(min(gaps))}: {min(gaps):.2g}"
+    return done
 
 
 def chat(server: Server, png: bytes, xargs: dict[str, Any] | None) -> httpx.Response:
@@ -118,7 +137,9 @@ def same_text(got: str, want: str) -> bool:
 def test_knob_settings_equal_reference_engine(server: Server, ref: ReferenceModel) -> None:
     layers = ref.num_layers
     cases: list[tuple[str, bytes, dict[str, Any] | None, AlignmentParams]] = []
-    for seed in (3, 7):
+    # Images whose reference tokens are decidable at every knob setting (reference() checks; seed 3's first
+    # token was 0.0012 from a tie).
+    for seed in (4, 7):
         png = png_bytes(seed)
         cases += [
             (f"none/{seed}", png, None, resolve_alignment(0, layers)),
@@ -150,7 +171,7 @@ def test_knob_settings_equal_reference_engine(server: Server, ref: ReferenceMode
         assert ids == want_ids, name
         assert same_text(choice["message"]["content"], want_text), (name, choice["message"]["content"], want_text)
         got[name] = ids
-    for seed in (3, 7):  # not vacuous: the alignment reached the attention and changed the output
+    for seed in (4, 7):  # not vacuous: the alignment reached the attention and changed the output
         assert got[f"explicit/{seed}"] != got[f"none/{seed}"]
         assert got[f"strings/{seed}"] == got[f"explicit/{seed}"]
 
