@@ -151,7 +151,11 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0, description="Conservativeness of requests that name none (0 = unmodified model)."
     )
     contrast_pool: Path | None = Field(None, description="Folder of contrast images (default: built-in noise images).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights dtype. auto: as vLLM picks it (bfloat16 on CPUs with native bfloat16, AVX512_BF16 or "
+        "AMX; float32 on other CPUs; the checkpoint's 16-bit dtype on GPUs).",
+    )
     device: str = Field("cpu", description="Torch device of the reference engine.")
     torch_threads: int | None = Field(
         None,

@@ -22,6 +22,11 @@ if not torch.cuda.is_available():
 # default, has its own tests (tests/server/engines/test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).
 os.environ.setdefault("SEVI_VLLM_ENFORCE_EAGER", "true")
 
+# Servers built from Settings in tests compare their tokens with the float32 reference engine: they serve float32
+# on every machine, not `auto` (bfloat16 where the CPU has native bfloat16, as on AMX and AVX512_BF16 machines).
+# The auto choice itself is tested in tests/server/engines/test_dtype.py.
+os.environ.setdefault("SEVI_DTYPE", "float32")
+
 from models.generation import ReferenceModel  # noqa: E402
 from models.tiny import build  # noqa: E402
 from tests.helpers import TINY_KWARGS  # noqa: E402

@@ -183,6 +183,37 @@ def cpu_kv(kv_cache: torch.Tensor, isa: str, head_size: int) -> PagedKV:
     return ordered_cpu_kv(kv_cache, *cache_order(isa, kv_cache.dtype, kv_cache.shape[2], head_size))
 
 
+def describe_cache(dtype: torch.dtype, block_size: int, head_size: int) -> dict[str, str]:
+    """What vLLM's CPU attention keeps in its paged cache on this machine and how SEVI's aligned rows read it,
+    for /ready and the start-up log: `kv_cache_isa` (the kernel vLLM picks: amx, vec, vec16, ...),
+    `kv_cache_layout`, and `aligned_read` ("in place" by the C kernel, or "gather" by torch)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from models.kernels.choice import aligned_kernel
+
+    isa = _get_attn_isa(dtype, block_size, head_size)
+    layout = cache_layout(isa, dtype, block_size, head_size)
+    if layout is not None:
+        k_t, v_t = layout
+        name = f"K {'[D, block]' if k_t else '[block, D]'}, V {'[D, block]' if v_t else '[block, D]'}"
+        in_place = True
+    else:
+        paged = ordered_cpu_kv(
+            torch.empty(1, 1, block_size, 2 * head_size, dtype=dtype), *cache_order(isa, dtype, block_size, head_size)
+        )
+        name = "AMX tiles (K: 16 keys x dim pairs, V: 16 dims x key pairs)" if paged.amx else "other (learned order)"
+        in_place = paged.amx
+    choice = aligned_kernel()
+    kern = kernel() if choice == "c" else None
+    if kern is not None and in_place and dtype in kern.cache_dtypes:
+        reads = "in place (C kernel)"
+    elif choice == "triton" and layout is not None:
+        reads = "in place (Triton)"
+    else:
+        reads = "gather (torch)"
+    return {"kv_cache_isa": isa, "kv_cache_layout": name, "aligned_read": reads}
+
+
 class SeviCPUAttentionImpl(AlignedImpl, CPUAttentionBackendImpl):
     _paged: tuple[torch.Tensor, PagedKV] | None = None  # this layer's cache tensor and its block views
 

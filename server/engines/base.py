@@ -147,6 +147,14 @@ class Engine(ABC):
         engine says otherwise."""
         return "torch"
 
+    _dtype_name: str = "float32"
+
+    @property
+    def serving_details(self) -> dict[str, str]:
+        """What this machine runs, for /ready and the start-up log: the weights dtype and the aligned kernel
+        (engines add what they know, such as vLLM's cache layout)."""
+        return {"dtype": self._dtype_name, "aligned_kernel": self.aligned_kernel}
+
     @property
     def load_error(self) -> str | None:
         """Why loading failed, if it did (the process is then alive but useless)."""

@@ -33,6 +33,7 @@ from server.engines.base import (
     default_cpu_threads,
     set_torch_threads,
 )
+from server.engines.dtype import resolve_dtype
 from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
 
 log = logging.getLogger("sevi.engine")
@@ -79,6 +80,7 @@ class TransformersEngine(QueuedEngine):
         self._max_queue = max_queue
         self._max_cohorts = max_cohorts
         self._dtype = _DTYPES[dtype]
+        self._dtype_name = dtype
         self._device = device
         self._pool_dir = contrast_pool_dir
         self._torch_threads = torch_threads
@@ -103,7 +105,7 @@ class TransformersEngine(QueuedEngine):
             max_batch_size=batch,
             max_queue=settings.max_queue,
             max_cohorts=settings.max_cohorts,
-            dtype=settings.dtype,
+            dtype=resolve_dtype(settings.dtype, settings.model, settings.device.startswith("cuda")),
             device=settings.device,
             torch_threads=settings.torch_threads,
             contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,

@@ -46,6 +46,7 @@ from server.engines.base import (
     default_cpu_threads,
     set_torch_threads,
 )
+from server.engines.dtype import resolve_dtype
 from server.engines.vllm_liveness import vllm_engine_failure
 from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings, VllmSettings
 
@@ -113,6 +114,8 @@ class VllmEngine(QueuedEngine):
         self._max_batch = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
         self._max_queue = max_queue
         self._dtype = dtype
+        self._dtype_name = dtype
+        self._cache_details: dict[str, str] = {}  # vLLM's CPU cache layout and how aligned rows read it
         self._pool_dir = contrast_pool_dir
         self._max_images = max_images_per_request
         env_only: dict[str, Any] = {}  # built alone (tests, bench/): every field from SEVI_VLLM_* or its default
@@ -141,7 +144,7 @@ class VllmEngine(QueuedEngine):
             model_name=settings.model_id,
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
-            dtype=settings.dtype,
+            dtype=resolve_dtype(settings.dtype, settings.model, _on_gpu()),
             contrast_pool_dir=str(settings.contrast_pool) if settings.contrast_pool else None,
             max_images_per_request=settings.max_images_per_request,
             torch_threads=settings.torch_threads,
@@ -176,6 +179,10 @@ class VllmEngine(QueuedEngine):
         from models.kernels.choice import aligned_kernel
 
         return aligned_kernel()
+
+    @property
+    def serving_details(self) -> dict[str, str]:
+        return {**super().serving_details, **self._cache_details}
 
     @property
     def num_layers(self) -> int:
@@ -308,6 +315,8 @@ class VllmEngine(QueuedEngine):
         self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
         in_process = runtime_env.vllm_engine_core_in_process() and kwargs["distributed_executor_backend"] == "uni"
         self._worker_state = STATE if in_process else None
+        if current_platform.is_cpu():
+            self._cache_details = _cpu_cache_details(self._engine.vllm_config)
         log.info(
             "vLLM model loaded",
             extra={
@@ -315,6 +324,7 @@ class VllmEngine(QueuedEngine):
                     "model": self._model_dir,
                     "layers": self._num_layers,
                     "seconds": round(time.perf_counter() - t0, 3),
+                    **self.serving_details,
                 }
             },
         )
@@ -507,6 +517,14 @@ def vllm_batch_args(max_batch_size: int | None, on_gpu: bool) -> tuple[dict[str,
         return {}, context
     batch = max_batch_size if max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
     return {"max_num_seqs": 2 * batch}, context
+
+
+def _cpu_cache_details(vllm_config: Any) -> dict[str, str]:
+    """vLLM's CPU cache layout on this machine and how the aligned rows read it (models/vllm_plugin/cpu_backend.py)."""
+    from models.vllm_plugin.cpu_backend import describe_cache
+
+    model = vllm_config.model_config
+    return describe_cache(model.dtype, int(vllm_config.cache_config.block_size), int(model.get_head_size()))
 
 
 def _on_gpu() -> bool:

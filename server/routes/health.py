@@ -26,6 +26,7 @@ async def ready(engine: EngineDep) -> JSONResponse:
     if not alive.alive:  # no Retry-After: this process will not recover; it exits and is restarted
         return JSONResponse({"status": "dead", "detail": alive.reason}, status_code=503)
     if engine.ready:
-        return JSONResponse({"status": "ready", "model": engine.model_name, "aligned_kernel": engine.aligned_kernel})
+        # The dtype, the aligned kernel and (vLLM on CPU) the cache layout: which path this machine runs.
+        return JSONResponse({"status": "ready", "model": engine.model_name, **engine.serving_details})
     detail = engine.load_error or "loading"
     return JSONResponse({"status": "not ready", "detail": detail}, status_code=503, headers={"Retry-After": "1"})

@@ -66,3 +66,28 @@ def test_amx_bfloat16_cache_layout_is_learned_and_read(hd: int, kv_path: str) ->
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("choice", ["c", "torch"])
+@pytest.mark.parametrize("isa", ["vec", "amx"])
+def test_describe_cache_names_the_layout_and_how_aligned_rows_read_it(
+    isa: str, choice: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What /ready reports: on AMX machines vLLM picks "amx" for bfloat16 (simulated here by naming it), whose
+    tiles the C kernel reads in place; elsewhere "vec" (K [D, block]), read in place too."""
+    import vllm.v1.attention.backends.cpu_attn as cpu_attn
+
+    from models.kernels import choice as kernel_choice
+    from models.kernels.paged_kv import kernel
+    from models.vllm_plugin.cpu_backend import describe_cache
+
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *args, **kwargs: isa)
+    monkeypatch.setattr(kernel_choice, "aligned_kernel", lambda: choice)  # SEVI_ALIGNED_KERNEL
+    try:
+        details = describe_cache(torch.bfloat16, 128, 64)
+    except RuntimeError as err:  # vLLM's AVX2-only build has no AMX cache writer
+        pytest.skip(f"this vLLM build has no {isa} cache writer: {err}")
+    assert details["kv_cache_isa"] == isa
+    assert details["kv_cache_layout"].startswith("AMX tiles" if isa == "amx" else "K [D, block]")
+    in_place = "in place (C kernel)" if choice == "c" and kernel() is not None else "gather (torch)"
+    assert details["aligned_read"] == in_place

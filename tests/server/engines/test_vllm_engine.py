@@ -115,9 +115,21 @@ def test_mixed_batch_on_the_triton_kernel_equals_reference_engine(
 
 
 def test_ready_names_the_default_aligned_kernel(live: LiveServer) -> None:
+    """/ready says which path this machine runs: dtype, aligned kernel, and the cache layout vLLM picked here
+    (found at run time, as vLLM finds it: AVX2, AVX-512 and AMX machines differ)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
     from models.kernels.paged_kv import kernel
 
-    assert httpx.get(live.url + "/ready").json()["aligned_kernel"] == ("c" if kernel() is not None else "torch")
+    ready = httpx.get(live.url + "/ready").json()
+    assert ready["aligned_kernel"] == ("c" if kernel() is not None else "torch")
+    assert ready["dtype"] == "float32"  # tests serve float32 (tests/conftest.py)
+    config = live.engine._engine.vllm_config
+    head_size = config.model_config.get_head_size()
+    assert ready["kv_cache_isa"] == _get_attn_isa(config.model_config.dtype, config.cache_config.block_size, head_size)
+    assert ready["kv_cache_layout"] and ready["aligned_read"] == (
+        "in place (C kernel)" if kernel() is not None else "gather (torch)"
+    )
 
 
 @pytest.mark.parametrize("knobs", ["explicit", "explicit+cd"])
