@@ -101,6 +101,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_compile_only() -> bool:
+    """TRITON_INTERPRET=0 set explicitly: decorate the kernels for a GPU even without one, to compile them for
+    one (bench/kernel_compile.py: Triton's own ptxas, no device) rather than run them."""
+    return os.environ.get("TRITON_INTERPRET") == "0"
+
+
 def use_triton_interpreter() -> None:
     """Have Triton interpret the kernels decorated from now on (no CUDA device to compile them for)."""
     os.environ["TRITON_INTERPRET"] = "1"

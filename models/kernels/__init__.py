@@ -16,7 +16,10 @@ from models import runtime_env
 
 def use_interpreter() -> bool:
     """Whether Triton kernels must run in its interpreter (no CUDA device): set TRITON_INTERPRET before the
-    kernels are defined, since triton reads it when @triton.jit decorates them."""
+    kernels are defined, since triton reads it when @triton.jit decorates them. TRITON_INTERPRET=0, set
+    explicitly, keeps GPU kernels without a device (to compile them: bench/kernel_compile.py)."""
+    if runtime_env.triton_compile_only():
+        return False
     if not torch.cuda.is_available() and not runtime_env.triton_interpreting():
         if "triton" in sys.modules:  # its own library's kernels were decorated for a GPU: the interpreter fails
             raise RuntimeError(
