@@ -77,10 +77,10 @@ def launches(shape: str, dtype: str, keys: int = 1024, batch: int = 1) -> dict[s
     counts = torch.full((batch,), keys)
     blocks = torch.arange(batch * nb)
     with _recording() as rec:
-        sevi_decode.aligned_decode(q, cache[..., :d], cache[..., d:], False, False, blocks, counts, rows, d**-0.5, kv_heads)
-    return {
-        name: (getattr(sevi_decode, KERNELS[name]), *rec[name].calls[0]) for name in KERNELS if rec[name].calls
-    }
+        sevi_decode.aligned_decode(
+            q, cache[..., :d], cache[..., d:], False, False, blocks, counts, rows, d**-0.5, kv_heads
+        )
+    return {name: (getattr(sevi_decode, KERNELS[name]), *rec[name].calls[0]) for name in KERNELS if rec[name].calls}
 
 
 def _binder(kernel: Any) -> tuple[Any, Any, Any]:
@@ -156,6 +156,16 @@ def report(keys: int = 1024) -> list[dict[str, Any]]:
     return rows
 
 
+def variant_count(keys: list[int], shape: str = "qwen2-vl-7b", dtype: str = "bf16") -> dict[str, int]:
+    """Distinct compiled variants each kernel needs over these key counts (rows of `k` keys, masks as wide):
+    decode grows the key count by one a step, so anything above 1 is a compile inside an engine step."""
+    seen: dict[str, set[Any]] = {name: set() for name in KERNELS}
+    for k in keys:
+        for name, (kernel, _grid, args, kwargs) in launches(shape, dtype, k).items():
+            seen[name].add(specialization(kernel, args, kwargs))
+    return {name: len(found) for name, found in seen.items()}
+
+
 def failures(rows: list[dict[str, Any]]) -> list[str]:
     """The rule the CI test holds: no local-memory spills anywhere; A and C on tensor cores at bf16 / fp16."""
     bad = []
@@ -182,10 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (the test reads them)")
     parser.add_argument("--keys", type=int, default=1024)
+    parser.add_argument("--variants", help="comma-separated key counts: print each kernel's variant count (JSON)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "0":
         print("run with TRITON_INTERPRET=0 (the kernels must be compiled, not interpreted)", file=sys.stderr)
         return 2
+    if args.variants:
+        print(json.dumps(variant_count([int(k) for k in args.variants.split(",")])))
+        return 0
     rows = report(args.keys)
     print(json.dumps(rows) if args.json else table(rows))
     bad = failures(rows)

@@ -52,10 +52,16 @@ class PreparedRows:
 
 
 def prepare_rows(
-    valid: torch.Tensor, semantic_keys: torch.Tensor, other_keys: torch.Tensor, omega: torch.Tensor, kappa: torch.Tensor
+    valid: torch.Tensor,
+    semantic_keys: torch.Tensor,
+    other_keys: torch.Tensor,
+    omega: torch.Tensor,
+    kappa: torch.Tensor,
+    all_on: bool | None = None,
 ) -> PreparedRows:
     """valid, semantic_keys, other_keys: `[R, K]` bool (the key sets are restricted to valid keys here);
-    omega, kappa: `[R]`."""
+    omega, kappa: `[R]`; all_on: whether every omega > 0 where the caller knows it on the host (else read
+    back from omega's device: a sync on a GPU)."""
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, MASKED)
     semantic = (semantic_keys & valid).float()[:, None, :]
     other = (other_keys & valid).float()[:, None, :]
@@ -68,12 +74,12 @@ def prepare_rows(
         kappa.float()[:, None],
         (omega / (1 + omega))[:, None, None],
         on[:, None],
-        bool(on.all()),
+        bool(on.all()) if all_on is None else all_on,
     )
 
 
-def select_rows(rows: PreparedRows, index: torch.Tensor) -> PreparedRows:
-    """The prepared rows at `index` (long `[R']`)."""
+def select_rows(rows: PreparedRows, index: torch.Tensor, all_on: bool | None = None) -> PreparedRows:
+    """The prepared rows at `index` (long `[R']`); all_on as in :func:`prepare_rows`."""
     on = rows.on[index]
     return PreparedRows(
         rows.key_bias[index],
@@ -82,7 +88,7 @@ def select_rows(rows: PreparedRows, index: torch.Tensor) -> PreparedRows:
         rows.kappa[index],
         rows.blend[index],
         on,
-        rows.all_on or bool(on.all()),
+        rows.all_on or (bool(on.all()) if all_on is None else all_on),
     )
 
 

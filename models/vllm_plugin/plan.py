@@ -74,6 +74,8 @@ class StepPlan:
     omega: torch.Tensor  # float32 [R]
     kappa: torch.Tensor  # float32 [R]
     start_layer: torch.Tensor  # long [R]
+    start_layer_host: np.ndarray  # the same on the host: row sets are chosen there (no nonzero on the device)
+    on_host: np.ndarray  # bool [R]: omega > 0, on the host (prepared rows' all_on without a read-back)
     min_start: int
     max_start: int
     starts: list[int]  # distinct start layers, ascending: each opens a larger set of rows
@@ -121,9 +123,13 @@ class StepPlan:
         return self._sets[opened]
 
     def _row_set(self, layer: int) -> RowSet | None:
-        keep = None if layer >= self.max_start else torch.nonzero(self.start_layer <= layer).squeeze(1)
-        if keep is not None and keep.numel() == 0:
-            return None
+        keep = None
+        if layer < self.max_start:  # chosen on the host: a nonzero on the device would wait for it
+            chosen = np.flatnonzero(self.start_layer_host <= layer)
+            if chosen.shape[0] == 0:
+                return None
+            keep = upload(self.token_index.device, chosen)[0]
+            all_on = bool(self.on_host[chosen].all())
 
         def pick(x: torch.Tensor) -> torch.Tensor:
             return x if keep is None else x[keep]
@@ -133,9 +139,9 @@ class StepPlan:
         return RowSet(
             token_index=tok,
             batch_row=pick(self.batch_row),
-            block_index=self.blocks.to(tok.device)[pick(self.seq_slot)].reshape(-1),
+            block_index=self.blocks[pick(self.seq_slot)].reshape(-1),
             key_count=pick(self.key_count),
-            prepared=p if keep is None else select_rows(p, keep),
+            prepared=p if keep is None else select_rows(p, keep, all_on),
             identity=keep is None and self.covers_all_tokens,
         )
 
@@ -229,6 +235,28 @@ def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
     return found
 
 
+def upload(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """Host arrays as tensors on `device`. On the CPU they are the arrays' memory. Elsewhere they travel as one
+    buffer (pinned on CUDA, copied with non_blocking: the host does not wait for the device) and come back as
+    views of it, each at an 8-byte-aligned offset in its own dtype and shape."""
+    arrays = tuple(np.ascontiguousarray(a) for a in arrays)
+    if device.type == "cpu":
+        return [torch.from_numpy(a) for a in arrays]
+    offsets, size = [], 0
+    for a in arrays:
+        offsets.append(size)
+        size += -(-a.nbytes // 8) * 8
+    host = torch.empty(max(size, 8), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    flat = host.numpy()
+    for a, at in zip(arrays, offsets, strict=True):
+        flat[at : at + a.nbytes] = a.reshape(-1).view(np.uint8)
+    sent = host.to(device, non_blocking=True)
+    return [
+        sent[at : at + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
+        for a, at in zip(arrays, offsets, strict=True)
+    ]
+
+
 @dataclass(frozen=True)
 class StepMetadata:
     """What the step plan reads of a step's attention metadata, with the batch's row counts on the host.
@@ -309,8 +337,7 @@ def build_plan(
     slot_of[seqs] = np.arange(seqs.shape[0])
     widest = int(seq[seqs].max())
     nb = -(-widest // block_size)
-    seqs_table = torch.from_numpy(seqs).to(block_table.device)
-    blocks = block_table[seqs_table, :nb].to(torch.long)
+
     moves_on = total == seqs.shape[0] == int(t.enabled.sum())  # decode steps may move it on (StepPlan.advance)
     room = _room(position + 1, block_size) if moves_on else 0
     num_keys = widest + room
@@ -329,24 +356,41 @@ def build_plan(
     )
     start = t.start_layer[batch_row]
     starts = sorted(set(start.tolist()))
-    omega, kappa = (torch.from_numpy(x[batch_row]).to(device) for x in (t.omega, t.kappa))
+    omega_host = t.omega[batch_row]
+    # Everything the device needs, in one upload (one pinned buffer, non-blocking, on a GPU): eleven separate
+    # pageable copies would each wait for the device.
+    (token_t, batch_t, slot_t, count_t, start_t, seqs_table, omega, kappa, valid_t, semantic_t, other_t) = upload(
+        device,
+        token_index,
+        batch_row,
+        slot_of[batch_row],
+        position + 1,
+        start,
+        seqs,
+        omega_host,
+        t.kappa[batch_row],
+        valid.numpy(),
+        semantic.numpy(),
+        other.numpy(),
+    )
+    blocks = block_table[seqs_table, :nb].to(torch.long)
     decode = (t, seq_lens[:n] + 1, seqs_table) if moves_on else None
-
-    def tensor(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).to(device)
+    on_host = omega_host > 0
 
     return StepPlan(
-        token_index=tensor(token_index),
-        batch_row=tensor(batch_row),
-        seq_slot=tensor(slot_of[batch_row]),
+        token_index=token_t,
+        batch_row=batch_t,
+        seq_slot=slot_t,
         blocks=blocks,
         num_keys=num_keys,
-        key_count=tensor(position + 1),
+        key_count=count_t,
         key_count_host=position + 1,
-        prepared=prepare_rows(valid.to(device), semantic.to(device), other.to(device), omega, kappa),
+        prepared=prepare_rows(valid_t, semantic_t, other_t, omega, kappa, bool(on_host.all())),
         omega=omega,
         kappa=kappa,
-        start_layer=tensor(start),
+        start_layer=start_t,
+        start_layer_host=start,
+        on_host=on_host,
         min_start=starts[0],
         max_start=starts[-1],
         starts=starts,

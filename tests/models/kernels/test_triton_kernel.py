@@ -27,7 +27,8 @@ _WHY = triton_available()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"Triton kernels untested: {_WHY}")
 
 if _WHY is None:
-    from models.kernels.sevi_decode import aligned_decode, paged_scores
+    from models.kernels import sevi_decode
+    from models.kernels.sevi_decode import aligned_decode, paged_scores, row_chunks, score_offsets
 
 
 def paged_cache(
@@ -114,8 +115,10 @@ def test_kernel_equals_torch_operator_softmax_and_pv(case: str, layout: str, dty
     n_blocks = len(counts) * nb + 3
     key, value, k_t, k, v = paged_cache(n_blocks, kv_heads, bs, d, dtype, layout, gen)
     blocks = torch.randperm(n_blocks, generator=gen)[: len(counts) * nb].view(len(counts), nb)  # shuffled
-    # Queries that make every head group appear: scaled so that heads differ in how peaked they are.
+    # Queries that make every head group appear: scaled so that heads differ in how peaked they are. In the
+    # cache's dtype, as vLLM's query is (kernel A reads q in it: q.K on tensor cores).
     q = torch.randn(len(counts), heads, d, generator=gen) * torch.linspace(0.3, 3.0, heads)[None, :, None]
+    q = q.to(dtype).float()
     omega = [4.0, 0.5, 0.0, 1.0][: len(counts)]
     rows = masks(counts, width, images, image_only, omega, kappa=0.2)
     scale = d**-0.5
@@ -208,3 +211,57 @@ def test_a_row_with_a_single_global_head() -> None:
     assert groups is not None
     for name in ("semantic", "core", "global_", "stage1", "stage2"):
         assert torch.equal(getattr(groups, name), getattr(want_groups, name)), name
+
+
+def test_score_offsets_do_not_wrap_past_2_31() -> None:
+    """A recompute prefill after preemption aligns every row from the last prompt row on: 2,048 rows x 32 heads x
+    32k keys of scores is 2**31 elements, where int32 offsets wrap. The kernels' own offset arithmetic, probed."""
+    for row, heads, keys in [(2047, 32, 32768), (70000, 28, 40000), (3, 32, 4096)]:
+        assert score_offsets(row, heads, keys) == (row * heads * keys, (row * heads + heads - 1) * keys)
+
+
+def test_row_chunks_bound_the_scores_and_cover_every_row() -> None:
+    for rows, heads, keys, limit in [(2048, 32, 32768, 1 << 25), (5, 4, 10, 80), (7, 32, 1 << 20, 1000), (0, 8, 8, 64)]:
+        chunks = row_chunks(rows, heads, keys, limit)
+        assert [i for a, b in chunks for i in range(a, b)] == list(range(rows))
+        assert all(b > a for a, b in chunks)
+        assert all((b - a) * heads * keys <= limit for a, b in chunks if b - a > 1)  # one row may exceed it
+    assert len(row_chunks(2048, 32, 32768)) == 64  # the preemption case: 64 launches of 32 rows
+
+
+def test_rows_in_chunks_equal_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the scores bounded to two rows' worth, the rows run in chunks and give the same output, groups and
+    stage masks as one launch over every row."""
+    heads, kv_heads, bs, counts, images, image_only = CASES["qwen2vl-7b"]
+    d, gen = 128, torch.Generator().manual_seed(5)
+    width = max(counts) + 3
+    nb = -(-width // bs)
+    key, value, k_t, _, _ = paged_cache(len(counts) * nb + 2, kv_heads, bs, d, torch.float32, "flash", gen)
+    blocks = torch.randperm(len(counts) * nb + 2, generator=gen)[: len(counts) * nb].reshape(-1)
+    q = torch.randn(len(counts), heads, d, generator=gen) * torch.linspace(0.3, 3.0, heads)[None, :, None]
+    rows = masks(counts, width, images, image_only, [4.0, 0.5, 0.0, 1.0], kappa=0.2)
+    count_t = torch.tensor(counts)
+    whole, whole_groups, _ = aligned_decode(q, key, value, k_t, False, blocks, count_t, rows, d**-0.5, kv_heads)
+    monkeypatch.setattr(sevi_decode, "SCORES_ELEMENTS", 2 * heads * width)
+    assert len(row_chunks(len(counts), heads, width)) == 2
+    parts, groups, _ = aligned_decode(q, key, value, k_t, False, blocks, count_t, rows, d**-0.5, kv_heads)
+    assert torch.equal(parts, whole)
+    assert groups is not None and whole_groups is not None
+    for name in ("semantic", "core", "global_", "stage1", "stage2"):
+        assert torch.equal(getattr(groups, name), getattr(whole_groups, name)), name
+
+
+def test_scores_past_a_rows_keys_are_zero_and_unread_keys_stay_unread() -> None:
+    """Kernel A loops to each row's own key count and then writes zeros up to the masks' width: a short row beside
+    a long one gets exact scores over its keys and zeros past them (the sharded operator reads the whole width)."""
+    heads, kv_heads, bs, d = 8, 2, 16, 128
+    gen = torch.Generator().manual_seed(9)
+    counts, width = [100, 5], 112
+    nb = -(-width // bs)
+    key, _, k_t, k, _ = paged_cache(2 * nb, kv_heads, bs, d, torch.float32, "flash", gen)
+    blocks = torch.arange(2 * nb).view(2, nb)
+    q = torch.randn(2, heads, d, generator=gen)
+    scores = paged_scores(q, key, k_t, blocks.reshape(-1), torch.tensor(counts), width, d**-0.5, kv_heads)
+    assert torch.equal(scores[1, :, counts[1] :], torch.zeros(heads, width - counts[1]))
+    want = torch.einsum("gjd,gkd->gjk", q[1].view(kv_heads, heads // kv_heads, d), k[blocks[1, 0], :, : counts[1]])
+    torch.testing.assert_close(scores[1, :, : counts[1]], want.reshape(heads, -1) * d**-0.5, rtol=1e-5, atol=1e-5)

@@ -237,3 +237,45 @@ def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.Monk
             assert step([13 + n, 12 + n]) is first  # moved on in place, never built afresh
     assert first.key_count.tolist() == [213, 212] and first.key_count_host.tolist() == [213, 212]
     assert first.blocks[0].tolist() == list(range(14))  # the block ids were read again as keys reached them
+
+
+def test_a_fresh_plan_uploads_once_and_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh plan (every batch change) and its row sets for mixed start layers, built for a device: one upload
+    of everything the rows need (non-blocking: from a pinned buffer on CUDA), one more per row subset (its row
+    indices), and no read-back. On the `meta` device, which holds no data, any read-back (`.item()`, `bool()`,
+    `nonzero`) raises, as `torch.cuda.set_sync_debug_mode("error")` would on a GPU."""
+    proc = processor()
+    early = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
+    late = to_extra_args(resolve_alignment(None, 4, start_layer=3, omega=0.5, kappa=0.3))
+    prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
+    add_rows(proc, [(0, early, prompt, [11]), (1, late, prompt[:-1], [4]), (2, early, prompt, [5, 6])], 3)
+    table = torch.zeros(3, 32, dtype=torch.int32, device="meta")
+    uploads: list[bool] = []
+    to = torch.Tensor.to
+
+    def counting_to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = to(self, *args, **kwargs)  # type: ignore[call-overload]
+        if out.device != self.device:
+            uploads.append(bool(kwargs.get("non_blocking", False)))
+        return out  # type: ignore[no-any-return]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nonzero on the device: the host would wait for it")
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+    STATE.begin_step(False)
+    md = StepMetadata(torch.arange(4, dtype=torch.int32), torch.tensor([13, 12, 14]), table, 3)
+    plan = step_plan(STATE, md, 16, torch.device("meta"))
+    assert plan is not None and plan.key_count.device.type == "meta"
+    assert uploads == [True]
+    sets = [plan.rows_at(layer) for layer in range(4)]
+    assert sets[0] is None and sets[1] is sets[2] and sets[1] is not None and sets[3] is not None
+    assert sets[1].token_index.shape[0] == 2 and sets[3].token_index.shape[0] == 3 and sets[3].identity
+    assert sets[1].prepared.all_on and uploads == [True, True]  # the subset's row indices
+    for n in range(1, 40):  # decode steps: moved on in place, crossing blocks (row sets rebuilt), no read-back
+        STATE.begin_step(False)
+        md = StepMetadata(torch.arange(4, dtype=torch.int32), torch.tensor([13 + n, 12 + n, 14 + n]), table, 3)
+        assert step_plan(STATE, md, 16, torch.device("meta")) is plan
+        assert plan.rows_at(1) is not None and plan.rows_at(3) is not None
+    assert all(uploads)
