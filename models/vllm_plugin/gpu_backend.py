@@ -19,6 +19,7 @@ Only this module imports FlashAttention, and only on CUDA platforms.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -29,12 +30,42 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from models.kernels.choice import aligned_kernel
 from models.vllm_plugin.aligned_impl import AlignedImpl
 from models.vllm_plugin.paged_read import PagedKV
 from models.vllm_plugin.plan import RowSet, StepMetadata
 from models.vllm_plugin.rows import align_layer
 from models.vllm_plugin.state import STATE
 from models.vllm_plugin.tensor_parallel import head_shards
+
+
+def _engine_cache() -> tuple[torch.dtype, int] | None:
+    """(KV cache dtype, block size) of the engine being built (vLLM's current config), None outside one."""
+    from vllm.config import get_current_vllm_config
+
+    config = get_current_vllm_config()
+    if config.model_config is None:
+        return None
+    return config.model_config.dtype, config.cache_config.block_size
+
+
+@functools.cache
+def _warm(heads: int, kv_heads: int, head_size: int, dtype: torch.dtype, block_size: int) -> None:
+    from models.kernels.sevi_decode import warm_up
+
+    warm_up(heads, kv_heads, head_size, dtype, block_size, torch.device("cuda", torch.cuda.current_device()))
+
+
+def warm_triton_kernels(heads: int, kv_heads: int, head_size: int) -> bool:
+    """Compile the Triton kernels for this layer's shape and the engine's cache while the engine loads (once per
+    shape): a first compile inside a decode step took about a second each (six took 4.9 s). Whether it ran."""
+    if not torch.cuda.is_available() or aligned_kernel() != "triton":
+        return False
+    found = _engine_cache()
+    if found is None:
+        return False
+    _warm(heads, kv_heads, head_size, *found)
+    return True
 
 
 def paged_flash_kv(kv_cache: torch.Tensor) -> PagedKV:
@@ -55,6 +86,7 @@ class SeviFlashAttentionImpl(AlignedImpl, FlashAttentionImpl):
             )
         super().__init__(*args, **kwargs)
         self._shards = head_shards()  # None with one GPU: no collective
+        warm_triton_kernels(self.num_heads, self.num_kv_heads, self.head_size)
 
     def forward(
         self,

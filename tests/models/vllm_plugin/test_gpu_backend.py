@@ -224,3 +224,29 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
     finally:
         STATE.reset()
         choice.aligned_kernel.cache_clear()
+
+
+def test_the_triton_kernels_are_compiled_while_the_engine_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer shape's kernels are compiled once, when vLLM builds the layers, for the engine's cache dtype and
+    block size: not inside the first decode steps (with num_keys not specialised, no later step compiles)."""
+    from models.kernels import sevi_decode
+    from models.vllm_plugin import gpu_backend
+
+    warmed: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gpu_backend, "aligned_kernel", lambda: "triton")
+    monkeypatch.setattr(gpu_backend, "_engine_cache", lambda: (torch.bfloat16, 16))
+    monkeypatch.setattr(sevi_decode, "warm_up", lambda *args: warmed.append(args))
+    gpu_backend._warm.cache_clear()
+    for _ in range(3):  # three layers of one shape
+        SeviFlashAttentionImpl(28, 128, 0.125, 4, None, None, "auto")
+    SeviFlashAttentionImpl(32, 128, 0.125, 32, None, None, "auto")
+    assert warmed == [
+        (28, 4, 128, torch.bfloat16, 16, torch.device("cuda", 0)),
+        (32, 32, 128, torch.bfloat16, 16, torch.device("cuda", 0)),
+    ]
+    monkeypatch.setattr(gpu_backend, "aligned_kernel", lambda: "torch")
+    SeviFlashAttentionImpl(16, 128, 0.125, 4, None, None, "auto")
+    assert len(warmed) == 2  # the torch escape hatch compiles nothing
+    gpu_backend._warm.cache_clear()
