@@ -2,7 +2,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-browser test test-unit lint bench serve clean gpu-check
+.PHONY: install install-browser test test-unit lint bench serve clean gpu-check gpu-check-interpret gpu-compile-check
 
 # tcmalloc, where installed (libtcmalloc-minimal4), is preloaded by serve and bench, as vLLM's CPU docs advise:
 # torch, vLLM and the compiled alignment operator allocate many small tensors per step, and with glibc's malloc
@@ -84,7 +84,16 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 # One prepared check on a machine with one NVIDIA GPU (no vLLM, no install: torch with CUDA and triton): the
-# Triton SEVI kernels against the torch operator, timed; prints one JSON report. Refuses without a GPU.
+# Triton SEVI kernels against float32 torch with every head group and both stages occurring, timed against SDPA
+# (CUDA-graph replay), sync / variant / offset / torchvision probes; one JSON report. Refuses without a GPU.
+# gpu-check-interpret: the same sections at small sizes on a CPU (Triton's interpreter; tests/bench/test_gpu_check.py
+# runs it under `make test`). gpu-compile-check: the kernels compiled for sm_90a with Triton's ptxas, no GPU.
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	$(GPU_PY) -m bench.gpu_check --out bench/results/gpu-check.json
+
+gpu-check-interpret: install
+	$(BIN)/python -m bench.gpu_check --interpret --out build/gpu-check-interpret.json
+
+gpu-compile-check: install
+	TRITON_INTERPRET=0 $(BIN)/python -m bench.kernel_compile

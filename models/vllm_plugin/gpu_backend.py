@@ -44,9 +44,10 @@ def _engine_cache() -> tuple[torch.dtype, int] | None:
     from vllm.config import get_current_vllm_config
 
     config = get_current_vllm_config()
-    if config.model_config is None:
+    dtype = None if config.model_config is None else config.model_config.dtype
+    if not isinstance(dtype, torch.dtype):  # outside an engine, or not yet resolved from "auto"
         return None
-    return config.model_config.dtype, config.cache_config.block_size
+    return dtype, config.cache_config.block_size
 
 
 @functools.cache

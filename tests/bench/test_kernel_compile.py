@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # this process imports triton: its kernels, if any, interpreted
+
 from bench.kernel_compile import KERNELS, SHAPES, failures, table
 from models.kernels import triton_available
 from tests.helpers import REPO
