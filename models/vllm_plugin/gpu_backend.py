@@ -120,6 +120,9 @@ class SeviFlashAttentionImpl(AlignedImpl, FlashAttentionImpl):
                 output_scale,
                 output_block_scale,
             )
+        else:  # FlashAttention skipped (every scheduled row aligned): vLLM's padding rows get zeros, not stale values
+            assert plan is not None
+            output[plan.num_tokens :].zero_()
         if rows is None:
             return output
         assert plan is not None and self._layer is not None

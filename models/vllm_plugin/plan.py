@@ -288,7 +288,7 @@ def step_plan(state: WorkerState, md: Any, block_size: int, device: torch.device
             md.block_table,
             block_size,
             device,
-            md.num_actual_tokens,
+            None,  # the scheduled tokens from query_start_loc: vLLM pads num_actual_tokens to a graph size
             cached[2] if cached is not None else None,
         )
     state.plan_cache = (state.step, id(md), plan)
@@ -307,7 +307,8 @@ def build_plan(
 ) -> StepPlan | None:
     """The rows of this step that need alignment, or None when there are none (stock path only).
 
-    num_tokens: the step's scheduled tokens (vLLM's `num_actual_tokens`); default `query_start_loc[-1]`.
+    num_tokens: the step's scheduled tokens; default `query_start_loc[batch size]` (not vLLM's
+    `num_actual_tokens`, which its GPU runner pads to a CUDA-graph size: `num_tokens_padded`).
     previous: the last step's plan; a decode step over the same rows moves it on in place.
     """
     if previous is not None and previous.advance(state, query_start_loc, seq_lens, block_table, block_size):

@@ -279,3 +279,18 @@ def test_a_fresh_plan_uploads_once_and_reads_nothing_back(monkeypatch: pytest.Mo
         assert step_plan(STATE, md, 16, torch.device("meta")) is plan
         assert plan.rows_at(1) is not None and plan.rows_at(3) is not None
     assert all(uploads)
+
+
+def test_a_fresh_plan_covers_a_step_whose_token_count_vllm_padded() -> None:
+    """vLLM's GPU runner pads num_actual_tokens to a CUDA-graph size; the plan counts the scheduled tokens
+    (query_start_loc), so an all-decode batch is covered from its first step (FlashAttention skipped)."""
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
+    prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
+    add_rows(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
+    STATE.begin_step(False)
+    md = StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor([13, 12]), torch.arange(4).view(2, 2), 8)
+    plan = step_plan(STATE, md, 16, torch.device("cpu"))
+    assert plan is not None and plan.num_tokens == 2 and plan.covers_all_tokens
+    rows = plan.rows_at(1)
+    assert rows is not None and rows.identity
