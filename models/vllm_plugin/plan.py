@@ -9,7 +9,8 @@ Cost model (the reason for the shapes below): each torch op costs microseconds o
 size, and the step runs every aligned layer, so everything that does not depend on the layer (row indices,
 block indices, masks, the alignment's prepared inputs) is built by the first aligned layer
 (:class:`StepPlan`, :class:`RowSet`), and the decode steps that follow over the same rows move it on in
-place (a key more per row: three small ops) until the masks' room or a row's block runs out. Backend-agnostic:
+place (a key more per row: three small ops; a row entering a new block has that one block id read in place)
+until the masks' room runs out (every GROWTH steps). Backend-agnostic:
 both backends share one plan (on a GPU built from vLLM's host copies of the row counts, :class:`StepMetadata`,
 so a decode step reads nothing back from the device).
 """
@@ -66,7 +67,7 @@ class StepPlan:
     token_index: torch.Tensor  # long [R]: row in the flattened query / output
     batch_row: torch.Tensor  # long [R]: batch index of each aligned row
     seq_slot: torch.Tensor  # long [R]: index into `blocks` (one slot per distinct sequence)
-    blocks: torch.Tensor  # long [S, nb]: block ids covering every key of each sequence
+    blocks: torch.Tensor  # long [S, nb]: block ids covering the masks' width (past a row's keys: not read)
     num_keys: int  # K: the masks' width, the widest row's keys and room to grow in place; a row reads its own
     key_count: torch.Tensor  # long [R]: each row's own keys (position + 1), at most K
     key_count_host: np.ndarray  # the same on the host, moved on alongside: read without a device sync
@@ -85,10 +86,11 @@ class StepPlan:
     # next step's seq_lens, the sequences' batch rows). Each row's position is its key count - 1: its next
     # key lies at column key_count.
     decode: tuple[RowArrays, torch.Tensor, torch.Tensor] | None = None
-    # Decode steps :meth:`advance` takes before it looks at the block table again: every row's next key must
-    # lie within the masks' width and in a block the row already had (vLLM writes a new block's id into the
-    # table only when the keys reach it).
+    # Decode steps :meth:`advance` takes before it widens the masks and reads the block table again: every
+    # row's next key must lie within the masks' width. A row whose next key opens a block has that block's id
+    # read in place (vLLM writes a new block's id into the table only when the keys reach it): room per row.
     room: int = 0
+    seqs_host: np.ndarray | None = None  # decode plans: each row's batch index (rows and sequences one to one)
     _sets: dict[int, RowSet | None] = field(default_factory=dict)
     _by_layer: dict[int, RowSet | None] = field(default_factory=dict)
 
@@ -136,10 +138,13 @@ class StepPlan:
 
         tok = pick(self.token_index)
         p = self.prepared
+        # A decode plan's rows are its sequences in order: the full set's block ids are the plan's own (a view:
+        # the ids read in place as rows enter new blocks reach it, and its bound calls' pointers stay valid).
+        in_place = keep is None and self.seqs_host is not None
         return RowSet(
             token_index=tok,
             batch_row=pick(self.batch_row),
-            block_index=self.blocks[pick(self.seq_slot)].reshape(-1),
+            block_index=self.blocks.view(-1) if in_place else self.blocks[pick(self.seq_slot)].reshape(-1),
             key_count=pick(self.key_count),
             prepared=p if keep is None else select_rows(p, keep, all_on),
             identity=keep is None and self.covers_all_tokens,
@@ -178,6 +183,8 @@ class StepPlan:
             return False
         if self.room == 0:
             self._make_room(block_table, block_size, seqs)
+        else:
+            self._enter_blocks(block_table, block_size)
         if self.num_tokens != n:
             self.token_index, self.num_tokens = self.batch_row, n
             self._forget_row_sets()
@@ -196,31 +203,48 @@ class StepPlan:
         return True
 
     def _make_room(self, block_table: torch.Tensor, block_size: int, seqs: torch.Tensor) -> None:
-        """Before this step's keys are added: the sequences' block ids read again (this step's new keys may
-        lie in blocks vLLM just allocated), the masks widened when the widest row needs it, and the room
-        that gives (at least this step)."""
-        keys = self.key_count_host + 1  # each row's keys this step
-        widest = int(keys.max())
-        nb = -(-widest // block_size)
+        """Before this step's keys are added: the masks widened by GROWTH keys past the widest row, the
+        sequences' block ids read again for that width, and the room that gives (at least this step)."""
+        widest = int(self.key_count_host.max()) + 1  # the widest row's keys this step
+        num_keys, nb = _width(widest, block_size, block_table.shape[1])
         self.blocks = block_table[seqs, :nb].to(torch.long)
-        room = _room(keys, block_size)
-        if widest + room > self.num_keys:
-            self.num_keys = widest + room
-            self.prepared = widen(self.prepared, self.num_keys)
-        self.room = room + 1
+        if num_keys > self.num_keys:
+            self.num_keys = num_keys
+            self.prepared = widen(self.prepared, num_keys)
+        self.room = self.num_keys - widest + 1
         self._forget_row_sets()
 
-    def _forget_row_sets(self) -> None:
+    def _enter_blocks(self, block_table: torch.Tensor, block_size: int) -> None:
+        """Before this step's keys are added: the rows whose new key opens a block (chosen on the host) get that
+        block's id from the table, in place on the device (no read-back)."""
+        assert self.seqs_host is not None
+        new_key = self.key_count_host  # each row's new key's index
+        entering = np.flatnonzero(new_key % block_size == 0)
+        if entering.shape[0] == 0:
+            return
+        cols = new_key[entering] // block_size
+        rows_t, cols_t, seqs_t = upload(self.blocks.device, entering, cols, self.seqs_host[entering])
+        self.blocks[rows_t, cols_t] = block_table[seqs_t, cols_t].to(torch.long)
+        # Row sets of the rows past a later start layer hold their own copies of the ids: built again.
+        if len(self.starts) > 1:
+            self._forget_row_sets(keep_full=True)
+
+    def _forget_row_sets(self, keep_full: bool = False) -> None:
         """The row sets (and their bound calls) are built again at their first layer: they hold token
-        indices, block indices and mask tensors that just changed."""
+        indices, block indices and mask tensors that just changed (keep_full: all but the set of every row,
+        whose block ids are the plan's own)."""
+        full = self._sets.get(len(self.starts)) if keep_full else None
         self._sets.clear()
         self._by_layer.clear()
+        if full is not None:
+            self._sets[len(self.starts)] = full
 
 
-def _room(keys: np.ndarray, block_size: int) -> int:
-    """Decode steps a plan may take in place from rows with `keys` keys each: up to GROWTH, and no row's next
-    key past the blocks it has (vLLM fills in a block's id when the keys reach it)."""
-    return min(GROWTH, int((-keys % block_size).min()))
+def _width(widest: int, block_size: int, table_blocks: int) -> tuple[int, int]:
+    """(masks' width, blocks per row) for rows up to `widest` keys moving on in place: GROWTH keys of room,
+    within the block table's width."""
+    nb = min(-(-(widest + GROWTH) // block_size), table_blocks)
+    return min(widest + GROWTH, nb * block_size), nb
 
 
 _ARANGES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -337,11 +361,12 @@ def build_plan(
     slot_of = np.full(n, -1, dtype=np.int64)
     slot_of[seqs] = np.arange(seqs.shape[0])
     widest = int(seq[seqs].max())
-    nb = -(-widest // block_size)
-
     moves_on = total == seqs.shape[0] == int(t.enabled.sum())  # decode steps may move it on (StepPlan.advance)
-    room = _room(position + 1, block_size) if moves_on else 0
-    num_keys = widest + room
+    if moves_on:
+        num_keys, nb = _width(widest, block_size, block_table.shape[1])
+    else:
+        num_keys, nb = widest, -(-widest // block_size)
+    room = num_keys - widest
 
     width = min(t.image_keys.shape[1], num_keys)
     image_keys = np.zeros((total, num_keys), dtype=bool)
@@ -398,4 +423,5 @@ def build_plan(
         num_tokens=int(qsl[-1]) if num_tokens is None else num_tokens,
         decode=decode,
         room=room,
+        seqs_host=seqs if moves_on else None,
     )

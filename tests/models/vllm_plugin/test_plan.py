@@ -38,7 +38,8 @@ def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
     assert plan.token_index.tolist() == [5, 9]  # last prompt row of row 0, the decode row of row 2
     assert plan.batch_row.tolist() == [0, 2] and plan.key_count.tolist() == [6, 8]
     # The masks are wider than the widest row (room to grow in place): nothing past a row's keys is valid.
-    assert plan.num_keys == 32 and not plan.valid[:, 8:].any()  # up to the end of the rows' block of 32
+    # GROWTH keys past the widest row, within the block table's width (2 blocks of 32 here)
+    assert plan.num_keys == 64 and not plan.valid[:, 8:].any()
     assert plan.semantic[0, :8].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # e=2 < j <= 5
     assert plan.other[1, :8].tolist() == [True] * 3 + [False] * 5  # LLaVA: every key up to e
     # A partial prefill chunk that stops before the last prompt row aligns nothing.
@@ -51,10 +52,17 @@ def test_plan_picks_last_prompt_row_at_prefill_and_each_decode_row() -> None:
 PREPARED_TENSORS = ("key_bias", "semantic_keys", "other_keys", "kappa", "blend", "on")
 
 
-def _assert_same_rows(moved: StepPlan, fresh: StepPlan) -> None:
-    """A plan moved on in place selects the same rows as one built afresh, with the same masks over every row's
-    keys (the widths may differ: each is the widest row plus the room the plan had when built)."""
-    assert torch.equal(moved.key_count, fresh.key_count) and torch.equal(moved.blocks, fresh.blocks)
+def _used_blocks(block_index: torch.Tensor, key_count: torch.Tensor, bs: int) -> list[list[int]]:
+    """Each row's block ids over its own keys (past them a plan holds ids it never reads)."""
+    per_row = block_index.view(key_count.shape[0], -1)
+    return [per_row[i, : -(-int(n) // bs)].tolist() for i, n in enumerate(key_count)]
+
+
+def _assert_same_rows(moved: StepPlan, fresh: StepPlan, bs: int) -> None:
+    """A plan moved on in place selects the same rows as one built afresh, with the same masks and block ids
+    over every row's keys (the widths may differ: each is the widest row plus the room the plan had when built)."""
+    assert torch.equal(moved.key_count, fresh.key_count)
+    assert _used_blocks(moved.blocks, moved.key_count, bs) == _used_blocks(fresh.blocks, fresh.key_count, bs)
     width = int(moved.key_count.max())
     for plan in (moved, fresh):
         past = torch.arange(plan.num_keys)[None, :] >= plan.key_count[:, None]
@@ -64,8 +72,8 @@ def _assert_same_rows(moved: StepPlan, fresh: StepPlan) -> None:
     for layer in (1, 3):
         ra, rb = moved.rows_at(layer), fresh.rows_at(layer)
         assert ra is not None and rb is not None and ra.identity == rb.identity
-        assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.block_index, rb.block_index)
-        assert torch.equal(ra.key_count, rb.key_count)
+        assert torch.equal(ra.token_index, rb.token_index) and torch.equal(ra.key_count, rb.key_count)
+        assert _used_blocks(ra.block_index, ra.key_count, bs) == _used_blocks(rb.block_index, rb.key_count, bs)
         for name in ("key_bias", "semantic_keys", "other_keys"):
             assert torch.equal(getattr(ra.prepared, name)[..., :width], getattr(rb.prepared, name)[..., :width])
         assert torch.equal(ra.prepared.kappa, rb.prepared.kappa) and torch.equal(ra.prepared.blend, rb.prepared.blend)
@@ -105,25 +113,28 @@ def test_decode_steps_move_the_plan_on_in_place_as_a_fresh_one_would_be(joined: 
     plan = build_plan(STATE, first_qsl, seq, table, bs, torch.device("cpu"))
     assert plan is not None and plan.decode is not None
     assert plan.token_index.tolist() == ([0, 1 + len(prompt)] if joined else [0, 2])  # row 3 has no image
-    assert plan.room == 1  # row 0 fills its first block of 32 with the next key
+    # Masks GROWTH keys past the widest row (row 0: 31 keys), the block ids for that width
+    assert plan.room == GROWTH and plan.num_keys == 31 + GROWTH and plan.blocks.shape[1] == 3
     bound = None if joined else plan.rows_at(1)
     seq = seq + 1
     moved = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=plan)
-    assert moved is plan and plan.room == 0
+    assert moved is plan and plan.room == GROWTH - 1
     assert joined or plan.rows_at(1) is bound  # kept: the rows did not move in the query
-    _assert_same_rows(moved, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
-    # No room left (row 0's next key starts a block the plan never read): the block ids are read again, the
-    # masks widened, the row sets built again; then it moves on as before.
+    _assert_same_rows(moved, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")), bs)
+    # Row 0's next key opens its second block: that one id is read in place (room per row, not a re-read of
+    # the table), and the row sets holding their own copies (rows past a later start layer) are built again.
     seq = seq + 1
-    kept = plan.rows_at(1)
+    kept, full = plan.rows_at(1), plan.rows_at(3)
+    table[0, 1] = 23  # vLLM writes the id when the keys reach the block
     again = build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=plan)
-    assert again is plan and again.blocks.shape[1] == 2 and again.rows_at(1) is not kept
-    assert again.room == min(GROWTH, 32 - int(seq[2]))  # row 2 comes to its block end first
-    _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
+    assert again is plan and again.rows_at(1) is not kept and again.room == GROWTH - 2
+    assert joined or again.rows_at(3) is full  # the set of every row reads the plan's ids: kept
+    assert again.blocks[0, 1] == 23 and again.rows_at(3).block_index.view(2, -1)[0, 1] == 23  # type: ignore[union-attr]
+    _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")), bs)
     for _ in range(3):
         seq = seq + 1
         assert build_plan(STATE, qsl, seq, table, bs, torch.device("cpu"), previous=again) is again
-        _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")))
+        _assert_same_rows(again, build_plan(STATE, qsl, seq, table, bs, torch.device("cpu")), bs)
     # A step that is not one more decode token per row, or a changed batch, is not one to move on to.
     assert not again.advance(STATE, qsl, seq + 2, table, bs)
     assert not again.advance(STATE, torch.tensor([0, 1, 2, 3, 5]), seq + 1, table, bs)
@@ -162,7 +173,7 @@ def test_a_row_reaching_a_new_block_reads_its_id_even_when_the_widest_row_does_n
         assert plan is not None
         fresh = build_plan(STATE, qsl, seq, table, 16, torch.device("cpu"))
         assert fresh is not None
-        _assert_same_rows(plan, fresh)
+        _assert_same_rows(plan, fresh, 16)
         rows = plan.rows_at(1)
         assert rows is not None and rows.block_index.view(2, -1)[1, : -(-int(seq[1]) // 16)].tolist() == (
             [4, 5] if int(seq[1]) > 16 else [4]
@@ -236,7 +247,7 @@ def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.Monk
         for n in range(1, 201):
             assert step([13 + n, 12 + n]) is first  # moved on in place, never built afresh
     assert first.key_count.tolist() == [213, 212] and first.key_count_host.tolist() == [213, 212]
-    assert first.blocks[0].tolist() == list(range(14))  # the block ids were read again as keys reached them
+    assert first.blocks[0, :14].tolist() == list(range(14))  # the block ids were read as keys reached them
 
 
 def test_a_fresh_plan_uploads_once_and_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
