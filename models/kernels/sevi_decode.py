@@ -1,14 +1,16 @@
 """SEVI-aligned decode attention in Triton, reading K and V in place from vLLM's paged cache.
 
-Three kernels per aligned layer (instead of about 60 torch ops), all on float32 arithmetic:
+Three kernels per aligned layer (instead of about 60 torch ops), float32 arithmetic around tensor-core dots:
   A `_scores_kernel`, one program per (row, KV head): q.K of the KV head's query heads over the row's own
-    keys, K read through the block ids and strides, written once to a float32 scores buffer `[R, H, K]`.
+    keys, K read through the block ids and strides in the cache dtype (a dot with exact products and float32
+    accumulation), written once to a float32 scores buffer `[R, H, K]` (zeros past the row's keys).
   B `_align_kernel`, one program per row holding all H heads: pass 1 over the row's scores gathers the
     per-head statistics (online max, semantic / other masses, largest semantic score) and classifies the
     heads; pass 2 computes the global heads' mean and the core heads' max per key tile and blends both
     stages into the scores, in place. It writes the head groups and stage masks (telemetry).
   C `_values_kernel`, one program per (row, KV head): online softmax of the aligned scores and p.V, V read in
-    place like K.
+    place like K and kept in the cache dtype; p (float32) is split into cache-dtype parts (bf16: 3, fp16: 2),
+    so p.V runs on tensor cores with float32's precision.
 Why three and not one: the cross-head step needs every head's statistics over all keys before any key can
 be blended, so a single pass would have to hold a row's H x K scores on chip or read K twice. Written
 once, the scores cost H * K * 4 bytes per row against K and V's 2 * G * K * D * 2 (bf16): 1/128 of the
@@ -19,10 +21,16 @@ Without alignment (`align=False`: the unaligned baseline of ``make gpu-check``) 
 Tensor parallelism: the cross-head quantities need every shard's partial sums, so with `shards` the
 operator runs in torch (:func:`models.alignment.align_sharded`, around the gather) between kernels A and C.
 
-Layouts: any strided per-block view `[blocks, kv_heads, block_size, head]` (FlashAttention's K and V halves)
-or `[blocks, kv_heads, head, block_size]` (the CPU cache's transposed K), any of float32 / float16 /
-bfloat16; each load is widened to float32 at once (also required by Triton's interpreter, whose bf16
-arithmetic is wrong). Without a CUDA device the kernels run in the interpreter (models.kernels).
+Layouts: any strided per-block view `[blocks, kv_heads, block_size, head]` (FlashAttention's K and V halves,
+NHD or HND physically) or `[blocks, kv_heads, head, block_size]` (the CPU cache's transposed K), any of
+float32 / float16 / bfloat16. Without a CUDA device the kernels run in the interpreter (models.kernels), whose
+16-bit float arithmetic is wrong: there (`WIDEN`) the dots' operands are widened to float32 first, the same
+exact products. Offsets into the scores are int64, and rows run in chunks of at most SCORES_ELEMENTS scores
+(scratch vLLM's memory profiling does not see). Row, block and key counts are not specialised on
+(`do_not_specialize`): one compiled variant per shape and dtype, which :func:`warm_up` compiles at engine load.
+
+Checked without a GPU: tests/models/kernels (interpreter, against float32 torch), tests/bench/test_kernel_compile.py
+(compiled for sm_90a: no spills, tensor-core dots; figures in docs/benchmarks.md). Not yet run on a GPU.
 """
 
 from __future__ import annotations
