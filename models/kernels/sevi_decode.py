@@ -209,11 +209,11 @@ def _align_kernel(
         out = _lerp(_lerp(x, global_mean[None, :], w1), core_max[None, :], w2)
         tl.store(ptrs, out, mask=hm[:, None] & inrow[None, :])
     base = masks_ptr + r * 5 * H + heads
-    tl.store(base, semantic.to(tl.int8), mask=hm)
-    tl.store(base + H, core.to(tl.int8), mask=hm)
-    tl.store(base + 2 * H, glob.to(tl.int8), mask=hm)
-    tl.store(base + 3 * H, stage1.to(tl.int8), mask=hm)
-    tl.store(base + 4 * H, stage2.to(tl.int8), mask=hm)
+    tl.store(base, semantic, mask=hm)  # bool masks, stored as torch.bool: no conversion op after the kernel
+    tl.store(base + H, core, mask=hm)
+    tl.store(base + 2 * H, glob, mask=hm)
+    tl.store(base + 3 * H, stage1, mask=hm)
+    tl.store(base + 4 * H, stage2, mask=hm)
 
 
 @triton.jit(do_not_specialize=["nb", "num_keys"])
@@ -360,9 +360,8 @@ def align_in_place(scores: torch.Tensor, key_count: torch.Tensor, rows: Prepared
     """Kernel B: the SEVI operator over contiguous float32 scores `[R, H, K]` (K: the masks' width), in place:
     they come back biased and aligned like :func:`models.alignment.align_prepared`'s output."""
     r, h, k = scores.shape
-    masks = torch.zeros(r, 5, h, dtype=torch.int8, device=scores.device)
+    masks = torch.empty(r, 5, h, dtype=torch.bool, device=scores.device)  # every entry written by the kernel
     if r:
-        on = rows.on.to(torch.int8).contiguous()
         _align_kernel[(r,)](
             scores,
             key_count,
@@ -371,7 +370,7 @@ def align_in_place(scores: torch.Tensor, key_count: torch.Tensor, rows: Prepared
             rows.other_keys.contiguous(),
             rows.kappa.float().contiguous(),
             rows.blend.float().contiguous(),
-            on,
+            rows.on.contiguous(),
             masks,
             k,
             rows.key_bias.shape[-1],
@@ -381,8 +380,9 @@ def align_in_place(scores: torch.Tensor, key_count: torch.Tensor, rows: Prepared
             MASK_VALUE=MASKED,
             LOW=_LOW,
         )
-    b = masks.bool()
-    return HeadGroups(semantic=b[:, 0], core=b[:, 1], global_=b[:, 2], stage1=b[:, 3], stage2=b[:, 4])
+    return HeadGroups(
+        semantic=masks[:, 0], core=masks[:, 1], global_=masks[:, 2], stage1=masks[:, 3], stage2=masks[:, 4]
+    )
 
 
 def paged_values(

@@ -45,18 +45,21 @@ def align_layer(
         return
     n_tokens, n_heads, head_dim = query.shape
     r = rows.token_index.shape[0]
-    q = f32(query[:r] if rows.identity else query.index_select(0, rows.token_index)).contiguous()
+    picked = query[:r] if rows.identity else query.index_select(0, rows.token_index)
     out = output.view(n_tokens, n_heads, head_dim)
     direct = rows.identity and out.dtype == torch.float32 and out.is_contiguous()
-    new = out[:r] if direct else torch.empty(r, n_heads, head_dim, dtype=torch.float32, device=q.device)
+    new = out[:r] if direct else torch.empty(r, n_heads, head_dim, dtype=torch.float32, device=query.device)
     choice = aligned_kernel()
+    triton = choice == "triton" and cache.key_order is None
+    # The Triton kernels read q in the cache's dtype (vLLM's query is in it): no float32 round trip there.
+    q = picked if triton else f32(picked).contiguous()
     bound = None
     if shards is None and choice == "c":
         bound = bound_layer(rows, cache, scale, num_kv_heads, n_heads, head_dim)
     moved = None
     if bound is not None:  # the C kernel and the compiled operator, arguments bound once per plan
         stage1, stage2 = bound.run(q, cache, new)
-    elif choice == "triton" and cache.key_order is None:  # the Triton kernels, reading the blocks in place
+    elif triton:  # the Triton kernels, reading the blocks in place
         from models.kernels.sevi_decode import aligned_decode
 
         _, groups, moved = aligned_decode(
