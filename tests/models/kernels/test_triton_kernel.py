@@ -265,3 +265,23 @@ def test_scores_past_a_rows_keys_are_zero_and_unread_keys_stay_unread() -> None:
     assert torch.equal(scores[1, :, counts[1] :], torch.zeros(heads, width - counts[1]))
     want = torch.einsum("gjd,gkd->gjk", q[1].view(kv_heads, heads // kv_heads, d), k[blocks[1, 0], :, : counts[1]])
     torch.testing.assert_close(scores[1, :, : counts[1]], want.reshape(heads, -1) * d**-0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_launches_each_kernel_at_a_layer_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine-load warm-up launches kernels A, B and C once each, in FlashAttention's layout and the cache
+    dtype (on a GPU that compiles the variant every later step uses)."""
+    launched: list[str] = []
+    for name in ("_scores_kernel", "_align_kernel", "_values_kernel"):
+        kernel = getattr(sevi_decode, name)
+
+        class Spy:
+            def __init__(self, kernel: object, name: str) -> None:
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid: object) -> object:
+                launched.append(self.name)
+                return self.kernel[grid]  # type: ignore[index]
+
+        monkeypatch.setattr(sevi_decode, name, Spy(kernel, name))
+    sevi_decode.warm_up(28, 4, 128, torch.bfloat16, 16, torch.device("cpu"))
+    assert launched == ["_scores_kernel", "_align_kernel", "_values_kernel"]
