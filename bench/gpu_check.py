@@ -374,7 +374,9 @@ def variant_count(sizes: Sizes, dev: torch.device, gpu: bool) -> dict[str, Any]:
     device = torch.cuda.current_device()
 
     def compiled() -> dict[str, int]:
-        return {n: len(k.device_caches[device][0]) for n, k in kernels.items()}
+        # Triton 3.x: device_caches[device] = (compiled kernels by key, key cache, target, backend, binder)
+        found = {n: k.device_caches[device] for n, k in kernels.items()}
+        return {n: len(c[0] if isinstance(c, tuple) else c) for n, c in found.items()}
 
     from models.alignment import prepare_rows
 
