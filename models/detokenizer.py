@@ -23,12 +23,26 @@ class TextStream:
     The pieces always add up to :attr:`text`.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: Sequence[str] = (),
+        max_tokens: int | None = None,
+        *,
+        min_tokens: int = 0,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+    ) -> None:
         self.token_ids: list[int] = []
         self.text = ""
         self._tokenizer = tokenizer
         self._stop = [s for s in stop if s]
         self._max_tokens = max_tokens
+        # vLLM's min_tokens: a stop string counts only where it starts after the text of the first min_tokens tokens.
+        self._min_tokens = min_tokens
+        self._stop_from = 0 if min_tokens == 0 else -1  # -1: not yet min_tokens tokens
+        self._skip_special = skip_special_tokens
+        self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the text keeps the stop string
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._sent = 0  # characters of `text` returned so far
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -36,7 +50,7 @@ class TextStream:
         if self._backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             from tokenizers.decoders import DecodeStream
 
-            self._stream = DecodeStream(skip_special_tokens=True)
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def append(self, token: int) -> tuple[str, str | None]:
         """Add `token`; returns the new text since the last call and the finish reason: "stop" when a stop
@@ -45,11 +59,13 @@ class TextStream:
         self.token_ids.append(token)
         full, grown = self._text_with(token)
         finish: str | None = None
-        for s in self._stop:
+        for s in self._stop if self._stop_from >= 0 else ():
             # When the text only grew, earlier calls saw no stop string: a match must end in the new piece.
-            cut = full.find(s, max(0, len(old) - len(s) + 1) if grown else 0)
+            cut = full.find(s, max(self._stop_from, len(old) - len(s) + 1) if grown else self._stop_from)
             if cut >= 0:
-                full, finish = full[:cut], "stop"
+                full, finish = full[: cut + len(s) if self._include_stop else cut], "stop"
+        if self._stop_from < 0 and len(self.token_ids) >= self._min_tokens:
+            self._stop_from = len(full)
         if finish is None and self._max_tokens is not None and len(self.token_ids) >= self._max_tokens:
             finish = "length"
         self.text = full
@@ -73,7 +89,7 @@ class TextStream:
                 return self.text + (piece or ""), True
             except Exception:  # noqa: BLE001 - e.g. an id past the tokenizer's vocabulary: whole decodes
                 self._stream = None
-        full = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        full = self._tokenizer.decode(self.token_ids, skip_special_tokens=self._skip_special)
         if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return self.text, True
         return str(full), False

@@ -24,7 +24,7 @@ from models.contrast_pool import ContrastPool
 from models.contrastive import contrast_logits
 from models.detokenizer import TextStream
 from models.families import Family, eos_token_ids, family_for, image_parts, render_prompt
-from models.sampling import apply_penalties, sample_token
+from models.sampling import apply_penalties, block_tokens, sample_token
 from models.sevi_attention import AlignmentBatch, alignment_context, use_sevi_attention
 from models.telemetry import Telemetry
 
@@ -47,6 +47,39 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from every token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: times how often each token was generated so far
     ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work, as vLLM's --ignore-eos)
+    # vLLM's sampling extensions (its chat API's documented fields), with vLLM's meaning and defaults.
+    top_k: int = 0  # keep the k likeliest tokens; 0 (or -1) = all
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
+    repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if positive, else logit x p
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # end with "stop" on any of these (not in the text), as on EOS
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+
+
+def stop_ids(sampling: SamplingParams, eos_ids: set[int] | frozenset[int]) -> list[int]:
+    """The tokens that end a request with "stop": EOS (unless ignore_eos) and the request's stop_token_ids."""
+    return sorted(set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(eos_ids)))
+
+
+def is_stop_token(token: int, sampling: SamplingParams, eos_ids: set[int] | frozenset[int], generated: int) -> bool:
+    """Whether `token`, after `generated` tokens, ends the request with "stop" (vLLM's rules: EOS unless
+    ignore_eos, any stop_token_ids; neither before min_tokens)."""
+    if generated < sampling.min_tokens:
+        return False
+    return token in sampling.stop_token_ids or (token in eos_ids and not sampling.ignore_eos)
+
+
+def text_stream(tokenizer: Any, sampling: SamplingParams) -> TextStream:
+    """A request's output text with its stop strings and vLLM's text options."""
+    return TextStream(
+        tokenizer,
+        sampling.stop,
+        sampling.max_tokens,
+        min_tokens=sampling.min_tokens,
+        skip_special_tokens=sampling.skip_special_tokens,
+        include_stop=sampling.include_stop_str_in_output,
+    )
 
 
 @dataclass
@@ -192,7 +225,7 @@ class DecodeBatch:
                     req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
                 )
             self.states[req.request_id] = _RequestState(
-                req, prompt_ids, gen, TextStream(owner.tokenizer, req.sampling.stop, req.sampling.max_tokens)
+                req, prompt_ids, gen, text_stream(owner.tokenizer, req.sampling)
             )
             rows.append(_Row(req, False))
             encodings.append(enc)
@@ -287,21 +320,28 @@ class DecodeBatch:
         """The next token of each request from its (contrasted) logits `[R, V]`, penalised in place."""
         for k, rid in enumerate(request_ids):
             s = self.states[rid]
+            sp = s.request.sampling
+            if len(s.token_ids) < sp.min_tokens:
+                block_tokens(logits[k], stop_ids(sp, self.owner.eos_ids))
             apply_penalties(
-                logits[k], s.token_ids, s.request.sampling.presence_penalty, s.request.sampling.frequency_penalty
+                logits[k],
+                s.token_ids,
+                sp.presence_penalty,
+                sp.frequency_penalty,
+                sp.repetition_penalty,
+                s.prompt_ids,
             )
         tokens = logits.argmax(-1)
         for k, rid in enumerate(request_ids):
             s = self.states[rid]
             if s.generator is not None:
-                tokens[k] = sample_token(
-                    logits[k], s.request.sampling.temperature, s.request.sampling.top_p, s.generator
-                )
+                sp = s.request.sampling
+                tokens[k] = sample_token(logits[k], sp.temperature, sp.top_p, s.generator, sp.top_k, sp.min_p)
         return tokens
 
     def _advance(self, s: _RequestState, token: int) -> TokenEvent:
         finish: str | None
-        if token in self.owner.eos_ids and not s.request.sampling.ignore_eos:
+        if is_stop_token(token, s.request.sampling, self.owner.eos_ids, len(s.token_ids)):
             new_text, finish = s.output.flush(), "stop"
         else:
             new_text, finish = s.output.append(token)

@@ -14,6 +14,7 @@ from typing import Any
 
 from server.errors import APIError
 from server.schemas.chat import ChatCompletionRequest
+from server.schemas.vllm_extensions import REFUSED_DEFAULTS, SAMPLING_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,22 @@ RULES: tuple[Rule, ...] = (
     Rule("store", lambda value: not value, "completions are not stored", "unsupported_value"),
 )
 
+
+# vLLM's extensions the server has no use for: accepted at vLLM's default only (server.schemas.vllm_extensions).
+def _default_only(default: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or value == default
+
+
+VLLM_RULES: tuple[Rule, ...] = tuple(
+    Rule(
+        name,
+        _default_only(default),
+        f"vLLM's `{name}` is not supported (only its default, {default!r})",
+        "unsupported_value" if default is not None else "unsupported_parameter",
+    )
+    for name, default in REFUSED_DEFAULTS.items()
+)
+
 # Fields of each message, checked as `messages.<i>.<field>`.
 MESSAGE_RULES: tuple[Rule, ...] = (
     Rule("tool_calls", _empty, TOOLS),
@@ -88,11 +105,23 @@ MESSAGE_RULES: tuple[Rule, ...] = (
 )
 
 
-def refuse_unsupported(body: ChatCompletionRequest) -> None:
-    """Raise a 400 for the first field whose value the server cannot honour (request fields, then messages)."""
-    for rule in RULES:
+def refuse_unsupported(body: ChatCompletionRequest, sampling_extensions: frozenset[str] = frozenset()) -> None:
+    """Raise a 400 for the first field whose value the server cannot honour (request fields, vLLM's extensions,
+    then messages). `sampling_extensions`: the vLLM sampling fields the engine honours (`Engine.sampling_extensions`);
+    any other one given a value that is not its default is refused by name."""
+    for rule in RULES + VLLM_RULES:
         if not rule.honoured(getattr(body, rule.field)):
             raise _refusal(rule, rule.field)
+    for name in SAMPLING_EXTENSIONS:
+        if name not in sampling_extensions and name in body.model_fields_set:
+            default = type(body).model_fields[name].default
+            if getattr(body, name) not in (None, default):
+                raise APIError(
+                    400,
+                    f"{name}: vLLM's `{name}` is not supported by this engine (only its default, {default!r})",
+                    param=name,
+                    code="unsupported_parameter",
+                )
     if body.stream_options is not None and body.stream_options.include_obfuscation:
         raise APIError(
             400,

@@ -46,6 +46,15 @@ class Sampling:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     max_tokens_param: str = "max_tokens"  # the field a max_tokens over the limit is blamed on
+    # vLLM's sampling extensions (server.schemas.vllm_extensions), None: vLLM's default.
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 class ImageSource(Protocol):
@@ -140,6 +149,14 @@ def sampling_params(sampling: Sampling, settings: Settings) -> SamplingParams:
         stop=sampling.stop,
         presence_penalty=sampling.presence_penalty or 0.0,
         frequency_penalty=sampling.frequency_penalty or 0.0,
+        ignore_eos=sampling.ignore_eos,
+        top_k=max(0, sampling.top_k or 0),  # vLLM's -1 and 0 both mean every token
+        min_p=sampling.min_p or 0.0,
+        repetition_penalty=1.0 if sampling.repetition_penalty is None else sampling.repetition_penalty,
+        min_tokens=min(sampling.min_tokens, n),
+        stop_token_ids=sampling.stop_token_ids,
+        skip_special_tokens=sampling.skip_special_tokens,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
     )
 
 

@@ -9,12 +9,12 @@ in the shared :data:`STATE` that the backend reads.
 Contrast pairs: our engine submits two requests per contrasted request, a main row (`sevi_role=main`,
 aligned, on the real image) and a contrast row (`sevi_role=contrast`, unmodified model, on a contrast
 image), with the same `sevi_pair`. At each step where both rows sample the same output index, `apply`
-combines their logits with :func:`models.contrastive.contrast_logits`, applies the request's presence /
-frequency penalties to the result, chooses the main row's token (greedy, or sampled exactly as the
-reference engine samples: `models.sampling`, a torch generator seeded by the request's seed) and forces
-that token on both rows by making their logits one-hot, so vLLM's sampler can only pick it and the
-contrast row's cache follows the main row's prefix. (vLLM applies its own penalties after this processor:
-to one-hot logits they change nothing, so they are left on.)
+combines their logits with :func:`models.contrastive.contrast_logits`, applies the request's min_tokens
+and repetition / frequency / presence penalties to the result, chooses the main row's token (greedy, or
+sampled exactly as the reference engine samples, with its top_k / min_p / top_p: `models.sampling`, a
+torch generator seeded by the request's seed) and forces that token on both rows by making their logits
+one-hot, so vLLM's sampler can only pick it and the contrast row's cache follows the main row's prefix.
+(vLLM applies its own penalties after this processor: to one-hot logits they change nothing, so they are left on.)
 
 Lockstep and preemption: a row "samples" in a step when its seq_len equals prompt + outputs (a partial
 prefill chunk does not). If both rows are preempted and resumed together they recompute and stay
@@ -38,7 +38,7 @@ from models.conservativeness import AlignmentParamError
 from models.contrastive import contrast_logits
 from models.families import eos_token_ids, find_spec, image_token_id, text_config
 from models.presets import load_knob_map
-from models.sampling import apply_penalties, sample_token
+from models.sampling import apply_penalties, block_tokens, sample_token
 from models.vllm_plugin.params import SEED_KEY, has_sevi_args, parse_row_request
 from models.vllm_plugin.state import STATE, Row
 
@@ -129,6 +129,12 @@ class SeviLogitsProcessor(LogitsProcessor):
             seed=int(seed) if seed is not None else None,
             presence_penalty=float(params.presence_penalty),
             frequency_penalty=float(params.frequency_penalty),
+            repetition_penalty=float(params.repetition_penalty),
+            prompt_ids=list(prompt_ids) if params.repetition_penalty != 1.0 else [],
+            top_k=max(0, int(params.top_k)),
+            min_p=float(params.min_p),
+            min_tokens=int(params.min_tokens),
+            stop_ids=sorted(params.all_stop_token_ids) if params.min_tokens else [],
         )
 
     def _index_pairs(self) -> None:
@@ -183,7 +189,16 @@ class SeviLogitsProcessor(LogitsProcessor):
         mixed = contrast_logits(logits[rows[: len(mains)]], logits[rows[len(mains) :]])
         for k, m in enumerate(mains):  # penalties on what the token is chosen from, as the reference engine does
             row = _row(m)
-            apply_penalties(mixed[k], row.output_ids, row.presence_penalty, row.frequency_penalty)
+            if len(row.output_ids) < row.min_tokens:
+                block_tokens(mixed[k], row.stop_ids)
+            apply_penalties(
+                mixed[k],
+                row.output_ids,
+                row.presence_penalty,
+                row.frequency_penalty,
+                row.repetition_penalty,
+                row.prompt_ids,
+            )
         tokens = mixed.argmax(-1)
         for k, m in enumerate(mains):
             row = _row(m)
@@ -203,7 +218,7 @@ class SeviLogitsProcessor(LogitsProcessor):
             self._generators[pair] = gen
             while len(self._generators) > _MAX_GENERATORS:
                 self._generators.popitem(last=False)
-        return sample_token(logits, row.temperature, row.top_p, gen)
+        return sample_token(logits, row.temperature, row.top_p, gen, row.top_k, row.min_p)
 
 
 def pair_seed(pair: str) -> int:

@@ -44,6 +44,13 @@ class Row:
     seed: int | None
     presence_penalty: float = 0.0  # a contrast pair's penalties are applied where its logits are combined
     frequency_penalty: float = 0.0
+    # vLLM's sampling extensions, applied to a pair's combined logits as the reference engine applies them.
+    repetition_penalty: float = 1.0
+    prompt_ids: list[int] = field(default_factory=list)  # kept only under a repetition penalty
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    stop_ids: list[int] = field(default_factory=list)  # blocked until min_tokens tokens
     telemetry: list[int] = field(default_factory=lambda: [0] * len(TELEMETRY_FIELDS))
     generator: torch.Generator | None = None  # contrast pairs sample here (see logits_processor)
 

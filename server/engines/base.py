@@ -132,6 +132,10 @@ class Engine(ABC):
             return EngineHealth(False, self._dead_reason)
         return EngineHealth(True)
 
+    # vLLM's sampling extensions this engine honours (`server.schemas.vllm_extensions.SAMPLING_EXTENSIONS`); the chat
+    # route refuses the others by name when a request sets them.
+    sampling_extensions: frozenset[str] = frozenset()
+
     @property
     def knob_map(self) -> KnobMap:
         """How `conservativeness` maps to SEVI's parameters for this model: the folder's `sevi_presets.json`,

@@ -34,6 +34,7 @@ from server.engines.base import (
     set_torch_threads,
 )
 from server.engines.dtype import resolve_dtype
+from server.schemas.vllm_extensions import SAMPLING_EXTENSIONS
 from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
 
 log = logging.getLogger("sevi.engine")
@@ -59,6 +60,8 @@ class _Cohort:
 
 
 class TransformersEngine(QueuedEngine):
+    sampling_extensions = frozenset(SAMPLING_EXTENSIONS)  # models.generation.SamplingParams has them all
+
     def __init__(
         self,
         model_dir: str,

@@ -35,7 +35,17 @@ from models import runtime_env
 from models.contrast_pool import ContrastPool
 from models.detokenizer import TextStream
 from models.families import eos_token_ids, find_spec, image_parts, render_prompt
-from models.generation import GenerationRequest, RequestError, TokenEvent
+from models.generation import (
+    GenerationRequest,
+    RequestError,
+    TokenEvent,
+    is_stop_token,
+    stop_ids,
+    text_stream,
+)
+from models.generation import (
+    SamplingParams as RequestSampling,
+)
 from models.telemetry import Telemetry
 from server.engines.base import (
     EngineError,
@@ -48,6 +58,7 @@ from server.engines.base import (
 )
 from server.engines.dtype import resolve_dtype
 from server.engines.vllm_liveness import vllm_engine_failure
+from server.schemas.vllm_extensions import SAMPLING_EXTENSIONS
 from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings, VllmSettings
 
 log = logging.getLogger("sevi.engine.vllm")
@@ -86,6 +97,7 @@ class _Job:
 
 
 class VllmEngine(QueuedEngine):
+    sampling_extensions = frozenset(SAMPLING_EXTENSIONS)  # models.generation.SamplingParams has them all
     _thread_name = "sevi-vllm"
     _join_timeout_s = 60.0
     _load_context = " with vLLM"
@@ -207,8 +219,8 @@ class VllmEngine(QueuedEngine):
         queue: asyncio.Queue[Any],
         stats: GenerationStats,
     ) -> _Job:
-        sp = request.sampling  # generate() makes jobs only once loaded, so the tokenizer is there
-        return _Job(request, loop, queue, stats, TextStream(self._tokenizer, sp.stop, sp.max_tokens))
+        # generate() makes jobs only once loaded, so the tokenizer is there
+        return _Job(request, loop, queue, stats, text_stream(self._tokenizer, request.sampling))
 
     def _queue_depth(self) -> int:
         # Requests vLLM holds past the batch wait too: count them against the queue bound.
@@ -353,8 +365,9 @@ class VllmEngine(QueuedEngine):
                 seed=sp.seed,
                 presence_penalty=sp.presence_penalty,
                 frequency_penalty=sp.frequency_penalty,
-                stop_token_ids=[] if sp.ignore_eos else sorted(self._eos),
+                stop_token_ids=stop_ids(sp, self._eos),
                 ignore_eos=sp.ignore_eos,
+                **vllm_sampling_extensions(sp),
                 detokenize=False,
                 output_kind=RequestOutputKind.DELTA,
             )
@@ -433,7 +446,7 @@ class VllmEngine(QueuedEngine):
                 self._post_many(job, events)
 
     def _advance(self, job: _Job, token: int) -> TokenEvent:
-        if token in self._eos and not job.request.sampling.ignore_eos:
+        if is_stop_token(token, job.request.sampling, self._eos, len(job.output.token_ids)):
             return self._event(job, token, job.output.flush(), "stop")
         new_text, finish = job.output.append(token)
         return self._event(job, token, new_text, finish)
@@ -497,6 +510,19 @@ class VllmEngine(QueuedEngine):
 
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             job.loop.call_soon_threadsafe(deliver)
+
+
+def vllm_sampling_extensions(sp: RequestSampling) -> dict[str, Any]:
+    """vLLM's own sampling extensions of a request, as `vllm.SamplingParams` fields (the stop tokens and ignore_eos
+    are set by the engine with the model's EOS)."""
+    return dict(
+        top_k=sp.top_k,
+        min_p=sp.min_p,
+        repetition_penalty=sp.repetition_penalty,
+        min_tokens=sp.min_tokens,
+        skip_special_tokens=sp.skip_special_tokens,
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+    )
 
 
 def vllm_batch_args(max_batch_size: int | None, on_gpu: bool) -> tuple[dict[str, Any], Any]:

@@ -56,7 +56,7 @@ async def chat_completions(
             param="model",
             code="model_not_found",
         )
-    refuse_unsupported(body)
+    refuse_unsupported(body, engine.sampling_extensions)
     generation = await build(_spec(body, settings), engine, settings)
     run = Run(arrival, request.receive, engine, metrics, settings, "/v1/chat/completions", generation)
     await run.start()
@@ -95,6 +95,14 @@ def _spec(body: ChatCompletionRequest, settings: Settings) -> RequestSpec:
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         max_tokens_param=max_param,
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
     )
     over = body.alignment
     knobs = Knobs(

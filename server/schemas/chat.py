@@ -16,6 +16,7 @@ from server.schemas.common import (
     Telemetry,
     Usage,
 )
+from server.schemas.vllm_extensions import VllmChatExtensions
 
 
 class ImageURL(BaseModel):
@@ -66,11 +67,11 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = Field(None, description="Only false (or absent): no obfuscation padding.")
 
 
-class ChatCompletionRequest(Strict):
+class ChatCompletionRequest(Strict, VllmChatExtensions):
     """OpenAI's chat completion parameters, every one of them (`openai.types.chat.CompletionCreateParams`; a test
-    holds this list to the installed client's), plus the SEVI fields `conservativeness` and `alignment`. What the
-    server cannot honour is refused with a 400 naming the field (`server.chat_support`); so are fields OpenAI does
-    not have."""
+    holds this list to the installed client's), vLLM's extensions (`server.schemas.vllm_extensions`), plus the SEVI
+    fields `conservativeness` and `alignment`. What the server cannot honour is refused with a 400 naming the field
+    (`server.chat_support`); so are fields neither OpenAI nor vLLM has."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -116,6 +116,25 @@ def test_stop_string_across_tokens_cuts_before_it_and_max_tokens_ends() -> None:
     assert [capped.append(t)[1] for t in ids[:2]] == [None, "length"]
 
 
+def test_include_stop_and_min_tokens_follow_vllm() -> None:
+    """vLLM's include_stop_str_in_output keeps the stop string; min_tokens ignores a stop string that starts within
+    the text of the first min_tokens tokens."""
+    tok = word_level()
+    ids = tok.encode("a cat on a cat on a mat .", add_special_tokens=False)
+
+    def run(**kwargs: object) -> tuple[str, int]:
+        stream = TextStream(tok, stop=["cat on"], max_tokens=100, **kwargs)  # type: ignore[arg-type]
+        for n, t in enumerate(ids, 1):
+            if stream.append(t)[1] is not None:
+                return stream.text, n
+        return stream.text, len(ids)
+
+    assert run() == ("a ", 3)
+    assert run(include_stop=True) == ("a cat on", 3)
+    assert run(min_tokens=2) == ("a cat on a ", 6)  # the first "cat on" starts within the first 2 tokens' text
+    assert run(min_tokens=1) == ("a ", 3)
+
+
 def test_tokenizers_with_transformers_cleanup_take_whole_decodes() -> None:
     tok = word_level()
     tok.clean_up_tokenization_spaces = True

@@ -11,7 +11,7 @@ import torch
 
 from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, user_message
-from models.sampling import apply_penalties, sample_token
+from models.sampling import apply_penalties, block_tokens, sample_token
 from tests.helpers import random_image
 
 
@@ -60,6 +60,45 @@ def test_penalties_equal_vllms_to_the_bit() -> None:
     for i, ids in enumerate(outputs):
         got = apply_penalties(logits[i].clone(), ids, float(presence[i]), float(frequency[i]))
         assert torch.equal(got, want[i]), i
+
+
+def test_repetition_penalty_equals_vllms_to_the_bit() -> None:
+    """vLLM's repetition penalty (over prompt and output tokens) then frequency and presence, as vLLM applies them."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.utils import apply_penalties as vllm_apply_penalties
+
+    gen = torch.Generator().manual_seed(4)
+    vocab = 500
+    logits = torch.randn(2, vocab, generator=gen) * 5
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (30, 7)]
+    outputs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (12, 50)]
+    repetition = torch.tensor([1.7, 0.6])
+    presence, frequency = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 1.2])
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [vocab] * (width - len(r)) for r in rows])
+
+    want = vllm_apply_penalties(logits.clone(), padded(prompts), padded(outputs), presence, frequency, repetition)
+    for i in range(2):
+        got = apply_penalties(
+            logits[i].clone(), outputs[i], float(presence[i]), float(frequency[i]), float(repetition[i]), prompts[i]
+        )
+        assert torch.equal(got, want[i]), i
+    assert not torch.equal(want[0], logits[0])  # not vacuous
+
+
+def test_top_k_min_p_and_min_tokens_restrict_the_draw() -> None:
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(3))
+    top2 = set(logits.topk(2).indices.tolist())
+    draws = {sample_token(logits, 5.0, 1.0, torch.Generator().manual_seed(s), top_k=2) for s in range(40)}
+    assert draws == top2  # both kept tokens drawn, nothing else
+    probs = torch.softmax(logits / 5.0, -1)
+    kept = set(torch.nonzero(probs >= 0.9 * probs.max()).flatten().tolist())
+    draws = {sample_token(logits, 5.0, 1.0, torch.Generator().manual_seed(s), min_p=0.9) for s in range(40)}
+    assert draws <= kept and len(kept) < 100
+    blocked = block_tokens(logits.clone(), [int(logits.argmax()), 1000])  # an id past the vocabulary is ignored
+    assert int(blocked.argmax()) != int(logits.argmax()) and torch.isinf(blocked).sum() == 1
 
 
 def test_sample_token_is_seeded_and_keeps_the_top_token_under_a_tiny_top_p() -> None:

@@ -105,7 +105,13 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "messages.2.role",
         "invalid_value",
     ),
-    ("a field OpenAI does not have", {"extra_body": {"top_k": 5}}, "top_k", "invalid_value"),
+    ("a field neither OpenAI nor vLLM has", {"extra_body": {"topk": 5}}, "topk", "invalid_value"),
+    ("a misspelt vLLM field", {"extra_body": {"ignore_eoss": True}}, "ignore_eoss", "invalid_value"),
+    ("vLLM beam search", {"extra_body": {"use_beam_search": True}}, "use_beam_search", "unsupported_value"),
+    ("vLLM priority", {"extra_body": {"priority": 3}}, "priority", "unsupported_value"),
+    ("vLLM bad_words", {"extra_body": {"bad_words": ["cat"]}}, "bad_words", "unsupported_parameter"),
+    ("vLLM vllm_xargs", {"extra_body": {"vllm_xargs": {"k": 1}}}, "vllm_xargs", "unsupported_parameter"),
+    ("vLLM top_k out of range", {"extra_body": {"top_k": -2}}, "top_k", "invalid_value"),
     ("presence_penalty out of range", {"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
     ("frequency_penalty out of range", {"frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
 ]
@@ -190,3 +196,53 @@ def test_penalties_are_the_reference_models(server: LiveServer, model: Reference
         extra_body={"conservativeness": conservativeness},
     )
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == texts["frequency"]
+
+
+# vLLM's sampling extensions, each with a value that changes the tiny model's output on this image.
+VLLM_EXTENSIONS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("repetition_penalty", {"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
+    ("top_k", {"temperature": 2.0, "seed": 3, "top_k": 1}, {"temperature": 2.0, "seed": 3, "top_k": 1}),
+    ("min_p", {"temperature": 2.0, "seed": 3, "min_p": 0.5}, {"temperature": 2.0, "seed": 3, "min_p": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "sampling"), VLLM_EXTENSIONS, ids=[c[0] for c in VLLM_EXTENSIONS])
+def test_vllm_sampling_extensions_are_the_reference_models(
+    server: LiveServer, model: ReferenceModel, name: str, body: dict[str, Any], sampling: dict[str, Any]
+) -> None:
+    """What a `vllm serve` client sends is honoured: the output is the reference model's with the same parameter, and
+    (not vacuous) differs from the output without it."""
+    got = _create(server, extra_body={"conservativeness": 0.0, **body}).choices[0].message.content
+    assert got == _reference_text(model, 0.0, **sampling)
+    without = {k: v for k, v in sampling.items() if k != name}
+    assert got != _reference_text(model, 0.0, **without), f"{name} changed nothing here"
+
+
+def test_ignore_eos_min_tokens_and_stop_token_ids(server: LiveServer, model: ReferenceModel) -> None:
+    """vLLM's benchmark client sends `ignore_eos` for its random data: honoured, the request runs to its budget. A
+    stop token id ends the request with "stop" (not in the text), and min_tokens holds it back."""
+    full = _create(server, max_tokens=40, extra_body={"conservativeness": 0.0, "ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+    request = GenerationRequest(
+        "r",
+        user_message(PROMPT),
+        [Image.open(io.BytesIO(PNG))],
+        resolve_alignment(0.0, model.num_layers),
+        SamplingParams(max_tokens=40, ignore_eos=True),
+    )
+    ids = run_to_completion(model, [request])["r"].token_ids
+    assert model.tokenizer.decode(ids, skip_special_tokens=True) == full.choices[0].message.content
+    stop_id = ids[5]
+    first = ids.index(stop_id)  # the token may have come earlier too
+    stopped = _create(
+        server, max_tokens=40, extra_body={"conservativeness": 0.0, "ignore_eos": True, "stop_token_ids": [stop_id]}
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == first  # the stop token is not counted, as EOS is not
+    assert stopped.choices[0].message.content == model.tokenizer.decode(ids[:first], skip_special_tokens=True)
+    held = _create(
+        server,
+        max_tokens=40,
+        extra_body={"conservativeness": 0.0, "ignore_eos": True, "stop_token_ids": [stop_id], "min_tokens": first + 1},
+    )
+    assert held.usage.completion_tokens > first  # that occurrence was not sampled: the run went on past it

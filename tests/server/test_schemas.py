@@ -8,12 +8,14 @@ import json
 import typing
 from typing import Any
 
+import pytest
 from openai.types.chat import completion_create_params
 
 from models.telemetry import Telemetry as EngineTelemetry
-from server.chat_support import MESSAGE_RULES, RULES
+from server.chat_support import MESSAGE_RULES, RULES, VLLM_RULES
 from server.schemas.chat import ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, ChunkDelta
 from server.schemas.common import AppliedAlignment, Telemetry, Usage
+from server.schemas.vllm_extensions import SAMPLING_EXTENSIONS, VllmChatExtensions
 from server.sse import sse
 
 SEVI_FIELDS = {"conservativeness", "alignment"}
@@ -52,7 +54,26 @@ def openai_chat_fields() -> set[str]:
 def test_the_chat_request_declares_every_openai_field_and_no_other() -> None:
     declared = set(ChatCompletionRequest.model_fields)
     assert openai_chat_fields() - declared == set(), "OpenAI fields the schema does not know (they would be 400s)"
-    assert declared - openai_chat_fields() == SEVI_FIELDS
+    assert declared - openai_chat_fields() == SEVI_FIELDS | set(VllmChatExtensions.model_fields)
+
+
+def test_every_vllm_extension_is_honoured_refused_or_a_hint() -> None:
+    """vLLM's extra chat fields: the sampling ones honoured (by an engine that says so), the others refused unless at
+    vLLM's default, or hints without effect; none overlaps an OpenAI field, none falls through."""
+    vllm_fields = set(VllmChatExtensions.model_fields)
+    refused = {rule.field for rule in VLLM_RULES}
+    hints = {"include_reasoning", "request_id", "session_id", "cache_salt"}
+    assert set(SAMPLING_EXTENSIONS) | refused | hints == vllm_fields
+    assert not (set(SAMPLING_EXTENSIONS) & refused) and not (hints & refused)
+    assert not vllm_fields & openai_chat_fields()
+
+
+def test_the_vllm_extensions_cover_vllms_own_request() -> None:
+    """Every field of the installed vLLM's ChatCompletionRequest that OpenAI lacks is declared here (so what a
+    `vllm serve` client sends is honoured or refused by name, never a generic 400), deprecated aliases aside."""
+    protocol = pytest.importorskip("vllm.entrypoints.openai.chat_completion.protocol")
+    theirs = set(protocol.ChatCompletionRequest.model_fields) - openai_chat_fields() - {"return_mm_kwargs"}
+    assert theirs - set(ChatCompletionRequest.model_fields) == set()
 
 
 def test_every_openai_field_is_honoured_or_refused() -> None:
