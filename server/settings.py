@@ -63,6 +63,12 @@ class VllmSettings(BaseSettings):
         "their last prompt row: models/vllm_plugin/scheduler.py).",
     )
     seed: int = Field(0, description="vLLM's engine seed.")
+    engine_core: Literal["thread", "process"] = Field(
+        "thread",
+        description="Where vLLM's engine core runs: 'thread' (LLMEngine stepped in a thread of the server) or "
+        "'process' (AsyncLLM, the engine core in its own process as `vllm serve` runs it; server/engines/"
+        "vllm_process.py).",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further vLLM EngineArgs as JSON, e.g. SEVI_VLLM_ENGINE_ARGS='{\"max_num_batched_tokens\": 4096}'.",

@@ -14,6 +14,8 @@ pair falls apart (14 of 48 requests at 576 image tokens, 16 at a time). Here:
   KV blocks are allocated up front, together with the first row's); otherwise each row keeps its last
   token back. New pairs are admitted with their last token kept back, so they finish together in a later
   step (one extra step before the first token: the price of not predicting the partner's prefix hit);
+- a row whose partner has not arrived yet is held back (vLLM's `AsyncLLM` sends the two rows to the engine core
+  process one message each, and a step may run between them);
 - under memory preemption the two rows are preempted together and resume together (they re-prefill
   their prompt and outputs, and finish that in one step as above).
 
@@ -75,6 +77,7 @@ class SeviScheduler(Scheduler):
             )
         self._role: dict[str, tuple[str, str]] = {}  # request id -> (role, pair id)
         self._pairs: dict[str, dict[str, str]] = {}  # pair id -> role -> request id
+        self._complete: set[str] = set()  # pairs both of whose rows have arrived (the first is held until then)
         self._aligned: set[str] = set()  # requests whose rows from the last prompt row on are aligned
         self._stash: dict[str, KVCacheBlocks] = {}  # blocks allocated for a second row ahead of its turn
         self._step = _Step()
@@ -102,7 +105,10 @@ class SeviScheduler(Scheduler):
         role, pair = extra.get(ROLE_KEY), extra.get(PAIR_KEY)
         if isinstance(role, str) and isinstance(pair, str):
             self._role[rid] = (role, pair)
-            self._pairs.setdefault(pair, {})[role] = rid
+            members = self._pairs.setdefault(pair, {})
+            members[role] = rid
+            if len(members) == 2:
+                self._complete.add(pair)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
         rid = request.request_id
@@ -114,6 +120,7 @@ class SeviScheduler(Scheduler):
             members.pop(found[0], None)
             if not members:
                 self._pairs.pop(found[1], None)
+                self._complete.discard(found[1])
         return super()._free_request(request, delay_free_blocks)
 
     def _partner(self, rid: str) -> Request | None:
@@ -198,6 +205,8 @@ class SeviScheduler(Scheduler):
                 log.error("contrast pair %s: the second row got %d of %d tokens", self._role[rid][1], n, planned)
             return min(n, planned)
         partner = self._partner(rid)
+        if partner is None and self._role[rid][1] not in self._complete:
+            return 0  # its partner has not arrived yet (an engine core in its own process gets the rows one by one)
         if partner is None or n == 0:
             return n  # alone (its partner ended): nothing to keep in step with
         remaining = self._remaining(request, computed)

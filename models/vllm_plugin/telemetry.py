@@ -40,3 +40,12 @@ def merge(replies: list[Reply], key: str) -> dict[str, int]:
             elif name in HEAD_FIELDS or (name in ROW_FIELDS and tp == 0):  # heads: each shard's; rows: once a stage
                 out[name] = out.get(name, 0) + int(value)
     return out
+
+
+class TelemetryExtension:
+    """A vLLM worker extension (`worker_extension_cls`): the telemetry read by name, so that an engine whose core
+    runs in another process asks for it with `collective_rpc("sevi_telemetry", ...)` (a function cannot cross
+    vLLM's message queue without insecure pickling)."""
+
+    def sevi_telemetry(self, keys: list[str]) -> Reply:
+        return collect_on_worker(self, keys)

@@ -151,6 +151,10 @@ class VllmEngine(QueuedEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:
+        if cls is VllmEngine and settings.vllm.engine_core == "process":
+            from server.engines.vllm_process import VllmProcessEngine
+
+            return VllmProcessEngine.from_settings(settings)
         return cls(
             str(settings.model),
             model_name=settings.model_id,
@@ -259,28 +263,72 @@ class VllmEngine(QueuedEngine):
     def _load(self) -> None:
         # Before vLLM is imported and starts workers: they inherit the environment, not this object.
         runtime_env.prepare_vllm_engine(self.options.cpu_kv_cache_gib)  # the engine core in this process
+        kwargs, usage_context = self._prepare()
+        from vllm import EngineArgs, LLMEngine
+
+        from models.vllm_plugin.state import STATE
+
+        t0 = time.perf_counter()
+        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
+        # The queue bound and the stats count requests: two sequences each at most (a contrast row).
+        self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
+        in_process = runtime_env.vllm_engine_core_in_process() and kwargs["distributed_executor_backend"] == "uni"
+        self._worker_state = STATE if in_process else None
+        self._loaded(self._engine.vllm_config, t0)
+
+    def _loaded(self, vllm_config: Any, t0: float) -> None:
+        """After vLLM's engine is built: the cache details /ready reports, and the log line."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            self._cache_details = _cpu_cache_details(vllm_config)
+        log.info(
+            "vLLM model loaded",
+            extra={
+                "fields": {
+                    "model": self._model_dir,
+                    "layers": self._num_layers,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    **self.serving_details,
+                }
+            },
+        )
+
+    def _prepare(self) -> tuple[dict[str, Any], Any]:
+        """Everything before vLLM's engine is built, in the server's process: the environment, the plugin, the
+        processor, the contrast pool, EOS; returns the EngineArgs fields and the usage context."""
         if self.runtime is not None:
             runtime_env.export(self.runtime)
         from transformers import AutoProcessor
-        from vllm import EngineArgs, LLMEngine
         from vllm.platforms import current_platform
 
         from models.vllm_plugin import register
-        from models.vllm_plugin.state import STATE
 
         register()  # vLLM calls it too; explicit so a source checkout without entry points still works
         if current_platform.is_cpu():
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_THREAD_WARNING_FILTER)  # once per process
             set_torch_threads(self._torch_threads or default_cpu_threads())
-        t0 = time.perf_counter()
         path = Path(self._model_dir)
         config = json.loads((path / "config.json").read_text())
+        kwargs, usage_context = self._engine_kwargs(config)
+        self._processor = AutoProcessor.from_pretrained(path)
+        self._tokenizer = self._processor.tokenizer
+        self._pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else ContrastPool.default()
+        generation = path / "generation_config.json"
+        self._eos = set(
+            eos_token_ids(config, json.loads(generation.read_text()) if generation.exists() else None, self._tokenizer)
+        )
+        return kwargs, usage_context
+
+    def _engine_kwargs(self, config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        from vllm.platforms import current_platform
+
         opts = self.options
         text_cfg = config.get("text_config", config)
         self._num_layers = int(text_cfg["num_hidden_layers"])
         batch_args, usage_context = vllm_batch_args(self._batch_setting, _on_gpu())
         kwargs: dict[str, Any] = dict(
-            model=str(path),
+            model=str(Path(self._model_dir)),
             dtype=self._dtype,
             seed=opts.seed,
             max_model_len=opts.max_model_len,
@@ -315,31 +363,7 @@ class VllmEngine(QueuedEngine):
             from models.vllm_plugin import LOGITS_PROCESSOR
 
             kwargs["logits_processors"] = [LOGITS_PROCESSOR]
-        self._processor = AutoProcessor.from_pretrained(path)
-        self._tokenizer = self._processor.tokenizer
-        self._pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else ContrastPool.default()
-        generation = path / "generation_config.json"
-        self._eos = set(
-            eos_token_ids(config, json.loads(generation.read_text()) if generation.exists() else None, self._tokenizer)
-        )
-        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
-        # The queue bound and the stats count requests: two sequences each at most (a contrast row).
-        self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
-        in_process = runtime_env.vllm_engine_core_in_process() and kwargs["distributed_executor_backend"] == "uni"
-        self._worker_state = STATE if in_process else None
-        if current_platform.is_cpu():
-            self._cache_details = _cpu_cache_details(self._engine.vllm_config)
-        log.info(
-            "vLLM model loaded",
-            extra={
-                "fields": {
-                    "model": self._model_dir,
-                    "layers": self._num_layers,
-                    "seconds": round(time.perf_counter() - t0, 3),
-                    **self.serving_details,
-                }
-            },
-        )
+        return kwargs, usage_context
 
     # ---- requests in ----------------------------------------------------------------------------------
     def _add(self, job: _Job) -> None:
