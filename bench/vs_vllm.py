@@ -141,6 +141,7 @@ def servers(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> tuple[S
         SEVI_VLLM_CPU_KV_CACHE_GIB=str(args.kv_cache_gib),
         SEVI_VLLM_ENFORCE_EAGER="true" if args.eager else "false",
         SEVI_VLLM_GPU_MEMORY_UTILIZATION=str(args.gpu_memory_utilization),
+        SEVI_VLLM_ENGINE_CORE=args.engine_core,
     )
     sevi = Server(
         "sevi-serve",
@@ -277,7 +278,20 @@ def summary(turns: list[Turn], concurrency: list[int], levels: list[float]) -> l
         pairs += [(n, "sevi c=0") for n in names[1:] if n != "sevi c=0" and "sevi c=0" in names]
         ratios = {f"{a} / {b}": round(best[a] / best[b], 3) for a, b in pairs if best[b] > 0}
         medians = {f"{a} / {b}": round(statistics.median(rate[a, r] / rate[b, r] for r in rounds), 3) for a, b in pairs}
-        rows.append({"concurrency": c, "tok_s": best, "ratios": ratios, "ratios_median": medians})
+        # Per-step time: at concurrency c every step yields c tokens (decode-bound, closed loop), so c / rate is the
+        # wall time of one step; the difference to stock's is what the server adds per step.
+        step_ms = {name: round(1000 * c / best[name], 2) for name in names if best[name] > 0}
+        overhead = {n: round(step_ms[n] - step_ms["stock-vllm"], 2) for n in names[1:] if n in step_ms}
+        rows.append(
+            {
+                "concurrency": c,
+                "tok_s": best,
+                "ratios": ratios,
+                "ratios_median": medians,
+                "step_ms": step_ms,
+                "step_overhead_ms_vs_stock": overhead,
+            }
+        )
     return rows
 
 
@@ -302,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true", help="both servers without torch.compile")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="each server's share of a GPU")
     p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument(
+        "--engine-core",
+        default="thread",
+        choices=["thread", "process"],
+        help="sevi-serve's vLLM engine core: in a thread of the server, or in its own process (AsyncLLM)",
+    )
     p.add_argument("--json", type=Path, help="also write the turns and the summary here")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in str(args.concurrency).split(",") if x]
