@@ -64,6 +64,7 @@ class Server:
         self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, ready_path: str, cwd: Path | None = None
     ) -> None:
         self.name = name
+        self.label = name  # its arms' names in the report
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
@@ -106,7 +107,7 @@ class Server:
         self._log.close()
 
 
-def servers(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> tuple[Server, Server]:
+def servers(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> tuple[Server, list[Server]]:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib), VLLM_CPU_OMP_THREADS_BIND=args.threads_bind)
     max_len = str(args.max_model_len)
     stock = Server(
@@ -136,15 +137,19 @@ def servers(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> tuple[S
         "/health",
     )
     sevi_env = dict(
-        env,
+        env,  # SEVI_VLLM_ENGINE_CORE: set per server below
         SEVI_VLLM_MAX_MODEL_LEN=max_len,
         SEVI_VLLM_CPU_KV_CACHE_GIB=str(args.kv_cache_gib),
         SEVI_VLLM_ENFORCE_EAGER="true" if args.eager else "false",
         SEVI_VLLM_GPU_MEMORY_UTILIZATION=str(args.gpu_memory_utilization),
-        SEVI_VLLM_ENGINE_CORE=args.engine_core,
     )
-    sevi = Server(
-        "sevi-serve",
+    return stock, [sevi_server(core, args, model_dir, sevi_env, log_dir) for core in args.engine_core]
+
+
+def sevi_server(core: str, args: argparse.Namespace, model_dir: Path, env: dict[str, str], log_dir: Path) -> Server:
+    """sevi-serve with its vLLM engine core in a thread or in its own process; labelled by it when several run."""
+    server = Server(
+        "sevi-serve" if len(args.engine_core) == 1 else f"sevi-serve-{core}",
         [
             sys.executable,
             "-m",
@@ -166,11 +171,12 @@ def servers(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> tuple[S
             "--log-level",
             "warning",
         ],
-        sevi_env,
+        dict(env, SEVI_VLLM_ENGINE_CORE=core),
         log_dir,
         "/ready",
     )
-    return stock, sevi
+    server.label = "sevi" if len(args.engine_core) == 1 else f"sevi[{core}]"
+    return server
 
 
 def body(png: bytes, args: argparse.Namespace, level: float | None) -> dict[str, Any]:
@@ -220,7 +226,7 @@ async def turn(
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
-    name = server.name if level is None else f"sevi c={level:g}"
+    name = server.name if level is None else f"{server.label} c={level:g}"
     return Turn(
         name,
         concurrency,
@@ -233,7 +239,7 @@ async def turn(
     )
 
 
-async def measure(stock: Server, sevi: Server, args: argparse.Namespace) -> list[Turn]:
+async def measure(stock: Server, sevi: list[Server], args: argparse.Namespace) -> list[Turn]:
     # Every turn sends images no server has seen (distinct pixels): a prompt seen before would be served
     # from the prefix and multimodal caches, and the arms of one server share them.
     seen = 0
@@ -243,7 +249,8 @@ async def measure(stock: Server, sevi: Server, args: argparse.Namespace) -> list
         seen += n
         return images(n, size=96, seed=seen)
 
-    arms: list[tuple[Server, float | None]] = [(stock, None)] + [(sevi, level) for level in args.sevi_levels]
+    arms: list[tuple[Server, float | None]] = [(stock, None)]
+    arms += [(srv, level) for srv in sevi for level in args.sevi_levels]
     # Warm-up, one wave per arm and concurrency: first requests pay one-off costs (vLLM compiles its CPU graph
     # for new batch sizes), which measured a third lower in a first round without it.
     warm = argparse.Namespace(**{**vars(args), "requests": 1})
@@ -265,17 +272,19 @@ async def measure(stock: Server, sevi: Server, args: argparse.Namespace) -> list
     return turns
 
 
-def summary(turns: list[Turn], concurrency: list[int], levels: list[float]) -> list[dict[str, Any]]:
+def summary(turns: list[Turn], concurrency: list[int], levels: list[float], labels: list[str]) -> list[dict[str, Any]]:
     """Per concurrency: each arm's best rate over the rounds, the ratios of the best rates, and the median over
     rounds of each round's own ratio (turns of one round ran minutes apart, under the same load)."""
     rows = []
-    names = ["stock-vllm"] + [f"sevi c={level:g}" for level in levels]
+    names = ["stock-vllm"] + [f"{label} c={level:g}" for label in labels for level in levels]
     for c in concurrency:
         rate = {(t.server, t.round): t.tokens_per_s for t in turns if t.concurrency == c}
         rounds = sorted({r for _, r in rate})
         best = {name: max(rate[name, r] for r in rounds) for name in names}
         pairs = [(n, "stock-vllm") for n in names[1:]]
-        pairs += [(n, "sevi c=0") for n in names[1:] if n != "sevi c=0" and "sevi c=0" in names]
+        for label in labels:  # each aligned level against its own server at c = 0
+            base = f"{label} c=0"
+            pairs += [(n, base) for n in names[1:] if n.startswith(label + " ") and n != base and base in names]
         ratios = {f"{a} / {b}": round(best[a] / best[b], 3) for a, b in pairs if best[b] > 0}
         medians = {f"{a} / {b}": round(statistics.median(rate[a, r] / rate[b, r] for r in rounds), 3) for a, b in pairs}
         # Per-step time: at concurrency c every step yields c tokens (decode-bound, closed loop), so c / rate is the
@@ -319,20 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--engine-core",
         default="thread",
-        choices=["thread", "process"],
-        help="sevi-serve's vLLM engine core: in a thread of the server, or in its own process (AsyncLLM)",
+        help="sevi-serve's vLLM engine core, comma-separated: thread (in a thread of the server), process (in its "
+        "own process, AsyncLLM); one sevi-serve per value, side by side",
     )
     p.add_argument("--json", type=Path, help="also write the turns and the summary here")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in str(args.concurrency).split(",") if x]
     args.sevi_levels = [float(x) for x in str(args.sevi_levels).split(",") if x]
+    args.engine_core = [x for x in str(args.engine_core).split(",") if x]
+    if not args.engine_core or set(args.engine_core) - {"thread", "process"}:
+        p.error("--engine-core: thread and/or process")
 
     model_dir = args.model or never_eos(random_llava(args.layers, args.heads, args.kv_heads, args.image_tokens))
     log_dir = Path(tempfile.mkdtemp(prefix="bench-vs-vllm-"))
     stock, sevi = servers(args, model_dir, log_dir)
     try:
         stock.wait_ready(args.start_timeout)
-        sevi.wait_ready(args.start_timeout)
+        for srv in sevi:
+            srv.wait_ready(args.start_timeout)
         print(
             f"model {model_dir} ({args.layers} layers x {args.heads} heads, {args.image_tokens} image tokens, "
             f"{args.dtype}); sevi-serve at conservativeness {args.sevi_levels}, contrast "
@@ -342,15 +355,19 @@ def main(argv: list[str] | None = None) -> int:
         turns = asyncio.run(measure(stock, sevi, args))
     finally:
         stock.stop()
-        sevi.stop()
-    rows = summary(turns, args.concurrency, args.sevi_levels)
+        for srv in sevi:
+            srv.stop()
+    rows = summary(turns, args.concurrency, args.sevi_levels, [srv.label for srv in sevi])
     print("\nbest of rounds, completion tokens/s; ratios of the best rates (median of the rounds' own ratios)")
     for r in rows:
         rates = "  ".join(f"{name} {rate:.1f}" for name, rate in r["tok_s"].items())
         ratios = "  ".join(
             f"{name}: {value:.3f} (median {r['ratios_median'][name]:.3f})" for name, value in r["ratios"].items()
         )
-        print(f"concurrency {r['concurrency']:>3}:  {rates}\n                 {ratios}")
+        steps = "  ".join(f"{name} {ms:.2f}" for name, ms in r["step_ms"].items())
+        print(
+            f"concurrency {r['concurrency']:>3}:  {rates}\n                 {ratios}\n                 step ms: {steps}"
+        )
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -161,6 +161,7 @@ class VllmProcessEngine(VllmEngine):
             self._inflight += 1
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(self._run(request, main_id, rows, stats, post), self._loop)
+        future.add_done_callback(self._left)  # also when cancelled before it started (its finally never runs)
 
         def cancel() -> None:
             with self._cond:
@@ -170,6 +171,10 @@ class VllmProcessEngine(VllmEngine):
         async with contextlib.aclosing(stream_events(queue, lambda: state["finished"], cancel)) as events:
             async for event in events:
                 yield event
+
+    def _left(self, _: object) -> None:
+        with self._cond:
+            self._inflight -= 1
 
     async def _run(
         self,
@@ -196,8 +201,6 @@ class VllmProcessEngine(VllmEngine):
         except Exception as exc:  # noqa: BLE001 - vLLM's validation is a 400, a dead engine core a 500
             post(self._translate(exc))
         finally:
-            with self._cond:
-                self._inflight -= 1
             if contrast_id is not None and self._llm is not None:
                 with contextlib.suppress(Exception):
                     await self._llm.abort(contrast_id, internal=True)
