@@ -126,6 +126,14 @@ def prepare_vllm_engine(cpu_kv_cache_gib: int) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
 
 
+def prepare_vllm_engine_process(cpu_kv_cache_gib: int) -> None:
+    """Before the server's vLLM engine starts with its engine core in a child process (vLLM's AsyncLLM,
+    server/engines/vllm_process.py): vLLM's own default, whatever an earlier in-process engine of this
+    process set; the CPU KV cache size unless the user set it."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+
+
 def vllm_engine_core_in_process() -> bool:
     """Whether vLLM runs its engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from models import runtime_env
 from models.generation import GenerationRequest, RequestError, TokenEvent, stop_ids
 from models.telemetry import Telemetry
 from server.engines.base import (
@@ -80,9 +80,8 @@ class VllmProcessEngine(VllmEngine):
         loop.close()
 
     def _load_process(self) -> None:
-        # vLLM's own default: the engine core in a child process (its workers inherit this environment).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.cpu_kv_cache_gib))
+        # vLLM's own default: the engine core in a child process (it inherits this environment).
+        runtime_env.prepare_vllm_engine_process(self.options.cpu_kv_cache_gib)
         kwargs, usage_context = self._prepare()
         kwargs.setdefault("worker_extension_cls", TELEMETRY_EXTENSION)
         from vllm import AsyncEngineArgs
