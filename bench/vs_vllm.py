@@ -55,6 +55,13 @@ class Turn:
     tokens_per_s: float
     latency_p50_ms: float
     errors: int
+    # CPU time of the server's whole process group (HTTP, engine core, workers) per completion token: its own work
+    # per token, which other jobs on a shared machine inflate far less than they inflate wall time.
+    cpu_ms_per_token: float = 0.0
+    # With --client vllm: vLLM's benchmark client's own figures.
+    requests_per_s: float = 0.0
+    median_tpot_ms: float = 0.0
+    failed: int = 0
 
 
 class Server:
@@ -198,6 +205,20 @@ def body(png: bytes, args: argparse.Namespace, level: float | None) -> dict[str,
     return out
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in the process group `pgid` (a server: its HTTP process,
+    vLLM's engine core and workers)."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid:
+                t = proc.cpu_times()
+                total += t.user + t.system
+    return total
+
+
 async def turn(
     server: Server, level: float | None, concurrency: int, rnd: int, args: argparse.Namespace, pngs: list[bytes]
 ) -> Turn:
@@ -223,9 +244,11 @@ async def turn(
                 latencies.append((time.perf_counter() - start) * 1000)
                 tokens += int(r.json()["usage"]["completion_tokens"])
 
+        cpu0 = group_cpu_seconds(server.proc.pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
+        cpu = group_cpu_seconds(server.proc.pid) - cpu0
     name = server.name if level is None else f"{server.label} c={level:g}"
     return Turn(
         name,
@@ -236,6 +259,47 @@ async def turn(
         round(tokens / seconds, 1),
         round(pct(latencies, 50), 1),
         errors,
+        round(1000 * cpu / max(tokens, 1), 3),
+    )
+
+
+async def client_turn(
+    server: Server, level: float | None, concurrency: int, rnd: int, args: argparse.Namespace, model_dir: Path
+) -> Turn:
+    """One server at one concurrency under vLLM's own benchmark client (random-mm: one 224 x 224 image and
+    `--client-input-len` random tokens per request, `ignore_eos`), a fresh seed per turn (no cache hits)."""
+    from bench.vllm_client import client_args, run_client
+
+    a = client_args(
+        server.url,
+        MODEL_NAME,
+        str(model_dir),
+        num_prompts=max(args.requests, 2 * concurrency),
+        concurrency=concurrency,
+        input_len=args.client_input_len,
+        output_len=args.max_tokens,
+        seed=1000 * rnd + concurrency + (0 if level is None else int(100 * level) + 7),
+    )
+    a.temperature = 0.0
+    if level is not None:
+        a.extra_body = {"conservativeness": level, "alignment": {"contrast": bool(args.contrast)}}
+    cpu0 = group_cpu_seconds(server.proc.pid)
+    r = await asyncio.to_thread(run_client, a)
+    cpu = group_cpu_seconds(server.proc.pid) - cpu0
+    tokens = int(r.get("total_output_tokens") or 0)
+    return Turn(
+        server.name if level is None else f"{server.label} c={level:g}",
+        concurrency,
+        rnd,
+        int(r.get("completed") or 0),
+        round(float(r.get("duration") or 0.0), 2),
+        round(float(r.get("output_throughput") or 0.0), 1),
+        round(float(r.get("median_e2el_ms") or 0.0), 1),
+        int(r.get("failed") or 0),
+        round(1000 * cpu / max(tokens, 1), 3),
+        round(float(r.get("request_throughput") or 0.0), 2),
+        round(float(r.get("median_tpot_ms") or 0.0), 2),
+        int(r.get("failed") or 0),
     )
 
 
@@ -261,11 +325,19 @@ async def measure(stock: Server, sevi: list[Server], args: argparse.Namespace) -
     for rnd in range(args.rounds):
         for concurrency in args.concurrency:
             for srv, level in arms if rnd % 2 == 0 else arms[::-1]:
-                t = await turn(srv, level, concurrency, rnd, args, fresh(max(args.requests, 2 * concurrency)))
+                if args.client == "vllm":
+                    t = await client_turn(srv, level, concurrency, rnd, args, args.model_dir)
+                else:
+                    t = await turn(srv, level, concurrency, rnd, args, fresh(max(args.requests, 2 * concurrency)))
                 turns.append(t)
+                extra = (
+                    f"  {t.requests_per_s:6.2f} req/s  TPOT {t.median_tpot_ms:6.2f} ms" if args.client == "vllm" else ""
+                )
                 print(
                     f"round {rnd} c={concurrency:<3} {t.server:<12} {t.tokens_per_s:8.1f} tok/s  "
-                    f"p50 {t.latency_p50_ms:8.1f} ms  {t.requests} requests in {t.seconds:6.1f} s"
+                    f"p50 {t.latency_p50_ms:8.1f} ms  {t.requests} requests in {t.seconds:6.1f} s  "
+                    f"cpu {t.cpu_ms_per_token:6.2f} ms/token"
+                    f"{extra}"
                     f"{f'  errors {t.errors}' if t.errors else ''}",
                     flush=True,
                 )
@@ -290,6 +362,8 @@ def summary(turns: list[Turn], concurrency: list[int], levels: list[float], labe
         # Per-step time: at concurrency c every step yields c tokens (decode-bound, closed loop), so c / rate is the
         # wall time of one step; the difference to stock's is what the server adds per step.
         step_ms = {name: round(1000 * c / best[name], 2) for name in names if best[name] > 0}
+        cpu = {(t.server, t.round): t.cpu_ms_per_token for t in turns if t.concurrency == c}
+        cpu_ms = {name: min(cpu[name, r] for r in rounds) for name in names}
         overhead = {n: round(step_ms[n] - step_ms["stock-vllm"], 2) for n in names[1:] if n in step_ms}
         rows.append(
             {
@@ -299,6 +373,10 @@ def summary(turns: list[Turn], concurrency: list[int], levels: list[float], labe
                 "ratios_median": medians,
                 "step_ms": step_ms,
                 "step_overhead_ms_vs_stock": overhead,
+                "cpu_ms_per_token": cpu_ms,
+                "cpu_ratio_vs_stock": {
+                    n: round(cpu_ms[n] / cpu_ms["stock-vllm"], 3) for n in names[1:] if cpu_ms["stock-vllm"] > 0
+                },
             }
         )
     return rows
@@ -331,6 +409,14 @@ def main(argv: list[str] | None = None) -> int:
         help="sevi-serve's vLLM engine core, comma-separated: thread (in a thread of the server), process (in its "
         "own process, AsyncLLM); one sevi-serve per value, side by side",
     )
+    p.add_argument(
+        "--client",
+        default="own",
+        choices=["own", "vllm"],
+        help="own: closed-loop clients sending the same images to every arm; vllm: vLLM's own benchmark client "
+        "(vllm.benchmarks.serve, random-mm, ignore_eos) against each arm",
+    )
+    p.add_argument("--client-input-len", type=int, default=64, help="random prompt tokens (--client vllm)")
     p.add_argument("--json", type=Path, help="also write the turns and the summary here")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in str(args.concurrency).split(",") if x]
@@ -340,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--engine-core: thread and/or process")
 
     model_dir = args.model or never_eos(random_llava(args.layers, args.heads, args.kv_heads, args.image_tokens))
+    args.model_dir = model_dir
     log_dir = Path(tempfile.mkdtemp(prefix="bench-vs-vllm-"))
     stock, sevi = servers(args, model_dir, log_dir)
     try:
@@ -365,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {value:.3f} (median {r['ratios_median'][name]:.3f})" for name, value in r["ratios"].items()
         )
         steps = "  ".join(f"{name} {ms:.2f}" for name, ms in r["step_ms"].items())
+        steps += "\n                 cpu ms/token: " + "  ".join(
+            f"{name} {ms:.2f}" for name, ms in r["cpu_ms_per_token"].items()
+        )
         print(
             f"concurrency {r['concurrency']:>3}:  {rates}\n                 {ratios}\n                 step ms: {steps}"
         )
