@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,9 +15,26 @@ import pytest
 pytest.importorskip("vllm")
 
 from bench.vllm_client import client_args, run_client  # noqa: E402
-from models.generation import ReferenceModel  # noqa: E402
+from models.conservativeness import resolve_alignment  # noqa: E402
+from models.generation import (  # noqa: E402
+    GenerationRequest,
+    ReferenceModel,
+    SamplingParams,
+    run_to_completion,
+    user_message,
+)
 from server.engines.vllm_process import VllmProcessEngine  # noqa: E402
-from tests.helpers import LiveServer, base_settings, check_mixed_batch, image_message, png_bytes  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    DESCRIBE_PROMPT,
+    EXPLICIT,
+    LiveServer,
+    base_settings,
+    check_mixed_batch,
+    image_message,
+    png_bytes,
+    random_image,
+    run_engine,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +90,36 @@ def test_http_stop_strings_cancellation_and_vllms_client(
         time.sleep(0.1)
     assert live.engine.stats().cancelled_total >= 1  # the stream its client left was aborted
     assert live.engine.stats().running == 0
+
+
+def test_vllm_sampling_extensions_equal_reference_engine(
+    live: LiveServer, tiny_model: Callable[[str], ReferenceModel]
+) -> None:
+    """vLLM's repetition penalty and min_tokens (greedy): vLLM's sampler on rows without contrast, the SEVI logits
+    processor on contrast pairs; tokens equal the reference engine's, and each extension changed them."""
+    ref = tiny_model("llava")
+    layers = ref.num_layers
+    knobs = {
+        "off": resolve_alignment(0, layers),
+        "explicit+cd": resolve_alignment(None, layers, contrast=True, **EXPLICIT),  # type: ignore[arg-type]
+    }
+    extensions: dict[str, dict[str, Any]] = {
+        "none": {},
+        "repetition": {"repetition_penalty": 1.8},
+        "min_tokens": {"min_tokens": 12},
+    }
+    images = [random_image(s) for s in (0, 15)]
+    reqs = [
+        GenerationRequest(
+            f"{k}/{e}/{i}", user_message(DESCRIBE_PROMPT), [img], params, SamplingParams(max_tokens=24, **ext)
+        )
+        for i, img in enumerate(images)
+        for k, params in knobs.items()
+        for e, ext in extensions.items()
+    ]
+    got = run_engine(live.engine, reqs, timeout=600)
+    want = run_to_completion(ref, reqs)
+    for r in reqs:
+        assert got[r.request_id][0] == want[r.request_id].token_ids, r.request_id
+    for k in knobs:  # not vacuous: the repetition penalty changed tokens with and without contrast
+        assert any(got[f"{k}/repetition/{i}"][0] != got[f"{k}/none/{i}"][0] for i in range(len(images))), k
