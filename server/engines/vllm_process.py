@@ -150,11 +150,17 @@ class VllmProcessEngine(VllmEngine):
         caller = asyncio.get_running_loop()
         state = {"finished": False}
 
-        def post(item: Any) -> None:
-            if isinstance(item, BaseException) or item.finish_reason is not None:
+        def post(items: list[Any]) -> None:
+            last = items[-1]
+            if isinstance(last, BaseException) or last.finish_reason is not None:
                 state["finished"] = True
+
+            def deliver() -> None:
+                for item in items:
+                    queue.put_nowait(item)
+
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                caller.call_soon_threadsafe(queue.put_nowait, item)
+                caller.call_soon_threadsafe(deliver)
 
         with self._cond:
             self._inflight += 1
@@ -181,7 +187,7 @@ class VllmProcessEngine(VllmEngine):
         main_id: str,
         rows: tuple[dict[str, Any], Any, tuple[Any, Any] | None],
         stats: GenerationStats,
-        post: Callable[[Any], None],
+        post: Callable[[list[Any]], None],
     ) -> None:
         """One request on the engine's loop: its rows added, vLLM's outputs posted to the caller as token events."""
         main_prompt, main_sp, contrast = rows
@@ -193,12 +199,12 @@ class VllmProcessEngine(VllmEngine):
                 await self._llm.add_request(contrast_id, *contrast)
             outputs = self._llm.generate(main_prompt, main_sp, main_id)
             async with contextlib.aclosing(outputs):
-                async for event in self._events(outputs, request, main_id, contrast_id, submitted, stats):
-                    post(event)
+                async for batch in self._events(outputs, request, main_id, contrast_id, submitted, stats):
+                    post(batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - vLLM's validation is a 400, a dead engine core a 500
-            post(self._translate(exc))
+            post([self._translate(exc)])
         finally:
             if contrast_id is not None and self._llm is not None:
                 with contextlib.suppress(Exception):
@@ -255,9 +261,10 @@ class VllmProcessEngine(VllmEngine):
         contrast_id: str | None,
         submitted: float,
         stats: GenerationStats,
-    ) -> AsyncIterator[TokenEvent]:
-        """vLLM's delta outputs as the engines' token events: one per token, the new text on the last of each delta;
-        a stop token (EOS, stop_token_ids) ends with "stop" and is not counted."""
+    ) -> AsyncIterator[list[TokenEvent]]:
+        """vLLM's delta outputs as the engines' token events, one list per output (they cross to the caller's loop
+        in one wake-up): one event per token, the new text on the last of each delta; a stop token (EOS,
+        stop_token_ids) ends with "stop" and is not counted."""
         stops = set(stop_ids(req.sampling, self._eos))
         generated = 0
         prompt_len = 0
@@ -274,18 +281,22 @@ class VllmProcessEngine(VllmEngine):
             stopped_by_token = comp is not None and reason == "stop" and not isinstance(comp.stop_reason, str)
             if stopped_by_token and tokens and tokens[-1] in stops:
                 tokens = tokens[:-1]  # the stop token: not part of the output, as in the other engines
+            batch: list[TokenEvent] = []
             for i, token in enumerate(tokens):
                 generated += 1
                 last = i == len(tokens) - 1
                 if last and reason is not None:
                     break
-                yield TokenEvent(req.request_id, token, text if last else "", None, prompt_len, generated)
+                batch.append(TokenEvent(req.request_id, token, text if last else "", None, prompt_len, generated))
             if reason is not None:
                 stats.engine_s = time.perf_counter() - submitted
                 telemetry = await self._telemetry(req, main_id, contrast_id)
                 token = tokens[-1] if tokens else None
-                yield TokenEvent(req.request_id, token, text, reason, prompt_len, generated, telemetry)
+                batch.append(TokenEvent(req.request_id, token, text, reason, prompt_len, generated, telemetry))
+                yield batch
                 return
+            if batch:
+                yield batch
         raise EngineError("vLLM ended the request without a final output")
 
     async def _telemetry(self, req: GenerationRequest, main_id: str, contrast_id: str | None) -> Telemetry:
