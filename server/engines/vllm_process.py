@@ -16,7 +16,9 @@ What changes against the in-thread engine, and why it still holds:
 - stop strings and detokenization are vLLM's (`detokenize=True`); EOS and `stop_token_ids` end a request with
   "stop" and, as in the other engines, are neither in the text nor counted in `completion_tokens`;
 - the queue bound and the stats count requests in vLLM past its batch (`max_num_seqs` / 2 requests), as before;
-- cancellation (the consumer closes the iterator: client gone, deadline) aborts both rows in the engine core.
+- cancellation (the consumer closes the iterator: client gone, deadline) aborts both rows in the engine core;
+- health (issue 27's contract): the engine core process dead (`AsyncLLM.errored`, or `EngineDeadError` from a
+  request) declares the engine dead: /health and /ready 503, requests in flight and new ones `EngineDead`.
 
 Synchronous scheduling still: the SEVI scheduler decides a pair's lockstep from each step's outputs before the next
 step is planned, which vLLM's async scheduling (one step planned ahead, outputs as placeholders) does not allow.
@@ -35,6 +37,7 @@ from models import runtime_env
 from models.generation import GenerationRequest, RequestError, TokenEvent, stop_ids
 from models.telemetry import Telemetry
 from server.engines.base import (
+    EngineDead,
     EngineError,
     EngineNotReady,
     EngineOverloaded,
@@ -43,6 +46,7 @@ from server.engines.base import (
     stream_events,
 )
 from server.engines.vllm_engine import VllmEngine, _param_of, log, vllm_sampling_extensions
+from server.engines.vllm_liveness import vllm_engine_failure
 
 TELEMETRY_EXTENSION = "models.vllm_plugin.telemetry.TelemetryExtension"
 
@@ -107,12 +111,26 @@ class VllmProcessEngine(VllmEngine):
 
     @property
     def ready(self) -> bool:
-        return self._llm is not None and self._loop is not None and not self._closing and not self._llm.errored
+        return (
+            self._llm is not None
+            and self._loop is not None
+            and not self._closing
+            and self._dead_reason is None
+            and not self._llm.errored
+        )
 
-    @property
-    def engine_core_errored(self) -> bool:
-        """Whether vLLM's engine core process died (AsyncLLM.errored): the engine serves nothing any more."""
-        return self._llm is not None and bool(self._llm.errored)
+    def _liveness_failure(self) -> str | None:
+        """The engine's loop thread gone, or vLLM's engine core process dead (`AsyncLLM.errored`; vllm_liveness)."""
+        thread = self._loop_thread
+        if (
+            thread is not None
+            and self._llm is not None
+            and not thread.is_alive()
+            and not self._closing
+            and self._load_error is None
+        ):
+            return f"the engine's loop thread {thread.name!r} exited"
+        return vllm_engine_failure(self._llm)
 
     @property
     def num_layers(self) -> int:
@@ -134,6 +152,8 @@ class VllmProcessEngine(VllmEngine):
     async def generate(
         self, request: GenerationRequest, stats: GenerationStats | None = None
     ) -> AsyncIterator[TokenEvent]:
+        if self._dead_reason is not None:
+            raise EngineDead(self._dead_reason)
         if not self.ready:
             raise EngineNotReady(self._load_error or "the model is still loading")
         with self._cond:  # the counters are shared with the engine's loop thread
@@ -203,7 +223,7 @@ class VllmProcessEngine(VllmEngine):
                     post(batch)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - vLLM's validation is a 400, a dead engine core a 500
+        except Exception as exc:  # noqa: BLE001 - vLLM validation: a 400; a dead engine core: EngineDead, a 503
             post([self._translate(exc)])
         finally:
             if contrast_id is not None and self._llm is not None:
@@ -311,9 +331,10 @@ class VllmProcessEngine(VllmEngine):
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        if isinstance(exc, EngineDeadError):
-            self._failed += 1
-            return EngineError(f"vLLM's engine core died: {exc}")
+        if isinstance(exc, EngineDeadError):  # every request in flight gets it; the first declares the engine dead
+            reason = vllm_engine_failure(self._llm, exc) or f"vLLM's engine core died: {exc}"
+            self._declare_dead(reason)
+            return EngineDead(reason)
         if isinstance(exc, VLLMValidationError | ValueError | TypeError):
             return RequestError(str(exc), _param_of(exc))
         self._failed += 1

@@ -30,6 +30,7 @@ from tests.helpers import (  # noqa: E402
     LiveServer,
     base_settings,
     check_mixed_batch,
+    eventually,
     image_message,
     png_bytes,
     random_image,
@@ -123,3 +124,21 @@ def test_vllm_sampling_extensions_equal_reference_engine(
         assert got[r.request_id][0] == want[r.request_id].token_ids, r.request_id
     for k in knobs:  # not vacuous: the repetition penalty changed tokens with and without contrast
         assert any(got[f"{k}/repetition/{i}"][0] != got[f"{k}/none/{i}"][0] for i in range(len(images))), k
+
+
+def test_a_dead_engine_core_is_reported_and_refuses_requests(live: LiveServer) -> None:
+    """vLLM's engine core process killed: /health and /ready answer 503 naming it, a new request gets a 503 (the
+    health contract of issue 27, read from AsyncLLM). Last in this module: the engine stays dead."""
+    import psutil
+
+    cores = [
+        p for p in psutil.Process().children(recursive=True) if " ".join(p.cmdline()).startswith("VLLM::EngineCore")
+    ]
+    assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    cores[0].kill()
+    assert eventually(lambda: httpx.get(live.url + "/ready", timeout=5).status_code == 503, timeout=30) is not None
+    health = httpx.get(live.url + "/health", timeout=5)
+    assert health.status_code == 503 and "engine core" in health.text
+    body = {"messages": image_message("what do you see", png_bytes(3)), "max_tokens": 4}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead", r.text
