@@ -53,20 +53,31 @@ def resolve_engine_name(name: str) -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
 
 
+# `--engine vllm --vllm.engine-core process`: vLLM's engine core in its own process (AsyncLLM).
+VLLM_PROCESS = "server.engines.vllm_process:VllmProcessEngine"
+
+
 def engine_class(name: str) -> type[Engine]:
     name = resolve_engine_name(name)
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}")
-    module, _, attr = ENGINES[name].partition(":")
+    return _import(ENGINES[name])
+
+
+def _import(path: str) -> type[Engine]:
+    module, _, attr = path.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
-        raise TypeError(f"{ENGINES[name]} is not an Engine")
+        raise TypeError(f"{path} is not an Engine")
     return cls
 
 
 def create_engine(settings: Settings) -> Engine:
     """The engine `settings` name, its model's knob presets read (a bad presets file raises
     `models.presets.PresetsError` here, before anything loads or serves)."""
-    engine = engine_class(settings.engine).from_settings(settings)
+    cls = engine_class(settings.engine)
+    if resolve_engine_name(settings.engine) == "vllm" and settings.vllm.engine_core == "process":
+        cls = _import(VLLM_PROCESS)
+    engine = cls.from_settings(settings)
     _ = engine.knob_map
     return engine

@@ -151,10 +151,6 @@ class VllmEngine(QueuedEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:
-        if cls is VllmEngine and settings.vllm.engine_core == "process":
-            from server.engines.vllm_process import VllmProcessEngine
-
-            return VllmProcessEngine.from_settings(settings)
         return cls(
             str(settings.model),
             model_name=settings.model_id,
