@@ -92,6 +92,7 @@ class TestVllm:
         monkeypatch.setattr(LLMEngine, "from_engine_args", from_engine_args)
         monkeypatch.setattr(vllm_engine, "_on_gpu", lambda: gpu)
         monkeypatch.setattr(vllm_engine, "set_torch_threads", lambda n: None)  # leave this process's threads
+        monkeypatch.setattr(vllm_engine, "_cpu_cache_details", lambda config: {})  # the stand-in has no cache
         monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         monkeypatch.delenv("SEVI_MAX_BATCH_SIZE", raising=False)
