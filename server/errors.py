@@ -145,3 +145,9 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unhandled)
+
+
+def from_validation_errors(errors: list[Any]) -> APIError:
+    """The 400 for pydantic validation errors, as the app's handler answers them (the batch command's lines too)."""
+    message, param = _validation_message(errors)
+    return APIError(400, message, param=param, code="invalid_value")

@@ -160,6 +160,12 @@ class Engine(ABC):
         return {"dtype": self._dtype_name, "aligned_kernel": self.aligned_kernel}
 
     @property
+    def batch_limit(self) -> int | None:
+        """Requests the engine decodes at once once loaded (None: it does not say). The batch command keeps this many
+        running and as many more decoded and waiting, so the engine never waits for its input."""
+        return None
+
+    @property
     def load_error(self) -> str | None:
         """Why loading failed, if it did (the process is then alive but useless)."""
         return self._load_error
@@ -368,6 +374,12 @@ class QueuedEngine(Engine):
     @abstractmethod
     def _cancel(self, job: Any) -> None:
         """Called by the consumer when it leaves before the final event."""
+
+    @property
+    def batch_limit(self) -> int | None:
+        # Each queued engine keeps its batch limit in `_max_batch` (the vLLM engine sets it from vLLM's own at load).
+        limit = getattr(self, "_max_batch", None)
+        return int(limit) if isinstance(limit, int) else None
 
     def _queue_depth(self) -> int:
         """Requests counted against `max_queue` (under `_cond`): by default those waiting."""

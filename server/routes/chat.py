@@ -57,7 +57,7 @@ async def chat_completions(
             code="model_not_found",
         )
     refuse_unsupported(body, engine.sampling_extensions)
-    generation = await build(_spec(body, settings), engine, settings)
+    generation = await build(request_spec(body, settings), engine, settings)
     run = Run(arrival, request.receive, engine, metrics, settings, "/v1/chat/completions", generation)
     await run.start()
     created = int(time.time())
@@ -79,8 +79,9 @@ async def chat_completions(
     )
 
 
-def _spec(body: ChatCompletionRequest, settings: Settings) -> RequestSpec:
-    """The chat body as a request spec; refuses too many stop strings or images before any image is decoded."""
+def request_spec(body: ChatCompletionRequest, settings: Settings) -> RequestSpec:
+    """The chat body as a request spec (this route's, and the batch command's for OpenAI batch lines); refuses too
+    many stop strings or images before any image is decoded."""
     max_tokens, max_param = (
         (body.max_completion_tokens, "max_completion_tokens")
         if body.max_completion_tokens is not None

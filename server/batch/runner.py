@@ -1,0 +1,217 @@
+"""The batch job's core: items in, one engine, results out, the engine kept full.
+
+Flow control: at most `window` (item, level) pairs are in flight, counting those whose image is being read and
+decoded in the preprocessing pool and those in the engine. The window is twice the engine's batch limit, so while
+one full batch decodes, the next is decoded and waiting; the engine's own scheduler (continuous batching) takes
+each waiting request as a slot frees. Input is pulled only when a pair's slot frees, so memory holds `window`
+decoded images whatever the collection's size.
+
+Each result is written (one whole line) as it completes; a failure becomes a record in the API's error format and
+the job goes on. Pairs already in the output (`done`) are skipped: that is how a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from models.generation import GenerationRequest, TokenEvent
+from models.telemetry import Telemetry
+from server.batch import records
+from server.batch.config import BatchSettings, Level
+from server.batch.inputs import Item
+from server.batch.output import Key, Writer, key
+from server.batch.prepare import caption_request, chat_request, levels_for, load_image
+from server.batch.progress import Progress
+from server.engines.base import Engine, EngineOverloaded, GenerationStats
+from server.errors import APIError, from_exception
+from server.service import Outcome
+
+log = logging.getLogger("sevi.batch")
+
+OVERLOADED_RETRY_S = 0.05
+
+
+@dataclass
+class RunCounts:
+    results: int = 0
+    failures: int = 0
+    skipped: int = 0  # (item, level) pairs already in the output
+    images: int = 0  # items with at least one result this run
+    tokens: int = 0  # completion tokens
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items()}
+
+
+async def complete(engine: Engine, request: GenerationRequest, timeout_s: float) -> tuple[Outcome, GenerationStats]:
+    """Run one request to its end through the public engine API (token events), as the API's `Run.collect` does."""
+    while True:
+        stats = GenerationStats()
+        parts: list[str] = []
+        last: TokenEvent | None = None
+        try:
+            events = engine.generate(request, stats)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for ev in events:
+                        parts.append(ev.text)
+                        last = ev
+            finally:
+                aclose = getattr(events, "aclose", None)  # leaving early cancels the request in the engine
+                if aclose is not None:
+                    await aclose()
+        except EngineOverloaded:
+            # Only before the first event; the window keeps under the queue bound, so this is a rare race.
+            await asyncio.sleep(OVERLOADED_RETRY_S)
+            continue
+        if last is None:
+            raise APIError(
+                500, "the engine ended the request without a result", code="engine_error", type="server_error"
+            )
+        outcome = Outcome(
+            "".join(parts),
+            last.finish_reason,
+            last.prompt_tokens,
+            last.completion_tokens,
+            last.telemetry or Telemetry(),
+        )
+        return outcome, stats
+
+
+def default_window(engine: Engine, settings: BatchSettings, levels: int) -> int:
+    if settings.max_in_flight is not None:
+        return max(settings.max_in_flight, levels)
+    limit = engine.batch_limit or settings.max_batch_size or 8
+    return max(2 * limit, levels)
+
+
+class Captioner:
+    """Items through one started engine into one writer. `run` may be called concurrently (the Ray actor does):
+    the window is shared, so the engine stays full across calls."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: BatchSettings,
+        writer: Writer,
+        done: set[Key],
+        pool: Executor,
+        window: int,
+        progress: Progress | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.levels = settings.level_list()
+        self.writer = writer
+        self.done = done
+        self.pool = pool
+        self.window = window
+        self.progress = progress
+        self.counts = RunCounts()
+        self._slots = asyncio.Semaphore(window)
+
+    async def run(self, items: Iterable[Item]) -> RunCounts:
+        t0 = time.perf_counter()
+        tasks: set[asyncio.Task[None]] = set()
+        for item in items:
+            pairs: list[Level | None] = []
+            for level in levels_for(item, self.levels, self.settings.default_conservativeness):
+                k = key(item.id, level)
+                if k in self.done:
+                    self.counts.skipped += 1
+                    continue
+                self.done.add(k)  # a duplicate id later in the input is skipped, not run twice
+                pairs.append(level)
+            if not pairs:
+                continue
+            for _ in pairs:
+                await self._slots.acquire()
+            task = asyncio.create_task(self._item(item, pairs))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        self.counts.seconds += time.perf_counter() - t0
+        return self.counts
+
+    async def _item(self, item: Item, pairs: list[Level | None]) -> None:
+        image: asyncio.Task[Image.Image] | None = None
+        load_ms: list[float] = [0.0]
+        if item.error is None and not item.is_chat:
+
+            async def timed_load() -> Image.Image:
+                t = time.perf_counter()
+                try:
+                    return await load_image(item, self.settings, self.pool)
+                finally:
+                    load_ms[0] = (time.perf_counter() - t) * 1000
+
+            image = asyncio.create_task(timed_load())
+        try:
+            ok = await asyncio.gather(*(self._pair(item, level, image, load_ms) for level in pairs))
+            if any(ok):
+                self.counts.images += 1
+        finally:
+            if image is not None:
+                if not image.done():
+                    image.cancel()
+                with contextlib.suppress(BaseException):
+                    await image  # retrieve its exception (every pair may have failed before needing it)
+
+    async def _pair(
+        self, item: Item, level: Level | None, image: asyncio.Task[Image.Image] | None, load_ms: list[float]
+    ) -> bool:
+        t0 = time.perf_counter()
+        timings = records.Timings()
+        try:
+            try:
+                if item.error is not None:
+                    raise item.error
+                if item.is_chat:
+                    request = await chat_request(item, level, self.engine, self.settings)
+                    timings.preprocess_ms = (time.perf_counter() - t0) * 1000
+                else:
+                    assert image is not None
+                    request = await caption_request(item, level, image, self.engine, self.settings)
+                    timings.preprocess_ms = load_ms[0]
+                outcome, stats = await complete(self.engine, request, self.settings.request_timeout_s)
+                timings.queue_ms = stats.queue_s * 1000
+                timings.engine_ms = stats.engine_s * 1000
+                timings.total_ms = (time.perf_counter() - t0) * 1000
+                model = self.engine.model_name
+                make = records.chat_ok if item.is_chat else records.caption_ok
+                self._write(make(item.id, level, request, outcome, model, timings), tokens=outcome.completion_tokens)
+                return True
+            except Exception as exc:  # noqa: BLE001 - any failure is this item's record; the job goes on
+                err = from_exception(exc, self.settings.retry_after_s)
+                fields = {"id": item.id, "conservativeness": level, "status": err.status, "error": err.message[:300]}
+                if err.status >= 500:
+                    log.error("item failed", extra={"fields": fields}, exc_info=exc)
+                else:
+                    log.warning("item failed", extra={"fields": fields})
+                timings.total_ms = (time.perf_counter() - t0) * 1000
+                if not item.is_chat:
+                    timings.preprocess_ms = load_ms[0]
+                make_failed = records.chat_failed if item.is_chat else records.caption_failed
+                self._write(make_failed(item.id, level, err, timings), failed=True)
+                return False
+        finally:
+            self._slots.release()
+
+    def _write(self, record: dict[str, Any], failed: bool = False, tokens: int = 0) -> None:
+        self.writer.write(record)
+        self.counts.results += 1
+        self.counts.failures += int(failed)
+        self.counts.tokens += tokens
+        if self.progress is not None:
+            self.progress.update(1, failed=int(failed), tokens=tokens)
