@@ -172,3 +172,28 @@ def _is_path(image: object) -> bool:
         return False
     low = image[:8].lower()
     return not (low.startswith("data:") or low.startswith("http://") or low.startswith("https://"))
+
+
+def item_to_dict(item: Item) -> dict[str, Any]:
+    """An item as JSON (the Ray path hands items to its actors as lines of a file)."""
+    out: dict[str, Any] = {"id": item.id}
+    if item.image is not None:
+        out["image"] = item.image
+    if item.fields:
+        out["fields"] = item.fields
+    if item.body is not None:
+        out["body"] = item.body
+    if item.error is not None:
+        e = item.error
+        out["error"] = {"status": e.status, "message": e.message, "param": e.param, "code": e.code, "type": e.type}
+    return out
+
+
+def item_from_dict(d: dict[str, Any]) -> Item:
+    err = d.get("error")
+    error = None
+    if err is not None:
+        error = APIError(
+            err["status"], err["message"], param=err.get("param"), code=err.get("code"), type=err.get("type")
+        )
+    return Item(id=d["id"], image=d.get("image"), fields=d.get("fields") or {}, body=d.get("body"), error=error)

@@ -61,7 +61,7 @@ async def run_local(settings: BatchSettings, engine: Engine | None = None) -> di
     pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="sevi-batch-decode")
     try:
         await wait_ready(engine)
-        window = default_window(engine, settings, len(levels or [None]))
+        window = default_window(engine, settings, len(levels or [0.0]))
         log.info(
             "batch started",
             extra={

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -120,9 +120,8 @@ class Captioner:
         self.counts = RunCounts()
         self._slots = asyncio.Semaphore(window)
 
-    async def run(self, items: Iterable[Item]) -> RunCounts:
-        t0 = time.perf_counter()
-        tasks: set[asyncio.Task[None]] = set()
+    def pending(self, items: Iterable[Item]) -> Iterator[tuple[Item, list[Level | None]]]:
+        """Each item with its levels not yet in the output (items with none left are passed over)."""
         for item in items:
             pairs: list[Level | None] = []
             for level in levels_for(item, self.levels, self.settings.default_conservativeness):
@@ -132,19 +131,31 @@ class Captioner:
                     continue
                 self.done.add(k)  # a duplicate id later in the input is skipped, not run twice
                 pairs.append(level)
-            if not pairs:
-                continue
+            if pairs:
+                yield item, pairs
+
+    async def run(self, items: Iterable[Item]) -> RunCounts:
+        return await self.run_pending(self.pending(items))
+
+    async def run_pending(self, work: Iterable[tuple[Item, list[Level | None]]]) -> RunCounts:
+        """Items with the levels to run each at (see `pending`), through the engine within the window."""
+        t0 = time.perf_counter()
+        mine = RunCounts()  # this call's share (the Ray actor runs several calls at once)
+        tasks: set[asyncio.Task[None]] = set()
+        for item, pairs in work:
             for _ in pairs:
                 await self._slots.acquire()
-            task = asyncio.create_task(self._item(item, pairs))
+            task = asyncio.create_task(self._item(item, pairs, mine))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
-        self.counts.seconds += time.perf_counter() - t0
-        return self.counts
+        mine.seconds = time.perf_counter() - t0
+        mine.skipped = self.counts.skipped
+        self.counts.seconds += mine.seconds
+        return mine
 
-    async def _item(self, item: Item, pairs: list[Level | None]) -> None:
+    async def _item(self, item: Item, pairs: list[Level | None], mine: RunCounts) -> None:
         image: asyncio.Task[Image.Image] | None = None
         load_ms: list[float] = [0.0]
         if item.error is None and not item.is_chat:
@@ -158,9 +169,10 @@ class Captioner:
 
             image = asyncio.create_task(timed_load())
         try:
-            ok = await asyncio.gather(*(self._pair(item, level, image, load_ms) for level in pairs))
+            ok = await asyncio.gather(*(self._pair(item, level, image, load_ms, mine) for level in pairs))
             if any(ok):
                 self.counts.images += 1
+                mine.images += 1
         finally:
             if image is not None:
                 if not image.done():
@@ -169,7 +181,12 @@ class Captioner:
                     await image  # retrieve its exception (every pair may have failed before needing it)
 
     async def _pair(
-        self, item: Item, level: Level | None, image: asyncio.Task[Image.Image] | None, load_ms: list[float]
+        self,
+        item: Item,
+        level: Level | None,
+        image: asyncio.Task[Image.Image] | None,
+        load_ms: list[float],
+        mine: RunCounts,
     ) -> bool:
         t0 = time.perf_counter()
         timings = records.Timings()
@@ -190,7 +207,9 @@ class Captioner:
                 timings.total_ms = (time.perf_counter() - t0) * 1000
                 model = self.engine.model_name
                 make = records.chat_ok if item.is_chat else records.caption_ok
-                self._write(make(item.id, level, request, outcome, model, timings), tokens=outcome.completion_tokens)
+                self._write(
+                    mine, make(item.id, level, request, outcome, model, timings), tokens=outcome.completion_tokens
+                )
                 return True
             except Exception as exc:  # noqa: BLE001 - any failure is this item's record; the job goes on
                 err = from_exception(exc, self.settings.retry_after_s)
@@ -203,15 +222,16 @@ class Captioner:
                 if not item.is_chat:
                     timings.preprocess_ms = load_ms[0]
                 make_failed = records.chat_failed if item.is_chat else records.caption_failed
-                self._write(make_failed(item.id, level, err, timings), failed=True)
+                self._write(mine, make_failed(item.id, level, err, timings), failed=True)
                 return False
         finally:
             self._slots.release()
 
-    def _write(self, record: dict[str, Any], failed: bool = False, tokens: int = 0) -> None:
+    def _write(self, mine: RunCounts, record: dict[str, Any], failed: bool = False, tokens: int = 0) -> None:
         self.writer.write(record)
-        self.counts.results += 1
-        self.counts.failures += int(failed)
-        self.counts.tokens += tokens
+        for counts in (self.counts, mine):
+            counts.results += 1
+            counts.failures += int(failed)
+            counts.tokens += tokens
         if self.progress is not None:
             self.progress.update(1, failed=int(failed), tokens=tokens)
