@@ -1,8 +1,8 @@
 """Scale-out on Ray Data (`--ray [--ray-address ADDR] --workers N`): one engine per actor, JSONL shards, one merged
 output; resumable like the single-process job.
 
-The driver streams the input once (`inputs.read`, whatever its kind) into `OUTPUT.ray/items.jsonl`: one line per item
-with the levels it still needs, so what is already in the output or in a shard is not sent again. That file is the
+The driver streams the input once (`inputs.read`, whatever its kind) into `OUTPUT.ray/work/*.jsonl`: one line per item
+with the levels it still needs, so what is already in the output or in a shard is not sent again. Those files are the
 Ray dataset (`read_text`, streamed in blocks); `map_batches` hands its batches to an actor pool of `--workers`
 actors, each holding one engine and one `Captioner` (the single-process core) and writing each result to its own
 shard `OUTPUT.ray/shard-*.jsonl` as it completes. The actor's `__call__` is async so Ray Data runs several batches on
@@ -52,23 +52,47 @@ def shards(output: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.jsonl")) if folder.exists() else []
 
 
-def write_items(settings: BatchSettings, done: set[Key], path: Path) -> tuple[int, int]:
-    """The work file: one line per item with its pending levels. Returns (lines, results pending)."""
+MAX_WORK_FILES = 1024
+
+
+def write_items(settings: BatchSettings, done: set[Key], folder: Path) -> tuple[int, int]:
+    """The work: one line per item with its pending levels, in files of a Ray batch each (at most MAX_WORK_FILES
+    files: larger ones for larger collections). Ray reads a file as one block at least, so the files are what spreads
+    the items over the actors. Returns (items, results pending)."""
+    import shutil
+
     levels = settings.level_list()
+    per_file = max(
+        settings.ray_batch_size, -(-inputs.count(settings.input, inputs.detect(settings.input)) // MAX_WORK_FILES)
+    )
+    tmp = folder / "work.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     lines = pending = 0
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
+    f = None
+    try:
         for item in inputs.read(settings.input):
             todo = [
                 lv for lv in levels_for(item, levels, settings.default_conservativeness) if key(item.id, lv) not in done
             ]
             for lv in todo:
                 done.add(key(item.id, lv))
-            if todo:
-                f.write(json.dumps({"item": inputs.item_to_dict(item), "levels": todo}) + "\n")
-                lines += 1
-                pending += len(todo)
-    tmp.replace(path)
+            if not todo:
+                continue
+            if lines % per_file == 0:
+                if f is not None:
+                    f.close()
+                f = (tmp / f"items-{lines // per_file:06d}.jsonl").open("w")
+            assert f is not None
+            f.write(json.dumps({"item": inputs.item_to_dict(item), "levels": todo}) + "\n")
+            lines += 1
+            pending += len(todo)
+    finally:
+        if f is not None:
+            f.close()
+    work = folder / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    tmp.replace(work)
     return lines, pending
 
 
@@ -172,13 +196,12 @@ def run_ray(settings: BatchSettings) -> dict[str, Any]:
         repair(shard)
     done = done_keys(output, *shards(output))
     already = len(done)
-    items_file = folder / "items.jsonl"
-    n_lines, pending = write_items(settings, done, items_file)
+    n_lines, pending = write_items(settings, done, folder)
     log.info(
         "ray batch: work file written",
         extra={"fields": {"items": n_lines, "results_pending": pending, "already_done": already}},
     )
-    ran = _run_actors(settings, items_file, pending) if pending else dict.fromkeys(_COUNTED, 0)
+    ran = _run_actors(settings, folder / "work", pending) if pending else dict.fromkeys(_COUNTED, 0)
     added = merge(output)
     seconds = time.perf_counter() - t_start
     log.info("ray batch: shards merged", extra={"fields": {"appended": added, "output": str(output)}})
@@ -191,7 +214,7 @@ def run_ray(settings: BatchSettings) -> dict[str, Any]:
 _COUNTED = ("results", "failures", "tokens", "images")
 
 
-def _run_actors(settings: BatchSettings, items_file: Path, pending: int) -> dict[str, int]:
+def _run_actors(settings: BatchSettings, work: Path, pending: int) -> dict[str, int]:
     """The dataset through the actor pool; this run's counts, summed over the batches the actors return."""
     import ray
     import ray.data
@@ -210,14 +233,20 @@ def _run_actors(settings: BatchSettings, items_file: Path, pending: int) -> dict
             check_levels(levels, create_engine(settings))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        # Work goes out once every actor has loaded its engine (the constructor loads it): else the first one up
+        # takes the blocks of those still loading.
+        ctx.wait_for_min_actors_s = 1800
         job = uuid.uuid4().hex[:12]
         # Reading the work file is light I/O: it takes no core, or it would wait behind the actors holding them all.
-        ds = ray.data.read_text(str(items_file.resolve()), num_cpus=0)
+        files = len(list(work.glob("*.jsonl")))
+        ds = ray.data.read_text(str(work.resolve()), num_cpus=0, override_num_blocks=files)
         ds = ds.map_batches(
             CaptionActor,
             fn_constructor_args=(settings.model_dump_json(), job),
             batch_size=settings.ray_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=settings.workers),
+            # Two batches queued per actor: enough to keep its engine full (the batches run at once, async UDF), few
+            # enough that the first actor up does not take the work of those still loading their model.
+            compute=ray.data.ActorPoolStrategy(size=settings.workers, max_tasks_in_flight_per_actor=2),
             num_cpus=settings.cpus_per_worker,
             num_gpus=settings.gpus_per_worker,
         )
