@@ -53,6 +53,7 @@ def shards(output: Path) -> list[Path]:
 
 
 MAX_WORK_FILES = 1024
+_COUNTED = ("results", "failures", "tokens", "images")
 
 
 def write_items(settings: BatchSettings, done: set[Key], folder: Path) -> tuple[int, int]:
@@ -181,9 +182,11 @@ class CaptionActor:
         assert self.captioner is not None
         # Ray Data runs several batches on this actor at once (an async UDF); each runs on the actor's own loop,
         # where the engine's consumers live, and shares the Captioner's window: the engine stays full.
+        t0 = time.time()
         future = asyncio.run_coroutine_threadsafe(self.captioner.run_pending(work), self.loop)
         counts = await asyncio.wrap_future(future)
-        return {name: np.array([getattr(counts, name)]) for name in ("results", "failures", "tokens", "images")}
+        out = {name: np.array([getattr(counts, name)]) for name in _COUNTED}
+        return {**out, "t0": np.array([t0]), "t1": np.array([time.time()])}
 
 
 def run_ray(settings: BatchSettings) -> dict[str, Any]:
@@ -201,7 +204,7 @@ def run_ray(settings: BatchSettings) -> dict[str, Any]:
         "ray batch: work file written",
         extra={"fields": {"items": n_lines, "results_pending": pending, "already_done": already}},
     )
-    ran = _run_actors(settings, folder / "work", pending) if pending else dict.fromkeys(_COUNTED, 0)
+    ran: dict[str, float] = _run_actors(settings, folder / "work", pending) if pending else dict.fromkeys(_COUNTED, 0)
     added = merge(output)
     seconds = time.perf_counter() - t_start
     log.info("ray batch: shards merged", extra={"fields": {"appended": added, "output": str(output)}})
@@ -211,10 +214,7 @@ def run_ray(settings: BatchSettings) -> dict[str, Any]:
     return summary
 
 
-_COUNTED = ("results", "failures", "tokens", "images")
-
-
-def _run_actors(settings: BatchSettings, work: Path, pending: int) -> dict[str, int]:
+def _run_actors(settings: BatchSettings, work: Path, pending: int) -> dict[str, float]:
     """The dataset through the actor pool; this run's counts, summed over the batches the actors return."""
     import ray
     import ray.data
@@ -251,11 +251,13 @@ def _run_actors(settings: BatchSettings, work: Path, pending: int) -> dict[str, 
             num_gpus=settings.gpus_per_worker,
         )
         progress = None if settings.progress == "off" else Progress(pending, settings.progress, settings.log_every_s)
-        totals = dict.fromkeys(_COUNTED, 0)
+        totals: dict[str, float] = dict.fromkeys(_COUNTED, 0)
+        span = [float("inf"), 0.0]  # first batch start, last batch end, over all actors (wall clock)
         try:
             for batch in ds.iter_batches(batch_size=None):
                 for name in _COUNTED:
                     totals[name] += int(batch[name].sum())
+                span = [min(span[0], float(batch["t0"].min())), max(span[1], float(batch["t1"].max()))]
                 if progress is not None:
                     progress.update(
                         int(batch["results"].sum()),
@@ -265,6 +267,8 @@ def _run_actors(settings: BatchSettings, work: Path, pending: int) -> dict[str, 
         finally:
             if progress is not None:
                 progress.close()
+        # The captioning alone: from the first batch an actor started to the last one's end (no start-up).
+        totals["captioning_seconds"] = round(max(0.0, span[1] - span[0]), 3)
         return totals
     finally:
         if started:
