@@ -255,11 +255,11 @@ def part_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if at:
             marks[f"{int(frac * 100)}%"] = round(at[0], 1)
     peak = max(rss for _, rss in samples)
-    captioning = [rss for lines, rss in samples if lines > 0]
-    print(f"[memory] {n} items: RSS (MiB) at {marks}; peak {peak:.1f}; "
-          f"growth from 10% to the end {captioning[-1] - captioning[0] if captioning else 0:+.1f} MiB; "
+    growth = marks.get("100%", float("nan")) - marks.get("10%", float("nan"))
+    print(f"[memory] {n} items: RSS (MiB) at {marks}; peak {peak:.1f}; from 10% to the end {growth:+.1f} MiB; "
           f"{summary['this_run']['results_per_s']:.1f} results/s")  # fmt: skip
-    return {"items": n, "rss_mib_at": marks, "peak_mib": peak, "samples": samples[:: max(1, len(samples) // 60)],
+    return {"items": n, "rss_mib_at": marks, "peak_mib": peak, "growth_mib_10_to_100": growth,
+            "samples": samples[:: max(1, len(samples) // 60)],
             "this_run": summary["this_run"]}  # fmt: skip
 
 
@@ -277,7 +277,7 @@ def part_ray(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any
             env(args), work / f"ray-{workers}.log",
         )  # fmt: skip
         r = summary["this_run"]
-        rate = r["results"] / r["captioning_seconds"] if r.get("captioning_seconds") else float("nan")
+        rate = r["results_per_s"]  # over the captioning span: first batch started to last batch done
         out[f"workers_{workers}"] = {"this_run": r, "wall_s": wall, "results_per_s": rate}
         print(f"[ray] {workers} actor(s): {rate:.2f} results/s captioning, wall {wall:.1f} s")
     out["speedup"] = out["workers_2"]["results_per_s"] / out["workers_1"]["results_per_s"]

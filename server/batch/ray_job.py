@@ -208,7 +208,9 @@ def run_ray(settings: BatchSettings) -> dict[str, Any]:
     added = merge(output)
     seconds = time.perf_counter() - t_start
     log.info("ray batch: shards merged", extra={"fields": {"appended": added, "output": str(output)}})
-    counts = {**ran, "skipped": already, "seconds": round(seconds, 3)}
+    # Rates over the captioning span (as the single-process job's exclude its model load); the wall time beside it.
+    captioning = ran.pop("captioning_seconds", 0.0)
+    counts = {**ran, "skipped": already, "seconds": round(captioning or seconds, 3), "wall_seconds": round(seconds, 3)}
     summary = summarize(output, counts)
     summary["shards"] = [str(p) for p in shards(output)]
     return summary
