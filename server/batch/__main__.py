@@ -2,7 +2,7 @@
 
 (`--help` lists every flag: the job's, then the server's engine settings, each also a `SEVI_*` variable.)
 Exit status: 0 when the job ran to its end (failed items are records in the output, not a failed job), 2 for bad
-flags or input, 1 when the model did not load.
+flags or input, 1 when the model did not load or the engine stopped serving mid-job (rerun to resume).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from models.presets import PresetsError
 from server.batch import inputs
 from server.batch.config import parse_cli
 from server.batch.job import LoadError, run_local
+from server.batch.runner import EngineUnavailable
 from server.batch.summary import render
 from server.engines import AUTO, ENGINES
 from server.logs import setup_logging
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except EngineUnavailable as exc:
+        print(f"error: the engine stopped serving ({exc}); rerun the same command to resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

@@ -6,8 +6,10 @@ one full batch decodes, the next is decoded and waiting; the engine's own schedu
 each waiting request as a slot frees. Input is pulled only when a pair's slot frees, so memory holds `window`
 decoded images whatever the collection's size.
 
-Each result is written (one whole line) as it completes; a failure becomes a record in the API's error format and
-the job goes on. Pairs already in the output (`done`) are skipped: that is how a rerun resumes.
+Each result is written (one whole line) as it completes; an item's failure (4xx: a bad image, field or level)
+becomes a record in the API's error format and the job goes on. A failure that is the engine's (5xx) writes no line,
+so that the rerun which resumes the job retries it; an engine that stopped serving (503) stops the job.
+Pairs already in the output (`done`) are skipped: that is how a rerun resumes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ log = logging.getLogger("sevi.batch")
 OVERLOADED_RETRY_S = 0.05
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine stopped serving mid-job (503: it died or is shutting down); rerun the command to resume."""
+
+
 @dataclass
 class RunCounts:
     results: int = 0
@@ -47,6 +53,7 @@ class RunCounts:
     skipped: int = 0  # (item, level) pairs already in the output
     images: int = 0  # items with at least one result this run
     tokens: int = 0  # completion tokens
+    unwritten: int = 0  # ended by the engine's fault (500, 504): no line, so a rerun retries them
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,6 +125,7 @@ class Captioner:
         self.window = window
         self.progress = progress
         self.counts = RunCounts()
+        self.stopped: APIError | None = None  # the engine became unavailable: the job stops (resumable)
         self._slots = asyncio.Semaphore(window)
 
     def pending(self, items: Iterable[Item]) -> Iterator[tuple[Item, list[Level | None]]]:
@@ -145,11 +153,17 @@ class Captioner:
         for item, pairs in work:
             for _ in pairs:
                 await self._slots.acquire()
+            if self.stopped is not None:
+                for _ in pairs:
+                    self._slots.release()
+                break
             task = asyncio.create_task(self._item(item, pairs, mine))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
+        if self.stopped is not None:
+            raise EngineUnavailable(self.stopped.message)
         mine.seconds = time.perf_counter() - t0
         mine.skipped = self.counts.skipped
         self.counts.seconds += mine.seconds
@@ -215,9 +229,15 @@ class Captioner:
                 err = from_exception(exc, self.settings.retry_after_s)
                 fields = {"id": item.id, "conservativeness": level, "status": err.status, "error": err.message[:300]}
                 if err.status >= 500:
-                    log.error("item failed", extra={"fields": fields}, exc_info=exc)
-                else:
-                    log.warning("item failed", extra={"fields": fields})
+                    # Not the item's fault: no line, so the rerun that resumes the job retries it. An engine that is
+                    # gone (503) stops the job, rather than writing off every item after it.
+                    log.error("item not done: engine failure", extra={"fields": fields}, exc_info=exc)
+                    if err.status == 503 and self.stopped is None:
+                        self.stopped = err
+                    for counts in (self.counts, mine):
+                        counts.unwritten += 1
+                    return False
+                log.warning("item failed", extra={"fields": fields})
                 timings.total_ms = (time.perf_counter() - t0) * 1000
                 if not item.is_chat:
                     timings.preprocess_ms = load_ms[0]

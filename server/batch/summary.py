@@ -76,6 +76,8 @@ def render(summary: dict[str, Any]) -> str:
         f"this run: {r.get('results', 0)} results ({r.get('skipped', 0)} already done) in {r.get('seconds', 0):.1f} s: "
         f"{r['images_per_s']:.2f} images/s, {r['results_per_s']:.2f} results/s, {r['tokens_per_s']:.1f} tokens/s",
     ]
+    if r.get("unwritten"):
+        lines.append(f"{r['unwritten']} results not written after engine errors: rerun the command to retry them")
     for name, lv in summary["levels"].items():
         t = lv["mean_telemetry"]
         lines.append(
