@@ -173,29 +173,46 @@ def stock_run_batch(args: argparse.Namespace, model: Path, inp: Path, out: Path,
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"vLLM run_batch failed ({proc.returncode}); log: {log}\n{text[-3000:]}")
-    m = re.findall(r"100% Completed \| \d+/\d+ \[[^,\]]*, *([\d.]+)(req/s|s/req)\]", text)
+    # Its final progress line: n/n [mm:ss<...]. The rate tqdm prints there is a moving average; n / elapsed is not.
+    m = re.findall(r"100% Completed \| (\d+)/\d+ \[(\d+):(\d+)(?::(\d+))?<", text)
     if not m:
         raise SystemExit(f"no final progress line in {log}")
-    value, unit = m[-1]
-    rate = float(value) if unit == "req/s" else 1.0 / float(value)
+    n, a, b, c = m[-1]
+    elapsed = int(a) * 60 + int(b) if not c else int(a) * 3600 + int(b) * 60 + int(c)
+    rate = int(n) / max(elapsed, 1)
     return rate, wall
 
 
 def part_run_batch(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any]:
     pngs = images(args.items, seed=12)
     batch_file = openai_file(work / "openai-batch.jsonl", pngs, args)
-    ours, our_wall = run_batch_command(
-        batch_cmd(args, model, batch_file, work / "ours-openai.jsonl", "--levels", "0"), env(args), work / "ours.log"
-    )
-    stock_rate, stock_wall = stock_run_batch(args, model, batch_file, work / "stock-openai.jsonl", work / "stock.log")
-    our_rate = ours["this_run"]["results_per_s"]
-    assert ours["failures"] == 0, ours
-    print(f"[run-batch] steady: batch command c=0 {our_rate:.2f} req/s, stock vLLM run_batch {stock_rate:.2f} req/s: "
-          f"{our_rate / stock_rate:.2f}x; wall (with start-up) {our_wall:.1f} s vs {stock_wall:.1f} s: "
-          f"{stock_wall / our_wall:.2f}x")  # fmt: skip
-    return {"ours": ours["this_run"], "ours_wall_s": our_wall, "stock_req_per_s": stock_rate,
-            "stock_wall_s": stock_wall, "ratio_steady": our_rate / stock_rate,
-            "ratio_wall": stock_wall / our_wall}  # fmt: skip
+    rounds = []
+    for rnd in range(args.rounds):
+        # The two take turns, the order reversed every other round: the machine's load drifts between runs.
+        order = ["ours", "stock"] if rnd % 2 == 0 else ["stock", "ours"]
+        r: dict[str, Any] = {}
+        for side in order:
+            if side == "ours":
+                ours, wall = run_batch_command(
+                    batch_cmd(args, model, batch_file, work / f"ours-openai-{rnd}.jsonl", "--levels", "0"), env(args),
+                    work / f"ours-{rnd}.log",
+                )  # fmt: skip
+                assert ours["failures"] == 0, ours
+                r["ours_req_per_s"], r["ours_wall_s"] = ours["this_run"]["results_per_s"], wall
+            else:
+                rate, wall = stock_run_batch(
+                    args, model, batch_file, work / f"stock-openai-{rnd}.jsonl", work / f"stock-{rnd}.log"
+                )
+                r["stock_req_per_s"], r["stock_wall_s"] = rate, wall
+        r["ratio_steady"] = r["ours_req_per_s"] / r["stock_req_per_s"]
+        r["ratio_wall"] = r["stock_wall_s"] / r["ours_wall_s"]
+        rounds.append(r)
+        print(f"[run-batch] round {rnd}: steady {r['ours_req_per_s']:.2f} vs stock {r['stock_req_per_s']:.2f} req/s "
+              f"({r['ratio_steady']:.2f}x); wall with start-up {r['ours_wall_s']:.0f} s vs {r['stock_wall_s']:.0f} s "
+              f"({r['ratio_wall']:.2f}x)", flush=True)  # fmt: skip
+    best = max(x["ours_req_per_s"] for x in rounds) / max(x["stock_req_per_s"] for x in rounds)
+    print(f"[run-batch] best of {len(rounds)} rounds each: batch command c=0 / stock vLLM run_batch {best:.2f}x")
+    return {"rounds": rounds, "ratio_best": best}
 
 
 # ---- part: memory over a 10,000-item manifest --------------------------------------------------------------------
@@ -307,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-items", type=int, default=10_000)
     p.add_argument("--memory-max-tokens", type=int, default=2)
     p.add_argument("--ray-batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="run-batch part: turns of each side")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--work", type=Path, help="folder for inputs, outputs and logs (default: a temporary one)")
     p.add_argument("--json", type=Path)

@@ -1,10 +1,10 @@
 """The batch job's core: items in, one engine, results out, the engine kept full.
 
 Flow control: at most `window` (item, level) pairs are in flight, counting those whose image is being read and
-decoded in the preprocessing pool and those in the engine. The window is twice the engine's batch limit, so while
-one full batch decodes, the next is decoded and waiting; the engine's own scheduler (continuous batching) takes
-each waiting request as a slot frees. Input is pulled only when a pair's slot frees, so memory holds `window`
-decoded images whatever the collection's size.
+decoded in the preprocessing pool and those in the engine. The window is four times the engine's batch limit (twice
+its rows: a request without contrast is one row), so while one full batch decodes, the next is decoded and waiting;
+the engine's own scheduler (continuous batching) takes each waiting request as a slot frees. Input is pulled only
+when a pair's slot frees, so memory holds `window` decoded images whatever the collection's size.
 
 Each result is written (one whole line) as it completes; an item's failure (4xx: a bad image, field or level)
 becomes a record in the API's error format and the job goes on. A failure that is the engine's (5xx) writes no line,
@@ -98,8 +98,9 @@ async def complete(engine: Engine, request: GenerationRequest, timeout_s: float)
 def default_window(engine: Engine, settings: BatchSettings, levels: int) -> int:
     if settings.max_in_flight is not None:
         return max(settings.max_in_flight, levels)
+    # The batch limit counts requests of two rows (a contrast pair); requests without contrast fit twice as many.
     limit = engine.batch_limit or settings.max_batch_size or 8
-    return max(2 * limit, levels)
+    return max(4 * limit, levels)
 
 
 class Captioner:
