@@ -27,12 +27,14 @@ from server.service import Outcome
 
 @dataclass
 class Timings:
-    """Milliseconds: reading and decoding the image, waiting for a batch slot, in the engine, and in all."""
+    """Milliseconds: reading and decoding the image, waiting for a batch slot, in the engine, and in all; and when
+    the result completed (Unix seconds)."""
 
     preprocess_ms: float = 0.0
     queue_ms: float = 0.0
     engine_ms: float = 0.0
     total_ms: float = 0.0
+    completed_at: float = 0.0  # Unix time the result was written (rates over any part of a job)
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in vars(self).items()}

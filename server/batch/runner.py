@@ -249,6 +249,7 @@ class Captioner:
             self._slots.release()
 
     def _write(self, mine: RunCounts, record: dict[str, Any], failed: bool = False, tokens: int = 0) -> None:
+        record["timings"]["completed_at"] = round(time.time(), 3)
         self.writer.write(record)
         for counts in (self.counts, mine):
             counts.results += 1
