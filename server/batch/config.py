@@ -52,8 +52,8 @@ class BatchSettings(Settings):
     max_in_flight: int | None = Field(
         None,
         ge=1,
-        description="Requests decoded or in the engine at once (default: four times the engine's batch limit, twice "
-        "its rows, so a full batch of decoded images always waits behind the running one).",
+        description="Engine rows decoded or in the engine at once, a request with contrast counting two (default: "
+        "twice the engine's rows, so a full batch of decoded images always waits behind the running one).",
     )
     progress: Literal["auto", "bar", "log", "off"] = Field(
         "auto", description="auto: a tqdm bar on a terminal, else a log line every --log-every-s."

@@ -1,10 +1,12 @@
 """The batch job's core: items in, one engine, results out, the engine kept full.
 
-Flow control: at most `window` (item, level) pairs are in flight, counting those whose image is being read and
-decoded in the preprocessing pool and those in the engine. The window is four times the engine's batch limit (twice
-its rows: a request without contrast is one row), so while one full batch decodes, the next is decoded and waiting;
-the engine's own scheduler (continuous batching) takes each waiting request as a slot frees. Input is pulled only
-when a pair's slot frees, so memory holds `window` decoded images whatever the collection's size.
+Flow control: at most `window` engine rows are in flight (a request with contrastive decoding takes two, one without
+it one), counting requests whose image is being read and decoded in the preprocessing pool and those in the engine.
+The window is twice the engine's rows (four times its batch limit, which counts two-row requests), so while one full
+batch decodes, the next is decoded and waiting; the engine's own scheduler (continuous batching) takes each waiting
+request as a slot frees. (More waiting than that was slower: at c = 0.5 the HTTP API gave 2.26 images/s with 16
+clients and 1.80 with 32, bench/batch_caption.py.) Input is pulled only when slots free, so memory holds at most
+`window` decoded images whatever the collection's size.
 
 Each result is written (one whole line) as it completes; an item's failure (4xx: a bad image, field or level)
 becomes a record in the API's error format and the job goes on. A failure that is the engine's (5xx) writes no line,
@@ -25,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from models.conservativeness import AlignmentParamError, parse_conservativeness
 from models.generation import GenerationRequest, TokenEvent
 from models.telemetry import Telemetry
 from server.batch import records
@@ -96,11 +99,26 @@ async def complete(engine: Engine, request: GenerationRequest, timeout_s: float)
 
 
 def default_window(engine: Engine, settings: BatchSettings, levels: int) -> int:
+    """The window in rows (a request with contrastive decoding is two, one without it one): twice the engine's rows,
+    i.e. four times its batch limit, which counts requests of two rows. At least every row of one item."""
     if settings.max_in_flight is not None:
-        return max(settings.max_in_flight, levels)
-    # The batch limit counts requests of two rows (a contrast pair); requests without contrast fit twice as many.
+        return max(settings.max_in_flight, 2 * levels)
     limit = engine.batch_limit or settings.max_batch_size or 8
-    return max(4 * limit, levels)
+    return max(4 * limit, 2 * levels)
+
+
+def rows(item: Item, level: Level | None, engine: Engine, default: float) -> int:
+    """The engine rows a request will take: 2 with contrastive decoding (its contrast row), else 1; read from the
+    level and the item's fields as the knob resolution will (a value it refuses counts 1: it never runs)."""
+    fields = item.body if item.body is not None else item.fields
+    asked = level if level is not None else fields.get("conservativeness")
+    explicit = (fields.get("alignment") or {}).get("contrast") if item.is_chat else fields.get("contrast")
+    try:
+        c = parse_conservativeness(asked, default, engine.knob_map.names)
+    except (AlignmentParamError, TypeError, ValueError):
+        return 1
+    contrast = explicit if isinstance(explicit, bool) else (c > 0 and engine.knob_map.contrast)
+    return 2 if contrast else 1
 
 
 class Captioner:
@@ -151,14 +169,16 @@ class Captioner:
         t0 = time.perf_counter()
         mine = RunCounts()  # this call's share (the Ray actor runs several calls at once)
         tasks: set[asyncio.Task[None]] = set()
+        default = self.settings.default_conservativeness
         for item, pairs in work:
-            for _ in pairs:
+            weights = [rows(item, level, self.engine, default) for level in pairs]
+            for _ in range(sum(weights)):
                 await self._slots.acquire()
             if self.stopped is not None:
-                for _ in pairs:
+                for _ in range(sum(weights)):
                     self._slots.release()
                 break
-            task = asyncio.create_task(self._item(item, pairs, mine))
+            task = asyncio.create_task(self._item(item, list(zip(pairs, weights, strict=True)), mine))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -170,7 +190,7 @@ class Captioner:
         self.counts.seconds += mine.seconds
         return mine
 
-    async def _item(self, item: Item, pairs: list[Level | None], mine: RunCounts) -> None:
+    async def _item(self, item: Item, pairs: list[tuple[Level | None, int]], mine: RunCounts) -> None:
         image: asyncio.Task[Image.Image] | None = None
         load_ms: list[float] = [0.0]
         if item.error is None and not item.is_chat:
@@ -184,7 +204,7 @@ class Captioner:
 
             image = asyncio.create_task(timed_load())
         try:
-            ok = await asyncio.gather(*(self._pair(item, level, image, load_ms, mine) for level in pairs))
+            ok = await asyncio.gather(*(self._pair(item, lv, w, image, load_ms, mine) for lv, w in pairs))
             if any(ok):
                 self.counts.images += 1
                 mine.images += 1
@@ -199,6 +219,7 @@ class Captioner:
         self,
         item: Item,
         level: Level | None,
+        weight: int,
         image: asyncio.Task[Image.Image] | None,
         load_ms: list[float],
         mine: RunCounts,
@@ -246,7 +267,8 @@ class Captioner:
                 self._write(mine, make_failed(item.id, level, err, timings), failed=True)
                 return False
         finally:
-            self._slots.release()
+            for _ in range(weight):
+                self._slots.release()
 
     def _write(self, mine: RunCounts, record: dict[str, Any], failed: bool = False, tokens: int = 0) -> None:
         record["timings"]["completed_at"] = round(time.time(), 3)
