@@ -24,7 +24,8 @@ TCMALLOC ?= $(shell ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /
 # SEVI_ALIGNED_KERNEL=triton use it).
 VLLM ?= cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= dev ray  # ray: the batch command's scale-out (python -m server.batch --ray) and its test
+# ray: the batch command's scale-out (python -m server.batch --ray) and its test on a local Ray cluster.
+EXTRAS ?= dev ray
 TRITON ?= 3.7.1
 comma := ,
 empty :=
