@@ -120,9 +120,10 @@ def prefer_vllm_model_runner_v1() -> None:
 
 def prepare_vllm_engine(cpu_kv_cache_gib: int) -> None:
     """Before the server's vLLM engine starts: vLLM's engine core in this process (the server's engine
-    drives it step by step, server/engines/vllm_engine.py) and the CPU KV cache size, each unless the user
-    set vLLM's own variable."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    drives it step by step and collects telemetry by calling a function in the worker, which vLLM will not
+    serialize to a child process; --vllm.engine-core process is the out-of-process engine), whatever an
+    earlier process-core engine of this process set; the CPU KV cache size unless the user set it."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
 
 

@@ -400,6 +400,7 @@ class RequestOutcome:
         self.done = False
         self.body: dict[str, Any] | None = None
         self.client_error: str | None = None
+        self.ended_at: float | None = None  # time.monotonic() when the client saw the request end
         self.first_token = threading.Event()
 
     @property
@@ -461,6 +462,7 @@ class RequestLoad:
         except Exception as exc:  # noqa: BLE001 - recorded and asserted on by the test
             outcome.client_error = f"{type(exc).__name__}: {exc}"
         finally:
+            outcome.ended_at = time.monotonic()
             outcome.first_token.set()
 
     def wait_streaming(self, timeout: float) -> None:
@@ -480,9 +482,15 @@ class RequestLoad:
         return self.outcomes
 
 
-def assert_ended_by_engine_death(outcomes: list[RequestOutcome]) -> None:
-    """Every request ended at once with the engine's death: a stream with an in-band error event then [DONE] and no
-    finish_reason (a truncation never passes for stop / length), an unstreamed request with a 503 `engine_dead`."""
+def assert_ended_by_engine_death(outcomes: list[RequestOutcome], fault_at: float | None = None) -> None:
+    """Every request in flight at the fault ended with the engine's death: a stream with an in-band error event then
+    [DONE] and no finish_reason (a truncation never passes for stop / length), an unstreamed request with a 503
+    `engine_dead`. fault_at (time.monotonic()): requests that ended normally before it were not in flight and are
+    left out (a fast worker may finish some before a test's kill lands), but at least half must have been."""
+    if fault_at is not None:
+        before = [o for o in outcomes if o.ended_at is not None and o.ended_at < fault_at and o.error is None]
+        outcomes = [o for o in outcomes if o not in before]
+        assert len(outcomes) >= len(before), f"{len(before)} of {len(outcomes) + len(before)} ended before the fault"
     for o in outcomes:
         assert o.client_error is None, o.client_error
         error = o.error

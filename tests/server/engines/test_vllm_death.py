@@ -72,12 +72,13 @@ def kill_a_worker_under_load(server: Server, workers: int) -> dict[str, Any]:
     """Kill the worker with requests in flight; what the server did, with timings (seconds from the kill)."""
     load = RequestLoad(server.url, streams=STREAMS, unstreamed=UNSTREAMED, timeout=120)
     load.wait_streaming(timeout=180)
-    running = lambda: httpx.get(server.url + "/metrics", timeout=5).text  # noqa: E731
-    eventually(lambda: f"sevi_running_requests {float(STREAMS + UNSTREAMED)}" in running(), timeout=30)
+    # Kill once every stream has a token: the tiny model finishes these requests in seconds on a quiet machine (an
+    # unchecked 30 s wait for a metric here once let all 8 end first). Requests that still end before the kill
+    # are left out of the check (fault_at), at most half of them.
     worker = worker_process(server, workers)
-    os.kill(worker.pid, signal.SIGKILL)
     t0 = time.monotonic()
-    seen: dict[str, Any] = {"worker": " ".join(worker.cmdline())}
+    os.kill(worker.pid, signal.SIGKILL)
+    seen: dict[str, Any] = {"worker": " ".join(worker.cmdline()), "killed_at": t0}
     seen["health_503_after_s"] = eventually(
         lambda: httpx.get(server.url + "/health", timeout=5).status_code == 503, timeout=30
     )
@@ -111,11 +112,11 @@ def test_a_killed_worker_ends_requests_turns_probes_and_exits(
     finally:
         server.stop()
     log = server.log_path.read_text(errors="replace")
-    report = {k: v for k, v in seen.items() if k != "outcomes"}
+    report = {k: v for k, v in seen.items() if k not in ("outcomes", "killed_at")}
     print(f"\nworkers={workers}: " + json.dumps(report, default=str))  # the figures of the closing note (-s)
 
     assert seen["health_503_after_s"] is not None and seen["health_503_after_s"] <= 10, report
-    assert_ended_by_engine_death(seen["outcomes"])
+    assert_ended_by_engine_death(seen["outcomes"], fault_at=seen["killed_at"])
     status, body = seen["health"]
     assert status == 503 and body["status"] == "dead" and "Worker" in body["detail"], body
     assert seen["ready"][0] == 503, seen["ready"]
