@@ -135,6 +135,12 @@ def prepare_vllm_engine_process(cpu_kv_cache_gib: int) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
 
 
+def bind_vllm_cpu_threads(cores: list[int]) -> None:
+    """vLLM's CPU worker threads on these cores (VLLM_CPU_OMP_THREADS_BIND): a batch job's Ray actor binds its
+    engine to the cores it claimed, so two actors on one machine do not share cores."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+
+
 def vllm_engine_core_in_process() -> bool:
     """Whether vLLM runs its engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from models import runtime_env
 from server.batch import inputs
 from server.batch.config import BatchSettings, Level
 from server.batch.job import wait_ready
@@ -147,7 +148,7 @@ class CaptionActor:
             cores, self._locks = claim_cores(max(1, int(settings.cpus_per_worker)), job)
             if cores:
                 os.sched_setaffinity(0, cores)
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+                runtime_env.bind_vllm_cpu_threads(cores)
                 self._cores = cores
         threads = settings.torch_threads or max(1, int(settings.cpus_per_worker))
         self.settings = settings.model_copy(update={"torch_threads": threads})

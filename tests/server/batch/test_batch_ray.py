@@ -43,9 +43,11 @@ def test_two_actors_equal_the_single_process_run(local_cluster: None, server: Li
         assert got[k].get("caption") == rec.get("caption"), k
         assert got[k].get("telemetry") == rec.get("telemetry"), k
         assert got[k]["error"] == rec["error"], k
-    # Both actors captioned (each writes its own shard), and the shards hold the merged file's lines.
+    # Both actors started (each opens its own shard), and the shards hold the merged file's lines. Which actor takes
+    # which batch is Ray's choice: on a quiet machine one actor took all of them (a fresh-clone CI run), so an
+    # empty shard is allowed.
     parts = [by_key(p) for p in shards(merged)]
-    assert len(parts) == 2 and all(parts)
+    assert len(parts) == 2 and any(parts)
     assert sum(len(p) for p in parts) == len(got)
     # A rerun finds everything done: nothing is sent to the actors, the output keeps one line per result.
     again = run_ray(settings)
