@@ -37,8 +37,8 @@ def test_the_worker_thread_dying_ends_requests_and_the_process(
 ) -> None:
     server, exits = live
     load = RequestLoad(server.url, streams=3, unstreamed=2, timeout=60)
-    load.wait_streaming(timeout=60)
-    assert eventually(lambda: server.metric("sevi_running_requests") == 5, timeout=30) is not None
+    load.wait_streaming(timeout=60)  # then break the worker at once: waiting for all 5 to run (the reference
+    # engine admits arrivals by cohort) once timed out on a quiet machine; any that end first are left out below
 
     def broken(*args: Any) -> None:
         raise RuntimeError("a bug in the worker")
@@ -48,8 +48,8 @@ def test_the_worker_thread_dying_ends_requests_and_the_process(
     engine._turn_failed = broken  # ... and so does the recovery: the thread dies
     t0 = time.monotonic()
     outcomes = load.join(timeout=20)
-    assert_ended_by_engine_death(outcomes)
-    assert "worker thread" in (outcomes[0].error or {})["message"]
+    assert_ended_by_engine_death(outcomes, fault_at=t0)
+    assert "worker thread" in next(o.error for o in outcomes if o.error is not None)["message"]
 
     with httpx.Client(base_url=server.url, timeout=10) as c:
         health, ready = c.get("/health"), c.get("/ready")
