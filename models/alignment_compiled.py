@@ -138,7 +138,12 @@ def _build(path: Path, name: str = "operator") -> None:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        torch._inductor.aoti_compile_and_package(_program(name), package_path=str(path))
+        # AOTInductor writes the build's device facts into the process-wide `aot_inductor.metadata` dict in place;
+        # vLLM hashes inductor's config into its compile-cache key, so a process that built the operator (a cold
+        # cache) and one that loaded it (a warm cache) got different keys and every restart compiled the model
+        # again (about 30-50 s). The build gets a dict of its own.
+        with torch._inductor.config.patch({"aot_inductor.metadata": {}}):
+            torch._inductor.aoti_compile_and_package(_program(name), package_path=str(path))
     finally:
         torch.set_default_dtype(default)
 

@@ -47,7 +47,9 @@ class VllmSettings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (tensor parallel).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (e.g. one per node).")
     distributed_executor_backend: Literal["uni", "mp", "ray"] | None = Field(
-        None, description="Executor: 'uni' (one device, default), 'mp' (one node), 'ray' (several nodes)."
+        None,
+        description="Executor: 'uni' (in this process; one GPU's default), 'mp' (worker processes; the CPU's default, "
+        "as vLLM's), 'ray' (several nodes).",
     )
     max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")

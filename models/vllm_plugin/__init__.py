@@ -47,6 +47,7 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
+        runtime_env.prefer_vllm_inductor_cache()  # before vLLM compiles the model, in each of its processes
         register_backend(AttentionBackendEnum.CPU_ATTN, "models.vllm_plugin.cpu_backend.SeviCPUAttentionBackend")
     elif current_platform.is_cuda():
         register_backend(AttentionBackendEnum.FLASH_ATTN, "models.vllm_plugin.gpu_backend.SeviFlashAttentionBackend")

@@ -268,7 +268,8 @@ class VllmEngine(QueuedEngine):
         self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
         # The queue bound and the stats count requests: two sequences each at most (a contrast row).
         self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
-        in_process = runtime_env.vllm_engine_core_in_process() and kwargs["distributed_executor_backend"] == "uni"
+        backend = self._engine.vllm_config.parallel_config.distributed_executor_backend  # as vLLM settled it
+        in_process = runtime_env.vllm_engine_core_in_process() and backend == "uni"
         self._worker_state = STATE if in_process else None
         self._loaded(self._engine.vllm_config, t0)
 
@@ -332,7 +333,7 @@ class VllmEngine(QueuedEngine):
             tensor_parallel_size=opts.tensor_parallel_size,
             pipeline_parallel_size=opts.pipeline_parallel_size,
             distributed_executor_backend=opts.distributed_executor_backend
-            or ("uni" if opts.tensor_parallel_size * opts.pipeline_parallel_size == 1 else None),
+            or default_executor(opts.tensor_parallel_size * opts.pipeline_parallel_size, _on_gpu()),
             limit_mm_per_prompt={"image": self._max_images},
             enable_prefix_caching=opts.prefix_caching,
             enforce_eager=opts.enforce_eager,
@@ -484,6 +485,8 @@ class VllmEngine(QueuedEngine):
     def _collect_telemetry(self, job: _Job) -> Telemetry:
         """The request's telemetry from every vLLM worker (one `collective_rpc`: in-process with the `uni`
         executor, a message round trip with `mp` / `ray`), merged over shards and stages."""
+        if not job.request.alignment.active and job.contrast_id is None:
+            return Telemetry()  # nothing aligned or contrasted: no round trip to the workers
         from models.vllm_plugin.telemetry import collect_on_worker, merge
 
         replies = self._engine.collective_rpc(collect_on_worker, args=([job.main_id],))
@@ -571,6 +574,18 @@ def _cpu_cache_details(vllm_config: Any) -> dict[str, str]:
 
     model = vllm_config.model_config
     return describe_cache(model.dtype, int(vllm_config.cache_config.block_size), int(model.get_head_size()))
+
+
+def default_executor(world_size: int, on_gpu: bool) -> str | None:
+    """vLLM's executor when the settings name none. On a CPU always `mp`, as vLLM's own CPU platform does when its
+    engine core runs in a child process ("OMP requires the MP executor"): with `uni` the model's forward runs in
+    this process with unbound OpenMP threads, which cost the server 9-12% of stock vLLM's rate at c = 0 on the
+    bundled model (bench/vs_vllm.py; the forward's native ops took 2.8x as long under py-spy). On one GPU `uni`:
+    the forward there is the device's, and the worker in this process lets telemetry skip a message round trip;
+    several GPUs: vLLM's choice."""
+    if not on_gpu:
+        return "mp"
+    return "uni" if world_size == 1 else None
 
 
 def _on_gpu() -> bool:

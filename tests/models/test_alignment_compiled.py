@@ -101,7 +101,7 @@ def test_turned_off_or_unbuildable_means_eager(
 
 
 @pytest.mark.integration
-def test_a_build_under_a_bfloat16_default_dtype_is_the_float32_operator(
+def test_a_build_under_a_bfloat16_default_dtype_is_the_float32_operator_and_leaves_inductor_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vLLM builds the operator while it loads a model, under `set_default_torch_dtype(model dtype)`. A bfloat16
@@ -110,12 +110,16 @@ def test_a_build_under_a_bfloat16_default_dtype_is_the_float32_operator(
     monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "1")
     monkeypatch.setenv("SEVI_KERNEL_CACHE", str(tmp_path))  # a build is due
     default = torch.get_default_dtype()
+    inductor_config = torch._inductor.config.save_config_portable()
     torch.set_default_dtype(torch.bfloat16)
     try:
         op = alignment_compiled.load()
     finally:
         torch.set_default_dtype(default)
     assert op is not None
+    # The build leaves inductor's process-wide config as it was: vLLM hashes it into its compile-cache key, and a
+    # build that filled `aot_inductor.metadata` made every warm restart compile the model again.
+    assert torch._inductor.config.save_config_portable() == inductor_config
     scores, rows = _inputs(8, 8, 111, seed=8 * 1000 + 8 * 10 + 111)  # test_compiled_equals_eager's (8, 8, 111)
     on = torch.ones(8, 1, dtype=torch.bool)
     args = (scores, rows.key_bias, rows.semantic_keys, rows.other_keys, rows.kappa, rows.blend)

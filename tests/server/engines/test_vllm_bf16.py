@@ -33,7 +33,7 @@ def engine(tiny_model_dir: Callable[[str], Path]) -> Iterator[VllmEngine]:
         model_name="tiny-bf16",
         max_batch_size=16,
         dtype="bfloat16",
-        options=VllmOptions(enforce_eager=True),
+        options=VllmOptions(enforce_eager=True, distributed_executor_backend="uni"),  # the test spies in this process
     )
     start_engine(eng)
     yield eng

@@ -32,6 +32,7 @@ from models.generation import (  # noqa: E402
     user_message,
 )
 from models.telemetry import Telemetry  # noqa: E402
+from server.engines.vllm_engine import VllmOptions  # noqa: E402
 from tests.helpers import (  # noqa: E402
     DESCRIBE_PROMPT,
     EXPLICIT,
@@ -51,7 +52,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def live(tiny_model_dir: Callable[[str], Path]) -> Iterator[LiveServer]:
-    server = LiveServer(base_settings(tiny_model_dir("llava"), engine="vllm", max_batch_size=16)).start(timeout=180)
+    # The `uni` executor (the CPU's default is `mp`): the tests spy on the worker's kernels in this process.
+    settings = base_settings(
+        tiny_model_dir("llava"), engine="vllm", max_batch_size=16, vllm=VllmOptions(distributed_executor_backend="uni")
+    )
+    server = LiveServer(settings).start(timeout=180)
     yield server
     server.stop()
 
