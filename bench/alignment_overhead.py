@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, user_message
+from models.knob import resolve_alignment
 from models.tiny import build
 
 # Random LLaVAs: per-op dispatch dominates the tiny one; the medium one shows how the overhead shrinks as

@@ -32,9 +32,9 @@ from PIL import Image
 from transformers import DynamicCache
 
 from models.alignment import classify_heads, span_masks
-from models.conservativeness import resolve_alignment
 from models.families import DEFAULT_PROMPT
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.knob import resolve_alignment
 
 
 def _caption(model: ReferenceModel, image: Image.Image, prompt: str, max_tokens: int) -> tuple[dict, list[int]]:

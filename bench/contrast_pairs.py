@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.engines import PROMPT, images, random_llava, start
-from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, SamplingParams, user_message
+from models.knob import resolve_alignment
 from models.telemetry import Telemetry
 
 

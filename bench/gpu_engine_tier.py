@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.engines import PROMPT, collect, images, never_eos, start
-from models.conservativeness import AlignmentParams, resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.knob import AlignmentParams, resolve_alignment
 from models.tiny import build
 
 # Decoder widths: LLaVA-1.5-7B's, and the tiny models' (the CPU smoke test).

@@ -29,10 +29,9 @@ from typing import Any
 import torch
 
 from bench.chair.score import caption_objects
-from models.conservativeness import AlignmentParams, resolve_alignment
 from models.families import DEFAULT_PROMPT
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
-from models.presets import load_knob_map
+from models.knob import AlignmentParams, load_knob_map, resolve_alignment
 from training import scenes
 
 

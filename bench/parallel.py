@@ -19,8 +19,8 @@ import time
 from typing import Any
 
 from bench.engines import PROMPT, collect, images, random_llava, start
-from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.knob import resolve_alignment
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 from PIL import Image
 
-from models.conservativeness import PRESETS, AlignmentParamError, resolve_alignment
 from models.families import DEFAULT_PROMPT
 from models.generation import (
     GenerationRequest,
@@ -24,6 +23,7 @@ from models.generation import (
     run_to_completion,
     user_message,
 )
+from models.knob import PRESET_NAMES, AlignmentParamError, PresetsError, load_knob_map, resolve_alignment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     knob = p.add_mutually_exclusive_group()
     knob.add_argument("--conservativeness", type=float, help="0 = unmodified model ... 1 = most cautious")
-    knob.add_argument("--preset", choices=sorted(PRESETS), help="named setting instead of a number")
+    knob.add_argument("--preset", choices=sorted(PRESET_NAMES), help="named setting instead of a number")
     p.add_argument("--omega", type=float, help="override the alignment strength")
     p.add_argument("--start-layer", type=int, help="override the first aligned layer (0-based)")
     p.add_argument("--kappa", type=float, help="override the core-head threshold")
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RequestError("--max-tokens must be at least 1", "max_tokens")
     image = Image.open(args.image).convert("RGB")
     contrast = [Image.open(args.contrast_image).convert("RGB")] if args.contrast_image else None
+    knob_map = load_knob_map(args.model)  # the folder's presets, as the server reads them (a bad file: before loading)
     model = ReferenceModel.load(args.model)
     knob = args.preset if args.preset is not None else args.conservativeness
     alignment = resolve_alignment(
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start_layer=args.start_layer,
         kappa=args.kappa,
         contrast=None if args.contrast is None else args.contrast == "on",
+        knob_map=knob_map,
     )
     request = GenerationRequest(
         request_id="cli",
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = run(args)
-    except (AlignmentParamError, RequestError, FileNotFoundError, OSError) as err:
+    except (AlignmentParamError, PresetsError, RequestError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(out) if args.json else out["text"])

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-from models.conservativeness import AlignmentParams
 from models.contrast_pool import ContrastPool
 from models.contrastive import contrast_logits
 from models.detokenizer import TextStream
 from models.families import Family, eos_token_ids, family_for, image_parts, render_prompt
+from models.knob import AlignmentParams
 from models.sampling import apply_penalties, block_tokens, sample_token
 from models.sevi_attention import AlignmentBatch, alignment_context, use_sevi_attention
 from models.telemetry import Telemetry

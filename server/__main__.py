@@ -11,7 +11,7 @@ import threading
 import uvicorn
 from pydantic import ValidationError
 
-from models.presets import PresetsError
+from models.knob import PresetsError
 from server.app import create_app
 from server.engines import AUTO, ENGINES
 from server.logs import setup_logging

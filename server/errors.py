@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.conservativeness import AlignmentParamError
 from models.generation import RequestError
+from models.knob import AlignmentParamError
 from server.engines.base import EngineDead, EngineError, EngineNotReady, EngineOverloaded
 
 log = logging.getLogger("sevi.server")

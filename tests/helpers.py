@@ -25,8 +25,8 @@ import torch
 import uvicorn
 from PIL import Image
 
-from models.conservativeness import AlignmentParams, resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.knob import AlignmentParams, resolve_alignment
 from models.telemetry import Telemetry
 from server.app import create_app
 from server.engines.base import Engine
@@ -342,7 +342,7 @@ def use_kernel(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
         assert paged_read.kernel() is not None, "the C kernel did not build here"
 
 
-# ---- knob presets files (models/presets.py) ----
+# ---- knob presets files (models/knob.py) ----
 
 
 def presets_doc(**overrides: Any) -> dict[str, Any]:
@@ -364,7 +364,7 @@ def presets_doc(**overrides: Any) -> dict[str, Any]:
 
 def model_folder(tmp_path: Path, layers: int = 4, presets: dict[str, Any] | str | None = None) -> Path:
     """A model folder with just a config.json of `layers` decoder layers and, if given, a presets file."""
-    from models.presets import PRESETS_FILE
+    from models.knob import PRESETS_FILE
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(

@@ -4,8 +4,9 @@ Loaded by vLLM in every process that builds a model (front end, engine core, eac
 inspection subprocess) through the `vllm.general_plugins` entry point :func:`register`; the logits
 processor comes in through the `vllm.logits_processors` entry point. Pieces:
 
-- :mod:`.params`: the `SamplingParams.extra_args` keys and their validation;
-- :mod:`.logits_processor`: `validate_params` (HTTP 400), `update_state` (params -> worker state),
+- :mod:`.params`: the resolved row in `SamplingParams.extra_args`, its encoder / decoder, and the front end's
+  resolution of a `vllm serve` user's raw knob (with :mod:`.front_end`: the served model's depth and presets);
+- :mod:`.logits_processor`: `validate_params` (resolve once, HTTP 400), `update_state` (decoded row -> worker state),
   `apply` (contrastive decoding pairs);
 - :mod:`.state`: the per-worker table both sides share;
 - :mod:`.plan`: which rows to align in a step, and what their layers share (one plan for both backends);
@@ -40,6 +41,11 @@ def register() -> None:
 
     # Model Runner V2 (on by default on GPUs with Triton) has another logits-processor API.
     runtime_env.prefer_vllm_model_runner_v1()
+    # The front end records the served model (depth, presets) for validate_params, which resolves a
+    # `vllm serve` user's knob once; stock attention or not, the knob is checked there.
+    from models.vllm_plugin import front_end
+
+    front_end.install()
     # The environment, not the server's settings: vLLM calls this in processes the server's objects never reach.
     if runtime_env.current().plugin_disabled:
         return

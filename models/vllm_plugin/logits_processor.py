@@ -1,10 +1,12 @@
 """The SEVI logits processor: carries per-request parameters to the attention backend, and pairs rows
 for cross-image contrastive decoding (spec section 3).
 
-Parameters: `validate_params` runs in vLLM's front end and refuses bad values (a ValueError there is an
-HTTP 400 in vLLM's server and an error at submission in ours); `update_state` runs in the worker before
-each forward, after the batch was condensed and reordered, and files one :class:`Row` per batch index
-in the shared :data:`STATE` that the backend reads.
+Parameters: `validate_params` runs in vLLM's front end: it resolves a `vllm serve` user's raw knob once, with
+the served model's presets (`params.resolve_front_end`, `front_end.py`), puts the resolved row in its place, and
+refuses bad values (a ValueError there is an HTTP 400 in vLLM's server and an error at submission in ours);
+`update_state` runs in the worker before each forward, after the batch was condensed and reordered, decodes
+each new request's row (`params.from_extra_args`: no second resolution) and files one :class:`Row` per batch
+index in the shared :data:`STATE` that the backend reads.
 
 Contrast pairs: our engine submits two requests per contrasted request, a main row (`sevi_role=main`,
 aligned, on the real image) and a contrast row (`sevi_role=contrast`, unmodified model, on a contrast
@@ -34,12 +36,12 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from models.conservativeness import AlignmentParamError
 from models.contrastive import contrast_logits
 from models.families import eos_token_ids, find_spec, image_token_id, text_config
-from models.presets import load_knob_map
+from models.knob import AlignmentParamError
 from models.sampling import apply_penalties, block_tokens, sample_token
-from models.vllm_plugin.params import SEED_KEY, has_sevi_args, parse_row_request
+from models.vllm_plugin import front_end
+from models.vllm_plugin.params import from_extra_args, resolve_front_end
 from models.vllm_plugin.state import STATE, Row
 
 if TYPE_CHECKING:
@@ -68,21 +70,27 @@ def model_facts(hf_config: Any) -> dict[str, Any]:
 class SeviLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Resolve a raw knob once (the served model's presets) and carry the resolved row on; check a resolved
+        one. It rewrites `extra_args` on the request's own params, before vLLM copies them for the engine core:
+        the one way a front-end hook can hand the worker anything. Running twice on shared params is harmless
+        (the second run finds a resolved row)."""
         extra = sampling_params.extra_args
-        if not has_sevi_args(extra):
-            return
         try:
-            parse_row_request(extra, STATE.num_layers or None)
+            served = front_end.served()
+            if served is None:
+                # No front end recorded a served model (vLLM builds an InputProcessor before it admits any
+                # request, so only a caller of this method alone gets here): a resolved row is still checked.
+                from_extra_args(extra)
+                return
+            resolved = resolve_front_end(extra, served.num_layers, served.knob_map)
         except AlignmentParamError as err:
             raise ValueError(str(err)) from err
+        if resolved is not None:
+            sampling_params.extra_args = resolved
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        # A model folder's sevi_presets.json sets what `conservativeness` means for it (a bad file stops
-        # vLLM's start-up here, naming the field); a hub id or a folder without one keeps the paper's map.
-        STATE.configure(
-            **model_facts(vllm_config.model_config.hf_config),
-            knob_map=load_knob_map(vllm_config.model_config.model),
-        )
+        # The model's facts only: the knob was resolved in the front end, with the served folder's presets.
+        STATE.configure(**model_facts(vllm_config.model_config.hf_config))
         self._pairs: dict[str, list[int | None]] = {}  # pair id -> [main index, contrast index]
         self._generators: OrderedDict[str, torch.Generator] = OrderedDict()
 
@@ -107,17 +115,16 @@ class SeviLogitsProcessor(LogitsProcessor):
         self._index_pairs()
 
     def _row(self, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> Row | None:
-        extra = params.extra_args
-        if not has_sevi_args(extra):
-            return None
         try:
-            request = parse_row_request(extra, STATE.num_layers, STATE.knob_map)
+            request = from_extra_args(params.extra_args)
         except AlignmentParamError:  # validated in the front end already; never fail a worker step
+            return None
+        if request is None:
             return None
         mask = np.asarray(prompt_ids, dtype=np.int64) == STATE.image_token_id
         found = np.flatnonzero(mask)
         last = int(found[-1]) if found.size else -1
-        seed = params.seed if params.seed is not None else extra.get(SEED_KEY)  # type: ignore[union-attr]
+        seed = params.seed if params.seed is not None else request.seed
         return Row(
             request=request,
             prompt_len=len(prompt_ids),

@@ -47,8 +47,8 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from models.conservativeness import AlignmentParamError
-from models.vllm_plugin.params import PAIR_KEY, ROLE_KEY, parse_row_request
+from models.knob import AlignmentParamError
+from models.vllm_plugin.params import from_extra_args
 
 log = logging.getLogger("sevi.vllm.scheduler")
 
@@ -93,17 +93,17 @@ class SeviScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         extra = request.sampling_params.extra_args if request.sampling_params is not None else None
-        if not extra:
-            return
         try:
-            row = parse_row_request(extra)
+            row = from_extra_args(extra)  # the row the front end resolved, as the worker decodes it
         except AlignmentParamError:  # validated in the front end; never fail the engine core here
+            return
+        if row is None:
             return
         rid = request.request_id
         if row.aligned:
             self._aligned.add(rid)
-        role, pair = extra.get(ROLE_KEY), extra.get(PAIR_KEY)
-        if isinstance(role, str) and isinstance(pair, str):
+        role, pair = row.role, row.pair
+        if role is not None and pair is not None:
             self._role[rid] = (role, pair)
             members = self._pairs.setdefault(pair, {})
             members[role] = rid

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.presets import PAPER_MAP, KnobMap
 from models.telemetry import COUNTERS
 from models.vllm_plugin.params import RowRequest
 
@@ -83,7 +82,6 @@ class WorkerState:
         self.image_token_id = -1
         self.num_layers = 0
         self.eos_token_id: int | None = None
-        self.knob_map: KnobMap = PAPER_MAP  # the served folder's sevi_presets.json, else the paper's map
         self.step = 0
         self._arrays: RowArrays | None = None
         # Scratch written by the attention backend, folded into the rows when the batch changes.
@@ -108,9 +106,7 @@ class WorkerState:
         image_token_id: int,
         other_is_image_only: bool,
         eos_token_id: int | None,
-        knob_map: KnobMap = PAPER_MAP,
     ) -> None:
-        self.knob_map = knob_map
         self.num_layers = num_layers
         self.image_token_id = image_token_id
         self.other_is_image_only = other_is_image_only

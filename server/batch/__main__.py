@@ -13,8 +13,7 @@ import sys
 
 from pydantic import ValidationError
 
-from models.conservativeness import AlignmentParamError
-from models.presets import PresetsError
+from models.knob import AlignmentParamError, PresetsError
 from server.batch import inputs
 from server.batch.config import parse_cli
 from server.batch.job import LoadError, run_local

@@ -17,9 +17,9 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from models.conservativeness import parse_conservativeness
 from models.families import DEFAULT_PROMPT
 from models.generation import GenerationRequest, user_message
+from models.knob import parse_conservativeness
 from server.batch.config import BatchSettings, Level
 from server.batch.inputs import Item
 from server.chat_support import refuse_unsupported

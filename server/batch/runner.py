@@ -27,8 +27,8 @@ from typing import Any
 
 from PIL import Image
 
-from models.conservativeness import AlignmentParamError, parse_conservativeness
 from models.generation import GenerationRequest, TokenEvent
+from models.knob import AlignmentParamError, parse_conservativeness
 from models.telemetry import Telemetry
 from server.batch import records
 from server.batch.config import BatchSettings, Level
@@ -117,8 +117,8 @@ def rows(item: Item, level: Level | None, engine: Engine, default: float) -> int
         c = parse_conservativeness(asked, default, engine.knob_map.names)
     except (AlignmentParamError, TypeError, ValueError):
         return 1
-    contrast = explicit if isinstance(explicit, bool) else (c > 0 and engine.knob_map.contrast)
-    return 2 if contrast else 1
+    # The knob's contrast rule (models.knob), not a resolution: the request is resolved once, at intake.
+    return 2 if engine.knob_map.contrast_for(c, explicit if isinstance(explicit, bool) else None) else 1
 
 
 class Captioner:

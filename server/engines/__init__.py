@@ -74,7 +74,7 @@ def _import(path: str) -> type[Engine]:
 
 def create_engine(settings: Settings) -> Engine:
     """The engine `settings` name, its model's knob presets read (a bad presets file raises
-    `models.presets.PresetsError` here, before anything loads or serves)."""
+    `models.knob.PresetsError` here, before anything loads or serves)."""
     cls = engine_class(settings.engine)
     if resolve_engine_name(settings.engine) == "vllm" and settings.vllm.engine_core == "process":
         cls = _import(VLLM_PROCESS)

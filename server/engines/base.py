@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from models.generation import GenerationRequest, TokenEvent
-from models.presets import PAPER_MAP, KnobMap, load_knob_map
+from models.knob import PAPER_MAP, KnobMap, load_knob_map
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -139,7 +139,7 @@ class Engine(ABC):
     @property
     def knob_map(self) -> KnobMap:
         """How `conservativeness` maps to SEVI's parameters for this model: the folder's `sevi_presets.json`,
-        else the paper's map (models.presets). Read once; `create_engine` reads it before the model loads, so
+        else the paper's map (models.knob). Read once; `create_engine` reads it before the model loads, so
         that a bad file stops start-up instead of failing every request."""
         if self._knob_map is None:
             self._knob_map = load_knob_map(self._model_dir) if self._model_dir else PAPER_MAP

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-# A number in [0, 1] or a preset; range and preset names are checked by models.conservativeness (-> 400).
+# A number in [0, 1] or a preset; range and preset names are checked by models.knob (-> 400).
 Conservativeness = Annotated[
     StrictFloat | StrictInt | StrictStr | None,
     Field(
@@ -38,7 +38,7 @@ class AlignmentOverrides(Strict):
 
 
 class AppliedAlignment(BaseModel):
-    """The SEVI parameters this request ran with (`models.conservativeness.AlignmentParams`)."""
+    """The SEVI parameters this request ran with (`models.knob.AlignmentParams`)."""
 
     model_config = ConfigDict(from_attributes=True)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bench.object_logits import forced_logprobs, measure, mentions, parse_settings
-from models.conservativeness import resolve_alignment
 from models.families import DEFAULT_PROMPT
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.knob import resolve_alignment
 from tests.helpers import BUNDLED
 from training import scenes
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from collections import Counter
 
 import pytest
 import torch
 
-from models.conservativeness import AlignmentParamError, omega_for, resolve_alignment
 from models.contrastive import contrast_logits, jensen_shannon
+from models.knob import AlignmentParamError, omega_for, resolve_alignment
+from tests.helpers import REPO
 
 
 def test_mapping_endpoints_and_presets() -> None:
@@ -89,3 +92,25 @@ def test_contrast_alpha_is_capped() -> None:
     assert 1e-4 < d < 1e-2  # so 1 - log10(d) > 3 and alpha is capped at alpha_max = 3
     out = contrast_logits(a, b)
     torch.testing.assert_close(out[0, :2], (4 * a - 3 * b)[0, :2])
+
+
+# Where a request's knob becomes numbers: once per request on each route, where the request enters.
+RESOLVING_ROUTES = {
+    "server/intake.py": 1,  # sevi-serve's HTTP routes and the batch command (through intake.resolve_knobs)
+    "models/vllm_plugin/params.py": 1,  # `vllm serve`: the front end's validate_params (resolve_front_end)
+    "models/generate.py": 1,  # the reference engine's CLI
+}
+
+
+def test_the_knob_is_resolved_in_one_place_per_route() -> None:
+    """No scheduler, worker, backend or engine resolves a knob again: they read the numbers they were given."""
+    calls: Counter[str] = Counter()
+    for package in ("models", "server"):
+        for path in (REPO / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                    if name == "resolve_alignment":
+                        calls[str(path.relative_to(REPO))] += 1
+    assert dict(calls) == RESOLVING_ROUTES

@@ -1,4 +1,4 @@
-"""Per-model knob presets (models/presets.py): a model folder's sevi_presets.json, valid, invalid and absent."""
+"""Per-model knob presets (models/knob.py): a model folder's sevi_presets.json, valid, invalid and absent."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ from typing import Any
 
 import pytest
 
-from models.conservativeness import AlignmentParamError, resolve_alignment
-from models.presets import PAPER_MAP, PRESETS_FILE, KnobMap, PresetsError, load_knob_map, parse_presets
+from models.knob import (
+    PAPER_MAP,
+    PRESETS_FILE,
+    AlignmentParamError,
+    KnobMap,
+    PresetsError,
+    load_knob_map,
+    parse_presets,
+    resolve_alignment,
+)
 from tests.helpers import REPO, model_folder, presets_doc
 
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, user_message
+from models.knob import resolve_alignment
 from models.sampling import apply_penalties, block_tokens, sample_token
 from tests.helpers import random_image
 

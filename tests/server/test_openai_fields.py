@@ -12,8 +12,8 @@ import openai
 import pytest
 from PIL import Image
 
-from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.knob import resolve_alignment
 from tests.helpers import LiveServer, image_message, png_bytes
 
 pytestmark = pytest.mark.integration

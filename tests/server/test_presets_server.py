@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from models.conservativeness import resolve_alignment
-from models.presets import PRESETS_FILE
+from models.knob import PRESETS_FILE, resolve_alignment
 from tests.helpers import LiveServer, base_settings, png_bytes
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ import openai
 import pytest
 from PIL import Image
 
-from models.conservativeness import resolve_alignment
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.knob import resolve_alignment
 from models.telemetry import Telemetry
 from models.tiny import build
 from tests.helpers import IMAGE_SERVER_PATH, LiveServer, base_settings, data_uri, image_message, png_bytes

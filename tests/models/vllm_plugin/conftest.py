@@ -11,12 +11,16 @@ from tests.helpers import use_kernel
 
 @pytest.fixture
 def fresh_state() -> Iterator[None]:
-    """The plugin's worker state emptied before and after a test (the unit tests fill it through add_rows)."""
+    """The plugin's worker state and front end's served model emptied before and after a test (the unit tests fill
+    them through add_rows and front_end.configure)."""
+    from models.vllm_plugin import front_end
     from models.vllm_plugin.state import STATE
 
     STATE.reset()
+    front_end.reset()
     yield
     STATE.reset()
+    front_end.reset()
 
 
 @pytest.fixture(params=["native", "avx2"])

@@ -122,8 +122,8 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
 
     from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl, FlashAttentionMetadata
 
-    from models.conservativeness import resolve_alignment
     from models.kernels import choice
+    from models.knob import resolve_alignment
     from models.vllm_plugin.gpu_backend import unaligned_metadata
     from models.vllm_plugin.params import to_extra_args
     from models.vllm_plugin.plan import StepMetadata

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from models.conservativeness import resolve_alignment  # noqa: E402
 from models.contrastive import contrast_logits  # noqa: E402
+from models.knob import resolve_alignment  # noqa: E402
 from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402

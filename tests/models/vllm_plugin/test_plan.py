@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from models.conservativeness import resolve_alignment  # noqa: E402
+from models.knob import resolve_alignment  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402
 from models.vllm_plugin.plan import GROWTH, StepMetadata, StepPlan, build_plan, layer_index, step_plan  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("vllm")
 
 from models.alignment import align_scores  # noqa: E402
-from models.conservativeness import resolve_alignment  # noqa: E402
+from models.knob import resolve_alignment  # noqa: E402
 from models.vllm_plugin.bound_layer import bound_layer  # noqa: E402
 from models.vllm_plugin.cpu_backend import paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402

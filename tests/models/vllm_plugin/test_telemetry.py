@@ -10,7 +10,7 @@ pytest.importorskip("vllm")
 
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
-from models.conservativeness import resolve_alignment  # noqa: E402
+from models.knob import resolve_alignment  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
 from tests.helpers import PLUGIN_IMAGE, add_rows, processor  # noqa: E402

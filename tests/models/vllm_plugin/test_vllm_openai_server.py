@@ -27,14 +27,17 @@ from PIL import Image
 pytest.importorskip("vllm")
 
 from bench.vs_vllm import Server  # noqa: E402
-from models.conservativeness import AlignmentParams, resolve_alignment  # noqa: E402
 from models.generation import (  # noqa: E402
     GenerationRequest,
     ReferenceModel,
     SamplingParams,
     user_message,
 )
-from models.presets import PRESETS_FILE  # noqa: E402
+from models.knob import (  # noqa: E402
+    PRESETS_FILE,  # noqa: E402
+    AlignmentParams,
+    resolve_alignment,
+)
 from tests.helpers import REPO, image_message, png_bytes  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,6 @@ from PIL import Image
 
 pytest.importorskip("vllm")
 
-from models.conservativeness import AlignmentParams, resolve_alignment  # noqa: E402
 from models.generation import (  # noqa: E402
     GenerationRequest,
     ReferenceModel,
@@ -31,6 +30,7 @@ from models.generation import (  # noqa: E402
     run_to_completion,
     user_message,
 )
+from models.knob import AlignmentParams, resolve_alignment  # noqa: E402
 from models.telemetry import Telemetry  # noqa: E402
 from server.engines.vllm_engine import VllmOptions  # noqa: E402
 from tests.helpers import (  # noqa: E402

@@ -19,7 +19,6 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from models.conservativeness import AlignmentParams, resolve_alignment  # noqa: E402
 from models.generation import (  # noqa: E402
     Completion,
     GenerationRequest,
@@ -28,6 +27,7 @@ from models.generation import (  # noqa: E402
     run_to_completion,
     user_message,
 )
+from models.knob import AlignmentParams, resolve_alignment  # noqa: E402
 from tests.helpers import BUNDLED, random_image, run_engine, start_engine  # noqa: E402
 
 pytestmark = pytest.mark.integration

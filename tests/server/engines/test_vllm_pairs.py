@@ -17,7 +17,6 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from models.conservativeness import resolve_alignment  # noqa: E402
 from models.generation import (  # noqa: E402
     GenerationRequest,
     ReferenceModel,
@@ -25,6 +24,7 @@ from models.generation import (  # noqa: E402
     run_to_completion,
     user_message,
 )
+from models.knob import resolve_alignment  # noqa: E402
 from models.telemetry import Telemetry  # noqa: E402
 from models.tiny import build  # noqa: E402
 from tests.helpers import random_image, run_engine, start_engine  # noqa: E402

@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("vllm")
 
 from bench.vllm_client import client_args, run_client  # noqa: E402
-from models.conservativeness import resolve_alignment  # noqa: E402
 from models.generation import (  # noqa: E402
     GenerationRequest,
     ReferenceModel,
@@ -23,6 +22,7 @@ from models.generation import (  # noqa: E402
     run_to_completion,
     user_message,
 )
+from models.knob import resolve_alignment  # noqa: E402
 from server.engines.vllm_process import VllmProcessEngine  # noqa: E402
 from tests.helpers import (  # noqa: E402
     DESCRIBE_PROMPT,
