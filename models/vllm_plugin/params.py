@@ -180,19 +180,20 @@ def resolve_front_end(extra: Mapping[str, Any] | None, num_layers: int, knob_map
         return None
     if not any(k in extra for k in _ASKING_KEYS):
         return None  # sevi_id or sevi_seed alone ask nothing of SEVI (as before)
+    role, pair, key, seed = extra.get(ROLE_KEY), extra.get(PAIR_KEY), extra.get(ID_KEY), _integer(extra, SEED_KEY)
+    _check_pair(role, pair)
     alignment: AlignmentParams | None = None
     if any(k in extra for k in KNOB_KEYS):
-        # No contrast field: vLLM's server has no contrast images; a pair is the caller's own sevi_role/pair.
         alignment = resolve_alignment(
             extra.get("conservativeness"),
             num_layers,
             omega=_number(extra, "omega"),
             start_layer=_integer(extra, "start_layer"),
             kappa=_number(extra, "kappa"),
+            # vLLM's server supplies no contrast image: contrast is a pair the caller names (sevi_role / pair).
+            contrast=role is not None,
             knob_map=knob_map,
         )
-    role, pair, key, seed = extra.get(ROLE_KEY), extra.get(PAIR_KEY), extra.get(ID_KEY), _integer(extra, SEED_KEY)
-    _check_pair(role, pair)
     row = RowRequest(alignment, role, pair, str(key) if key is not None else None, seed)
     out = {k: v for k, v in extra.items() if k not in RAW_KEYS}
     out[ROW_KEY] = encode_row(row)
