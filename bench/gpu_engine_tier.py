@@ -42,7 +42,8 @@ WIDTHS: dict[str, dict[str, int]] = {
     "tiny": {"heads": 4, "head_dim": 32},
 }
 IMAGES = {576: (336, 14), 16: (32, 8)}  # image tokens -> (image size, patch)
-# Omega 3 from layer 1 with kappa 0.6 populates every head group of the random models (tests/helpers.py, EXPLICIT).
+# Omega 3 from layer 1 with kappa 0.6 populates every head group of the random models
+# (tests/support/engines.py, EXPLICIT).
 EXPLICIT: dict[str, Any] = {"omega": 3.0, "start_layer": 1, "kappa": 0.6}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support.repo import REPO
 
 
 def test_compose_parses_with_healthcheck_and_prometheus() -> None:

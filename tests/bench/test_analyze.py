@@ -10,7 +10,7 @@ import torch
 
 from bench.analyze import analyze, attention_maps, plot
 from models.generation import ReferenceModel, user_message
-from tests.helpers import random_image
+from tests.support.images import random_image
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the kernels run in its interpreter)
 
 from models.kernels import triton_available  # noqa: E402
-from tests.helpers import REPO  # noqa: E402
+from tests.support.repo import REPO  # noqa: E402
 
 SECTIONS = ("correctness", "timing", "sync_probe", "variants", "offsets", "torchvision")
 

@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # this process imports triton: i
 
 from bench.kernel_compile import KERNELS, SHAPES, failures, table
 from models.kernels import triton_available
-from tests.helpers import REPO
+from tests.support.repo import REPO
 
 pytestmark = pytest.mark.skipif(triton_available() is not None, reason=f"no triton: {triton_available()}")
 

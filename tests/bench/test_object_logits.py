@@ -9,7 +9,7 @@ from bench.object_logits import forced_logprobs, measure, mentions, parse_settin
 from models.families import DEFAULT_PROMPT
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
 from models.knob import resolve_alignment
-from tests.helpers import BUNDLED
+from tests.support.repo import BUNDLED
 from training import scenes
 
 

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from models.detokenizer import TextStream
 from models.tiny import make_word_tokenizer
-from tests.helpers import REPO
+from tests.support.repo import REPO
 
 CORPUS = [
     "A café in Zürich sells crème brûlée.",

@@ -22,7 +22,7 @@ from models.families import (
     spec_for,
 )
 from models.generation import ReferenceModel, user_message
-from tests.helpers import random_image
+from tests.support.images import random_image
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])

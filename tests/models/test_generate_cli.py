@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, random_image
+from tests.support.images import random_image
+from tests.support.repo import REPO
 
 pytestmark = pytest.mark.integration
 

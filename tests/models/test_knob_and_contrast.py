@@ -11,7 +11,7 @@ import torch
 
 from models.contrastive import contrast_logits, jensen_shannon
 from models.knob import AlignmentParamError, omega_for, resolve_alignment
-from tests.helpers import REPO
+from tests.support.repo import REPO
 
 
 def test_mapping_endpoints_and_presets() -> None:

@@ -19,7 +19,8 @@ from models.knob import (
     parse_presets,
     resolve_alignment,
 )
-from tests.helpers import REPO, model_folder, presets_doc
+from tests.support.presets import model_folder, presets_doc
+from tests.support.repo import REPO
 
 
 def test_absent_file_is_the_paper_map(tmp_path: Path) -> None:

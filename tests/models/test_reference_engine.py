@@ -14,8 +14,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
 from models.knob import AlignmentParams, resolve_alignment
 from models.sevi_attention import AlignmentBatch, alignment_context
-from tests.helpers import random_image
 from tests.sevi_reference import loop_attention_row
+from tests.support.images import random_image
 
 pytestmark = pytest.mark.integration
 

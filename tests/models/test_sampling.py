@@ -12,7 +12,7 @@ import torch
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, user_message
 from models.knob import resolve_alignment
 from models.sampling import apply_penalties, block_tokens, sample_token
-from tests.helpers import random_image
+from tests.support.images import random_image
 
 
 def _by_definition(logits: torch.Tensor, ids: list[int], presence: float, frequency: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support.repo import REPO
 
 pytest.importorskip("torchvision")
 

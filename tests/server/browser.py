@@ -15,7 +15,7 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.helpers import REPO
+from tests.support.repo import REPO
 
 # Where the tests leave their screenshots (CI can keep the folder); SEVI_TEST_ARTIFACTS moves it.
 ARTIFACTS = Path(os.environ.get("SEVI_TEST_ARTIFACTS", REPO / "build" / "artifacts"))

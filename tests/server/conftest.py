@@ -1,7 +1,8 @@
 """Live servers on 127.0.0.1 for the HTTP tests: uvicorn in a thread of the test process, a tiny model behind it.
 
-Servers are package-scoped: built once for tests/server and shut down before the other test packages run. The
-helpers (LiveServer, base_settings, png_bytes, ...) are in tests/helpers.py.
+Servers are package-scoped: built once for tests/server and shut down before the other test packages run. What they
+are built from is in tests/support/ (LiveServer and base_settings in live_server.py, png_bytes in images.py). The
+engine tests are not in this folder (tests/engines/): the one-thread pin below does not reach them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 from models.tiny import build
-from tests.helpers import IMAGE_SERVER_PATH, LiveServer, base_settings, png_bytes
+from tests.support.images import png_bytes
+from tests.support.live_server import IMAGE_SERVER_PATH, LiveServer, base_settings
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -30,7 +32,7 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="package")
 def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Our own build (not the shared fixture): LONG_* in tests/helpers.py were found on exactly this model.
+    # Our own build (not the shared fixture): LONG_* in tests/support/images.py were found on exactly this model.
     out = tmp_path_factory.mktemp("server-tiny-llava")
     build("llava", out, seed=0, layers=4, heads=8, kv_heads=4)
     return out

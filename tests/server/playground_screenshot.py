@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tests.helpers import LiveServer, base_settings
 from tests.server.browser import (
     REPO,
     choose_sample,
@@ -25,6 +24,7 @@ from tests.server.browser import (
     open_playground,
     screenshot,
 )
+from tests.support.live_server import LiveServer, base_settings
 
 
 def take(out: Path, sample: str, width: int) -> Path:

@@ -19,7 +19,7 @@ from server.images import ImageLimits, fetch_image_bytes, pinned_request
 from server.intake import ImageURL
 from server.settings import Settings
 from server.url_safety import internal_kind
-from tests.helpers import png_bytes
+from tests.support.images import png_bytes
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20)
 NAME = "images.example"  # resolved by the monkeypatched resolver below, never by DNS

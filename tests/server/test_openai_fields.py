@@ -14,7 +14,8 @@ from PIL import Image
 
 from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
 from models.knob import resolve_alignment
-from tests.helpers import LiveServer, image_message, png_bytes
+from tests.support.images import image_message, png_bytes
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 from bench.chair import caption_objects
 from server.playground.vocabulary import surface_forms
 from server.schemas.caption import DEFAULT_PROMPT
-from tests.helpers import LiveServer, base_settings, long_png, png_bytes
 from tests.server.browser import (
     ARTIFACTS,
     choose_sample,
@@ -36,6 +34,9 @@ from tests.server.browser import (
     open_playground,
     screenshot,
 )
+from tests.support.images import long_png, png_bytes
+from tests.support.live_server import LiveServer, base_settings
+from tests.support.waiting import eventually
 from training.scenes import make_scene
 
 pytestmark = pytest.mark.integration  # every test here starts servers; the browser ones Chromium too
@@ -363,10 +364,12 @@ def test_stop_cancels_a_slow_comparison(session: Session, server: LiveServer) ->
     assert stopped.count() >= 1 and set(stopped.all_inner_texts()) == {"Stopped."}
     assert page.get_by_role("alert").is_hidden()  # stopping is no failure to report
     assert page.get_by_role("button", name="Stop").is_disabled()
-    deadline = time.monotonic() + 30  # the server cancels what the page stopped, and frees its slots
-    while server.engine.stats().cancelled_total < cancelled + stopped.count() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.engine.stats().cancelled_total >= cancelled + stopped.count()
+    eventually(  # the server cancels what the page stopped, and frees its slots
+        lambda: server.engine.stats().cancelled_total >= cancelled + stopped.count(),
+        timeout_s=30,
+        interval_s=0.1,
+        what="the server to cancel the requests of the stopped columns",
+    )
 
 
 def test_non_image_file_is_refused_in_plain_words(session: Session, server: LiveServer) -> None:

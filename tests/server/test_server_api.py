@@ -20,7 +20,8 @@ from models.generation import GenerationRequest, ReferenceModel, SamplingParams,
 from models.knob import resolve_alignment
 from models.telemetry import Telemetry
 from models.tiny import build
-from tests.helpers import IMAGE_SERVER_PATH, LiveServer, base_settings, data_uri, image_message, png_bytes
+from tests.support.images import data_uri, image_message, png_bytes
+from tests.support.live_server import IMAGE_SERVER_PATH, LiveServer, base_settings
 
 pytestmark = pytest.mark.integration
 

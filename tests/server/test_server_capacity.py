@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import LONG_PROMPT, LiveServer, data_uri, image_message, long_png, png_bytes
+from tests.support.images import LONG_PROMPT, data_uri, image_message, long_png, png_bytes
+from tests.support.live_server import LiveServer
+from tests.support.waiting import eventually, eventually_async
 
 pytestmark = pytest.mark.integration
 
@@ -26,18 +28,21 @@ def short_chat() -> dict[str, Any]:
     return {"messages": image_message("describe", png_bytes(20)), "max_tokens": 4, "conservativeness": 0}
 
 
-def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+def until_idle(live: LiveServer) -> None:
+    def idle() -> bool:
+        s = live.engine.stats()
+        return s.running == 0 and s.queue_depth == 0
+
+    eventually(idle, timeout_s=10, interval_s=0.01, what="the engine to be idle (nothing running or queued)")
 
 
-def idle(live: LiveServer) -> bool:
-    s = live.engine.stats()
-    return s.running == 0 and s.queue_depth == 0
+def until_cancelled(live: LiveServer, total: int) -> None:
+    eventually(
+        lambda: live.engine.stats().cancelled_total == total,
+        timeout_s=10,
+        interval_s=0.01,
+        what=f"the engine's cancelled_total to reach {total}",
+    )
 
 
 class SteppedBatch:
@@ -119,7 +124,7 @@ def test_32_concurrent_requests_all_answered_correctly(server: LiveServer, watch
     assert server.metric("sevi_requests_total", {"endpoint": "/caption", "status": "200"}) == before + 16
     assert watch_batch[0] > 1, "requests were not batched together"
     assert watch_batch[0] <= server.settings.max_batch_size
-    assert wait_for(lambda: idle(server))
+    until_idle(server)
 
 
 def test_streaming_disconnect_cancels_and_frees_the_slot(slow_model: LiveServer) -> None:
@@ -137,8 +142,8 @@ def test_streaming_disconnect_cancels_and_frees_the_slot(slow_model: LiveServer)
         short = c.post("/v1/chat/completions", json=short_chat())
         waited = time.monotonic() - t0
     assert short.status_code == 200
-    assert wait_for(lambda: live.engine.stats().cancelled_total == cancelled + 1)
-    assert wait_for(lambda: idle(live))
+    until_cancelled(live, cancelled + 1)
+    until_idle(live)
     # The long request never finished: only the short one's tokens were counted.
     assert live.metric("sevi_completion_tokens_total") == tokens + short.json()["usage"]["completion_tokens"]
     assert live.metric("sevi_cancelled_requests_total", {"reason": "disconnect"}) >= 1
@@ -151,8 +156,8 @@ def test_non_streaming_disconnect_cancels(slow_model: LiveServer) -> None:
     tokens = live.metric("sevi_completion_tokens_total")
     with live.client(timeout=httpx.Timeout(60, read=0.5)) as c, pytest.raises(httpx.ReadTimeout):
         c.post("/v1/chat/completions", json=long_chat())  # the client gives up and hangs up
-    assert wait_for(lambda: live.engine.stats().cancelled_total == cancelled + 1)
-    assert wait_for(lambda: idle(live))
+    until_cancelled(live, cancelled + 1)
+    until_idle(live)
     with live.client() as c:
         short = c.post("/v1/chat/completions", json=short_chat())
     assert short.status_code == 200
@@ -170,15 +175,14 @@ def test_full_queue_answers_503_with_retry_after(slow_model: LiveServer) -> None
                     async for _ in r.aiter_lines():
                         pass
 
-            async def until(predicate: Any) -> None:
-                async with asyncio.timeout(10):
-                    while not predicate():
-                        await asyncio.sleep(0.01)
-
             running = asyncio.create_task(stream_forever())  # takes the one batch slot
-            await until(lambda: live.engine.stats().running == 1)
+            await eventually_async(
+                lambda: live.engine.stats().running == 1, 10, 0.01, what="the streamed request to take the batch slot"
+            )
             queued = asyncio.create_task(c.post("/v1/chat/completions", json=long_chat()))  # the one queue slot
-            await until(lambda: live.engine.stats().queue_depth == 1)
+            await eventually_async(
+                lambda: live.engine.stats().queue_depth == 1, 10, 0.01, what="the second request to take the queue slot"
+            )
             refused = await c.post("/v1/chat/completions", json=short_chat())
             for task in (queued, running):
                 task.cancel()
@@ -189,7 +193,7 @@ def test_full_queue_answers_503_with_retry_after(slow_model: LiveServer) -> None
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == str(live.settings.retry_after_s)
     assert refused.json()["error"]["code"] == "server_overloaded"
-    assert wait_for(lambda: idle(live))
+    until_idle(live)
     with live.client() as c:
         assert c.post("/v1/chat/completions", json=short_chat()).status_code == 200
 
@@ -208,8 +212,8 @@ def test_deadline_gives_504_and_cancels(slow_model: LiveServer, monkeypatch: pyt
             lines = [line for line in s.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert '"code":"timeout"' in lines[-2]
-    assert wait_for(lambda: live.engine.stats().cancelled_total == cancelled + 2)
-    assert wait_for(lambda: idle(live))
+    until_cancelled(live, cancelled + 2)
+    until_idle(live)
     assert live.metric("sevi_cancelled_requests_total", {"reason": "timeout"}) == timeouts + 2
     assert live.metric("sevi_cancelled_requests_total", {"reason": "disconnect"}) == disconnects  # not both
 
@@ -242,4 +246,4 @@ def test_a_failing_batch_fails_only_its_requests(small_server: LiveServer, monke
         ok = c.post("/v1/chat/completions", json=short_chat())
     assert ok.status_code == 200  # the worker lived on
     assert server.metric("sevi_engine_failed_batches_total") == failed + 2
-    assert wait_for(lambda: idle(server))
+    until_idle(server)

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import LiveServer, data_uri, image_message, png_bytes
+from tests.support.images import data_uri, image_message, png_bytes
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.helpers import LiveServer, base_settings
+from tests.support.live_server import LiveServer, base_settings
 
 pytestmark = pytest.mark.integration
 

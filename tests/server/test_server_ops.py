@@ -14,7 +14,9 @@ import pytest
 from server.__main__ import main
 from server.logs import JsonFormatter
 from server.settings import Settings, parse_cli
-from tests.helpers import LiveServer, base_settings, data_uri, image_message, png_bytes
+from tests.support.images import data_uri, image_message, png_bytes
+from tests.support.live_server import LiveServer, base_settings
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +124,7 @@ def test_one_json_log_line_per_request_without_image_bytes(
         bad = c.post("/caption", json={"image": data_uri(png), "max_tokens": -1})
         ids = (r.headers["x-request-id"], bad.headers["x-request-id"])
         # A line is written once its response has gone out, so it may trail the client by a moment.
-        assert _eventually(lambda: all(lines_of(rid) for rid in ids), timeout=5)
+        eventually(lambda: all(lines_of(rid) for rid in ids), 5, what="an access log line for each request")
     records = {rid: lines_of(rid) for rid in ids}
     assert [len(recs) for recs in records.values()] == [1, 1]
     ok_line = json.loads(JsonFormatter().format(records[ids[0]][0]))
@@ -178,26 +180,14 @@ def test_unloadable_model_reports_through_probes(tmp_path: Path) -> None:
     live = LiveServer(Settings(model=tmp_path))
     live.thread.start()
     try:
-        assert _eventually(lambda: httpx.get(live.url + "/health").status_code == 503)
+        eventually(
+            lambda: httpx.get(live.url + "/health").status_code == 503, 20, what="/health to answer 503 (no model)"
+        )
         assert httpx.get(live.url + "/ready").status_code == 503
         r = httpx.post(live.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
     finally:
         live.stop()
-
-
-def _eventually(predicate: object, timeout: float = 20) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    return False
 
 
 def test_load_bench_smoke(server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

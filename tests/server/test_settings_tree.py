@@ -18,7 +18,7 @@ from server.__main__ import main
 from server.engines.transformers_engine import TransformersEngine
 from server.engines.vllm_engine import VllmEngine, VllmOptions
 from server.settings import Settings, parse_cli
-from tests.helpers import REPO
+from tests.support.repo import REPO
 
 KERNEL_VARS = (
     runtime_env.ALIGNED_KERNEL,

@@ -17,7 +17,9 @@ import pytest
 
 from bench.vs_vllm import Server
 from server.__main__ import GRACEFUL_SHUTDOWN_S
-from tests.helpers import REPO, RequestLoad, eventually, long_request
+from tests.support.repo import REPO
+from tests.support.request_load import RequestLoad, long_request
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -52,13 +54,15 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(server: Server
     load.wait_streaming(timeout=120)
     os.kill(server.proc.pid, signal.SIGTERM)
     t0 = time.monotonic()
-    refused_after = eventually(lambda: _refused(server.port), timeout=5, interval=0.05)
+    refused_after = eventually(
+        lambda: _refused(server.port), 5, 0.05, what="the server to refuse new connections after SIGTERM"
+    )
     outcomes = load.join(timeout=GRACEFUL_SHUTDOWN_S + 10)
     for o in outcomes:
         assert o.client_error is None and o.status == 200 and o.error is None, (o.status, o.body, o.client_error)
         assert o.finish_reasons in (["stop"], ["length"]), o.finish_reasons
         assert not o.stream or o.done
-    assert refused_after is not None and refused_after < 5
+    assert refused_after < 5
     server.proc.wait(GRACEFUL_SHUTDOWN_S + 20)
     elapsed = time.monotonic() - t0
     assert server.proc.returncode in (0, -signal.SIGTERM), server.proc.returncode

@@ -20,7 +20,7 @@ from models.generation import GenerationRequest, TokenEvent
 from server.engines.base import Engine, EngineStats, GenerationStats
 from server.settings import Settings
 from server.sse import sse
-from tests.helpers import LiveServer, base_settings
+from tests.support.live_server import LiveServer, base_settings
 
 SEPARATORS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
 PIECES = ["a\u2028b", "\u2029", "c\x85d", "e\x0bf\x0cg", "\x1c\x1d\x1e", "h\r\ni\nj", "end"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.vllm_client import client_args, run_client
-from tests.helpers import LiveServer
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from server.engines.base import EngineHealth
 from server.watchdog import ENGINE_DEAD_EXIT_CODE, EngineWatchdog
+from tests.support.waiting import eventually_async
 
 
 class FakeEngine:
@@ -29,8 +30,7 @@ def test_no_exit_while_alive_then_one_exit_after_the_grace() -> None:
         assert exits == [] and dog.dead_since is None
         engine.state = EngineHealth(False, "worker 1 exited")
         t0 = time.monotonic()
-        while not exits and time.monotonic() - t0 < 5:
-            await asyncio.sleep(0.02)
+        await eventually_async(lambda: bool(exits), 5, 0.02, what="the watchdog to ask for the exit")
         assert time.monotonic() - t0 >= 0.3
         await asyncio.wait_for(task, 1)  # the watchdog stops once it asked for the exit
 

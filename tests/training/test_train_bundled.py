@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import BUNDLED
+from tests.support.repo import BUNDLED
 from training import scenes
 from training.train_bundled import MICRO, PROMPTS, Batcher, build_processor, lr_at, main, plot_loss_curve
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import LiveServer, base_settings
+from tests.support.live_server import LiveServer, base_settings
 
 
 @pytest.fixture(scope="package")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bench.chair.cli import main as chair_main
 from models.knob import PRESETS_FILE, parse_presets
-from tests.helpers import LiveServer
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.chair.cli import main as chair_main
-from tests.helpers import LiveServer
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.integration
 

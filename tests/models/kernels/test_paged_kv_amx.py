@@ -13,7 +13,7 @@ import torch
 
 from models.kernels.paged_kv import amx_order
 from models.vllm_plugin.paged_read import PagedKV, block_scores, block_values, c_kernel_for
-from tests.helpers import use_kernel
+from tests.support.vllm_plugin import use_kernel
 
 
 @pytest.fixture(params=["native", "avx2"])

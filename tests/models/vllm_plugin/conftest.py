@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import use_kernel
+from tests.support.vllm_plugin import use_kernel
 
 
 @pytest.fixture

@@ -128,7 +128,7 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
     from models.vllm_plugin.params import to_extra_args
     from models.vllm_plugin.plan import StepMetadata
     from models.vllm_plugin.state import STATE
-    from tests.helpers import PLUGIN_IMAGE, add_rows, processor
+    from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor
 
     # The kernel choice is read once per process: cleared here and after, so neither this test nor the ones
     # after it run with another test's choice.

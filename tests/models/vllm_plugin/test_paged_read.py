@@ -10,7 +10,7 @@ pytest.importorskip("vllm")
 
 from models.vllm_plugin.cpu_backend import paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.paged_read import PagedKV, block_scores, block_values, c_kernel_for  # noqa: E402
-from tests.helpers import random_cpu_cache  # noqa: E402
+from tests.support.vllm_plugin import random_cpu_cache  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_state")
 

@@ -30,7 +30,8 @@ from models.vllm_plugin.logits_processor import SeviLogitsProcessor  # noqa: E40
 from models.vllm_plugin.params import ROW_KEY, RowRequest, from_extra_args, to_extra_args  # noqa: E402
 from models.vllm_plugin.scheduler import SeviScheduler  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
-from tests.helpers import PLUGIN_IMAGE, add_rows, model_folder, presets_doc, processor  # noqa: E402
+from tests.support.presets import model_folder, presets_doc  # noqa: E402
+from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_state")
 

@@ -13,7 +13,7 @@ from models.knob import resolve_alignment  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402
 from models.vllm_plugin.plan import GROWTH, StepMetadata, StepPlan, build_plan, layer_index, step_plan  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
-from tests.helpers import PLUGIN_IMAGE, add_rows, processor  # noqa: E402
+from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_state")
 

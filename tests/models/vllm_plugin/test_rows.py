@@ -18,7 +18,7 @@ from models.vllm_plugin.params import to_extra_args  # noqa: E402
 from models.vllm_plugin.plan import build_plan  # noqa: E402
 from models.vllm_plugin.rows import align_layer  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
-from tests.helpers import PLUGIN_IMAGE, add_rows, processor, random_cpu_cache  # noqa: E402
+from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor, random_cpu_cache  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_state")
 

@@ -38,7 +38,8 @@ from models.knob import (  # noqa: E402
     AlignmentParams,
     resolve_alignment,
 )
-from tests.helpers import REPO, image_message, png_bytes  # noqa: E402
+from tests.support.images import image_message, png_bytes  # noqa: E402
+from tests.support.repo import REPO  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ PROMPT = "what do you see"
 MAX_TOKENS = 16
 START_TIMEOUT_S = 300.0  # ~70 s on 2 busy cores: import vllm twice (server, engine core) and a worker
 # Omega 3 from layer 1 with kappa 0.6 populates every head group of the random tiny model (see
-# tests/helpers.py, EXPLICIT), so the alignment changes tokens; the presets leave its output as it is.
+# tests/support/engines.py, EXPLICIT), so the alignment changes tokens; the presets leave its output as it is.
 EXPLICIT: dict[str, Any] = {"omega": 3, "start_layer": 1, "kappa": 0.6}
 
 

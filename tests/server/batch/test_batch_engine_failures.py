@@ -15,8 +15,8 @@ from server.batch.job import run_local
 from server.batch.runner import EngineUnavailable
 from server.engines.base import Engine, EngineError, EngineNotReady, EngineStats, GenerationStats
 from server.settings import Settings
-from tests.helpers import png_bytes
-from tests.server.batch.helpers import batch_settings, by_key
+from tests.support.batch import batch_settings, by_key
+from tests.support.images import png_bytes
 
 
 class StubEngine(Engine):

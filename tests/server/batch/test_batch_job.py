@@ -3,18 +3,21 @@ levels, bad items, results equal to the API's, and resume after a kill."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, LiveServer, data_uri, png_bytes
-from tests.server.batch.helpers import api_caption, batch_settings, by_key, image_folder, run_in_process
+from tests.support.batch import api_caption, batch_settings, by_key, image_folder, run_in_process
+from tests.support.images import data_uri, png_bytes
+from tests.support.live_server import LiveServer
+from tests.support.repo import REPO
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -146,15 +149,16 @@ def test_resume_after_kill_gives_one_line_per_item_equal_to_an_uninterrupted_run
     out = tmp_path / "out.jsonl"
     total = 17 * 2
     proc = _cli(*args, "--output", str(out))
-    deadline = time.monotonic() + 300
+
+    def a_third_written_or_ended() -> bool:  # an ended run fails just below, with its log
+        return proc.poll() is not None or (out.exists() and out.read_bytes().count(b"\n") >= total // 3)
+
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= total // 3:
-                break
-            time.sleep(0.02)
+        eventually(a_third_written_or_ended, 300, 0.02, what=f"a third of the {total} result lines to be written")
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     written = out.read_bytes().count(b"\n")
     assert 0 < written < total

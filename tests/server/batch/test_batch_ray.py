@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LiveServer
-from tests.server.batch.helpers import batch_settings, by_key, image_folder, run_in_process
+from tests.support.batch import batch_settings, by_key, image_folder, run_in_process
+from tests.support.live_server import LiveServer
 
 ray = pytest.importorskip("ray")
 

@@ -11,7 +11,7 @@ from server.batch import inputs
 from server.batch.config import BatchSettings, parse_cli
 from server.batch.output import Writer, done_keys, key, repair
 from server.batch.prepare import levels_for
-from tests.helpers import png_bytes
+from tests.support.images import png_bytes
 
 
 def test_input_kinds_are_told_apart_by_content(tmp_path: Path) -> None:

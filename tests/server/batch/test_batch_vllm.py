@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers import LiveServer, base_settings  # noqa: E402
-from tests.server.batch.helpers import api_caption, batch_settings, by_key, image_folder, run_in_process  # noqa: E402
+from tests.support.batch import api_caption, batch_settings, by_key, image_folder, run_in_process  # noqa: E402
+from tests.support.live_server import LiveServer, base_settings  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LiveServer, base_settings, png_bytes
+from tests.support.images import png_bytes
+from tests.support.live_server import LiveServer, base_settings
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.engines import create_engine
-from tests.helpers import REPO, base_settings
+from tests.support.live_server import base_settings
+from tests.support.repo import REPO
 
 
 @pytest.mark.parametrize(("core", "cls"), [("thread", "VllmEngine"), ("process", "VllmProcessEngine")])

@@ -1,5 +1,5 @@
 """vLLM's signs of death as server/engines/vllm_liveness.py reads them, on stand-ins for vLLM's objects (the kill
-itself is tests/server/engines/test_vllm_death.py)."""
+itself is tests/engines/test_vllm_death.py)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from server.batch.config import BatchSettings
 from server.batch.job import run_local
 from server.engines.base import Engine
 from server.settings import Settings
-from tests.helpers import png_bytes
+from tests.support.images import png_bytes
 
 
 def image_folder(root: Path, n: int, seed0: int = 100, bad: bool = True) -> Path:

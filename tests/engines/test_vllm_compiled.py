@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 
 from models.generation import ReferenceModel  # noqa: E402
 from server.engines.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
-from tests.helpers import check_mixed_batch, start_engine  # noqa: E402
+from tests.support.engines import check_mixed_batch, start_engine  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

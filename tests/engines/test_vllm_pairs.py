@@ -27,7 +27,8 @@ from models.generation import (  # noqa: E402
 from models.knob import resolve_alignment  # noqa: E402
 from models.telemetry import Telemetry  # noqa: E402
 from models.tiny import build  # noqa: E402
-from tests.helpers import random_image, run_engine, start_engine  # noqa: E402
+from tests.support.engines import run_engine, start_engine  # noqa: E402
+from tests.support.images import random_image  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,8 @@ def test_dissolved_pairs_are_counted_in_prometheus(model_dir: Path, monkeypatch:
     finishes dissolved is counted in `sevi_contrast_pairs_dissolved_total`."""
     import httpx
 
-    from tests.helpers import LiveServer, base_settings, image_message, png_bytes
+    from tests.support.images import image_message, png_bytes
+    from tests.support.live_server import LiveServer, base_settings
 
     monkeypatch.setenv("SEVI_VLLM_ENGINE_ARGS", '{"scheduler_cls": null, "max_num_batched_tokens": 320}')
     monkeypatch.setenv("SEVI_VLLM_MAX_MODEL_LEN", "512")

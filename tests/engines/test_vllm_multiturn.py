@@ -28,7 +28,9 @@ from models.generation import (  # noqa: E402
     user_message,
 )
 from models.knob import AlignmentParams, resolve_alignment  # noqa: E402
-from tests.helpers import BUNDLED, random_image, run_engine, start_engine  # noqa: E402
+from tests.support.engines import run_engine, start_engine  # noqa: E402
+from tests.support.images import random_image  # noqa: E402
+from tests.support.repo import BUNDLED  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -33,19 +33,17 @@ from models.generation import (  # noqa: E402
 from models.knob import AlignmentParams, resolve_alignment  # noqa: E402
 from models.telemetry import Telemetry  # noqa: E402
 from server.engines.vllm_engine import VllmOptions  # noqa: E402
-from tests.helpers import (  # noqa: E402
+from tests.support.engines import (  # noqa: E402
     DESCRIBE_PROMPT,
     EXPLICIT,
-    LiveServer,
-    base_settings,
     check_mixed_batch,
-    image_message,
     knob_set,
     mixed_batch,
-    png_bytes,
-    random_image,
     run_engine,
 )
+from tests.support.images import image_message, png_bytes, random_image  # noqa: E402
+from tests.support.live_server import LiveServer, base_settings  # noqa: E402
+from tests.support.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -378,11 +376,11 @@ def test_caption_multipart_and_cancelled_stream_frees_the_engine(live: LiveServe
             if line.startswith("data: ") and json.loads(line[6:]).get("choices"):
                 break  # first token seen: hang up
     engine: Any = live.engine
-    for _ in range(200):
-        if engine.stats().running == 0 and not engine._jobs:
-            break
-        asyncio.run(asyncio.sleep(0.05))
-    assert engine.stats().running == 0 and not engine._jobs
+    eventually(
+        lambda: engine.stats().running == 0 and not engine._jobs,
+        timeout_s=10,
+        what="the engine to drop the stream its client left (nothing running, no job)",
+    )
 
 
 def test_metrics_include_vllms_own(live: LiveServer) -> None:

@@ -4,7 +4,6 @@ telemetry crosses the process boundary, and over HTTP vLLM's own benchmark clien
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,10 @@ from models.generation import (  # noqa: E402
 )
 from models.knob import resolve_alignment  # noqa: E402
 from server.engines.vllm_process import VllmProcessEngine  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    DESCRIBE_PROMPT,
-    EXPLICIT,
-    LiveServer,
-    base_settings,
-    check_mixed_batch,
-    eventually,
-    image_message,
-    png_bytes,
-    random_image,
-    run_engine,
-)
+from tests.support.engines import DESCRIBE_PROMPT, EXPLICIT, check_mixed_batch, run_engine  # noqa: E402
+from tests.support.images import image_message, png_bytes, random_image  # noqa: E402
+from tests.support.live_server import LiveServer, base_settings  # noqa: E402
+from tests.support.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -86,10 +77,9 @@ def test_http_stop_strings_cancellation_and_vllms_client(
     result = run_client(args)
     assert result["failed"] == 0 and result["completed"] == n
     assert result["total_output_tokens"] == n * 8
-    deadline = time.monotonic() + 30
-    while live.engine.stats().cancelled_total == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert live.engine.stats().cancelled_total >= 1  # the stream its client left was aborted
+    eventually(
+        lambda: live.engine.stats().cancelled_total >= 1, 30, 0.1, what="the stream its client left to be aborted"
+    )
     assert live.engine.stats().running == 0
 
 
@@ -136,7 +126,11 @@ def test_a_dead_engine_core_is_reported_and_refuses_requests(live: LiveServer) -
     ]
     assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children(recursive=True)]
     cores[0].kill()
-    assert eventually(lambda: httpx.get(live.url + "/ready", timeout=5).status_code == 503, timeout=30) is not None
+    eventually(
+        lambda: httpx.get(live.url + "/ready", timeout=5).status_code == 503,
+        timeout_s=30,
+        what="/ready to answer 503 after the engine core was killed",
+    )
     health = httpx.get(live.url + "/health", timeout=5)
     assert health.status_code == 503 and "engine core" in health.text
     body = {"messages": image_message("what do you see", png_bytes(3)), "max_tokens": 4}

@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from server.watchdog import ENGINE_DEAD_EXIT_CODE
-from tests.helpers import LiveServer, RequestLoad, assert_ended_by_engine_death, base_settings, eventually
+from tests.support.live_server import LiveServer, base_settings
+from tests.support.request_load import RequestLoad, assert_ended_by_engine_death
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +62,6 @@ def test_the_worker_thread_dying_ends_requests_and_the_process(
         assert new.status_code == 503 and new.json()["error"]["code"] == "engine_dead"
         assert new.headers.get("retry-after") is not None
     assert server.metric("sevi_engine_up") == 0
-    assert eventually(lambda: bool(exits), timeout=GRACE_S + 5) is not None
+    eventually(lambda: bool(exits), timeout_s=GRACE_S + 5, what="the watchdog to ask for the process's exit")
     code, at = exits[0]
     assert code == ENGINE_DEAD_EXIT_CODE and at - t0 >= GRACE_S - 0.1 and len(exits) == 1

@@ -21,7 +21,8 @@ pytest.importorskip("vllm")
 
 from models.generation import ReferenceModel  # noqa: E402
 from server.engines.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
-from tests.helpers import mixed_batch, random_image, run_engine, start_engine  # noqa: E402
+from tests.support.engines import mixed_batch, run_engine, start_engine  # noqa: E402
+from tests.support.images import random_image  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from server.engines.base import default_cpu_threads
 from server.engines.transformers_engine import TransformersEngine
 from server.engines.vllm_engine import _THREAD_WARNING_FILTER, VllmEngine
 from server.settings import Settings
+from tests.support.waiting import eventually
 
 
 @pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])
@@ -42,10 +42,10 @@ def test_torch_threads_setting_reaches_the_vllm_engine(tmp_path: Path, monkeypat
     environ = os.environ.copy()  # the load exports vLLM's and the kernels' variables: put them back after
     try:
         asyncio.run(engine.start())
-        deadline = time.monotonic() + 120
-        while engine.load_error is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        asyncio.run(engine.stop())
+        try:
+            eventually(lambda: engine.load_error is not None, 120, what="the engine's load to stop at the thread count")
+        finally:
+            asyncio.run(engine.stop())
     finally:
         os.environ.clear()
         os.environ.update(environ)

@@ -30,7 +30,9 @@ pytest.importorskip("vllm")
 
 from bench.vs_vllm import Server  # noqa: E402
 from server.watchdog import ENGINE_DEAD_EXIT_CODE  # noqa: E402
-from tests.helpers import REPO, RequestLoad, assert_ended_by_engine_death, eventually  # noqa: E402
+from tests.support.repo import REPO  # noqa: E402
+from tests.support.request_load import RequestLoad, assert_ended_by_engine_death  # noqa: E402
+from tests.support.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +82,9 @@ def kill_a_worker_under_load(server: Server, workers: int) -> dict[str, Any]:
     os.kill(worker.pid, signal.SIGKILL)
     seen: dict[str, Any] = {"worker": " ".join(worker.cmdline()), "killed_at": t0}
     seen["health_503_after_s"] = eventually(
-        lambda: httpx.get(server.url + "/health", timeout=5).status_code == 503, timeout=30
+        lambda: httpx.get(server.url + "/health", timeout=5).status_code == 503,
+        timeout_s=30,
+        what="/health to answer 503 after the worker was killed",
     )
     outcomes = load.join(timeout=60)
     seen["requests_ended_after_s"] = round(time.monotonic() - t0, 2)
@@ -115,7 +119,7 @@ def test_a_killed_worker_ends_requests_turns_probes_and_exits(
     report = {k: v for k, v in seen.items() if k not in ("outcomes", "killed_at")}
     print(f"\nworkers={workers}: " + json.dumps(report, default=str))  # the figures of the closing note (-s)
 
-    assert seen["health_503_after_s"] is not None and seen["health_503_after_s"] <= 10, report
+    assert seen["health_503_after_s"] <= 10, report
     assert_ended_by_engine_death(seen["outcomes"], fault_at=seen["killed_at"])
     status, body = seen["health"]
     assert status == 503 and body["status"] == "dead" and "Worker" in body["detail"], body
