@@ -100,6 +100,8 @@ class RequestLoad:
             outcome.ended_at = time.monotonic()
             outcome.first_token.set()
 
+    # These two block on the request threads' own signals (an event, the thread's end) within one time budget: no
+    # polling, so not eventually(); each says what did not happen in time.
     def wait_streaming(self, timeout: float) -> None:
         """Until every stream has had a token (unstreamed requests were sent with them)."""
         deadline = time.monotonic() + timeout

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import httpx
 
-NOT_YET_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError,)
+Errors = tuple[type[BaseException], ...]
+NOT_YET: Errors = (httpx.HTTPError,)  # a server starting or going away refuses connections
 
 
 class WaitTimeout(AssertionError):
@@ -24,12 +25,7 @@ class WaitTimeout(AssertionError):
 
 
 def eventually(
-    predicate: Callable[[], object],
-    timeout_s: float,
-    interval_s: float = 0.05,
-    *,
-    what: str,
-    ignore: tuple[type[BaseException], ...] = NOT_YET_ERRORS,
+    predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.05, *, what: str, ignore: Errors = NOT_YET
 ) -> float:
     """Seconds until `predicate()` held; raises WaitTimeout naming `what` ("the server to answer /ready") if it did
     not within `timeout_s`."""
@@ -40,12 +36,7 @@ def eventually(
 
 
 async def eventually_async(
-    predicate: Callable[[], object],
-    timeout_s: float,
-    interval_s: float = 0.05,
-    *,
-    what: str,
-    ignore: tuple[type[BaseException], ...] = NOT_YET_ERRORS,
+    predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.05, *, what: str, ignore: Errors = NOT_YET
 ) -> float:
     """`eventually` inside an event loop: it sleeps with asyncio, so the tasks it waits on run meanwhile."""
     poll = _Poll(predicate, timeout_s, interval_s, what, ignore)
@@ -58,12 +49,7 @@ class _Poll:
     """One wait's state; the two loops above differ only in how they sleep."""
 
     def __init__(
-        self,
-        predicate: Callable[[], object],
-        timeout_s: float,
-        interval_s: float,
-        what: str,
-        ignore: tuple[type[BaseException], ...],
+        self, predicate: Callable[[], object], timeout_s: float, interval_s: float, what: str, ignore: Errors
     ) -> None:
         self.predicate, self.timeout_s, self.interval_s = predicate, timeout_s, interval_s
         self.what, self.ignore = what, ignore
