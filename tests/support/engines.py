@@ -47,7 +47,7 @@ def run_engine(
             telemetry = ev.telemetry or telemetry
         return ids, telemetry
 
-    eos = getattr(engine, "_eos", set())
+    eos: set[int] = getattr(engine, "_eos", set())
 
     async def all_() -> list[tuple[list[int], Telemetry]]:
         return await asyncio.gather(*(one(r) for r in requests))

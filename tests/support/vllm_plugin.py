@@ -65,8 +65,9 @@ def random_cpu_cache(
     n = n_blocks * bs
     k, v = torch.randn(n, heads, hd, generator=gen).to(dtype), torch.randn(n, heads, hd, generator=gen).to(dtype)
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(n, dtype=torch.long), "vec")
-    k_t, v_t = cache_layout("vec", dtype, bs, hd)
-    return cache, k_t, v_t
+    layout = cache_layout("vec", dtype, bs, hd)
+    assert layout is not None, "the kernel's writer wrote neither layout"
+    return cache, *layout
 
 
 @functools.lru_cache(maxsize=1)
