@@ -85,8 +85,11 @@ class TestVllm:
 
         def from_engine_args(engine_args: Any, usage_context: Any = None) -> Any:
             calls.append((engine_args, usage_context))
+            parallel = SimpleNamespace(distributed_executor_backend=engine_args.distributed_executor_backend)
             return SimpleNamespace(
-                vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=vllm_seqs))
+                vllm_config=SimpleNamespace(
+                    scheduler_config=SimpleNamespace(max_num_seqs=vllm_seqs), parallel_config=parallel
+                )
             )
 
         monkeypatch.setattr(LLMEngine, "from_engine_args", from_engine_args)
@@ -105,6 +108,8 @@ class TestVllm:
         ((args, usage),) = calls
         assert args.max_num_seqs == seqs_asked
         assert usage.name == ("OPENAI_API_SERVER" if gpu else "ENGINE_CONTEXT")
+        # One device: the worker in this process on a GPU; on a CPU vLLM's mp executor (its OpenMP binding).
+        assert args.distributed_executor_backend == ("uni" if gpu else "mp")
         assert engine._max_batch == requests
         # The queue bound and the stats count against the resolved limit: `requests` run, 64 more wait.
         engine._inflight = requests + 10
