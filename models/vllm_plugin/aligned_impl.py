@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from models.vllm_plugin.plan import RowSet, StepPlan, layer_index, step_plan
-from models.vllm_plugin.state import STATE
+from models.vllm_plugin.plan import RowSet, StepPlan, layer_index
+from models.vllm_plugin.step import SeviStep
 
 _NO_WINDOW = (-1, None, (-1, -1))  # vLLM's spellings of "no sliding window" (CPU and FlashAttention)
 
@@ -22,20 +20,17 @@ class AlignedImpl:
     _layer_known = False
     _plain = False  # plain causal attention, the only kind the recomputation reproduces
 
-    def _plan_rows(
-        self, layer: Any, md: Any, kv_cache: torch.Tensor, device: torch.device
-    ) -> tuple[StepPlan | None, RowSet | None]:
-        """This step's plan (`md`: the metadata `step_plan` reads) and this layer's rows to align; (None, None)
-        when no row of the batch asks for SEVI or this is not a decoder layer, (plan, None) when none here.
-        The cache's shape is read only then: vLLM's profiling and compile runs pass a placeholder."""
-        if md is None or not STATE.rows:
+    def _plan_rows(self, layer: Any, step: SeviStep | None) -> tuple[StepPlan | None, RowSet | None]:
+        """This step's plan (built by the metadata builder: `step`, the metadata's `sevi` field) and this layer's
+        rows to align; (None, None) when no row of the batch is aligned or this is not a decoder layer,
+        (plan, None) when none is here."""
+        if step is None or step.plan is None:
             return None, None
         if not self._layer_known:
             self._know(layer)
         if self._layer is None:
             return None, None
-        plan = step_plan(STATE, md, kv_cache.shape[2], device)  # the block size in both backends' layouts
-        return plan, (plan.rows_at(self._layer) if plan is not None else None)
+        return step.plan, step.plan.rows_at(self._layer)
 
     def _know(self, layer: Any) -> None:
         """What does not change between steps, found at the first forward (the layer name comes with it)."""

@@ -1,8 +1,8 @@
 """An aligned layer on the CPU as three calls with their arguments bound once per step plan.
 
 q.K by the C kernel reading the blocks in place, the compiled operator, softmax and p.V by the C kernel
-(:class:`BoundLayer`), built by the first layer of a step that reads a cache of a given shape and layout
-(:func:`bound_layer`) and kept on the row set for the others.
+(:class:`BoundLayer`), built where models/vllm_plugin/rows.py chooses this kernel (by the first layer of a step
+that reads a cache of a given shape and layout) and kept on the row set for the others.
 """
 
 from __future__ import annotations
@@ -12,38 +12,10 @@ from typing import Any
 
 import torch
 
-from models.alignment import operator_inputs
-from models.alignment_dispatch import compiled_for
+from models.alignment import ShardGather, operator_inputs
 from models.kernels.paged_kv import PagedKernel
-from models.vllm_plugin import paged_read
-from models.vllm_plugin.paged_read import PagedKV
+from models.vllm_plugin.paged_read import PagedKV, f32
 from models.vllm_plugin.plan import RowSet
-
-
-def bound_layer(
-    rows: RowSet, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int, head_dim: int
-) -> BoundLayer | None:
-    """The calls of this step's layers with all they share bound (:class:`BoundLayer`), built by the
-    first layer that reads a cache of this shape and layout; None where the C kernel or the compiled
-    operator does not apply (:func:`models.vllm_plugin.rows.align_layer` then takes the general path)."""
-    k, v = cache.key, cache.value
-    key = (
-        k.shape,
-        k.stride(),
-        v.stride(),
-        k.dtype,
-        v.dtype,
-        cache.key_transposed,
-        cache.value_transposed,
-        cache.amx,
-        scale,
-        num_kv_heads,
-        n_heads,
-        head_dim,
-    )
-    if key not in rows.bound_calls:
-        rows.bound_calls[key] = BoundLayer.build(rows, cache, scale, num_kv_heads, n_heads, head_dim)
-    return rows.bound_calls[key]  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -64,15 +36,21 @@ class BoundLayer:
     values_args: tuple[Any, ...]
     operator_args: list[torch.Tensor]  # the scores buffer [R, H, K] float32 first
     keep: tuple[torch.Tensor, ...]  # tensors whose pointers are in the args
+    name: str = "c"
 
     @staticmethod
     def build(
-        rows: RowSet, cache: PagedKV, scale: float, num_kv_heads: int, n_heads: int, head_dim: int
-    ) -> BoundLayer | None:
-        kern = paged_read.c_kernel_for(cache)
-        operator = compiled_for(rows.prepared)
-        if kern is None or operator is None:
-            return None
+        rows: RowSet,
+        cache: PagedKV,
+        kern: PagedKernel,
+        operator: Any,
+        scale: float,
+        num_kv_heads: int,
+        n_heads: int,
+        head_dim: int,
+    ) -> BoundLayer:
+        """The calls for `rows` against caches of `cache`'s shape and layout, by the C kernel `kern` (which reads
+        it in place) and the compiled operator `operator` (which runs these rows), as rows.py chose them."""
         # K: the width of the masks the operator takes, which the scores buffer must match
         r, rep, num_keys = rows.token_index.shape[0], n_heads // num_kv_heads, rows.prepared.key_bias.shape[-1]
         blocks, counts = rows.block_index.contiguous(), rows.key_count.contiguous()
@@ -108,12 +86,16 @@ class BoundLayer:
             (blocks, counts),
         )
 
-    def run(self, q: torch.Tensor, cache: PagedKV, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aligned attention of the rows' queries q (float32 `[R, H, D]`, contiguous) into out (likewise);
-        returns the heads each stage moved (`[R, H]`, for telemetry)."""
+    def __call__(
+        self, picked: torch.Tensor, cache: PagedKV, new: torch.Tensor, shards: ShardGather | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Aligned attention of the rows' queries (`[R, H, D]`) into `new` (float32, likewise, contiguous); returns
+        the heads each stage moved (`[R, H]`, for telemetry). One worker holds every head (`shards` None)."""
+        assert shards is None
+        q = f32(picked).contiguous()
         scores = self.operator_args[0]
         self.kernel.run_scores(q.data_ptr(), cache.key.data_ptr(), self.scores_args, scores.data_ptr())
         aligned, _, _, _, stage1, stage2 = self.operator.run(self.operator_args)
         assert aligned.is_contiguous() and aligned.dtype == torch.float32  # the kernel's softmax runs in place
-        self.kernel.run_values(aligned.data_ptr(), cache.value.data_ptr(), self.values_args, out.data_ptr(), True)
-        return stage1, stage2
+        self.kernel.run_values(aligned.data_ptr(), cache.value.data_ptr(), self.values_args, new.data_ptr(), True)
+        return stage1, stage2, None

@@ -17,6 +17,7 @@ permutation is read by gathering; anything else refuses to run rather than align
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,6 +26,8 @@ from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
 )
 
 from models.alignment_dispatch import compiled_operator, compiled_sharded
@@ -32,9 +35,9 @@ from models.kernels.paged_kv import amx_order, kernel
 from models.vllm_plugin.aligned_impl import AlignedImpl
 from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS, StockRows, stock_rows
 from models.vllm_plugin.paged_read import PagedKV
-from models.vllm_plugin.plan import RowSet
-from models.vllm_plugin.rows import align_layer
-from models.vllm_plugin.state import STATE
+from models.vllm_plugin.plan import RowSet, StepMetadata
+from models.vllm_plugin.rows import align_layer, cache_reader
+from models.vllm_plugin.step import SeviStep, StepBuilder
 from models.vllm_plugin.tensor_parallel import head_shards
 
 
@@ -189,28 +192,17 @@ def describe_cache(dtype: torch.dtype, block_size: int, head_size: int) -> dict[
     `kv_cache_layout`, and `aligned_read` ("in place" by the C kernel, or "gather" by torch)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from models.kernels.choice import aligned_kernel
-
     isa = _get_attn_isa(dtype, block_size, head_size)
     layout = cache_layout(isa, dtype, block_size, head_size)
+    placeholder = torch.empty(1, 1, block_size, 2 * head_size, dtype=dtype)
     if layout is not None:
         k_t, v_t = layout
         name = f"K {'[D, block]' if k_t else '[block, D]'}, V {'[D, block]' if v_t else '[block, D]'}"
-        in_place = True
+        paged = paged_cpu_kv(placeholder, k_t, v_t)
     else:
-        paged = ordered_cpu_kv(
-            torch.empty(1, 1, block_size, 2 * head_size, dtype=dtype), *cache_order(isa, dtype, block_size, head_size)
-        )
+        paged = ordered_cpu_kv(placeholder, *cache_order(isa, dtype, block_size, head_size))
         name = "AMX tiles (K: 16 keys x dim pairs, V: 16 dims x key pairs)" if paged.amx else "other (learned order)"
-        in_place = paged.amx
-    choice = aligned_kernel()
-    kern = kernel() if choice == "c" else None
-    if kern is not None and in_place and dtype in kern.cache_dtypes:
-        reads = "in place (C kernel)"
-    elif choice == "triton" and layout is not None:
-        reads = "in place (Triton)"
-    else:
-        reads = "gather (torch)"
+    reads = {"c": "in place (C kernel)", "triton": "in place (Triton)"}.get(cache_reader(paged)[0], "gather (torch)")
     return {"kv_cache_isa": isa, "kv_cache_layout": name, "aligned_read": reads}
 
 
@@ -239,7 +231,8 @@ class SeviCPUAttentionImpl(AlignedImpl, CPUAttentionBackendImpl):
         output_scale=None,
         output_block_scale=None,
     ) -> torch.Tensor:
-        plan, rows = self._plan_rows(layer, attn_metadata, kv_cache, _CPU)
+        step = getattr(attn_metadata, "sevi", None)  # None: no metadata (profiling), or no SEVI row in the batch
+        plan, rows = self._plan_rows(layer, step)
         # The stock kernel computes only the rows that are not aligned here (the cache write is a separate
         # op, do_kv_cache_update): when every row is aligned it is skipped, when some sequences' whole
         # query is aligned it runs on the others (cpu_stock.py), else on every row.
@@ -262,8 +255,18 @@ class SeviCPUAttentionImpl(AlignedImpl, CPUAttentionBackendImpl):
         assert plan is not None and self._layer is not None
         if self._paged is None or self._paged[0] is not kv_cache:
             self._paged = (kv_cache, cpu_kv(kv_cache, layer.isa, self.head_size))
+        assert step is not None
         align_layer(
-            plan, self._layer, query, output, self._paged[1], self.scale, self.num_kv_heads, STATE, rows, self._shards
+            plan,
+            self._layer,
+            query,
+            output,
+            self._paged[1],
+            self.scale,
+            self.num_kv_heads,
+            step.table,
+            rows,
+            self._shards,
         )
         return output
 
@@ -286,13 +289,37 @@ class SeviCPUAttentionImpl(AlignedImpl, CPUAttentionBackendImpl):
         return rows.derived["stock"]  # type: ignore[no-any-return]
 
 
-_CPU = torch.device("cpu")
+@dataclasses.dataclass
+class SeviCPUAttentionMetadata(CPUAttentionMetadata):
+    """vLLM's CPU attention metadata with SEVI's part of the step (None: no SEVI row in the batch)."""
+
+    sevi: SeviStep | None = None
+
+
+class SeviCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's builder, then SEVI's step plan from the same step (once per step, for every layer of the group)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sevi = StepBuilder()
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        # The CPU's tensors are the host's: the plan reads query_start_loc and seq_lens as they are.
+        view = StepMetadata(md.query_start_loc, md.seq_lens, md.block_table, md.num_actual_tokens)
+        step = self._sevi.build(view, self.kv_cache_spec.block_size, self.device)
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        return SeviCPUAttentionMetadata(**fields, sevi=step)
 
 
 class SeviCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "CPU_ATTN"
+
+    @staticmethod
+    def get_builder_cls() -> type[SeviCPUAttentionMetadataBuilder]:
+        return SeviCPUAttentionMetadataBuilder
 
     @staticmethod
     def get_impl_cls() -> type[SeviCPUAttentionImpl]:

@@ -27,6 +27,7 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
+    FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
 
@@ -35,7 +36,7 @@ from models.vllm_plugin.aligned_impl import AlignedImpl
 from models.vllm_plugin.paged_read import PagedKV
 from models.vllm_plugin.plan import RowSet, StepMetadata
 from models.vllm_plugin.rows import align_layer
-from models.vllm_plugin.state import STATE
+from models.vllm_plugin.step import SeviStep, StepBuilder
 from models.vllm_plugin.tensor_parallel import head_shards
 
 
@@ -101,8 +102,8 @@ class SeviFlashAttentionImpl(AlignedImpl, FlashAttentionImpl):
         output_scale=None,
         output_block_scale=None,
     ) -> torch.Tensor:
-        step_md = getattr(attn_metadata, "sevi_step", None)  # None: no metadata, or not a SEVI step (encoder)
-        plan, rows = self._plan_rows(layer, step_md, kv_cache, query.device)
+        step = getattr(attn_metadata, "sevi", None)  # None: no metadata (profiling), or no SEVI row in the batch
+        plan, rows = self._plan_rows(layer, step)
         # FlashAttention for the rows that are not aligned here: skipped when every row is (a decode step with
         # SEVI on for the whole batch: the cache write is vLLM's separate do_kv_cache_update), told to read no
         # keys for the wholly aligned sequences in mixed steps, on every row where the layer is not plain.
@@ -125,7 +126,7 @@ class SeviFlashAttentionImpl(AlignedImpl, FlashAttentionImpl):
             output[plan.num_tokens :].zero_()
         if rows is None:
             return output
-        assert plan is not None and self._layer is not None
+        assert plan is not None and step is not None and self._layer is not None
         if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
             raise RuntimeError(f"SEVI: unexpected FlashAttention cache shape {tuple(kv_cache.shape)}")
         align_layer(
@@ -136,7 +137,7 @@ class SeviFlashAttentionImpl(AlignedImpl, FlashAttentionImpl):
             paged_flash_kv(kv_cache),
             self.scale,
             self.num_kv_heads,
-            STATE,
+            step.table,
             rows,
             self._shards,
         )
@@ -170,16 +171,40 @@ def unaligned_metadata(md: Any, batch_row: torch.Tensor) -> Any:
     return dataclasses.replace(md, seq_lens=seq_lens, scheduler_metadata=None)
 
 
+@dataclasses.dataclass
+class SeviFlashAttentionMetadata(FlashAttentionMetadata):
+    """FlashAttention's metadata with SEVI's part of the step (None: no SEVI row in the batch)."""
+
+    sevi: SeviStep | None = None
+
+
 class SeviFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    """vLLM's builder, then SEVI's step plan from the same step (once per step, for every layer of the group)."""
+
+    # vLLM reuses one group's metadata for another group of the same spec with only the block table swapped
+    # (hybrid models): the step plan holds block ids of its own group, so every group builds its own.
+    supports_update_block_table = False
+
     @classmethod
     def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
         # A full graph would replay the stock kernel captured at start-up and skip SEVI's rows: none.
         return AttentionCGSupport.NEVER
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sevi = StepBuilder()
+
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
-        md: Any = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        md.sevi_step = host_step_metadata(md, common_attn_metadata)
-        return md
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        return with_step(md, self._sevi, common_attn_metadata, self.kv_cache_spec.block_size, self.device)
+
+
+def with_step(md: Any, builder: StepBuilder, common: Any, block_size: int, device: torch.device) -> Any:
+    """FlashAttention's metadata `md` as :class:`SeviFlashAttentionMetadata`, with this step's SEVI part (built
+    from vLLM's host copies of the row counts: :func:`host_step_metadata`)."""
+    step = builder.build(host_step_metadata(md, common), block_size, device)
+    fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
+    return SeviFlashAttentionMetadata(**fields, sevi=step)
 
 
 def host_step_metadata(md: Any, common: Any) -> StepMetadata:

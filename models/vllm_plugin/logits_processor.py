@@ -6,7 +6,8 @@ the served model's presets (`params.resolve_front_end`, `front_end.py`), puts th
 refuses bad values (a ValueError there is an HTTP 400 in vLLM's server and an error at submission in ours);
 `update_state` runs in the worker before each forward, after the batch was condensed and reordered, decodes
 each new request's row (`params.from_extra_args`: no second resolution) and files one :class:`Row` per batch
-index in the shared :data:`STATE` that the backend reads.
+index in the row table (:data:`models.vllm_plugin.state.STATE`), from which the backends' metadata builders
+build each step's plan (step.py).
 
 Contrast pairs: our engine submits two requests per contrasted request, a main row (`sevi_role=main`,
 aligned, on the real image) and a contrast row (`sevi_role=contrast`, unmodified model, on a contrast

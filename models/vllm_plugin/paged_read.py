@@ -115,7 +115,19 @@ def block_scores(
     is read in the cache's own layout (transposed or not), block by block: the full blocks in one
     batch, the last block only up to the last key (one copy of just what is read).
     """
-    kern = c_kernel_for(cache) if use_kernel else None
+    return scores_by(c_kernel_for(cache) if use_kernel else None, q, cache, block_index, num_keys, scale, key_counts)
+
+
+def scores_by(
+    kern: PagedKernel | None,
+    q: torch.Tensor,
+    cache: PagedKV,
+    block_index: torch.Tensor,
+    num_keys: int,
+    scale: float,
+    key_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`block_scores` by the C kernel `kern` (chosen by the caller: :func:`c_kernel_for`), or torch (None)."""
     if kern is not None:
         return kern.scores(q, cache.key, cache.key_transposed, block_index, num_keys, scale, key_counts, cache.amx)
     r = q.shape[0]
@@ -160,6 +172,20 @@ def block_values(
     softmax: `probs` are scores (masked keys at MASKED) and the output is p.V of their softmax, taken by
     the kernel while each row is in cache (`probs` is then overwritten: scratch), or by torch."""
     kern = c_kernel_for(cache) if use_kernel else None
+    return values_by(kern, probs, cache, block_index, num_kv_heads, out, key_counts, softmax)
+
+
+def values_by(
+    kern: PagedKernel | None,
+    probs: torch.Tensor,
+    cache: PagedKV,
+    block_index: torch.Tensor,
+    num_kv_heads: int,
+    out: torch.Tensor | None = None,
+    key_counts: torch.Tensor | None = None,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """:func:`block_values` by the C kernel `kern` (chosen by the caller), or torch (None)."""
     if kern is not None and (not softmax or (probs.is_contiguous() and probs.dtype == torch.float32)):
         return kern.values(
             probs,

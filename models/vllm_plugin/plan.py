@@ -7,12 +7,12 @@ is aligned again over its own causal keys, which the spec says equals the cached
 
 Cost model (the reason for the shapes below): each torch op costs microseconds of dispatch whatever its
 size, and the step runs every aligned layer, so everything that does not depend on the layer (row indices,
-block indices, masks, the alignment's prepared inputs) is built by the first aligned layer
-(:class:`StepPlan`, :class:`RowSet`), and the decode steps that follow over the same rows move it on in
-place (a key more per row: three small ops; a row entering a new block has that one block id read in place)
-until the masks' room runs out (every GROWTH steps). Backend-agnostic:
-both backends share one plan (on a GPU built from vLLM's host copies of the row counts, :class:`StepMetadata`,
-so a decode step reads nothing back from the device).
+block indices, masks, the alignment's prepared inputs) is built once per step, in the backend's metadata
+builder (step.py: :class:`StepPlan`; a layer's :class:`RowSet` by the first layer that needs it), and the
+decode steps that follow over the same rows move it on in place (a key more per row: three small ops; a row
+entering a new block has that one block id read in place) until the masks' room runs out (every GROWTH
+steps). Backend-agnostic: both backends share one plan (on a GPU built from vLLM's host copies of the row
+counts, :class:`StepMetadata`, so a decode step reads nothing back from the device).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class RowSet:
     key_count: torch.Tensor  # long [R]: keys each row reads (its causal ones; the plan's K is the widest)
     prepared: PreparedRows  # masks / knobs in the alignment's kernel shapes, [R, ...] with K = num_keys
     identity: bool  # token_index == arange(R): the rows are the whole query, in order
-    # The layers' bound calls, by cache shape and layout (models/vllm_plugin/bound_layer.py).
-    bound_calls: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    # The kernel chosen for these rows, by cache shape and layout, with its arguments bound (rows.py: layer_kernel).
+    kernels: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     # What a backend derives once per row set and step and shares across the step's layers (the CPU backend:
     # the rows its stock kernel still computes); cleared when the plan moves on to the next step.
     derived: dict[str, Any] = field(default_factory=dict)
@@ -61,8 +61,8 @@ GROWTH = 64
 
 @dataclass
 class StepPlan:
-    """Layer-independent parts of one step's alignment work, built once at the first layer and moved on in
-    place by the decode steps that follow (:meth:`advance`)."""
+    """Layer-independent parts of one step's alignment work, built once per step by the metadata builder and
+    moved on in place by the decode steps that follow (:meth:`advance`)."""
 
     token_index: torch.Tensor  # long [R]: row in the flattened query / output
     batch_row: torch.Tensor  # long [R]: batch index of each aligned row
@@ -230,7 +230,7 @@ class StepPlan:
             self._forget_row_sets(keep_full=True)
 
     def _forget_row_sets(self, keep_full: bool = False) -> None:
-        """The row sets (and their bound calls) are built again at their first layer: they hold token
+        """The row sets (and their kernels) are built again at their first layer: they hold token
         indices, block indices and mask tensors that just changed (keep_full: all but the set of every row,
         whose block ids are the plan's own)."""
         full = self._sets.get(len(self.starts)) if keep_full else None
@@ -293,30 +293,6 @@ class StepMetadata:
     seq_lens: torch.Tensor  # [B], host
     block_table: torch.Tensor  # [B, max blocks], the device's
     num_actual_tokens: int
-
-
-def step_plan(state: WorkerState, md: Any, block_size: int, device: torch.device) -> StepPlan | None:
-    """This step's plan from its attention metadata `md` (query_start_loc, seq_lens, block_table,
-    num_actual_tokens; a :class:`StepMetadata` on a GPU): built at the step's first attention layer, which also
-    keeps the step's seq_lens (pair lockstep checks), and reused by its other layers (one lookup each)."""
-    cached = state.plan_cache
-    if cached is not None and cached[0] == state.step and cached[1] == id(md):
-        return cached[2]  # type: ignore[no-any-return]
-    state.observe_seq_lens(md.seq_lens)
-    plan = None
-    if state.arrays().any_enabled:
-        plan = build_plan(
-            state,
-            md.query_start_loc,
-            md.seq_lens,
-            md.block_table,
-            block_size,
-            device,
-            None,  # the scheduled tokens from query_start_loc: vLLM pads num_actual_tokens to a graph size
-            cached[2] if cached is not None else None,
-        )
-    state.plan_cache = (state.step, id(md), plan)
-    return plan
 
 
 def build_plan(

@@ -1,12 +1,18 @@
-"""Per-worker SEVI batch state, shared by the logits processor (writer) and the attention backend (reader).
+"""The row table: what only the logits processor can hand over to the attention side of a vLLM worker.
 
 vLLM keeps request data away from the model forward. The one hook that sees each batch row's
 `SamplingParams` before the forward of the same step is a logits processor's `update_state` (called
 after the persistent batch was condensed and reordered, so its indices are the rows of the attention
-metadata). It files a :class:`Row` per batch index here; the backend reads the per-row tensors.
+metadata). It files a :class:`Row` per batch index here. Everything per step is built from this table where
+vLLM builds its own per-step data: in the attention metadata builder (step.py), which carries the step plan
+and this table to the layers in typed metadata; the layers record their telemetry back into the rows, and
+the server reads it through the worker extension's one RPC (telemetry.py). Nothing outside this package
+imports this module (an import-linter contract in pyproject.toml).
 
-One instance per worker process (module global): with tensor parallelism every worker has its own
-model runner, its own logits processor and its own attention layers, so each fills and reads its own.
+One instance per worker process (module global: vLLM builds the logits processor and the metadata builders
+with no reference to each other): with tensor parallelism every worker has its own model runner, its own
+logits processor and its own attention layers, so each fills and reads its own. A new engine's logits
+processor starts it afresh (:meth:`WorkerState.configure`).
 """
 
 from __future__ import annotations
@@ -89,7 +95,6 @@ class WorkerState:
         # Per-layer (batch rows, stage-1 heads, stage-2 heads), counted in batches by counts().
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.seq_lens: torch.Tensor | None = None  # this step's seq_lens per row (lockstep checks)
-        self.plan_cache: tuple[int, int, Any] | None = None  # (step, id(metadata), plan)
         self.filed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.dissolved_pairs: set[str] = set()
         self.contrast_steps: dict[str, int] = {}
@@ -107,13 +112,17 @@ class WorkerState:
         other_is_image_only: bool,
         eos_token_id: int | None,
     ) -> None:
+        """A new engine's logits processor: the table starts empty (an engine stopped in this process before
+        left its rows and filed telemetry here; nothing reads them any more)."""
+        self.reset()
         self.num_layers = num_layers
         self.image_token_id = image_token_id
         self.other_is_image_only = other_is_image_only
         self.eos_token_id = eos_token_id
 
     def observe_seq_lens(self, seq_lens: torch.Tensor) -> None:
-        """Keep this step's seq_lens (first layer only): the logits processor checks pair lockstep with them."""
+        """Keep this step's seq_lens (the step's first metadata build): the logits processor checks pair lockstep
+        with them."""
         if self.seq_lens is None:
             self.seq_lens = seq_lens[: self.batch_size].to("cpu", copy=True)
 

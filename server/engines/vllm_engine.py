@@ -147,7 +147,6 @@ class VllmEngine(QueuedEngine):
         self._cancelled = 0
         self._failed = 0
         self._counter = 0
-        self._worker_state: Any = None  # models.vllm_plugin.state.STATE when the worker shares this process
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:
@@ -171,8 +170,6 @@ class VllmEngine(QueuedEngine):
         if engine is not None:
             with contextlib.suppress(Exception):
                 engine.engine_core.shutdown()
-        if self._worker_state is not None:
-            self._worker_state.reset()  # one vLLM engine per process at a time: the plugin state is global
 
     @property
     def ready(self) -> bool:
@@ -262,15 +259,10 @@ class VllmEngine(QueuedEngine):
         kwargs, usage_context = self._prepare()
         from vllm import EngineArgs, LLMEngine
 
-        from models.vllm_plugin.state import STATE
-
         t0 = time.perf_counter()
         self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs), usage_context=usage_context)
         # The queue bound and the stats count requests: two sequences each at most (a contrast row).
         self._max_batch = max(1, int(self._engine.vllm_config.scheduler_config.max_num_seqs) // 2)
-        backend = self._engine.vllm_config.parallel_config.distributed_executor_backend  # as vLLM settled it
-        in_process = runtime_env.vllm_engine_core_in_process() and backend == "uni"
-        self._worker_state = STATE if in_process else None
         self._loaded(self._engine.vllm_config, t0)
 
     def _loaded(self, vllm_config: Any, t0: float) -> None:
@@ -300,6 +292,7 @@ class VllmEngine(QueuedEngine):
         from vllm.platforms import current_platform
 
         from models.vllm_plugin import register
+        from models.vllm_plugin.telemetry import EXTENSION
 
         register()  # vLLM calls it too; explicit so a source checkout without entry points still works
         if current_platform.is_cpu():
@@ -308,6 +301,8 @@ class VllmEngine(QueuedEngine):
         path = Path(self._model_dir)
         config = json.loads((path / "config.json").read_text())
         kwargs, usage_context = self._engine_kwargs(config)
+        # The telemetry's one channel, `collective_rpc` by name, whether the workers share this process or not.
+        kwargs.setdefault("worker_extension_cls", EXTENSION)
         self._processor = AutoProcessor.from_pretrained(path)
         self._tokenizer = self._processor.tokenizer
         self._pool = ContrastPool.from_folder(self._pool_dir) if self._pool_dir else ContrastPool.default()
@@ -483,14 +478,14 @@ class VllmEngine(QueuedEngine):
         )
 
     def _collect_telemetry(self, job: _Job) -> Telemetry:
-        """The request's telemetry from every vLLM worker (one `collective_rpc`: in-process with the `uni`
-        executor, a message round trip with `mp` / `ray`), merged over shards and stages."""
+        """The request's telemetry from every vLLM worker (one `collective_rpc` by name, the plugin's one channel:
+        in-process with the `uni` executor, a message round trip with `mp` / `ray`), merged over shards and stages."""
         if not job.request.alignment.active and job.contrast_id is None:
             return Telemetry()  # nothing aligned or contrasted: no round trip to the workers
-        from models.vllm_plugin.telemetry import collect_on_worker, merge
+        from models.vllm_plugin.telemetry import TELEMETRY_RPC, request_telemetry
 
-        replies = self._engine.collective_rpc(collect_on_worker, args=([job.main_id],))
-        return Telemetry.from_mapping(merge(replies, job.main_id))
+        replies = self._engine.collective_rpc(TELEMETRY_RPC, args=([job.main_id],))
+        return Telemetry.from_mapping(request_telemetry(replies, job.main_id))
 
     def _release(self, job: _Job, vllm_done: bool) -> None:
         """Bookkeeping for a job that ended here; stop its rows in vLLM unless vLLM finished the main one."""

@@ -10,9 +10,9 @@ What changes against the in-thread engine, and why it still holds:
 - contrast pairs: the two rows reach the engine core one message each, so a step may run between them; the SEVI
   scheduler holds the first row until its partner has arrived (models/vllm_plugin/scheduler.py), and the pair is
   then admitted together as before;
-- telemetry: read per finished request with `collective_rpc("sevi_telemetry")`, a worker extension
-  (models/vllm_plugin/telemetry.py), only for requests that aligned or contrasted anything (a request at
-  conservativeness 0 pays no round trip);
+- telemetry: read per finished request through the plugin's one channel, `collective_rpc` by name to its worker
+  extension (models/vllm_plugin/telemetry.py; the in-thread engine reads it the same way), only for requests
+  that aligned or contrasted anything (a request at conservativeness 0 pays no round trip);
 - stop strings and detokenization are vLLM's (`detokenize=True`); EOS and `stop_token_ids` end a request with
   "stop" and, as in the other engines, are neither in the text nor counted in `completion_tokens`;
 - the queue bound and the stats count requests in vLLM past its batch (`max_num_seqs` / 2 requests), as before;
@@ -47,8 +47,6 @@ from server.engines.base import (
 )
 from server.engines.vllm_engine import VllmEngine, _param_of, log, vllm_sampling_extensions
 from server.engines.vllm_liveness import vllm_engine_failure
-
-TELEMETRY_EXTENSION = "models.vllm_plugin.telemetry.TelemetryExtension"
 
 
 class VllmProcessEngine(VllmEngine):
@@ -87,7 +85,6 @@ class VllmProcessEngine(VllmEngine):
         # vLLM's own default: the engine core in a child process (it inherits this environment).
         runtime_env.prepare_vllm_engine_process(self.options.cpu_kv_cache_gib)
         kwargs, usage_context = self._prepare()
-        kwargs.setdefault("worker_extension_cls", TELEMETRY_EXTENSION)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -322,10 +319,10 @@ class VllmProcessEngine(VllmEngine):
     async def _telemetry(self, req: GenerationRequest, main_id: str, contrast_id: str | None) -> Telemetry:
         if not req.alignment.active and contrast_id is None:
             return Telemetry()  # nothing aligned or contrasted: no round trip to the engine core
-        from models.vllm_plugin.telemetry import merge
+        from models.vllm_plugin.telemetry import TELEMETRY_RPC, request_telemetry
 
-        replies = await self._llm.collective_rpc("sevi_telemetry", args=([main_id],))
-        return Telemetry.from_mapping(merge(replies, main_id))
+        replies = await self._llm.collective_rpc(TELEMETRY_RPC, args=([main_id],))
+        return Telemetry.from_mapping(request_telemetry(replies, main_id))
 
     def _translate(self, exc: BaseException) -> BaseException:
         from vllm.exceptions import VLLMValidationError

@@ -194,17 +194,17 @@ def test_request_joining_aligned_decodes_equals_reference(
 def test_alignment_off_requests_take_the_stock_path_and_match_the_mixed_batch(
     live: LiveServer, ref: ReferenceModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import models.vllm_plugin.plan as step_plans
+    import models.vllm_plugin.step as steps  # the metadata builders build each step's plan there
 
     built: list[object] = []
-    build_plan = step_plans.build_plan
+    build_plan = steps.build_plan
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         plan = build_plan(*args, **kwargs)
         built.append(plan)
         return plan
 
-    monkeypatch.setattr(step_plans, "build_plan", counted)
+    monkeypatch.setattr(steps, "build_plan", counted)
     images = [random_image(s) for s in range(2)]
     mixed = mixed_batch(ref.num_layers, images)
     off = [r for r in mixed if r.request_id.startswith("c0/")]

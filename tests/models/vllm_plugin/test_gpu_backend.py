@@ -124,10 +124,10 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
 
     from models.kernels import choice
     from models.knob import resolve_alignment
-    from models.vllm_plugin.gpu_backend import unaligned_metadata
+    from models.vllm_plugin.gpu_backend import SeviFlashAttentionMetadata, unaligned_metadata, with_step
     from models.vllm_plugin.params import to_extra_args
-    from models.vllm_plugin.plan import StepMetadata
     from models.vllm_plugin.state import STATE
+    from models.vllm_plugin.step import StepBuilder
     from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor
 
     # The kernel choice is read once per process: cleared here and after, so neither this test nor the ones
@@ -176,7 +176,7 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
         kv_cache = torch.randn(16, kv_heads, bs, 2 * hd, generator=gen)
         table = torch.randperm(16, generator=gen)[:12].view(4, 3).int()
         n_tokens = int(qsl[-1])
-        md = FlashAttentionMetadata(
+        flash_md = FlashAttentionMetadata(
             num_actual_tokens=n_tokens,
             max_query_len=12,
             query_start_loc=qsl,
@@ -186,7 +186,17 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
             slot_mapping=torch.arange(n_tokens),
             scheduler_metadata=torch.zeros(4),
         )
-        md.sevi_step = StepMetadata(qsl.long(), seq, table, n_tokens)  # type: ignore[attr-defined]
+        # What the metadata builder's build() does after FlashAttention's: the step's SEVI part, from vLLM's host
+        # copies of the row counts (here the tensors are the host's already).
+        common = SimpleNamespace(query_start_loc_cpu=qsl.long(), seq_lens_cpu_upper_bound=seq)
+        builder = StepBuilder()
+
+        def build() -> Any:
+            md = with_step(flash_md, builder, common, bs, torch.device("cpu"))
+            assert isinstance(md, SeviFlashAttentionMetadata) and md.sevi is not None and md.sevi.plan is not None
+            return md
+
+        md = build()
         # Sharp heads (core) and flat ones (global), so both stages of the alignment act.
         query = torch.randn(n_tokens, heads, hd, generator=gen) * torch.tensor([4.0, 4.0, 0.25, 0.25])[:, None]
         plain = torch.empty(n_tokens, heads * hd)
@@ -197,6 +207,7 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
             layer = SimpleNamespace(layer_name=f"language_model.model.layers.{layer_number}.self_attn.attn")
             impl._layer_known = False
             STATE.begin_step(False)
+            md = build()
             seen.clear()
             out = impl.forward(layer, query, None, None, kv_cache, md, torch.empty(n_tokens, heads * hd))
             assert len(seen) == 1 and seen[0].scheduler_metadata is None
@@ -204,6 +215,7 @@ def test_mixed_steps_give_flash_attention_no_keys_for_wholly_aligned_sequences(m
             # The path before: FlashAttention on every row, the aligned rows written over it.
             impl._plain = False
             STATE.begin_step(False)
+            md = build()
             before = impl.forward(layer, query, None, None, kv_cache, md, torch.empty(n_tokens, heads * hd))
             impl._plain = True
             assert torch.equal(out, before)

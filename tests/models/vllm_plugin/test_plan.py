@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -11,8 +9,9 @@ pytest.importorskip("vllm")
 
 from models.knob import resolve_alignment  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402
-from models.vllm_plugin.plan import GROWTH, StepMetadata, StepPlan, build_plan, layer_index, step_plan  # noqa: E402
+from models.vllm_plugin.plan import GROWTH, StepMetadata, StepPlan, build_plan, layer_index  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
+from models.vllm_plugin.step import StepBuilder  # noqa: E402
 from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_state")
@@ -180,43 +179,44 @@ def test_a_row_reaching_a_new_block_reads_its_id_even_when_the_widest_row_does_n
         )
 
 
-def test_step_plan_is_built_once_per_step_and_only_with_alignment_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first attention layer of a step builds the plan (and keeps the step's seq_lens); the others get
-    the same plan by one lookup; the next decode step derives its plan from it; a batch without aligned
-    rows never builds one."""
-    import models.vllm_plugin.plan as step_plans
+def _plan(builder: StepBuilder, md: StepMetadata, device: torch.device) -> StepPlan | None:
+    """The plan a backend's metadata builder carries in this step's metadata."""
+    step = builder.build(md, 16, device)
+    assert step is not None and step.table is STATE
+    return step.plan
+
+
+def test_the_metadata_builder_builds_each_steps_plan_once_and_moves_it_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend's metadata builder builds the step's SEVI part once per step (vLLM hands the same metadata to
+    every layer of the step), keeping the step's seq_lens for the logits processor; the next decode step moves
+    the plan on; a batch without aligned rows gets no plan, and one without SEVI rows no SEVI part at all."""
+    import models.vllm_plugin.step as steps
 
     built: list[object] = []
-    build = step_plans.build_plan
-    monkeypatch.setattr(step_plans, "build_plan", lambda *a, **k: built.append(1) or build(*a, **k))
+    build = steps.build_plan
+    monkeypatch.setattr(steps, "build_plan", lambda *a, **k: built.append(1) or build(*a, **k))
     proc = processor()
     on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))
     prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
     add_rows(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [4])], 2)
+    builder = StepBuilder()
 
-    def md(seq: list[int]) -> SimpleNamespace:
-        return SimpleNamespace(
-            query_start_loc=torch.arange(3, dtype=torch.int32),
-            seq_lens=torch.tensor(seq),
-            block_table=torch.arange(4).view(2, 2).int(),
-            num_actual_tokens=2,
-        )
+    def md(seq: list[int]) -> StepMetadata:
+        return StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor(seq), torch.arange(4).view(2, 2).int(), 2)
 
     STATE.begin_step(False)
-    first = md([15, 13])
-    plan = step_plan(STATE, first, 16, torch.device("cpu"))
+    plan = _plan(builder, md([15, 13]), torch.device("cpu"))
     assert plan is not None and built == [1] and STATE.seq_lens is not None and int(STATE.seq_lens[0]) == 15
-    for _ in range(3):  # the step's other layers
-        assert step_plan(STATE, first, 16, torch.device("cpu")) is plan
-    assert built == [1]
     STATE.begin_step(False)
     keys = plan.key_count.clone()
-    nxt = step_plan(STATE, md([16, 14]), 16, torch.device("cpu"))
+    nxt = _plan(builder, md([16, 14]), torch.device("cpu"))
     assert nxt is plan and torch.equal(nxt.key_count, keys + 1) and built == [1, 1]  # moved on: a key more
     add_rows(proc, [(0, None, prompt, [11] * 4)], 2)  # alignment off for the whole batch
     STATE.begin_step(True)
     built.clear()
-    assert step_plan(STATE, md([17, 15]), 16, torch.device("cpu")) is None and built == []
+    assert _plan(builder, md([17, 15]), torch.device("cpu")) is None and built == []
+    STATE.reset()
+    assert builder.build(md([18, 16]), 16, torch.device("cpu")) is None  # no SEVI row: vLLM's metadata alone
 
 
 def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,11 +229,12 @@ def test_decode_steps_read_nothing_back_from_the_device(monkeypatch: pytest.Monk
     prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
     add_rows(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
     table = torch.arange(64, dtype=torch.int32).view(2, 32)
+    builder = StepBuilder()
 
     def step(seq: list[int]) -> StepPlan | None:
         STATE.begin_step(False)
         md = StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor(seq), table, 2)
-        return step_plan(STATE, md, 16, torch.device("cpu"))
+        return _plan(builder, md, torch.device("cpu"))
 
     first = step([13, 12])
     assert first is not None
@@ -275,9 +276,10 @@ def test_a_fresh_plan_uploads_once_and_reads_nothing_back(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(torch.Tensor, "to", counting_to)
     monkeypatch.setattr(torch, "nonzero", refuse)
+    builder = StepBuilder()
     STATE.begin_step(False)
     md = StepMetadata(torch.arange(4, dtype=torch.int32), torch.tensor([13, 12, 14]), table, 3)
-    plan = step_plan(STATE, md, 16, torch.device("meta"))
+    plan = _plan(builder, md, torch.device("meta"))
     assert plan is not None and plan.key_count.device.type == "meta"
     assert uploads == [True]
     sets = [plan.rows_at(layer) for layer in range(4)]
@@ -287,7 +289,7 @@ def test_a_fresh_plan_uploads_once_and_reads_nothing_back(monkeypatch: pytest.Mo
     for n in range(1, 40):  # decode steps: moved on in place, crossing blocks (row sets rebuilt), no read-back
         STATE.begin_step(False)
         md = StepMetadata(torch.arange(4, dtype=torch.int32), torch.tensor([13 + n, 12 + n, 14 + n]), table, 3)
-        assert step_plan(STATE, md, 16, torch.device("meta")) is plan
+        assert _plan(builder, md, torch.device("meta")) is plan
         assert plan.rows_at(1) is not None and plan.rows_at(3) is not None
     assert all(uploads)
 
@@ -301,7 +303,7 @@ def test_a_fresh_plan_covers_a_step_whose_token_count_vllm_padded() -> None:
     add_rows(proc, [(0, on, prompt, [11]), (1, on, prompt[:-1], [4])], 2)
     STATE.begin_step(False)
     md = StepMetadata(torch.arange(3, dtype=torch.int32), torch.tensor([13, 12]), torch.arange(4).view(2, 2), 8)
-    plan = step_plan(STATE, md, 16, torch.device("cpu"))
+    plan = _plan(StepBuilder(), md, torch.device("cpu"))
     assert plan is not None and plan.num_tokens == 2 and plan.covers_all_tokens
     rows = plan.rows_at(1)
     assert rows is not None and rows.identity

@@ -12,11 +12,10 @@ pytest.importorskip("vllm")
 
 from models.alignment import align_scores  # noqa: E402
 from models.knob import resolve_alignment  # noqa: E402
-from models.vllm_plugin.bound_layer import bound_layer  # noqa: E402
 from models.vllm_plugin.cpu_backend import paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402
 from models.vllm_plugin.plan import build_plan  # noqa: E402
-from models.vllm_plugin.rows import align_layer  # noqa: E402
+from models.vllm_plugin.rows import align_layer, layer_kernel  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
 from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor, random_cpu_cache  # noqa: E402
 
@@ -94,11 +93,14 @@ def test_align_layer_equals_dense_alignment_on_gathered_kv(kv_path: str, dtype: 
         out = stock.clone()
         STATE.step_counts, STATE.pending = None, []
         paged = paged_cpu_kv(cache, k_t, v_t)
-        # With the C kernel the layer runs bound calls (kernel + compiled operator), else the general path.
+        # With the C kernel the layer runs bound calls (kernel + compiled operator), else the general path: chosen
+        # once for the row set and this cache's layout, and that choice is what the layer runs.
         rows = plan.rows_at(layer)
-        bound = bound_layer(rows, paged, hd**-0.5, g, heads, hd) if rows is not None else None
-        assert rows is not None and (bound is not None) == (kv_path != "torch")
+        assert rows is not None
+        kernel = layer_kernel(rows, paged, hd**-0.5, g, heads, hd, None)
+        assert kernel.name == ("torch" if kv_path == "torch" else "c")
         align_layer(plan, layer, query, out, paged, hd**-0.5, g, STATE)
+        assert list(rows.kernels.values()) == [kernel]
         want = _dense(plan, layer, query, stock, cache, table, k_t, v_t, g)
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
         # The aligned rows written (sequence 3's from its start layer on), nothing else.

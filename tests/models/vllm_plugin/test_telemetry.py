@@ -46,8 +46,9 @@ def test_telemetry_is_counted_late_but_lands_on_the_right_rows() -> None:
 def test_telemetry_merged_over_shards_and_stages() -> None:
     """Two pipeline stages of two tensor-parallel shards each: rows (the same on a stage's shards) are counted
     once per stage and the stages added; heads (each shard its own) summed over all four; the contrast
-    fields, decided where the logits are, taken once."""
-    from models.vllm_plugin.telemetry import merge
+    fields, decided where the logits are, taken once. Replies as they arrive: typed in process, plain lists and
+    tuples from workers in other processes (vLLM's message queues)."""
+    from models.vllm_plugin.telemetry import WorkerTelemetry, request_telemetry
 
     def entry(rows: int, heads: int) -> dict[str, int]:
         return {
@@ -60,12 +61,12 @@ def test_telemetry_merged_over_shards_and_stages() -> None:
         }
 
     replies = [
-        (0, 0, {"r": entry(10, 3)}),
-        (1, 0, {"r": entry(10, 5)}),
+        WorkerTelemetry(0, 0, {"r": entry(10, 3)}),
+        [1, 0, {"r": entry(10, 5)}],
         (0, 1, {"r": entry(20, 4), "other": entry(1, 1)}),
         (1, 1, {"r": entry(20, 6)}),
     ]
-    assert merge(replies, "r") == {
+    assert request_telemetry(replies, "r") == {
         "aligned_rows": 30,
         "stage1_rows": 28,
         "stage2_rows": 26,
@@ -73,7 +74,7 @@ def test_telemetry_merged_over_shards_and_stages() -> None:
         "contrast_steps": 7,
         "contrast_dissolved": 0,
     }
-    assert merge(replies, "missing") == {}
+    assert request_telemetry(replies, "missing") == {}
 
 
 def test_a_row_replaced_by_a_condensing_move_files_its_telemetry() -> None:
