@@ -8,11 +8,14 @@ processor comes in through the `vllm.logits_processors` entry point. Pieces:
   resolution of a `vllm serve` user's raw knob (with :mod:`.front_end`: the served model's depth and presets);
 - :mod:`.logits_processor`: `validate_params` (resolve once, HTTP 400), `update_state` (decoded row -> worker state),
   `apply` (contrastive decoding pairs);
-- :mod:`.state`: the per-worker table both sides share;
+- :mod:`.state`: the row table, the one thing the logits processor hands over to the attention side;
 - :mod:`.plan`: which rows to align in a step, and what their layers share (one plan for both backends);
-- :mod:`.rows`: the aligned attention of a layer, by the kernel :mod:`models.kernels.choice` names: the C
+- :mod:`.step`: the step plan built once per step in the backends' metadata builders, carried to the layers in
+  their typed metadata;
+- :mod:`.rows`: the aligned attention of a layer, the one place its kernel is chosen and called: the C
   kernel with its bound calls (:mod:`.bound_layer`), Triton (:mod:`models.kernels.sevi_decode`) or torch
   (:mod:`.paged_read`);
+- :mod:`.telemetry`: the one channel the engines read the workers' telemetry through;
 - :mod:`.cpu_backend` (CPU_ATTN, tested) and :mod:`.gpu_backend` (FLASH_ATTN, not yet run on a GPU).
 """
 
