@@ -242,3 +242,27 @@ def test_align_layer_writes_every_row_when_the_stock_kernel_is_skipped(kv_path: 
         out = torch.full((2, heads * hd), float("nan"))  # what an unwritten output would hold
         align_layer(plan, 1, query, out, paged_cpu_kv(cache, k_t, v_t), hd**-0.5, g, None)
         torch.testing.assert_close(out, _dense(plan, 1, query, out, cache, table, k_t, v_t, g), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chosen", ["c", "triton", "torch"])
+def test_the_kernel_is_chosen_in_one_place_from_the_choice_and_the_cache(
+    chosen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rows.cache_reader decides who reads a cache for the aligned rows (what the layers run and what /ready
+    reports): the process's choice where it applies to the cache, else the torch gather. The Triton kernels read
+    strided views only; the C kernel reads strided views and its AMX tiles, not another learned order."""
+    from models.kernels import choice
+    from models.kernels.paged_kv import kernel
+    from models.vllm_plugin.cpu_backend import ordered_cpu_kv
+    from models.vllm_plugin.rows import cache_reader
+
+    monkeypatch.setattr(choice, "aligned_kernel", lambda: chosen)  # SEVI_ALIGNED_KERNEL
+    cache, k_t, v_t = random_cpu_cache(4, 2, 32, 32, seed=1)
+    strided = paged_cpu_kv(cache, k_t, v_t)
+    order = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(2))
+    learned = ordered_cpu_kv(cache, order, order)  # a permutation that is not the AMX layout
+    assert not learned.amx
+    reader, kern = cache_reader(strided)
+    want = {"c": "c" if kernel() is not None else "torch", "triton": "triton", "torch": "torch"}[chosen]
+    assert reader == want and (kern is not None) == (want == "c")
+    assert cache_reader(learned) == ("torch", None)
