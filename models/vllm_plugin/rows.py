@@ -122,28 +122,17 @@ def layer_kernel(
         shards is None,
     )
     found: LayerKernel | None = rows.kernels.get(key)
-    if found is None:
-        found = rows.kernels[key] = _choose(rows, cache, scale, num_kv_heads, n_heads, head_dim, shards)
-    return found
-
-
-def _choose(
-    rows: RowSet,
-    cache: PagedKV,
-    scale: float,
-    num_kv_heads: int,
-    n_heads: int,
-    head_dim: int,
-    shards: ShardGather | None,
-) -> LayerKernel:
+    if found is not None:
+        return found
     reader, kern = cache_reader(cache)
     if reader == "triton":
-        return TritonLayer(rows, scale, num_kv_heads)
-    if kern is not None and shards is None:
-        operator = compiled_for(rows.prepared)
-        if operator is not None:
-            return BoundLayer.build(rows, cache, kern, operator, scale, num_kv_heads, n_heads, head_dim)
-    return TorchLayer(rows, kern, scale, num_kv_heads)
+        found = TritonLayer(rows, scale, num_kv_heads)
+    elif kern is not None and shards is None and (operator := compiled_for(rows.prepared)) is not None:
+        found = BoundLayer.build(rows, cache, kern, operator, scale, num_kv_heads, n_heads, head_dim)
+    else:  # the torch operator with the C kernel's reads (no compiled operator, or sharded heads) or gather + bmm
+        found = TorchLayer(rows, kern, scale, num_kv_heads)
+    rows.kernels[key] = found
+    return found
 
 
 def cache_reader(cache: PagedKV) -> tuple[str, PagedKernel | None]:
