@@ -78,9 +78,10 @@ def kill_a_worker_under_load(server: Server, workers: int) -> dict[str, Any]:
     # unchecked 30 s wait for a metric here once let all 8 end first). Requests that still end before the kill
     # are left out of the check (fault_at), at most half of them.
     worker = worker_process(server, workers)
+    name = " ".join(worker.cmdline())  # before the kill: a killed worker is a zombie until reaped (psutil refuses)
     t0 = time.monotonic()
     os.kill(worker.pid, signal.SIGKILL)
-    seen: dict[str, Any] = {"worker": " ".join(worker.cmdline()), "killed_at": t0}
+    seen: dict[str, Any] = {"worker": name, "killed_at": t0}
     seen["health_503_after_s"] = eventually(
         lambda: httpx.get(server.url + "/health", timeout=5).status_code == 503,
         timeout_s=30,
