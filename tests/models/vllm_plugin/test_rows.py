@@ -14,7 +14,7 @@ from models.alignment import align_scores  # noqa: E402
 from models.knob import resolve_alignment  # noqa: E402
 from models.vllm_plugin.cpu_backend import paged_cpu_kv, read_cpu_kv  # noqa: E402
 from models.vllm_plugin.params import to_extra_args  # noqa: E402
-from models.vllm_plugin.plan import build_plan  # noqa: E402
+from models.vllm_plugin.plan import StepMetadata, build_plan  # noqa: E402
 from models.vllm_plugin.rows import align_layer, layer_kernel  # noqa: E402
 from models.vllm_plugin.state import STATE  # noqa: E402
 from tests.support.vllm_plugin import PLUGIN_IMAGE, add_rows, processor, random_cpu_cache  # noqa: E402
@@ -221,6 +221,76 @@ def test_stock_kernel_runs_only_on_the_sequences_not_wholly_aligned() -> None:
     assert stock_rows(md, torch.tensor([0]), **kw) is None  # type: ignore[arg-type]
     none_left = stock_rows(md, torch.tensor([0] * 15 + [1, 2, 3]), **kw)  # type: ignore[arg-type]
     assert none_left is not None and none_left.tokens.numel() == 0 and none_left.metadata is None
+
+
+def _cpu_metadata(qsl: torch.Tensor, seq: torch.Tensor, table: torch.Tensor, heads: int, g: int, hd: int) -> Any:
+    """vLLM's CPU attention metadata for a step, as its builder makes it."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    n_tokens = int(qsl[-1])
+    return CPUAttentionMetadata(
+        num_actual_tokens=n_tokens,
+        max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+        query_start_loc=qsl,
+        max_seq_len=int(seq.max()),
+        seq_lens=seq,
+        block_table=table,
+        slot_mapping=torch.arange(n_tokens),
+        causal=True,
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq.shape[0],
+            num_heads=heads,
+            num_kv_heads=g,
+            head_dim=hd,
+            seq_lens=seq,
+            dtype=torch.float32,
+            query_start_loc=qsl,
+            causal=True,
+            sliding_window_size=-1,
+            isa="vec",
+            enable_kv_split=True,
+        ),
+    )
+
+
+def test_a_request_without_sevi_args_after_aligned_rows_keeps_its_rows_in_the_stock_kernel() -> None:
+    """A `vllm serve` request without `vllm_xargs` carries no SEVI row. Joining while aligned requests decode,
+    it is filed after them: its prompt rows, then its decode rows, are the stock kernel's, which the CPU backend
+    must run on them (vllm-serve knob test, "none/4" and "none/7": when the row table stopped at the last SEVI
+    row the step looked all-aligned, the stock kernel was skipped and the request's attention never computed)."""
+    from types import SimpleNamespace
+
+    from models.vllm_plugin.cpu_backend import SeviCPUAttentionImpl
+    from models.vllm_plugin.cpu_stock import NO_STOCK_ROWS
+    from models.vllm_plugin.step import StepBuilder
+
+    proc = processor()
+    on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))  # type: ignore[arg-type]
+    prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
+    add_rows(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [])], 2)
+    assert STATE.batch_size == 2  # an entry for every batch row, the last one None
+    bs, hd, g, heads = 32, 32, 2, 4
+    impl = SimpleNamespace(num_heads=heads, num_kv_heads=g, head_size=hd, kv_cache_dtype="auto")
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    builder = StepBuilder()
+    n = len(prompt)
+    # The step it joins (its whole prompt beside row 0's decode row), then two decode steps (the plan moved on).
+    steps = [([0, 1, 1 + n], [16, n]), ([0, 1, 2], [17, n + 1]), ([0, 1, 2], [18, n + 2])]
+    for i, (qsl_list, seq_list) in enumerate(steps):
+        qsl, seq = torch.tensor(qsl_list, dtype=torch.int32), torch.tensor(seq_list, dtype=torch.int32)
+        STATE.begin_step(False)
+        md = _cpu_metadata(qsl, seq, table, heads, g, hd)
+        step = builder.build(StepMetadata(qsl, seq, table, int(qsl[-1])), bs, torch.device("cpu"))
+        assert step is not None and step.plan is not None
+        plan = step.plan
+        assert plan.num_tokens == int(qsl[-1]) and not plan.covers_all_tokens, i
+        rows = plan.rows_at(1)
+        assert rows is not None and not rows.identity and rows.token_index.tolist() == [0], i
+        query = torch.zeros(int(qsl[-1]), heads, hd)
+        stock = SeviCPUAttentionImpl._stock(impl, SimpleNamespace(isa="vec"), query, md, rows)  # type: ignore[arg-type]
+        assert stock is not None and stock is not NO_STOCK_ROWS, i
+        assert stock.tokens.tolist() == list(range(1, int(qsl[-1]))), i  # row 1's rows, all of them
 
 
 def test_align_layer_writes_every_row_when_the_stock_kernel_is_skipped(kv_path: str) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -178,6 +179,50 @@ def test_knob_settings_equal_reference_engine(server: Server, ref: ReferenceMode
     for seed in (4, 7):  # not vacuous: the alignment reached the attention and changed the output
         assert got[f"explicit/{seed}"] != got[f"none/{seed}"]
         assert got[f"strings/{seed}"] == got[f"explicit/{seed}"]
+
+
+def test_a_request_without_knobs_joining_aligned_decodes_equals_reference(server: Server, ref: ReferenceModel) -> None:
+    """A request without `vllm_xargs` (no SEVI row at all) sent while an aligned one decodes: vLLM files it after
+    the aligned row, so its prefill step is an aligned decode row and its prompt. Its output must be the
+    unmodified model's. It was not when the worker's row table ended at the last SEVI row: the step looked
+    all-aligned, the stock kernel was skipped and the request's attention never computed (the knob test above
+    failed so on "none/4" and "none/7" when its concurrent requests arrived in such an order)."""
+    png = png_bytes(4)
+    decoding, answered = threading.Event(), threading.Event()
+
+    def aligned() -> bool:
+        """Stream a long aligned request; True when it was still decoding once the plain one was answered."""
+        body = {
+            "model": MODEL,
+            "messages": image_message(PROMPT, png_bytes(7)),
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+            "vllm_xargs": dict(EXPLICIT),
+        }
+        chunks = 0
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if answered.is_set():
+                    return True  # closing the stream aborts the request
+                if line == "data: [DONE]":
+                    return False
+                chunks += line.startswith("data: ")
+                if chunks >= 3:  # the role chunk, then tokens: it decodes
+                    decoding.set()
+        return False
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(aligned)
+        assert decoding.wait(120), "the aligned request never started decoding"
+        plain = chat(server, png, None)
+        answered.set()
+        outlived = running.result()
+    assert plain.status_code == 200, plain.text
+    want_ids, _ = reference(ref, png, resolve_alignment(0, ref.num_layers))
+    assert generated_ids(plain.json()["choices"][0], ref) == want_ids
+    assert outlived  # not vacuous: the plain request ran beside the aligned decode row throughout
 
 
 def test_openai_client_with_extra_body(server: Server, ref: ReferenceModel) -> None:
