@@ -112,7 +112,7 @@ class SeviLogitsProcessor(LogitsProcessor):
                 STATE.add(index, row)
         for a, b, direction in batch_update.moved:
             STATE.move(a, b, direction == MoveDirectionality.SWAP)
-        STATE.truncate(batch_update.batch_size)
+        STATE.resize(batch_update.batch_size)  # an entry per batch index, None where a request has no row
         self._index_pairs()
 
     def _row(self, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> Row | None:

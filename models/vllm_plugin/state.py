@@ -220,11 +220,17 @@ class WorkerState:
             self.rows[b], self.rows[a] = self.rows[a], None
         self._arrays = None
 
-    def truncate(self, batch_size: int) -> None:
+    def resize(self, batch_size: int) -> None:
+        """One entry per batch index, after a batch update: rows past the batch filed and dropped, and None for
+        the batch's last rows when they carry no SEVI row (a `vllm serve` request without `vllm_xargs`). The
+        step plan reads the step's size from here (`batch_size`: its rows of query_start_loc, seq_lens and the
+        scheduled tokens): a table that stopped at the last SEVI row made a step of aligned decode rows followed
+        by such a request look all-aligned, and the backends skipped the stock kernel that computes its rows."""
         for i in range(batch_size, len(self.rows)):
             if self.rows[i] is not None:
                 self.remove(i)
         del self.rows[batch_size:]
+        self.rows.extend([None] * (batch_size - len(self.rows)))
         self._arrays = None
 
     def _file(self, row: Row) -> None:
@@ -264,6 +270,7 @@ class WorkerState:
     # ---- dense views for the backend ----
     @property
     def batch_size(self) -> int:
+        """The batch's size at its last update (every batch index has an entry: see :meth:`resize`)."""
         return len(self.rows)
 
     def arrays(self) -> RowArrays:
