@@ -269,7 +269,6 @@ def test_a_request_without_sevi_args_after_aligned_rows_keeps_its_rows_in_the_st
     on = to_extra_args(resolve_alignment(None, 4, start_layer=1, omega=2.0, kappa=0.6))  # type: ignore[arg-type]
     prompt = [1] + [PLUGIN_IMAGE] * 8 + [7, 8, 9]
     add_rows(proc, [(0, on, prompt, [11] * 3), (1, None, prompt, [])], 2)
-    assert STATE.batch_size == 2  # an entry for every batch row, the last one None
     bs, hd, g, heads = 32, 32, 2, 4
     impl = SimpleNamespace(num_heads=heads, num_kv_heads=g, head_size=hd, kv_cache_dtype="auto")
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
@@ -284,13 +283,14 @@ def test_a_request_without_sevi_args_after_aligned_rows_keeps_its_rows_in_the_st
         step = builder.build(StepMetadata(qsl, seq, table, int(qsl[-1])), bs, torch.device("cpu"))
         assert step is not None and step.plan is not None
         plan = step.plan
-        assert plan.num_tokens == int(qsl[-1]) and not plan.covers_all_tokens, i
         rows = plan.rows_at(1)
-        assert rows is not None and not rows.identity and rows.token_index.tolist() == [0], i
+        assert rows is not None and rows.token_index.tolist() == [0], i
         query = torch.zeros(int(qsl[-1]), heads, hd)
         stock = SeviCPUAttentionImpl._stock(impl, SimpleNamespace(isa="vec"), query, md, rows)  # type: ignore[arg-type]
-        assert stock is not None and stock is not NO_STOCK_ROWS, i
+        assert stock is not None and stock is not NO_STOCK_ROWS, i  # the stock kernel is not skipped
         assert stock.tokens.tolist() == list(range(1, int(qsl[-1]))), i  # row 1's rows, all of them
+        assert plan.num_tokens == int(qsl[-1]) and not plan.covers_all_tokens and not rows.identity, i
+    assert STATE.batch_size == 2 and STATE.rows[1] is None  # the table spans the batch: its last row has no row
 
 
 def test_align_layer_writes_every_row_when_the_stock_kernel_is_skipped(kv_path: str) -> None:
