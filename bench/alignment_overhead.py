@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, user_message
+from models.engine_api import GenerationRequest, SamplingParams, user_message
+from models.generation import ReferenceModel
 from models.knob import resolve_alignment
 from models.tiny import build
 

@@ -32,8 +32,9 @@ from PIL import Image
 from transformers import DynamicCache
 
 from models.alignment import classify_heads, span_masks
+from models.engine_api import GenerationRequest, SamplingParams, user_message
 from models.families import DEFAULT_PROMPT
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.generation import ReferenceModel, run_to_completion
 from models.knob import resolve_alignment
 
 

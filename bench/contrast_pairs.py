@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.engines import PROMPT, images, random_llava, start
-from models.generation import GenerationRequest, SamplingParams, user_message
+from models.engine_api import GenerationRequest, SamplingParams, user_message
 from models.knob import resolve_alignment
 from models.telemetry import Telemetry
 
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = args.model or random_llava(args.layers, args.heads, args.kv_heads, args.image_tokens)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from server.engines.vllm_engine import VllmEngine, VllmOptions
+    from models.vllm_options import VllmOptions
+    from server.engines.vllm_engine import VllmEngine
 
     fields: dict[str, Any] = {"engine_args": {"scheduler_cls": None} if args.stock_scheduler else {}}
     options = VllmOptions(**fields)  # the rest from SEVI_VLLM_* or defaults

@@ -39,12 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.engine_api import Engine, GenerationRequest, SamplingParams, user_message
 from models.families import DEFAULT_PROMPT, eos_token_ids
-from models.generation import GenerationRequest, SamplingParams, user_message
 from models.knob import AlignmentParams, resolve_alignment
 from models.telemetry import Telemetry
 from models.tiny import build
-from server.engines.base import Engine
 
 PROMPT = DEFAULT_PROMPT  # the requests of every engine benchmark
 LOCKSTEP_REQUESTS = 8

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.engines import PROMPT, collect, images, never_eos, start
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.engine_api import GenerationRequest, SamplingParams, user_message
+from models.generation import ReferenceModel, run_to_completion
 from models.knob import AlignmentParams, resolve_alignment
 from models.tiny import build
 
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     model_dir = build_model(args.width, args.layers, args.image_tokens)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from server.engines.vllm_engine import VllmEngine, VllmOptions
+    from models.vllm_options import VllmOptions
+    from server.engines.vllm_engine import VllmEngine
 
     engine = start(
         VllmEngine(

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from bench.chair.score import caption_objects
+from models.engine_api import GenerationRequest, SamplingParams, user_message
 from models.families import DEFAULT_PROMPT
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.generation import ReferenceModel, run_to_completion
 from models.knob import AlignmentParams, load_knob_map, resolve_alignment
 from training import scenes
 

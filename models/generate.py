@@ -14,15 +14,9 @@ from typing import Any
 
 from PIL import Image
 
+from models.engine_api import GenerationRequest, RequestError, SamplingParams, user_message
 from models.families import DEFAULT_PROMPT
-from models.generation import (
-    GenerationRequest,
-    ReferenceModel,
-    RequestError,
-    SamplingParams,
-    run_to_completion,
-    user_message,
-)
+from models.generation import ReferenceModel, run_to_completion
 from models.knob import PRESET_NAMES, AlignmentParamError, PresetsError, load_knob_map, resolve_alignment
 
 

@@ -11,7 +11,7 @@ Pure PyTorch/transformers; the server wraps it in an async engine and the CLI ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,90 +22,18 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCach
 from models.contrast_pool import ContrastPool
 from models.contrastive import contrast_logits
 from models.detokenizer import TextStream
+from models.engine_api import (
+    GenerationRequest,
+    RequestError,
+    TokenEvent,
+    is_stop_token,
+    stop_ids,
+    text_stream,
+)
 from models.families import Family, eos_token_ids, family_for, image_parts, render_prompt
-from models.knob import AlignmentParams
 from models.sampling import apply_penalties, block_tokens, sample_token
 from models.sevi_attention import AlignmentBatch, alignment_context, use_sevi_attention
 from models.telemetry import Telemetry
-
-
-class RequestError(ValueError):
-    """A request the model cannot run (too long, too many images...). `param` names the field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token generated so far
-    frequency_penalty: float = 0.0  # OpenAI's: times how often each token was generated so far
-    ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work, as vLLM's --ignore-eos)
-    # vLLM's sampling extensions (its chat API's documented fields), with vLLM's meaning and defaults.
-    top_k: int = 0  # keep the k likeliest tokens; 0 (or -1) = all
-    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
-    repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if positive, else logit x p
-    min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
-    stop_token_ids: tuple[int, ...] = ()  # end with "stop" on any of these (not in the text), as on EOS
-    skip_special_tokens: bool = True  # leave special tokens out of the text
-    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
-
-
-def stop_ids(sampling: SamplingParams, eos_ids: set[int] | frozenset[int]) -> list[int]:
-    """The tokens that end a request with "stop": EOS (unless ignore_eos) and the request's stop_token_ids."""
-    return sorted(set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(eos_ids)))
-
-
-def is_stop_token(token: int, sampling: SamplingParams, eos_ids: set[int] | frozenset[int], generated: int) -> bool:
-    """Whether `token`, after `generated` tokens, ends the request with "stop" (vLLM's rules: EOS unless
-    ignore_eos, any stop_token_ids; neither before min_tokens)."""
-    if generated < sampling.min_tokens:
-        return False
-    return token in sampling.stop_token_ids or (token in eos_ids and not sampling.ignore_eos)
-
-
-def text_stream(tokenizer: Any, sampling: SamplingParams) -> TextStream:
-    """A request's output text with its stop strings and vLLM's text options."""
-    return TextStream(
-        tokenizer,
-        sampling.stop,
-        sampling.max_tokens,
-        min_tokens=sampling.min_tokens,
-        skip_special_tokens=sampling.skip_special_tokens,
-        include_stop=sampling.include_stop_str_in_output,
-    )
-
-
-@dataclass
-class GenerationRequest:
-    """One request as the engine sees it. `messages` use content parts {"type": "image"|"text"}; the
-    images fill the image parts in order. `contrast_images` pins the contrast images (else drawn)."""
-
-    request_id: str
-    messages: list[dict[str, Any]]
-    images: list[Image.Image]
-    alignment: AlignmentParams
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    contrast_images: list[Image.Image] | None = None
-
-
-@dataclass
-class TokenEvent:
-    """One generated token (or the end) of one request. `text` is the new text since the last event."""
-
-    request_id: str
-    token_id: int | None
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    telemetry: Telemetry | None = None  # on the final event
 
 
 @dataclass
@@ -130,13 +58,6 @@ class _RequestState:
     @property
     def text(self) -> str:
         return self.output.text
-
-
-def user_message(prompt: str, n_images: int = 1) -> list[dict[str, Any]]:
-    """The chat for a captioning request: the image(s), then the prompt text."""
-    parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
-    parts.append({"type": "text", "text": prompt})
-    return [{"role": "user", "content": parts}]
 
 
 class ReferenceModel:

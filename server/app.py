@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from models.engine_api import Engine
 from server import errors
 from server.engines import create_engine, resolve_engine_name
-from server.engines.base import Engine
 from server.metrics import Metrics
 from server.middleware import RequestContext
 from server.routes import ROUTERS

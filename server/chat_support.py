@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from models.engine_api import SAMPLING_EXTENSIONS
 from server.errors import APIError
 from server.schemas.chat import ChatCompletionRequest
-from server.schemas.vllm_extensions import REFUSED_DEFAULTS, SAMPLING_EXTENSIONS
+from server.schemas.vllm_extensions import REFUSED_DEFAULTS
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.engines.base import Engine
+from models.engine_api import Engine
 from server.errors import APIError
 from server.metrics import Metrics
 from server.middleware import Arrival

@@ -14,9 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.generation import RequestError
+from models.engine_api import EngineDead, EngineError, EngineNotReady, EngineOverloaded, RequestError
 from models.knob import AlignmentParamError
-from server.engines.base import EngineDead, EngineError, EngineNotReady, EngineOverloaded
 
 log = logging.getLogger("sevi.server")
 

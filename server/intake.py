@@ -14,9 +14,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from models.generation import GenerationRequest, SamplingParams
+from models.engine_api import Engine, GenerationRequest, SamplingParams
 from models.knob import AlignmentParamError, AlignmentParams, resolve_alignment
-from server.engines.base import Engine
 from server.errors import APIError
 from server.images import ImageLimits, decode_image, load_image_url
 from server.settings import Settings

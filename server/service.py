@@ -16,9 +16,8 @@ from typing import Any
 
 from starlette.types import Receive
 
-from models.generation import GenerationRequest, TokenEvent
+from models.engine_api import Engine, GenerationRequest, GenerationStats, TokenEvent
 from models.telemetry import Telemetry
-from server.engines.base import Engine, GenerationStats
 from server.errors import APIError, from_exception
 from server.metrics import Metrics
 from server.middleware import Arrival

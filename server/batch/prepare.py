@@ -17,13 +17,12 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
+from models.engine_api import Engine, GenerationRequest, user_message
 from models.families import DEFAULT_PROMPT
-from models.generation import GenerationRequest, user_message
 from models.knob import parse_conservativeness
 from server.batch.config import BatchSettings, Level
 from server.batch.inputs import Item
 from server.chat_support import refuse_unsupported
-from server.engines.base import Engine
 from server.errors import APIError, from_validation_errors
 from server.images import open_image
 from server.intake import ImageURL, Knobs, RequestSpec, Sampling, build, image_limits, new_id, resolve_knobs

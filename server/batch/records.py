@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from models.generation import GenerationRequest
+from models.engine_api import GenerationRequest
 from server.batch.config import Level
 from server.errors import APIError
 from server.schemas.chat import AssistantMessage, ChatCompletionResponse, Choice

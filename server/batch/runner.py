@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from models.generation import GenerationRequest, TokenEvent
+from models.engine_api import Engine, EngineOverloaded, GenerationRequest, GenerationStats, TokenEvent
 from models.knob import AlignmentParamError, parse_conservativeness
 from models.telemetry import Telemetry
 from server.batch import records
@@ -36,7 +36,6 @@ from server.batch.inputs import Item
 from server.batch.output import Key, Writer, key
 from server.batch.prepare import caption_request, chat_request, levels_for, load_image
 from server.batch.progress import Progress
-from server.engines.base import Engine, EngineOverloaded, GenerationStats
 from server.errors import APIError, from_exception
 from server.service import Outcome
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from server.engines.base import (
+from models.engine_api import (
     Engine,
     EngineDead,
     EngineError,
     EngineHealth,
     EngineNotReady,
     EngineOverloaded,
+    EngineSettings,
     EngineStats,
     GenerationStats,
 )
-from server.settings import Settings
 
 ENGINES: dict[str, str] = {
     "transformers": "server.engines.transformers_engine:TransformersEngine",
@@ -72,7 +72,7 @@ def _import(path: str) -> type[Engine]:
     return cls
 
 
-def create_engine(settings: Settings) -> Engine:
+def create_engine(settings: EngineSettings) -> Engine:
     """The engine `settings` name, its model's knob presets read (a bad presets file raises
     `models.knob.PresetsError` here, before anything loads or serves)."""
     cls = engine_class(settings.engine)

@@ -23,19 +23,23 @@ import torch
 from models import runtime_env
 from models.alignment_dispatch import compiled_operator
 from models.contrast_pool import ContrastPool
-from models.generation import DecodeBatch, GenerationRequest, ReferenceModel, RequestError, TokenEvent
-from server.engines.base import (
+from models.engine_api import (
+    DEFAULT_MAX_BATCH_SIZE,
+    SAMPLING_EXTENSIONS,
     EngineError,
     EngineNotReady,
+    EngineSettings,
     EngineStats,
+    GenerationRequest,
     GenerationStats,
     QueuedEngine,
+    RequestError,
+    TokenEvent,
     default_cpu_threads,
     set_torch_threads,
 )
+from models.generation import DecodeBatch, ReferenceModel
 from server.engines.dtype import resolve_dtype
-from server.schemas.vllm_extensions import SAMPLING_EXTENSIONS
-from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
 
 log = logging.getLogger("sevi.engine")
 
@@ -100,7 +104,7 @@ class TransformersEngine(QueuedEngine):
         self._failed_batches = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TransformersEngine:
+    def from_settings(cls, settings: EngineSettings) -> TransformersEngine:
         batch = settings.max_batch_size if settings.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
         return cls(
             str(settings.model),

@@ -34,32 +34,30 @@ from typing import Any
 from models import runtime_env
 from models.contrast_pool import ContrastPool
 from models.detokenizer import TextStream
-from models.families import eos_token_ids, find_spec, image_parts, render_prompt
-from models.generation import (
+from models.engine_api import (
+    DEFAULT_MAX_BATCH_SIZE,
+    SAMPLING_EXTENSIONS,
+    EngineError,
+    EngineNotReady,
+    EngineSettings,
+    EngineStats,
     GenerationRequest,
+    GenerationStats,
+    QueuedEngine,
     RequestError,
     TokenEvent,
+    default_cpu_threads,
     is_stop_token,
+    set_torch_threads,
     stop_ids,
     text_stream,
 )
-from models.generation import (
-    SamplingParams as RequestSampling,
-)
+from models.engine_api import SamplingParams as RequestSampling
+from models.families import eos_token_ids, find_spec, image_parts, render_prompt
 from models.telemetry import Telemetry
-from server.engines.base import (
-    EngineError,
-    EngineNotReady,
-    EngineStats,
-    GenerationStats,
-    QueuedEngine,
-    default_cpu_threads,
-    set_torch_threads,
-)
+from models.vllm_options import VllmSettings
 from server.engines.dtype import resolve_dtype
 from server.engines.vllm_liveness import vllm_engine_failure
-from server.schemas.vllm_extensions import SAMPLING_EXTENSIONS
-from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings, VllmSettings
 
 log = logging.getLogger("sevi.engine.vllm")
 SCHEDULER_CLS = "models.vllm_plugin.scheduler.SeviScheduler"
@@ -74,10 +72,6 @@ class _DropRepeatedThreadWarning(logging.Filter):
 
 
 _THREAD_WARNING_FILTER = _DropRepeatedThreadWarning()
-
-
-# The vLLM group of the settings tree (server/settings.py), by the name tests and bench/ construct it by.
-VllmOptions = VllmSettings
 
 
 @dataclass(eq=False)
@@ -149,7 +143,7 @@ class VllmEngine(QueuedEngine):
         self._counter = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> VllmEngine:
+    def from_settings(cls, settings: EngineSettings) -> VllmEngine:
         return cls(
             str(settings.model),
             model_name=settings.model_id,

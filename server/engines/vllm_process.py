@@ -34,17 +34,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from models import runtime_env
-from models.generation import GenerationRequest, RequestError, TokenEvent, stop_ids
-from models.telemetry import Telemetry
-from server.engines.base import (
+from models.engine_api import (
     EngineDead,
     EngineError,
     EngineNotReady,
     EngineOverloaded,
     EngineStats,
+    GenerationRequest,
     GenerationStats,
+    RequestError,
+    TokenEvent,
+    stop_ids,
     stream_events,
 )
+from models.telemetry import Telemetry
 from server.engines.vllm_engine import VllmEngine, _param_of, log, vllm_sampling_extensions
 from server.engines.vllm_liveness import vllm_engine_failure
 

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from models.generation import user_message
+from models.engine_api import user_message
 from server.deps import ArrivalDep, EngineDep, MetricsDep, SettingsDep, require_api_key
 from server.errors import APIError
 from server.images import decode_base64

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from models.generation import GenerationRequest
+from models.engine_api import GenerationRequest
 from server.chat_support import refuse_unsupported
 from server.deps import ArrivalDep, EngineDep, MetricsDep, SettingsDep, require_api_key
 from server.errors import APIError

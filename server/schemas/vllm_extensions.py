@@ -14,17 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-# Fields of vLLM's sampling parameters that an engine may honour (`models.generation.SamplingParams`).
-SAMPLING_EXTENSIONS: tuple[str, ...] = (
-    "ignore_eos",
-    "min_tokens",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "stop_token_ids",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-)
+# Fields of vLLM's sampling parameters that an engine may honour (the engine API's `SamplingParams` has them).
+from models.engine_api import SAMPLING_EXTENSIONS as SAMPLING_EXTENSIONS
 
 _VLLM = "vLLM extension; "
 _REFUSED = _VLLM + "accepted only at vLLM's default, refused with a 400 that names the field otherwise."

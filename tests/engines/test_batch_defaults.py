@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from models.engine_api import DEFAULT_MAX_BATCH_SIZE
 from server.engines.transformers_engine import TransformersEngine
-from server.settings import DEFAULT_MAX_BATCH_SIZE, Settings
+from server.settings import Settings
 
 
 def settings(**values: Any) -> Settings:

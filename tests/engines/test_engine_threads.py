@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.engine_api import default_cpu_threads
 from server.engines import vllm_engine
-from server.engines.base import default_cpu_threads
 from server.engines.transformers_engine import TransformersEngine
 from server.engines.vllm_engine import _THREAD_WARNING_FILTER, VllmEngine
 from server.settings import Settings

@@ -20,7 +20,8 @@ import torch
 pytest.importorskip("vllm")
 
 from models.generation import ReferenceModel  # noqa: E402
-from server.engines.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
+from models.vllm_options import VllmOptions  # noqa: E402
+from server.engines.vllm_engine import VllmEngine  # noqa: E402
 from tests.support.engines import mixed_batch, run_engine, start_engine  # noqa: E402
 from tests.support.images import random_image  # noqa: E402
 

@@ -22,17 +22,11 @@ from PIL import Image
 
 pytest.importorskip("vllm")
 
-from models.generation import (  # noqa: E402
-    GenerationRequest,
-    ReferenceModel,
-    RequestError,
-    SamplingParams,
-    run_to_completion,
-    user_message,
-)
+from models.engine_api import GenerationRequest, RequestError, SamplingParams, user_message  # noqa: E402
+from models.generation import ReferenceModel, run_to_completion  # noqa: E402
 from models.knob import AlignmentParams, resolve_alignment  # noqa: E402
 from models.telemetry import Telemetry  # noqa: E402
-from server.engines.vllm_engine import VllmOptions  # noqa: E402
+from models.vllm_options import VllmOptions  # noqa: E402
 from tests.support.engines import (  # noqa: E402
     DESCRIBE_PROMPT,
     EXPLICIT,
@@ -404,7 +398,7 @@ def test_metrics_include_vllms_own(live: LiveServer) -> None:
 
 
 def test_engine_computes_on_every_core_but_one(live: LiveServer) -> None:
-    from server.engines.base import default_cpu_threads
+    from models.engine_api import default_cpu_threads
 
     assert live.settings.torch_threads is None and live.engine.compute_threads == default_cpu_threads()
 

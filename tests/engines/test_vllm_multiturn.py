@@ -19,14 +19,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from models.generation import (  # noqa: E402
-    Completion,
-    GenerationRequest,
-    ReferenceModel,
-    SamplingParams,
-    run_to_completion,
-    user_message,
-)
+from models.engine_api import GenerationRequest, SamplingParams, user_message  # noqa: E402
+from models.generation import Completion, ReferenceModel, run_to_completion  # noqa: E402
 from models.knob import AlignmentParams, resolve_alignment  # noqa: E402
 from tests.support.engines import run_engine, start_engine  # noqa: E402
 from tests.support.images import random_image  # noqa: E402

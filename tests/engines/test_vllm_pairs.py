@@ -17,13 +17,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from models.generation import (  # noqa: E402
-    GenerationRequest,
-    ReferenceModel,
-    SamplingParams,
-    run_to_completion,
-    user_message,
-)
+from models.engine_api import GenerationRequest, SamplingParams, user_message  # noqa: E402
+from models.generation import ReferenceModel, run_to_completion  # noqa: E402
 from models.knob import resolve_alignment  # noqa: E402
 from models.telemetry import Telemetry  # noqa: E402
 from models.tiny import build  # noqa: E402
@@ -51,7 +46,8 @@ def ref(model_dir: Path) -> ReferenceModel:
 @pytest.fixture
 def engine_with(model_dir: Path) -> Iterator[Callable[..., Any]]:
     """Start a vLLM engine on the model with extra EngineArgs; stopped after the test (one per process)."""
-    from server.engines.vllm_engine import VllmEngine, VllmOptions
+    from models.vllm_options import VllmOptions
+    from server.engines.vllm_engine import VllmEngine
 
     started: list[Any] = []
 

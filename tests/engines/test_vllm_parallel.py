@@ -19,7 +19,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from models.generation import ReferenceModel  # noqa: E402
-from server.engines.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
+from models.vllm_options import VllmOptions  # noqa: E402
+from server.engines.vllm_engine import VllmEngine  # noqa: E402
 from tests.support.engines import check_mixed_batch, start_engine  # noqa: E402
 
 pytestmark = pytest.mark.integration

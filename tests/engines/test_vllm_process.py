@@ -14,13 +14,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from bench.vllm_client import client_args, run_client  # noqa: E402
-from models.generation import (  # noqa: E402
-    GenerationRequest,
-    ReferenceModel,
-    SamplingParams,
-    run_to_completion,
-    user_message,
-)
+from models.engine_api import GenerationRequest, SamplingParams, user_message  # noqa: E402
+from models.generation import ReferenceModel, run_to_completion  # noqa: E402
 from models.knob import resolve_alignment  # noqa: E402
 from server.engines.vllm_process import VllmProcessEngine  # noqa: E402
 from tests.support.engines import DESCRIBE_PROMPT, EXPLICIT, check_mixed_batch, run_engine  # noqa: E402

@@ -12,6 +12,7 @@ import pytest
 import torch
 from jinja2 import Template
 
+from models.engine_api import user_message
 from models.families import (
     DEFAULT_PROMPT,
     SPECS,
@@ -21,7 +22,7 @@ from models.families import (
     render_prompt,
     spec_for,
 )
-from models.generation import ReferenceModel, user_message
+from models.generation import ReferenceModel
 from tests.support.images import random_image
 
 

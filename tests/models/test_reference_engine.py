@@ -11,7 +11,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.engine_api import GenerationRequest, SamplingParams, user_message
+from models.generation import ReferenceModel, run_to_completion
 from models.knob import AlignmentParams, resolve_alignment
 from models.sevi_attention import AlignmentBatch, alignment_context
 from tests.sevi_reference import loop_attention_row

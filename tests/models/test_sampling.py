@@ -9,7 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, user_message
+from models.engine_api import GenerationRequest, SamplingParams, user_message
+from models.generation import ReferenceModel
 from models.knob import resolve_alignment
 from models.sampling import apply_penalties, block_tokens, sample_token
 from tests.support.images import random_image

@@ -12,7 +12,8 @@ import openai
 import pytest
 from PIL import Image
 
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.engine_api import GenerationRequest, SamplingParams, user_message
+from models.generation import ReferenceModel, run_to_completion
 from models.knob import resolve_alignment
 from tests.support.images import image_message, png_bytes
 from tests.support.live_server import LiveServer

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from openai.types.chat import completion_create_params
 
+from models.engine_api import SAMPLING_EXTENSIONS
 from models.telemetry import Telemetry as EngineTelemetry
 from server.chat_support import MESSAGE_RULES, RULES, VLLM_RULES
 from server.schemas.chat import ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, ChunkDelta
 from server.schemas.common import AppliedAlignment, Telemetry, Usage
-from server.schemas.vllm_extensions import SAMPLING_EXTENSIONS, VllmChatExtensions
+from server.schemas.vllm_extensions import VllmChatExtensions
 from server.sse import sse
 
 SEVI_FIELDS = {"conservativeness", "alignment"}

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from models import runtime_env
+from models.vllm_options import VllmOptions
 from server.__main__ import main
 from server.engines.transformers_engine import TransformersEngine
-from server.engines.vllm_engine import VllmEngine, VllmOptions
+from server.engines.vllm_engine import VllmEngine
 from server.settings import Settings, parse_cli
 from tests.support.repo import REPO
 

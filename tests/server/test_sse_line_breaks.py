@@ -16,8 +16,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from models.generation import GenerationRequest, TokenEvent
-from server.engines.base import Engine, EngineStats, GenerationStats
+from models.engine_api import Engine, EngineStats, GenerationRequest, GenerationStats, TokenEvent
 from server.settings import Settings
 from server.sse import sse
 from tests.support.live_server import LiveServer, base_settings

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from server.engines.base import EngineHealth
+from models.engine_api import EngineHealth
 from server.watchdog import ENGINE_DEAD_EXIT_CODE, EngineWatchdog
 from tests.support.waiting import eventually_async
 

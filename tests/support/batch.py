@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 
+from models.engine_api import Engine
 from server.batch.config import BatchSettings
 from server.batch.job import run_local
-from server.engines.base import Engine
 from server.settings import Settings
 from tests.support.images import png_bytes
 

@@ -7,10 +7,10 @@ import asyncio
 
 from PIL import Image
 
-from models.generation import GenerationRequest, ReferenceModel, SamplingParams, run_to_completion, user_message
+from models.engine_api import Engine, GenerationRequest, SamplingParams, user_message
+from models.generation import ReferenceModel, run_to_completion
 from models.knob import AlignmentParams, resolve_alignment
 from models.telemetry import Telemetry
-from server.engines.base import Engine
 from tests.support.images import random_image
 from tests.support.waiting import eventually
 

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+from models.engine_api import Engine
 from server.app import create_app
-from server.engines.base import Engine
 from server.settings import Settings
 from tests.support.waiting import eventually
 

@@ -28,12 +28,8 @@ from PIL import Image
 pytest.importorskip("vllm")
 
 from bench.vs_vllm import Server  # noqa: E402
-from models.generation import (  # noqa: E402
-    GenerationRequest,
-    ReferenceModel,
-    SamplingParams,
-    user_message,
-)
+from models.engine_api import GenerationRequest, SamplingParams, user_message  # noqa: E402
+from models.generation import ReferenceModel  # noqa: E402
 from models.knob import (  # noqa: E402
     PRESETS_FILE,  # noqa: E402
     AlignmentParams,

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from models.generation import GenerationRequest, TokenEvent
+from models.engine_api import (
+    Engine,
+    EngineError,
+    EngineNotReady,
+    EngineStats,
+    GenerationRequest,
+    GenerationStats,
+    TokenEvent,
+)
 from server.batch.job import run_local
 from server.batch.runner import EngineUnavailable
-from server.engines.base import Engine, EngineError, EngineNotReady, EngineStats, GenerationStats
 from server.settings import Settings
 from tests.support.batch import batch_settings, by_key
 from tests.support.images import png_bytes

@@ -1,8 +1,11 @@
-"""The engine interface the routes talk to. An engine owns a model and turns requests into token events.
+"""The engine API: the request contract every engine and the server share (:class:`GenerationRequest`,
+:class:`SamplingParams`, :class:`TokenEvent`, :class:`RequestError`) and the engine interface the routes talk to.
+An engine owns a model and turns requests into token events; it reads the server's settings by shape
+(:class:`EngineSettings`) and never imports the server.
 
 Contract of `generate`: an async iterator of :class:`TokenEvent` for one request, ending after the event
 with a `finish_reason`. Errors surface from the iterator: :class:`EngineOverloaded` (queue full) and
-:class:`EngineNotReady` before the first event, `models.generation.RequestError` for a request the
+:class:`EngineNotReady` before the first event, `RequestError` for a request the
 model refuses, :class:`EngineError` when the engine failed while running it, :class:`EngineDead` (at any
 point) once the engine can no longer serve at all. Closing the iterator early (client gone, deadline)
 cancels the request and frees its batch slot.
@@ -22,16 +25,152 @@ import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from PIL import Image
 
-from models.generation import GenerationRequest, TokenEvent
-from models.knob import PAPER_MAP, KnobMap, load_knob_map
+from models import runtime_env
+from models.detokenizer import TextStream
+from models.knob import PAPER_MAP, AlignmentParams, KnobMap, load_knob_map
+from models.telemetry import Telemetry
 
-if TYPE_CHECKING:
-    from server.settings import Settings
+# Requests decoding at once where max_batch_size is unset: the reference engine everywhere, the vLLM engine on
+# CPU (a few cores: a larger batch makes every step slower). On a GPU the vLLM engine follows vLLM's own
+# defaults instead (server/engines/vllm_engine.py: vllm_batch_args).
+DEFAULT_MAX_BATCH_SIZE = 8
+
+# Fields of vLLM's sampling parameters that an engine may honour (`SamplingParams` below has them all); the chat
+# schema (server/schemas/vllm_extensions.py) declares them and refuses those an engine does not list.
+SAMPLING_EXTENSIONS: tuple[str, ...] = (
+    "ignore_eos",
+    "min_tokens",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
+
+
+class RequestError(ValueError):
+    """A request the model cannot run (too long, too many images...). `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: times how often each token was generated so far
+    ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work, as vLLM's --ignore-eos)
+    # vLLM's sampling extensions (its chat API's documented fields), with vLLM's meaning and defaults.
+    top_k: int = 0  # keep the k likeliest tokens; 0 (or -1) = all
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
+    repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if positive, else logit x p
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # end with "stop" on any of these (not in the text), as on EOS
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+
+
+def stop_ids(sampling: SamplingParams, eos_ids: set[int] | frozenset[int]) -> list[int]:
+    """The tokens that end a request with "stop": EOS (unless ignore_eos) and the request's stop_token_ids."""
+    return sorted(set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(eos_ids)))
+
+
+def is_stop_token(token: int, sampling: SamplingParams, eos_ids: set[int] | frozenset[int], generated: int) -> bool:
+    """Whether `token`, after `generated` tokens, ends the request with "stop" (vLLM's rules: EOS unless
+    ignore_eos, any stop_token_ids; neither before min_tokens)."""
+    if generated < sampling.min_tokens:
+        return False
+    return token in sampling.stop_token_ids or (token in eos_ids and not sampling.ignore_eos)
+
+
+def text_stream(tokenizer: Any, sampling: SamplingParams) -> TextStream:
+    """A request's output text with its stop strings and vLLM's text options."""
+    return TextStream(
+        tokenizer,
+        sampling.stop,
+        sampling.max_tokens,
+        min_tokens=sampling.min_tokens,
+        skip_special_tokens=sampling.skip_special_tokens,
+        include_stop=sampling.include_stop_str_in_output,
+    )
+
+
+@dataclass
+class GenerationRequest:
+    """One request as the engine sees it. `messages` use content parts {"type": "image"|"text"}; the
+    images fill the image parts in order. `contrast_images` pins the contrast images (else drawn)."""
+
+    request_id: str
+    messages: list[dict[str, Any]]
+    images: list[Image.Image]
+    alignment: AlignmentParams
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    contrast_images: list[Image.Image] | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token (or the end) of one request. `text` is the new text since the last event."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    telemetry: Telemetry | None = None  # on the final event
+
+
+def user_message(prompt: str, n_images: int = 1) -> list[dict[str, Any]]:
+    """The chat for a captioning request: the image(s), then the prompt text."""
+    parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    parts.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": parts}]
+
+
+class EngineSettings(Protocol):
+    """What an engine reads of the server's settings tree (`server.settings.Settings` has it all): engines take
+    it by shape, so that they never import the server. `vllm` is the vLLM engine's group (its `VllmSettings`)."""
+
+    @property
+    def engine(self) -> str: ...
+    @property
+    def model(self) -> Path: ...
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def max_batch_size(self) -> int | None: ...
+    @property
+    def max_queue(self) -> int: ...
+    @property
+    def max_cohorts(self) -> int: ...
+    @property
+    def max_images_per_request(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def torch_threads(self) -> int | None: ...
+    @property
+    def contrast_pool(self) -> Path | None: ...
+    @property
+    def vllm(self) -> Any: ...
+    def runtime_options(self) -> runtime_env.RuntimeOptions: ...
 
 
 def default_cpu_threads(cores: int | None = None) -> int:
@@ -102,7 +241,7 @@ class Engine(ABC):
 
     @classmethod
     @abstractmethod
-    def from_settings(cls, settings: Settings) -> Engine: ...
+    def from_settings(cls, settings: EngineSettings) -> Engine: ...
 
     @abstractmethod
     async def start(self) -> None:
