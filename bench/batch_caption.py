@@ -38,7 +38,7 @@ import httpx
 from bench.engines import never_eos, random_llava
 from bench.load import images
 from bench.vs_vllm import Server
-from models.families import DEFAULT_PROMPT
+from sevi.families import DEFAULT_PROMPT
 
 MODEL_NAME = "bench"
 
@@ -277,7 +277,7 @@ def rss_mib(pid: int) -> float:
 
 
 def part_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from models.tiny import build
+    from sevi.testing.tiny import build
 
     tiny = work / "tiny-llava"
     if not (tiny / "config.json").exists():

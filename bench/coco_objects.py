@@ -1,12 +1,12 @@
 """The COCO object vocabulary of the CHAIR metric, re-exported for the scorer.
 
-The word lists live in `models.coco_objects`, on the runtime side, because the server's playground page
+The word lists live in `sevi.evaluation.coco_objects`, on the runtime side, because the server's playground page
 serves them too and server/ does not import bench/.
 """
 
 from __future__ import annotations
 
-from models.coco_objects import (
+from sevi.evaluation.coco_objects import (
     ANIMAL_WORDS,
     CATEGORIES,
     COCO_DOUBLE_WORDS,

@@ -6,7 +6,7 @@ A random LLaVA (default 8 layers, 16 heads, 576 image tokens per prompt, as LLaV
 its defaults, `--requests` captioning requests at conservativeness 0.5 (contrastive decoding on) sent by
 `--concurrency` clients in a closed loop. A request is "dissolved" when its telemetry says
 `contrast_dissolved`: its two rows (main and contrast) were scheduled apart and part of its output was decoded
-without contrast. `--stock-scheduler` runs vLLM's own scheduler instead of models/vllm_plugin/scheduler.py
+without contrast. `--stock-scheduler` runs vLLM's own scheduler instead of sevi/engines/vllm/plugin/scheduler.py
 (what the engine did before it).
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.engines import PROMPT, images, random_llava, start
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.knob import resolve_alignment
-from models.telemetry import Telemetry
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.method.knob import resolve_alignment
+from sevi.method.telemetry import Telemetry
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = args.model or random_llava(args.layers, args.heads, args.kv_heads, args.image_tokens)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from models.vllm_options import VllmOptions
-    from server.engines.vllm_engine import VllmEngine
+    from sevi.engines.vllm.options import VllmOptions
+    from sevi.engines.vllm.vllm_engine import VllmEngine
 
     fields: dict[str, Any] = {"engine_args": {"scheduler_cls": None} if args.stock_scheduler else {}}
     options = VllmOptions(**fields)  # the rest from SEVI_VLLM_* or defaults

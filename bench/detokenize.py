@@ -3,7 +3,7 @@
     python -m bench.detokenize [--model DIR] [--lengths 64,256,1024] [--repeats 5]
 
 Per generated token, the engines turn the ids so far into the new text. Decoding every id again is
-O(n) per token; TextStream (models/detokenizer.py) keeps only the window it needs. The ids are a
+O(n) per token; TextStream (sevi/engines/detokenizer.py) keeps only the window it needs. The ids are a
 caption's worth of text from the model's own tokenizer, repeated to length; microseconds per token,
 best of --repeats, both measured in the same run.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from models.detokenizer import TextStream
+from sevi.engines.detokenizer import TextStream
 
 TEXT = (
     "a red cat sits on a mat next to a blue bowl . a dog sleeps under the table , and a kite hangs above the window . "

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.engine_api import Engine, GenerationRequest, SamplingParams, user_message
-from models.families import DEFAULT_PROMPT, eos_token_ids
-from models.knob import AlignmentParams, resolve_alignment
-from models.telemetry import Telemetry
-from models.tiny import build
+from sevi.engines.api import Engine, GenerationRequest, SamplingParams, user_message
+from sevi.families import DEFAULT_PROMPT, eos_token_ids
+from sevi.method.knob import AlignmentParams, resolve_alignment
+from sevi.method.telemetry import Telemetry
+from sevi.testing.tiny import build
 
 PROMPT = DEFAULT_PROMPT  # the requests of every engine benchmark
 LOCKSTEP_REQUESTS = 8
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = args.model or random_llava(args.layers, args.heads, args.kv_heads, args.image_tokens)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from server.engines.transformers_engine import TransformersEngine
-    from server.engines.vllm_engine import VllmEngine
+    from sevi.engines.reference.transformers_engine import TransformersEngine
+    from sevi.engines.vllm.vllm_engine import VllmEngine
 
     t0 = time.perf_counter()
     vllm = start(VllmEngine(str(model_dir), model_name="bench", max_batch_size=8, dtype=args.dtype))

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from bench.chair import compute_chair, partner_rate
-from models.families import DEFAULT_PROMPT
+from sevi.families import DEFAULT_PROMPT
 from training import scenes
 
 HELD_OUT = ("in-prior", "counter-prior", "hard")

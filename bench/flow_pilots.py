@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from bench.analyze import analyze
-from models.generation import ReferenceModel
+from sevi.engines.reference.generation import ReferenceModel
 from training import scenes
 
 COLUMNS = ("visual_info_text_side", "attention_text_side", "semantic_heads", "global_heads")

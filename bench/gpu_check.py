@@ -9,13 +9,13 @@ modules on the path). Sections (each in the report, each able to fail the check)
   text after it, a third peak on one text key), so both stages move heads: their counts are reported and a
   count of 0 fails the check (an "equal" where nothing moved proves nothing). Each kernel (A scores, B the
   operator in place, C softmax + p.V) and the whole aligned decode are held to float32 torch (gather, the
-  torch operator of models.alignment, softmax, p.V), and the head groups / stage masks to the operator's.
+  torch operator of sevi.method.alignment, softmax, p.V), and the head groups / stage masks to the operator's.
 - `timing`: aligned decode, the same kernels unaligned (no B), each kernel alone, and torch SDPA on contiguous
   K / V, at batch 1 / 8 / 32 and 1k / 4k keys (NHD, bf16): GPU time per call from a CUDA-graph replay and host
   time per call (eager launches, before the device catches up).
 - `sync_probe`: a steady decode step (the masks a key wider, the key counts one more, the aligned decode) under
   `torch.cuda.set_sync_debug_mode("error")`: any host-device sync raises. The step plan's own host side is held
-  to no read-back by tests/models/vllm_plugin/test_plan.py (it needs vLLM's logits processor to fill it).
+  to no read-back by tests/sevi/engines/vllm/plugin/test_plan.py (it needs vLLM's logits processor to fill it).
 - `variants`: compiled variants of each kernel over a growing key count after a warm-up (0 new: no compile
   inside an engine step).
 - `offsets`: the kernels' score offsets past 2**31, and a row whose blocks lie past 2**31 cache elements.
@@ -108,7 +108,7 @@ def _cache(n_blocks: int, g: int, d: int, dtype: torch.dtype, layout: str, dev: 
 def make_case(
     shape: str, dtype: torch.dtype, layout: str, keys: int, batch: int, sizes: Sizes, dev: torch.device
 ) -> Case:
-    from models.alignment import prepare_rows, span_masks
+    from sevi.method.alignment import prepare_rows, span_masks
 
     heads, g, d, image_only = SHAPES[shape]
     rep = heads // g
@@ -159,7 +159,7 @@ def make_case(
 
 def reference(c: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
     """float32 torch: (scores over each row's keys, 0 past them; aligned scores; output; head groups)."""
-    from models.alignment import align_prepared
+    from sevi.method.alignment import align_prepared
 
     r, h, d = c.q.shape
     g, keys = c.kv_heads, c.k.shape[2]
@@ -178,7 +178,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 def correctness_case(
     shape: str, dtype_name: str, layout: str, keys: int, sizes: Sizes, dev: torch.device
 ) -> dict[str, Any]:
-    from models.kernels.sevi_decode import align_in_place, aligned_decode, paged_scores, paged_values
+    from sevi.kernels.sevi_decode import align_in_place, aligned_decode, paged_scores, paged_values
 
     c = make_case(shape, DTYPES[dtype_name], layout, keys, sizes.check_batch, sizes, dev)
     want_s, want_aligned, want, want_groups = reference(c)
@@ -273,7 +273,7 @@ def _host_us(fn: Callable[[], Any], reps: int, gpu: bool) -> float:
 
 
 def timing_case(shape: str, batch: int, keys: int, sizes: Sizes, dev: torch.device, gpu: bool) -> dict[str, Any]:
-    from models.kernels.sevi_decode import align_in_place, aligned_decode, paged_scores, paged_values
+    from sevi.kernels.sevi_decode import align_in_place, aligned_decode, paged_scores, paged_values
 
     c = make_case(shape, torch.bfloat16, "NHD", keys, batch, sizes, dev)
     heads, g, d, _ = SHAPES[shape]
@@ -310,8 +310,8 @@ def timing_case(shape: str, batch: int, keys: int, sizes: Sizes, dev: torch.devi
 def sync_probe(sizes: Sizes, dev: torch.device, gpu: bool) -> dict[str, Any]:
     """A steady decode step: the masks gain a key, the key counts one more, the aligned decode. On a GPU under
     set_sync_debug_mode("error"); on a CPU the step's torch side on the meta device (any read-back raises)."""
-    from models.alignment import add_key_, widen
-    from models.kernels.sevi_decode import aligned_decode
+    from sevi.kernels.sevi_decode import aligned_decode
+    from sevi.method.alignment import add_key_, widen
 
     keys = sizes.keys[0]
     c = make_case("qwen2-vl-7b", torch.bfloat16, "NHD", keys, sizes.check_batch, sizes, dev)
@@ -366,7 +366,7 @@ def variant_count(sizes: Sizes, dev: torch.device, gpu: bool) -> dict[str, Any]:
             "variants": found,
             "pass": all(n == 1 for n in found.values()),
         }
-    from models.kernels import sevi_decode
+    from sevi.kernels import sevi_decode
 
     kernels = {"A": sevi_decode._scores_kernel, "B": sevi_decode._align_kernel, "C": sevi_decode._values_kernel}
     heads, g, d, _ = SHAPES["qwen2-vl-7b"]
@@ -378,7 +378,7 @@ def variant_count(sizes: Sizes, dev: torch.device, gpu: bool) -> dict[str, Any]:
         found = {n: k.device_caches[device] for n, k in kernels.items()}
         return {n: len(c[0] if isinstance(c, tuple) else c) for n, c in found.items()}
 
-    from models.alignment import prepare_rows
+    from sevi.method.alignment import prepare_rows
 
     before = compiled()
     for keys in sizes.variant_keys:  # one row of `keys` keys, masks as wide (values do not matter here)
@@ -403,14 +403,14 @@ def variant_count(sizes: Sizes, dev: torch.device, gpu: bool) -> dict[str, Any]:
 
 def offsets(dev: torch.device, gpu: bool) -> dict[str, Any]:
     """The kernels' score offsets past 2**31 (int64), and on a GPU a row whose blocks lie past 2**31 elements."""
-    from models.kernels.sevi_decode import aligned_decode, score_offsets
+    from sevi.kernels.sevi_decode import aligned_decode, score_offsets
 
     probes = [(2047, 32, 32768), (70000, 28, 40000)]
     got = [score_offsets(r, h, k) for r, h, k in probes]
     want = [(r * h * k, (r * h + h - 1) * k) for r, h, k in probes]
     result: dict[str, Any] = {"score_offsets_ok": got == want}
     if gpu:
-        from models.alignment import prepare_rows
+        from sevi.method.alignment import prepare_rows
 
         heads, g, d, _ = SHAPES["qwen2-vl-7b"]
         per_block = g * BLOCK * 2 * d
@@ -442,8 +442,8 @@ def torchvision_after_project() -> dict[str, Any]:
     if importlib.util.find_spec("torchvision") is None:
         return {"pass": True, "skipped": "torchvision is not installed"}
     code = (
-        "import models, models.kernels, models.alignment\n"
-        "from models.torchvision_compat import shim_defined_schemas\n"
+        "import sevi, sevi.kernels, sevi.method.alignment\n"
+        "from sevi.runtime.torchvision_compat import shim_defined_schemas\n"
         "import torchvision\nfrom torchvision.transforms import functional\n"
         "print(torchvision.__version__, shim_defined_schemas())\n"
     )

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.engines import PROMPT, collect, images, never_eos, start
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import AlignmentParams, resolve_alignment
-from models.tiny import build
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.method.knob import AlignmentParams, resolve_alignment
+from sevi.testing.tiny import build
 
 # Decoder widths: LLaVA-1.5-7B's, and the tiny models' (the CPU smoke test).
 WIDTHS: dict[str, dict[str, int]] = {
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     model_dir = build_model(args.width, args.layers, args.image_tokens)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from models.vllm_options import VllmOptions
-    from server.engines.vllm_engine import VllmEngine
+    from sevi.engines.vllm.options import VllmOptions
+    from sevi.engines.vllm.vllm_engine import VllmEngine
 
     engine = start(
         VllmEngine(

@@ -1,7 +1,7 @@
 """The Triton SEVI kernels compiled for an H100 (sm_90a) on a machine without a GPU: registers, spills, tensor cores.
 
 Triton's wheel carries NVIDIA's `ptxas`, so a kernel compiles for sm_90a anywhere. Each kernel is launched
-through :mod:`models.kernels.sevi_decode`'s own wrappers with a recorder in its place, so the compile sees
+through :mod:`sevi.kernels.sevi_decode`'s own wrappers with a recorder in its place, so the compile sees
 exactly the arguments (types, alignment, values Triton specialises on, constexprs) that a launch at that shape
 would; Triton's own binder turns them into the signature it would compile. Reported per kernel, shape and cache
 dtype: registers, spill stores / loads and stack bytes (`ptxas -v`), and whether the dots run on tensor cores
@@ -49,7 +49,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording() -> Iterator[dict[str, _Recorder]]:
-    from models.kernels import sevi_decode
+    from sevi.kernels import sevi_decode
 
     saved = {name: getattr(sevi_decode, attr) for name, attr in KERNELS.items()}
     recorders = {name: _Recorder() for name in KERNELS}
@@ -65,8 +65,8 @@ def _recording() -> Iterator[dict[str, _Recorder]]:
 def launches(shape: str, dtype: str, keys: int = 1024, batch: int = 1) -> dict[str, tuple[Any, Any, tuple, dict]]:
     """Each kernel's launch (kernel, grid, args, kwargs) by the decode at this shape: a FlashAttention cache
     `[blocks, kv_heads, 16, 2 * head]` (K and V its halves), `batch` rows of `keys` keys."""
-    from models.alignment import prepare_rows
-    from models.kernels import sevi_decode
+    from sevi.kernels import sevi_decode
+    from sevi.method.alignment import prepare_rows
 
     heads, kv_heads, d = SHAPES[shape]
     nb = -(-keys // BLOCK_SIZE)

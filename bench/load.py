@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from models.families import DEFAULT_PROMPT
+from sevi.families import DEFAULT_PROMPT
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -147,7 +147,7 @@ def spawn_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen[
     if model is None:
         model = str(Path(tmp.name) / "tiny-llava")
         subprocess.run(
-            [sys.executable, "-m", "models.tiny", "--family", "llava", "--out", model],
+            [sys.executable, "-m", "sevi.testing.tiny", "--family", "llava", "--out", model],
             check=True,
             stdout=subprocess.DEVNULL,
         )

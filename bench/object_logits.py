@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from bench.chair.score import caption_objects
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.families import DEFAULT_PROMPT
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import AlignmentParams, load_knob_map, resolve_alignment
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.families import DEFAULT_PROMPT
+from sevi.method.knob import AlignmentParams, load_knob_map, resolve_alignment
 from training import scenes
 
 

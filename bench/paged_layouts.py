@@ -7,7 +7,7 @@ One aligned layer's K/V work (q.K, then softmax and p.V) on bfloat16 caches, sid
 - amx / C kernel: vLLM's AMX tile layout, read in place (paged_kv.c BF16_AMX);
 - amx / gather: the same cache read by the torch path (what every AMX machine ran before the AMX reader).
 Prints microseconds per layer and each path's ratio to vec / C kernel. The layouts are written by a torch
-re-layout of vLLM's writers (models.kernels.paged_kv.amx_order), so this runs on any x86 machine; the figure
+re-layout of vLLM's writers (sevi.kernels.paged_kv.amx_order), so this runs on any x86 machine; the figure
 that matters on an AMX Xeon is the same ratio there (the AMX tile unit itself is not used by this reader).
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from models.kernels.paged_kv import amx_order
-from models.vllm_plugin.paged_read import PagedKV, block_scores, block_values, c_kernel_for
+from sevi.engines.vllm.plugin.paged_read import PagedKV, block_scores, block_values, c_kernel_for
+from sevi.kernels.paged_kv import amx_order
 
 
 def caches(n_blocks: int, g: int, bs: int, d: int, seed: int = 0) -> dict[str, PagedKV]:

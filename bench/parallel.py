@@ -19,9 +19,9 @@ import time
 from typing import Any
 
 from bench.engines import PROMPT, collect, images, random_llava, start
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import resolve_alignment
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.method.knob import resolve_alignment
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = random_llava(args.layers, args.heads, args.kv_heads)
     workers = args.tensor_parallel * args.pipeline_parallel
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(workers)))
-    from models.vllm_options import VllmOptions
-    from server.engines.vllm_engine import VllmEngine
+    from sevi.engines.vllm.options import VllmOptions
+    from sevi.engines.vllm.vllm_engine import VllmEngine
 
     fields: dict[str, Any] = dict(
         distributed_executor_backend="mp",

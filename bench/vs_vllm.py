@@ -40,7 +40,7 @@ import httpx
 
 from bench.engines import never_eos, random_llava
 from bench.load import free_port, images, pct
-from models.families import DEFAULT_PROMPT
+from sevi.families import DEFAULT_PROMPT
 
 MODEL_NAME = "bench"
 

@@ -1,4 +1,4 @@
 """sevi-serve's HTTP service: FastAPI app, schemas, engines, settings and metrics (issue 3).
 
-`server` uses `models`, never the reverse. Routes know engines and schemas, not attention internals.
+`server` uses `sevi`, never the reverse. Routes know engines and schemas, not attention internals.
 """

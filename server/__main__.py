@@ -11,11 +11,11 @@ import threading
 import uvicorn
 from pydantic import ValidationError
 
-from models.knob import PresetsError
 from server.app import create_app
-from server.engines import AUTO, ENGINES
 from server.logs import setup_logging
 from server.settings import parse_cli
+from sevi.engines import AUTO, ENGINES
+from sevi.method.knob import PresetsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (settings.model / "config.json").exists():
         print(
             f"error: {settings.model} is not a model folder (no config.json). Pass --model DIR, or build a test "
-            "model: python -m models.tiny --family llava --out build/tiny-llava",
+            "model: python -m sevi.testing.tiny --family llava --out build/tiny-llava",
             file=sys.stderr,
         )
         return 2

@@ -11,14 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from models.engine_api import Engine
 from server import errors
-from server.engines import create_engine, resolve_engine_name
 from server.metrics import Metrics
 from server.middleware import RequestContext
 from server.routes import ROUTERS
 from server.settings import Settings
 from server.watchdog import EngineWatchdog
+from sevi.engines import create_engine, resolve_engine_name
+from sevi.engines.api import Engine
 
 log = logging.getLogger("sevi.server")
 

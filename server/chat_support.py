@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from models.engine_api import SAMPLING_EXTENSIONS
 from server.errors import APIError
 from server.schemas.chat import ChatCompletionRequest
 from server.schemas.vllm_extensions import REFUSED_DEFAULTS
+from sevi.engines.api import SAMPLING_EXTENSIONS
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from models.engine_api import Engine
 from server.errors import APIError
 from server.metrics import Metrics
 from server.middleware import Arrival
 from server.settings import Settings
+from sevi.engines.api import Engine
 
 
 def get_settings(request: Request) -> Settings:

@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.engine_api import EngineDead, EngineError, EngineNotReady, EngineOverloaded, RequestError
-from models.knob import AlignmentParamError
+from sevi.engines.api import EngineDead, EngineError, EngineNotReady, EngineOverloaded, RequestError
+from sevi.method.knob import AlignmentParamError
 
 log = logging.getLogger("sevi.server")
 

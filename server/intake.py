@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from models.engine_api import Engine, GenerationRequest, SamplingParams
-from models.knob import AlignmentParamError, AlignmentParams, resolve_alignment
 from server.errors import APIError
 from server.images import ImageLimits, decode_image, load_image_url
 from server.settings import Settings
+from sevi.engines.api import Engine, GenerationRequest, SamplingParams
+from sevi.method.knob import AlignmentParamError, AlignmentParams, resolve_alignment
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from typing import Any
 
 from starlette.types import Receive
 
-from models.engine_api import Engine, GenerationRequest, GenerationStats, TokenEvent
-from models.telemetry import Telemetry
 from server.errors import APIError, from_exception
 from server.metrics import Metrics
 from server.middleware import Arrival
 from server.settings import Settings
+from sevi.engines.api import Engine, GenerationRequest, GenerationStats, TokenEvent
+from sevi.method.telemetry import Telemetry
 
 
 @dataclass

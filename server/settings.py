@@ -8,7 +8,7 @@ tree (users, scripts and the compose file set them):
 - `settings.kernels` (:class:`KernelSettings`): `--kernels.aligned-kernel torch` or `SEVI_ALIGNED_KERNEL=torch`.
 
 The tree is passed down: `create_engine(settings)` hands the groups to the engine, which exports the switches
-vLLM's own processes need into the environment (models/runtime_env.py, the one module below this one that
+vLLM's own processes need into the environment (sevi/runtime/runtime_env.py, the one module below this one that
 reads it) before vLLM starts.
 """
 
@@ -28,8 +28,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from models import runtime_env
-from models.vllm_options import VllmSettings
+from sevi.engines.vllm.options import VllmSettings
+from sevi.runtime import runtime_env
 
 MiB = 1024 * 1024
 
@@ -38,7 +38,7 @@ class KernelSettings(BaseSettings):
     """The kernels SEVI runs on CPU and GPU; each also `SEVI_<FIELD>`, e.g. SEVI_ALIGNED_KERNEL=torch."""
 
     # env_prefix SEVI_ gives these fields their names from before the tree (SEVI_ALIGNED_KERNEL, ...), the same
-    # names vLLM's processes read them by (models/runtime_env.py).
+    # names vLLM's processes read them by (sevi/runtime/runtime_env.py).
     model_config = SettingsConfigDict(env_prefix="SEVI_", extra="ignore")
 
     aligned_kernel: Literal["c", "triton", "torch"] | None = Field(

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from models.engine_api import Engine
+from sevi.engines.api import Engine
 
 log = logging.getLogger("sevi.watchdog")
 

@@ -19,16 +19,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # vLLM engines in tests start eager (seconds instead of a torch.compile); the compiled path, the serving
-# default, has its own tests (tests/engines/test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).
+# default, has its own tests (tests/sevi/engines/test_vllm_qwen.py, test_compiled_engine_equals_reference_engine).
 os.environ.setdefault("SEVI_VLLM_ENFORCE_EAGER", "true")
 
 # Servers built from Settings in tests compare their tokens with the float32 reference engine: they serve float32
 # on every machine, not `auto` (bfloat16 where the CPU has native bfloat16, as on AMX and AVX512_BF16 machines).
-# The auto choice itself is tested in tests/engines/test_dtype.py.
+# The auto choice itself is tested in tests/sevi/engines/test_dtype.py.
 os.environ.setdefault("SEVI_DTYPE", "float32")
 
-from models.generation import ReferenceModel  # noqa: E402
-from models.tiny import build  # noqa: E402
+from sevi.engines.reference.generation import ReferenceModel  # noqa: E402
+from sevi.testing.tiny import build  # noqa: E402
 from tests.support.tiny_models import TINY_KWARGS  # noqa: E402
 
 

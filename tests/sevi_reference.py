@@ -1,7 +1,7 @@
 """A plain per-row, per-head loop implementation of spec section 2, written for the tests only.
 
 Deliberately naive (Python loops, one head and one key at a time) so that it shares no code and no
-vectorisation tricks with `models/alignment.py`.
+vectorisation tricks with `sevi/method/alignment.py`.
 """
 
 from __future__ import annotations

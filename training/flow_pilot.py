@@ -84,7 +84,7 @@ class Variant:
 
 
 def chat_template(system: bool) -> str:
-    """The bundled model's template (`models.tiny.LLAVA_CHAT_TEMPLATE`), with LLaVA-1.5's system line first."""
+    """The bundled model's template (`sevi.testing.tiny.LLAVA_CHAT_TEMPLATE`), with LLaVA-1.5's system line first."""
     head = (SYSTEM_PROMPT + " ") if system else ""
     return (
         head + "{% for message in messages %}"

@@ -9,7 +9,7 @@
 Architecture (issue 5): LlavaForConditionalGeneration with a CLIP vision tower (96 px, patch 16: 36
 image tokens; the last vision layer feeds the projector because the tower is shallow) and a Llama
 decoder of 8 layers x 8 heads of dim 32 (hidden 256). Word-level tokenizer, chat template and
-processor come from `models.tiny`, so the model folder loads in transformers and in vLLM alike.
+processor come from `sevi.testing.tiny`, so the model folder loads in transformers and in vLLM alike.
 
 Training data is the seeded, unbounded `train` stream: sample i of the run is scene i, so a run is
 reproducible and resumes exactly from a step number. The prompt is the serving prompt (chat template,
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.tiny import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
+from sevi.testing.tiny import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIALS, make_word_tokenizer, save_model_dir
 from training import scenes
 from training.image_drop import ImageDrop
 

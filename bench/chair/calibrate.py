@@ -35,8 +35,8 @@ from typing import Any
 import httpx
 
 from bench.chair.run import Item, coco_items, run_level, scene_items, summarize
-from models.families import DEFAULT_PROMPT
-from models.knob import PRESETS_FILE, parse_presets
+from sevi.families import DEFAULT_PROMPT
+from sevi.method.knob import PRESETS_FILE, parse_presets
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def walk(baseline: Measured, points: list[Measured], min_step: float = 0.0) -> l
 def presets_document(
     steps: list[tuple[float, Measured]], contrast: bool, calibration: dict[str, Any]
 ) -> dict[str, Any]:
-    """The presets file for a walk (`models.knob` schema): knots, balanced = the knot nearest c = 0.5."""
+    """The presets file for a walk (`sevi.method.knob` schema): knots, balanced = the knot nearest c = 0.5."""
     first = steps[1][1].setting
     knots = []
     for c, p in steps:

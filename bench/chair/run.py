@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bench.chair.score import compute_chair, load_coco_truth, partner_rate
-from models.families import DEFAULT_PROMPT
+from sevi.families import DEFAULT_PROMPT
 
 
 @dataclass

@@ -13,14 +13,14 @@ import sys
 
 from pydantic import ValidationError
 
-from models.knob import AlignmentParamError, PresetsError
 from server.batch import inputs
 from server.batch.config import parse_cli
 from server.batch.job import LoadError, run_local
 from server.batch.runner import EngineUnavailable
 from server.batch.summary import render
-from server.engines import AUTO, ENGINES
 from server.logs import setup_logging
+from sevi.engines import AUTO, ENGINES
+from sevi.method.knob import AlignmentParamError, PresetsError
 
 
 def main(argv: list[str] | None = None) -> int:

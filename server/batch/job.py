@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from models.engine_api import Engine
 from server.batch import inputs
 from server.batch.config import BatchSettings
 from server.batch.output import Writer, done_keys
@@ -16,7 +15,8 @@ from server.batch.prepare import check_levels
 from server.batch.progress import Progress
 from server.batch.runner import Captioner, RunCounts, default_window
 from server.batch.summary import summarize
-from server.engines import create_engine
+from sevi.engines import create_engine
+from sevi.engines.api import Engine
 
 log = logging.getLogger("sevi.batch")
 

@@ -17,9 +17,6 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from models.engine_api import Engine, GenerationRequest, user_message
-from models.families import DEFAULT_PROMPT
-from models.knob import parse_conservativeness
 from server.batch.config import BatchSettings, Level
 from server.batch.inputs import Item
 from server.chat_support import refuse_unsupported
@@ -30,6 +27,9 @@ from server.intake import sampling_params as resolve_sampling
 from server.routes.chat import request_spec
 from server.schemas.caption import CaptionParams
 from server.schemas.chat import ChatCompletionRequest
+from sevi.engines.api import Engine, GenerationRequest, user_message
+from sevi.families import DEFAULT_PROMPT
+from sevi.method.knob import parse_conservativeness
 
 _CAPTION_FIELDS = set(CaptionParams.model_fields)
 

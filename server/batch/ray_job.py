@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from models import runtime_env
 from server.batch import inputs
 from server.batch.config import BatchSettings, Level
 from server.batch.job import wait_ready
@@ -38,8 +37,9 @@ from server.batch.prepare import check_levels, levels_for
 from server.batch.progress import Progress
 from server.batch.runner import Captioner, default_window
 from server.batch.summary import summarize
-from server.engines import create_engine
 from server.logs import setup_logging
+from sevi.engines import create_engine
+from sevi.runtime import runtime_env
 
 log = logging.getLogger("sevi.batch")
 

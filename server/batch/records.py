@@ -17,12 +17,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from models.engine_api import GenerationRequest
 from server.batch.config import Level
 from server.errors import APIError
 from server.schemas.chat import AssistantMessage, ChatCompletionResponse, Choice
 from server.schemas.common import AppliedAlignment, Telemetry, Usage
 from server.service import Outcome
+from sevi.engines.api import GenerationRequest
 
 
 @dataclass

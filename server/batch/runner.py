@@ -27,9 +27,6 @@ from typing import Any
 
 from PIL import Image
 
-from models.engine_api import Engine, EngineOverloaded, GenerationRequest, GenerationStats, TokenEvent
-from models.knob import AlignmentParamError, parse_conservativeness
-from models.telemetry import Telemetry
 from server.batch import records
 from server.batch.config import BatchSettings, Level
 from server.batch.inputs import Item
@@ -38,6 +35,9 @@ from server.batch.prepare import caption_request, chat_request, levels_for, load
 from server.batch.progress import Progress
 from server.errors import APIError, from_exception
 from server.service import Outcome
+from sevi.engines.api import Engine, EngineOverloaded, GenerationRequest, GenerationStats, TokenEvent
+from sevi.method.knob import AlignmentParamError, parse_conservativeness
+from sevi.method.telemetry import Telemetry
 
 log = logging.getLogger("sevi.batch")
 
@@ -116,7 +116,7 @@ def rows(item: Item, level: Level | None, engine: Engine, default: float) -> int
         c = parse_conservativeness(asked, default, engine.knob_map.names)
     except (AlignmentParamError, TypeError, ValueError):
         return 1
-    # The knob's contrast rule (models.knob), not a resolution: the request is resolved once, at intake.
+    # The knob's contrast rule (sevi.method.knob), not a resolution: the request is resolved once, at intake.
     return 2 if engine.knob_map.contrast_for(c, explicit if isinstance(explicit, bool) else None) else 1
 
 

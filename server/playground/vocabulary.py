@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from functools import cache
 
-from models.coco_objects import DOUBLE_WORD_MAP, WORD_TO_CATEGORY
+from sevi.evaluation.coco_objects import DOUBLE_WORD_MAP, WORD_TO_CATEGORY
 
 # Plurals that no suffix rule gives. Words whose plural is the same, or that are plural already, map to
 # themselves ("sheep", "skis", "scissors", "cattle", "people").

@@ -15,7 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from models.engine_api import user_message
 from server.deps import ArrivalDep, EngineDep, MetricsDep, SettingsDep, require_api_key
 from server.errors import APIError
 from server.images import decode_base64
@@ -24,6 +23,7 @@ from server.schemas.caption import CaptionJSON, CaptionParams, CaptionResponse, 
 from server.schemas.common import AppliedAlignment, Telemetry, Usage
 from server.service import Run
 from server.settings import Settings
+from sevi.engines.api import user_message
 
 router = APIRouter(tags=["sevi"], dependencies=[Depends(require_api_key)])
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from models.engine_api import GenerationRequest
 from server.chat_support import refuse_unsupported
 from server.deps import ArrivalDep, EngineDep, MetricsDep, SettingsDep, require_api_key
 from server.errors import APIError
@@ -28,6 +27,7 @@ from server.schemas.common import AppliedAlignment, Telemetry, Usage
 from server.service import Run
 from server.settings import Settings
 from server.sse import EventStream, sse
+from sevi.engines.api import GenerationRequest
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 

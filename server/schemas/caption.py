@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from models.families import DEFAULT_PROMPT as DEFAULT_PROMPT  # the playground serves it from here
 from server.schemas.common import SEED_MAX, AppliedAlignment, Conservativeness, Strict, Telemetry, Usage
+from sevi.families import DEFAULT_PROMPT as DEFAULT_PROMPT  # the playground serves it from here
 
 
 class CaptionParams(Strict):

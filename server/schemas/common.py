@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-# A number in [0, 1] or a preset; range and preset names are checked by models.knob (-> 400).
+# A number in [0, 1] or a preset; range and preset names are checked by sevi.method.knob (-> 400).
 Conservativeness = Annotated[
     StrictFloat | StrictInt | StrictStr | None,
     Field(
@@ -38,7 +38,7 @@ class AlignmentOverrides(Strict):
 
 
 class AppliedAlignment(BaseModel):
-    """The SEVI parameters this request ran with (`models.knob.AlignmentParams`)."""
+    """The SEVI parameters this request ran with (`sevi.method.knob.AlignmentParams`)."""
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -50,7 +50,7 @@ class AppliedAlignment(BaseModel):
 
 
 class Telemetry(BaseModel):
-    """What the alignment did while generating: `models.telemetry.Telemetry`, field for field (a test holds the two
+    """What the alignment did while generating: `sevi.method.telemetry.Telemetry`, field for field (a test holds the two
     equal), which both engines fill."""
 
     model_config = ConfigDict(from_attributes=True)
@@ -69,7 +69,7 @@ class Telemetry(BaseModel):
 
     @classmethod
     def of(cls, telemetry: object | None) -> Telemetry:
-        """From the engines' `models.telemetry.Telemetry` (zeros where an engine reported none)."""
+        """From the engines' `sevi.method.telemetry.Telemetry` (zeros where an engine reported none)."""
         return cls() if telemetry is None else cls.model_validate(telemetry)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 # Fields of vLLM's sampling parameters that an engine may honour (the engine API's `SamplingParams` has them).
-from models.engine_api import SAMPLING_EXTENSIONS as SAMPLING_EXTENSIONS
+from sevi.engines.api import SAMPLING_EXTENSIONS as SAMPLING_EXTENSIONS
 
 _VLLM = "vLLM extension; "
 _REFUSED = _VLLM + "accepted only at vLLM's default, refused with a 400 that names the field otherwise."

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.analyze import analyze, attention_maps, plot
-from models.engine_api import user_message
-from models.generation import ReferenceModel
+from sevi.engines.api import user_message
+from sevi.engines.reference.generation import ReferenceModel
 from tests.support.images import random_image
 
 pytestmark = pytest.mark.integration

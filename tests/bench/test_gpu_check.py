@@ -15,7 +15,7 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the kernels run in its interpreter)
 
-from models.kernels import triton_available  # noqa: E402
+from sevi.kernels import triton_available  # noqa: E402
 from tests.support.repo import REPO  # noqa: E402
 
 SECTIONS = ("correctness", "timing", "sync_probe", "variants", "offsets", "torchvision")
@@ -70,8 +70,8 @@ def test_a_decode_that_skips_the_alignment_fails_the_check(monkeypatch: pytest.M
     """The correctness section has teeth: kernel B replaced by one that reports the operator's head groups but
     leaves the scores as they are (plain attention) fails it."""
     from bench import gpu_check
-    from models.alignment import align_prepared
-    from models.kernels import sevi_decode
+    from sevi.kernels import sevi_decode
+    from sevi.method.alignment import align_prepared
 
     dev = torch.device("cpu")
     good = gpu_check.correctness_case("qwen2-vl-7b", "bf16", "HND", 96, gpu_check.CPU_SIZES, dev)

@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")  # this process imports triton: its kernels, if any, interpreted
 
 from bench.kernel_compile import KERNELS, SHAPES, failures, table
-from models.kernels import triton_available
+from sevi.kernels import triton_available
 from tests.support.repo import REPO
 
 pytestmark = pytest.mark.skipif(triton_available() is not None, reason=f"no triton: {triton_available()}")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bench.object_logits import forced_logprobs, measure, mentions, parse_settings
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.families import DEFAULT_PROMPT
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import resolve_alignment
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.families import DEFAULT_PROMPT
+from sevi.method.knob import resolve_alignment
 from tests.support.repo import BUNDLED
 from training import scenes
 

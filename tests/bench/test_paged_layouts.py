@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from bench.paged_layouts import caches
-from models.vllm_plugin.paged_read import block_scores, block_values
+from sevi.engines.vllm.plugin.paged_read import block_scores, block_values
 
 
 def test_the_three_layouts_hold_the_same_keys_and_values() -> None:

@@ -2,7 +2,7 @@
 
 Servers are package-scoped: built once for tests/server and shut down before the other test packages run. What they
 are built from is in tests/support/ (LiveServer and base_settings in live_server.py, png_bytes in images.py). The
-engine tests are not in this folder (tests/engines/): the one-thread pin below does not reach them.
+engine tests are not in this folder (tests/sevi/engines/): the one-thread pin below does not reach them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from models.tiny import build
+from sevi.testing.tiny import build
 from tests.support.images import png_bytes
 from tests.support.live_server import IMAGE_SERVER_PATH, LiveServer, base_settings
 

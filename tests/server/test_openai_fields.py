@@ -12,9 +12,9 @@ import openai
 import pytest
 from PIL import Image
 
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import resolve_alignment
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.method.knob import resolve_alignment
 from tests.support.images import image_message, png_bytes
 from tests.support.live_server import LiveServer
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from bench.chair import caption_objects
-from models.coco_objects import WORD_TO_CATEGORY
 from server.playground.vocabulary import plural, surface_forms, vocabulary_json
+from sevi.evaluation.coco_objects import WORD_TO_CATEGORY
 
 # Plurals the scorer's small singularizer does not undo ("magpies" -> "magpy"): the page still reads them as
 # their object, so on these words alone the two disagree (the scorer reads nothing there).

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from models.knob import PRESETS_FILE, resolve_alignment
+from sevi.method.knob import PRESETS_FILE, resolve_alignment
 from tests.support.images import png_bytes
 from tests.support.live_server import LiveServer, base_settings
 

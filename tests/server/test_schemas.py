@@ -1,5 +1,5 @@
 """The HTTP schemas against what they mirror: the installed `openai` client's chat parameters, and the engines'
-telemetry (`models.telemetry.Telemetry`)."""
+telemetry (`sevi.method.telemetry.Telemetry`)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from openai.types.chat import completion_create_params
 
-from models.engine_api import SAMPLING_EXTENSIONS
-from models.telemetry import Telemetry as EngineTelemetry
 from server.chat_support import MESSAGE_RULES, RULES, VLLM_RULES
 from server.schemas.chat import ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, ChunkDelta
 from server.schemas.common import AppliedAlignment, Telemetry, Usage
 from server.schemas.vllm_extensions import VllmChatExtensions
 from server.sse import sse
+from sevi.engines.api import SAMPLING_EXTENSIONS
+from sevi.method.telemetry import Telemetry as EngineTelemetry
 
 SEVI_FIELDS = {"conservativeness", "alignment"}
 # Honoured as OpenAI defines them (both engines), or hints that never change the output.

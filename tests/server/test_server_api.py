@@ -16,11 +16,11 @@ import openai
 import pytest
 from PIL import Image
 
-from models.engine_api import GenerationRequest, SamplingParams, user_message
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import resolve_alignment
-from models.telemetry import Telemetry
-from models.tiny import build
+from sevi.engines.api import GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.method.knob import resolve_alignment
+from sevi.method.telemetry import Telemetry
+from sevi.testing.tiny import build
 from tests.support.images import data_uri, image_message, png_bytes
 from tests.support.live_server import IMAGE_SERVER_PATH, LiveServer, base_settings
 

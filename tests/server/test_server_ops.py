@@ -227,7 +227,7 @@ def test_load_bench_smoke(server: LiveServer, tmp_path: Path, capsys: pytest.Cap
 def test_auto_engine_prefers_vllm_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from server.engines import resolve_engine_name
+    from sevi.engines import resolve_engine_name
 
     assert resolve_engine_name("transformers") == "transformers"
     assert resolve_engine_name("vllm") == "vllm"

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from models import runtime_env
-from models.vllm_options import VllmOptions
 from server.__main__ import main
-from server.engines.transformers_engine import TransformersEngine
-from server.engines.vllm_engine import VllmEngine
 from server.settings import Settings, parse_cli
+from sevi.engines.reference.transformers_engine import TransformersEngine
+from sevi.engines.vllm.options import VllmOptions
+from sevi.engines.vllm.vllm_engine import VllmEngine
+from sevi.runtime import runtime_env
 from tests.support.repo import REPO
 
 KERNEL_VARS = (
@@ -143,7 +143,7 @@ def test_export_reaches_this_process_and_its_children(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', "
-            f"{str(REPO / 'models' / 'runtime_env.py')!r}); m = importlib.util.module_from_spec(spec); "
+            f"{str(REPO / 'sevi' / 'runtime' / 'runtime_env.py')!r}); m = importlib.util.module_from_spec(spec); "
             "sys.modules['r'] = m; spec.loader.exec_module(m); print(m.current())",
         ],
         capture_output=True,
@@ -151,7 +151,7 @@ def test_export_reaches_this_process_and_its_children(tmp_path: Path) -> None:
         check=True,
         timeout=60,
     )
-    assert child.stdout.strip() == repr(options).replace("models.runtime_env.", "")
+    assert child.stdout.strip() == repr(options).replace("sevi.runtime.runtime_env.", "")
     runtime_env.export(runtime_env.RuntimeOptions())  # defaults: the variables are gone again
     assert not any(name in os.environ for name in KERNEL_VARS)
 
@@ -159,7 +159,7 @@ def test_export_reaches_this_process_and_its_children(tmp_path: Path) -> None:
 def test_the_reference_engine_loads_under_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The switches are in force when the engine builds the compiled operator (its first use), though the
     environment said otherwise."""
-    import server.engines.transformers_engine as te
+    import sevi.engines.reference.transformers_engine as te
 
     monkeypatch.setenv("SEVI_COMPILED_OPERATOR", "1")
     s = parse_cli(
@@ -209,10 +209,10 @@ def test_the_vllm_engine_exports_before_vllm_starts(tmp_path: Path, monkeypatch:
 
 
 def test_only_runtime_env_touches_the_environment_below_the_settings() -> None:
-    """The contract of models/runtime_env.py: no other module of models/ or server/ reads or writes os.environ
+    """The contract of sevi/runtime/runtime_env.py: no other module of sevi/ or server/ reads or writes os.environ
     (server/settings.py reads it through pydantic-settings, not by hand)."""
     pattern = re.compile(r"\bos\.(environ|getenv|putenv|unsetenv)\b|\bgetenv\(")
-    modules = [path for folder in ("models", "server") for path in (REPO / folder).rglob("*.py")]
+    modules = [path for folder in ("sevi", "server") for path in (REPO / folder).rglob("*.py")]
     offenders = [
         str(path.relative_to(REPO))
         for path in modules

@@ -16,9 +16,9 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from models.engine_api import Engine, EngineStats, GenerationRequest, GenerationStats, TokenEvent
 from server.settings import Settings
 from server.sse import sse
+from sevi.engines.api import Engine, EngineStats, GenerationRequest, GenerationStats, TokenEvent
 from tests.support.live_server import LiveServer, base_settings
 
 SEPARATORS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"

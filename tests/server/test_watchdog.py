@@ -6,8 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from models.engine_api import EngineHealth
 from server.watchdog import ENGINE_DEAD_EXIT_CODE, EngineWatchdog
+from sevi.engines.api import EngineHealth
 from tests.support.waiting import eventually_async
 
 

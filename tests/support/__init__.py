@@ -1,7 +1,7 @@
 """What several test modules share, one module per topic (fixtures stay in the conftest files, which import these).
 
 - `repo`: where the repository and the bundled model are.
-- `tiny_models`: the sizes of the tiny random model of each family (built by models/tiny.py).
+- `tiny_models`: the sizes of the tiny random model of each family (built by sevi/testing/tiny.py).
 - `images`: random test images, their PNG bytes and data URIs, chat messages carrying them, the long request's image.
 - `waiting`: `eventually()`, the one poll-until-deadline loop of the tests.
 - `live_server`: `LiveServer` (the app under uvicorn in a thread) and the settings the HTTP tests start from.

@@ -9,10 +9,10 @@ from typing import Any
 
 import httpx
 
-from models.engine_api import Engine
 from server.batch.config import BatchSettings
 from server.batch.job import run_local
 from server.settings import Settings
+from sevi.engines.api import Engine
 from tests.support.images import png_bytes
 
 

@@ -7,10 +7,10 @@ import asyncio
 
 from PIL import Image
 
-from models.engine_api import Engine, GenerationRequest, SamplingParams, user_message
-from models.generation import ReferenceModel, run_to_completion
-from models.knob import AlignmentParams, resolve_alignment
-from models.telemetry import Telemetry
+from sevi.engines.api import Engine, GenerationRequest, SamplingParams, user_message
+from sevi.engines.reference.generation import ReferenceModel, run_to_completion
+from sevi.method.knob import AlignmentParams, resolve_alignment
+from sevi.method.telemetry import Telemetry
 from tests.support.images import random_image
 from tests.support.waiting import eventually
 

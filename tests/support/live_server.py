@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import uvicorn
 
-from models.engine_api import Engine
 from server.app import create_app
 from server.settings import Settings
+from sevi.engines.api import Engine
 from tests.support.waiting import eventually
 
 # The one path the loopback image host of tests/server/conftest.py serves.

@@ -1,4 +1,4 @@
-"""Knob presets files (models/knob.py): a valid document to vary, and model folders that carry one."""
+"""Knob presets files (sevi/method/knob.py): a valid document to vary, and model folders that carry one."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def presets_doc(**overrides: Any) -> dict[str, Any]:
 
 def model_folder(tmp_path: Path, layers: int = 4, presets: dict[str, Any] | str | None = None) -> Path:
     """A model folder with just a config.json of `layers` decoder layers and, if given, a presets file."""
-    from models.knob import PRESETS_FILE
+    from sevi.method.knob import PRESETS_FILE
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(

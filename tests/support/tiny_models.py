@@ -1,4 +1,5 @@
-"""The sizes of the tiny random models (models/tiny.py builds them; tests/conftest.py's fixtures build them once)."""
+"""The sizes of the tiny random models (sevi/testing/tiny.py builds them; tests/conftest.py's fixtures build them
+once)."""
 
 from __future__ import annotations
 

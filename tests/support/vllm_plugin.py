@@ -1,5 +1,5 @@
-"""The vLLM plugin's unit tests (tests/models/vllm_plugin): a logits processor on a small LLaVA config and rows
-added to it, which fills the worker state (models/vllm_plugin/state.py) as vLLM's batch updates would; CPU paged
+"""The vLLM plugin's unit tests (tests/sevi/engines/vllm/plugin): a logits processor on a small LLaVA config and rows
+added to it, which fills the worker state (sevi/engines/vllm/plugin/state.py) as vLLM's batch updates would; CPU paged
 caches written by vLLM's own writer; the C kernel's two builds. vLLM is imported only when these are called."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 if TYPE_CHECKING:
-    from models.vllm_plugin.logits_processor import SeviLogitsProcessor
+    from sevi.engines.vllm.plugin.logits_processor import SeviLogitsProcessor
 
 PLUGIN_IMAGE = 5
 PLUGIN_EOS = 2
@@ -25,7 +25,7 @@ def processor(layers: int = 4, model_dir: Path | None = None) -> SeviLogitsProce
     import torch
     from transformers import LlavaConfig
 
-    from models.vllm_plugin.logits_processor import SeviLogitsProcessor
+    from sevi.engines.vllm.plugin.logits_processor import SeviLogitsProcessor
 
     cfg = LlavaConfig(image_token_index=PLUGIN_IMAGE)
     text: Any = cfg.text_config  # a config object once built (typed as a union with its dict form)
@@ -57,7 +57,7 @@ def random_cpu_cache(
     """A CPU cache filled through the kernel's own writer (every slot), and its probed K/V layout."""
     from vllm import _custom_ops as ops
 
-    from models.vllm_plugin.cpu_backend import cache_layout
+    from sevi.engines.vllm.plugin.cpu_backend import cache_layout
 
     gen = torch.Generator().manual_seed(seed)
     cache = torch.zeros(n_blocks, heads, bs, 2 * hd, dtype=dtype)
@@ -72,7 +72,7 @@ def random_cpu_cache(
 
 @functools.lru_cache(maxsize=1)
 def avx2_kernel() -> Any:
-    from models.kernels.paged_kv import flags_for, load
+    from sevi.kernels.paged_kv import flags_for, load
 
     flags = flags_for("AVX2")
     assert flags is not None
@@ -82,7 +82,7 @@ def avx2_kernel() -> Any:
 def use_kernel(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make paged_read.py read K/V with the C kernel as built for this CPU ("native") or for AVX2 ("avx2": its own
     tile width, 8 floats, not AVX-512's 16; where the CPU has AVX2)."""
-    import models.vllm_plugin.paged_read as paged_read
+    import sevi.engines.vllm.plugin.paged_read as paged_read
 
     if build == "avx2":
         if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.chair.calibrate import OFF, Measured, Setting, frontier, presets_document, walk
-from models.knob import KnobMap, parse_presets
+from sevi.method.knob import KnobMap, parse_presets
 
 
 def point(omega: float, layer: int, kappa: float, halluc: float, recall: float) -> Measured:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bench.chair.cli import main as chair_main
-from models.knob import PRESETS_FILE, parse_presets
+from sevi.method.knob import PRESETS_FILE, parse_presets
 from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.integration

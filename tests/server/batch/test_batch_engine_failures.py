@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from models.engine_api import (
+from server.batch.job import run_local
+from server.batch.runner import EngineUnavailable
+from server.settings import Settings
+from sevi.engines.api import (
     Engine,
     EngineError,
     EngineNotReady,
@@ -19,9 +22,6 @@ from models.engine_api import (
     GenerationStats,
     TokenEvent,
 )
-from server.batch.job import run_local
-from server.batch.runner import EngineUnavailable
-from server.settings import Settings
 from tests.support.batch import batch_settings, by_key
 from tests.support.images import png_bytes
 

@@ -1,0 +1,1 @@
+"""Tiny random models of each family, for the tests and the benchmarks."""
