@@ -31,7 +31,7 @@ pytest.importorskip("vllm")
 from bench.vs_vllm import Server  # noqa: E402
 from server.watchdog import ENGINE_DEAD_EXIT_CODE  # noqa: E402
 from tests.support.repo import REPO  # noqa: E402
-from tests.support.request_load import RequestLoad, assert_ended_by_engine_death  # noqa: E402
+from tests.support.request_load import RequestLoad, assert_ended_by_engine_death, long_request  # noqa: E402
 from tests.support.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -72,8 +72,14 @@ def worker_process(server: Server, workers: int) -> psutil.Process:
 
 def kill_a_worker_under_load(server: Server, workers: int) -> dict[str, Any]:
     """Kill the worker with requests in flight; what the server did, with timings (seconds from the kill)."""
-    load = RequestLoad(server.url, streams=STREAMS, unstreamed=UNSTREAMED, timeout=120)
-    load.wait_streaming(timeout=180)
+    # ignore_eos: every request runs its 900 tokens (the tiny model's EOS once ended 7 of 8 before the kill).
+    load = RequestLoad(
+        server.url, streams=STREAMS, unstreamed=UNSTREAMED, timeout=120,
+        body=lambda stream: {**long_request(stream), "ignore_eos": True},
+    )  # fmt: skip
+    # Kill at the first token of any stream (all were sent at once, so all are in flight or queued then): on a quiet
+    # machine the tiny model ran 7 of 8 to their end while the test waited for every stream's first token.
+    eventually(lambda: any(o.first_token.is_set() for o in load.outcomes if o.stream), 180, what="a first token")
     # Kill once every stream has a token: the tiny model finishes these requests in seconds on a quiet machine (an
     # unchecked 30 s wait for a metric here once let all 8 end first). Requests that still end before the kill
     # are left out of the check (fault_at), at most half of them.

@@ -180,41 +180,48 @@ def test_a_request_without_knobs_joining_aligned_decodes_equals_reference(server
     all-aligned, the stock kernel was skipped and the request's attention never computed (the knob test above
     failed so on "none/4" and "none/7" when its concurrent requests arrived in such an order)."""
     png = png_bytes(4)
-    decoding, answered = threading.Event(), threading.Event()
-
-    def aligned() -> bool:
-        """Stream a long aligned request; True when it was still decoding once the plain one was answered."""
-        body = {
-            "model": MODEL,
-            "messages": image_message(PROMPT, png_bytes(7)),
-            "max_tokens": 400,
-            "ignore_eos": True,
-            "temperature": 0,
-            "stream": True,
-            "vllm_xargs": dict(EXPLICIT),
-        }
-        chunks = 0
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as resp:
-            for line in resp.iter_lines():
-                if answered.is_set():
-                    return True  # closing the stream aborts the request
-                if line == "data: [DONE]":
-                    return False
-                chunks += line.startswith("data: ")
-                if chunks >= 3:  # the role chunk, then tokens: it decodes
-                    decoding.set()
-        return False
-
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(aligned)
-        assert decoding.wait(120), "the aligned request never started decoding"
-        plain = chat(server, png, None)
-        answered.set()
-        outlived = running.result()
-    assert plain.status_code == 200, plain.text
     want_ids, _ = reference(ref, png, resolve_alignment(0, ref.num_layers))
-    assert generated_ids(plain.json()["choices"][0], ref) == want_ids
-    assert outlived  # not vacuous: the plain request ran beside the aligned decode row throughout
+
+    def attempt() -> bool:
+        """One aligned stream and the plain request; True when the aligned one still decoded once the plain one was
+        answered (the plain request then ran beside the aligned decode row throughout)."""
+        decoding, answered = threading.Event(), threading.Event()
+
+        def aligned() -> bool:
+            body = {
+                "model": MODEL,
+                "messages": image_message(PROMPT, png_bytes(7)),
+                "max_tokens": 440,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+                "vllm_xargs": dict(EXPLICIT),
+            }
+            chunks = 0
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as resp:
+                for line in resp.iter_lines():
+                    if answered.is_set():
+                        return True  # closing the stream aborts the request
+                    if line == "data: [DONE]":
+                        return False
+                    chunks += line.startswith("data: ")
+                    if chunks >= 3:  # the role chunk, then tokens: it decodes
+                        decoding.set()
+            return False
+
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(aligned)
+            assert decoding.wait(120), "the aligned request never started decoding"
+            plain = chat(server, png, None)
+            answered.set()
+            outlived = running.result()
+        assert plain.status_code == 200, plain.text
+        assert generated_ids(plain.json()["choices"][0], ref) == want_ids  # in every attempt, overlapped or not
+        return outlived
+
+    # Not vacuous: at least one attempt where the plain request ran beside the aligned decode row throughout (on a
+    # quiet machine the tiny model can finish the aligned request's 440 tokens first).
+    assert any(attempt() for _ in range(4))
 
 
 def test_openai_client_with_extra_body(server: Server, ref: ReferenceModel) -> None:
