@@ -474,12 +474,18 @@ class VllmEngine(QueuedEngine):
     def _collect_telemetry(self, job: _Job) -> Telemetry:
         """The request's telemetry from every vLLM worker (one `collective_rpc` by name, the plugin's one channel:
         in-process with the `uni` executor, a message round trip with `mp` / `ray`), merged over shards and stages."""
-        if not job.request.alignment.active and job.contrast_id is None:
-            return Telemetry()  # nothing aligned or contrasted: no round trip to the workers
+        if not self._has_telemetry(job.request, job.contrast_id):
+            return Telemetry()
         from sevi.engines.vllm.plugin.telemetry import TELEMETRY_RPC, request_telemetry
 
         replies = self._engine.collective_rpc(TELEMETRY_RPC, args=([job.main_id],))
         return Telemetry.from_mapping(request_telemetry(replies, job.main_id))
+
+    @staticmethod
+    def _has_telemetry(request: GenerationRequest, contrast_id: str | None) -> bool:
+        """Whether the workers can have counted anything for the request: none is asked for (no round trip) when
+        nothing was aligned or contrasted."""
+        return request.alignment.active or contrast_id is not None
 
     def _release(self, job: _Job, vllm_done: bool) -> None:
         """Bookkeeping for a job that ended here; stop its rows in vLLM unless vLLM finished the main one."""

@@ -320,8 +320,8 @@ class VllmProcessEngine(VllmEngine):
         raise EngineError("vLLM ended the request without a final output")
 
     async def _telemetry(self, req: GenerationRequest, main_id: str, contrast_id: str | None) -> Telemetry:
-        if not req.alignment.active and contrast_id is None:
-            return Telemetry()  # nothing aligned or contrasted: no round trip to the engine core
+        if not self._has_telemetry(req, contrast_id):
+            return Telemetry()
         from sevi.engines.vllm.plugin.telemetry import TELEMETRY_RPC, request_telemetry
 
         replies = await self._llm.collective_rpc(TELEMETRY_RPC, args=([main_id],))
