@@ -11,8 +11,10 @@
 #      (`pip config list`: CA bundle, wheel folders, extra indexes, constraints) go in as a generated pip.conf
 #      mounted for the build's RUN steps with the local paths it names, all read-only; nothing of them is
 #      written into the Dockerfile or the image.
-#   4. A container with the bundled model and a named cache volume: /ready (polled, then the image's own
-#      HEALTHCHECK run), POST /caption, /metrics counts it. Then a second container on the warm volume: /ready.
+#   4. A container with the bundled model, --shm-size 1g and a named cache volume: /ready (polled, then the image's
+#      own HEALTHCHECK run; a load failure on /health stops the check at once), POST /caption, /metrics counts it.
+#      Then a second container on the warm volume: /ready; then a third without --shm-size (the runtime's 64 MB
+#      /dev/shm): it must serve, on vLLM's uni executor, and say so.
 #
 # Quirks of sandboxed machines are flags of this check, never of the image (each also an environment variable):
 #   --isolation chroot     buildah's RUN isolation (DOCKER_CHECK_ISOLATION)
@@ -208,11 +210,14 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 PORT=$(free_port)
 "${PODMAN[@]}" volume create "$VOLUME" >/dev/null
 
-start() {  # start NAME: a container with the bundled model and the cache volume; echoes its URL
+# Containers get --shm-size 1g as the README and the compose file say: vLLM's mp executor keeps its worker queues
+# in /dev/shm (~400 MiB). The last container is started without it (a runtime's default 64 MB) and must still serve.
+start() {  # start NAME [RUN FLAGS...]: a container with the bundled model and the cache volume
   local name=$1 net=()
+  shift
   if [ -n "$NETWORK" ]; then net=(--network "$NETWORK" -e "SEVI_PORT=$PORT"); else net=(-p "127.0.0.1:$PORT:8000"); fi
   CONTAINERS+=("$name")
-  "${PODMAN[@]}" run -d --name "$name" "${RUN_FLAGS[@]}" "${net[@]}" \
+  "${PODMAN[@]}" run -d --name "$name" "${RUN_FLAGS[@]}" "${net[@]}" "$@" \
     -v "$PWD/models/bundled:/models/model:ro" -v "$VOLUME:/root/.cache" \
     -e SEVI_VLLM_CPU_KV_CACHE_GIB=1 "$TAG" >/dev/null
 }
@@ -227,7 +232,12 @@ wait_ready() {  # wait_ready NAME T0: poll /ready, then the image's own healthch
     if awk -v n="$(now)" -v d="$deadline" 'BEGIN { exit !(n > d) }'; then
       "${PODMAN[@]}" logs --tail 40 "$name" >&2; die "no /ready from $name within $READY_TIMEOUT s"
     fi
-    sleep 1
+    # A model that failed to load never gets ready: /health says so at once, with the cause.
+    if curl -sS "http://127.0.0.1:$PORT/health" 2>/dev/null | grep -q '"status": *"error"'; then
+      "${PODMAN[@]}" logs --tail 5 "$name" >&2
+      die "container $name failed to load the model: $(curl -sS "http://127.0.0.1:$PORT/health")"
+    fi
+    sleep 0.25
   done
   elapsed "$t0" "$(now)"
   # The image's HEALTHCHECK, run as the engine would (podman runs it on demand without systemd's timers).
@@ -235,7 +245,7 @@ wait_ready() {  # wait_ready NAME T0: poll /ready, then the image's own healthch
 }
 
 say "starting a container on the empty cache volume"
-t0=$(now); start sevi-check-cold-$RUN_ID
+t0=$(now); start sevi-check-cold-$RUN_ID --shm-size 1g
 COLD_S=$(wait_ready sevi-check-cold-$RUN_ID "$t0")
 say "ready in $COLD_S s (cold); image's HEALTHCHECK: healthy"
 
@@ -252,11 +262,21 @@ say "POST /caption answered; /metrics counts it"
 "${PODMAN[@]}" stop -t 10 sevi-check-cold-$RUN_ID >/dev/null
 "${PODMAN[@]}" rm sevi-check-cold-$RUN_ID >/dev/null
 say "starting a new container on the warm cache volume"
-t0=$(now); start sevi-check-warm-$RUN_ID
+t0=$(now); start sevi-check-warm-$RUN_ID --shm-size 1g
 WARM_S=$(wait_ready sevi-check-warm-$RUN_ID "$t0")
 CACHE=$("${PODMAN[@]}" run --rm "${RUN_FLAGS[@]}" -v "$VOLUME:/root/.cache" --entrypoint du "$TAG" -sh /root/.cache | cut -f1)
 say "ready in $WARM_S s (warm cache volume: $CACHE)"
+"${PODMAN[@]}" stop -t 10 sevi-check-warm-$RUN_ID >/dev/null
+"${PODMAN[@]}" rm sevi-check-warm-$RUN_ID >/dev/null
+
+say "starting a container without --shm-size (the runtime's default /dev/shm)"
+t0=$(now); start sevi-check-smallshm-$RUN_ID
+SMALL_S=$(wait_ready sevi-check-smallshm-$RUN_ID "$t0")
+"${PODMAN[@]}" logs sevi-check-smallshm-$RUN_ID 2>&1 | grep -q 'vLLM executor: uni' \
+  || die "with a small /dev/shm the server did not say it took the uni executor"
+say "ready in $SMALL_S s on the uni executor (its log names --shm-size)"
 
 echo
-echo "docker-check passed: build ${BUILD_S} s, image ${SIZE_GB} GB, ready ${COLD_S} s cold / ${WARM_S} s warm" \
+echo "docker-check passed: build ${BUILD_S} s, image ${SIZE_GB} GB, ready ${COLD_S} s cold / ${WARM_S} s warm /" \
+     "${SMALL_S} s warm with the default /dev/shm" \
      "(cache volume ${CACHE}; base: $([ "$MADE_BASE" = 1 ] && echo stand-in made this run || echo reused or pulled))"

@@ -36,6 +36,10 @@ def test_compose_parses_with_healthcheck_and_prometheus() -> None:
         (cache,) = [v for v in services[name]["volumes"] if v.endswith(":/root/.cache")]
         assert cache.split(":")[0] in compose["volumes"], name
     assert re.search(r"TORCHINDUCTOR_CACHE_DIR=/root/\.cache/", (REPO / "Dockerfile").read_text())
+    # vLLM's mp executor needs ~400 MiB of /dev/shm (the engine falls back to uni below that): both services have it.
+    assert services["sevi-gpu"]["ipc"] == "host"
+    shm = services["sevi-cpu"]["shm_size"]
+    assert shm.endswith("g") and float(shm[:-1]) >= 1
 
 
 def _make_installs(vllm: str) -> set[str]:

@@ -26,6 +26,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -572,16 +573,55 @@ def _cpu_cache_details(vllm_config: Any) -> dict[str, str]:
     return describe_cache(model.dtype, int(vllm_config.cache_config.block_size), int(model.get_head_size()))
 
 
-def default_executor(world_size: int, on_gpu: bool) -> str | None:
-    """vLLM's executor when the settings name none. On a CPU always `mp`, as vLLM's own CPU platform does when its
-    engine core runs in a child process ("OMP requires the MP executor"): with `uni` the model's forward runs in
-    this process with unbound OpenMP threads, which cost the server 9-12% of stock vLLM's rate at c = 0 on the
-    bundled model (bench/vs_vllm.py; the forward's native ops took 2.8x as long under py-spy). On one GPU `uni`:
-    the forward there is the device's, and the worker in this process lets telemetry skip a message round trip;
-    several GPUs: vLLM's choice."""
-    if not on_gpu:
-        return "mp"
-    return "uni" if world_size == 1 else None
+def default_executor(world_size: int, on_gpu: bool, shm_free: int | None = None) -> str | None:
+    """vLLM's executor when the settings name none. On a CPU `mp`, as vLLM's own CPU platform does when its engine
+    core runs in a child process ("OMP requires the MP executor"): with `uni` the model's forward runs in this
+    process with unbound OpenMP threads, which cost the server 9-12% of stock vLLM's rate at c = 0 on the bundled
+    model (bench/vs_vllm.py; the forward's native ops took 2.8x as long under py-spy). But `mp` talks to its worker
+    through ring buffers in /dev/shm (about 400 MiB with vLLM's defaults), and a container's /dev/shm is 64 MB
+    unless it is started with `--shm-size` or `--ipc=host`: there a one-process CPU engine takes `uni` and says why
+    rather than fail to load. On one GPU `uni`: the forward there is the device's, and the worker in this process
+    lets telemetry skip a message round trip; several GPUs: vLLM's choice."""
+    if on_gpu:
+        return "uni" if world_size == 1 else None
+    if world_size == 1:
+        free = shm_free_bytes() if shm_free is None else shm_free
+        needed = mp_shm_bytes()
+        if free is not None and free < needed:
+            log.warning(
+                "vLLM executor: uni (the forward in this process), not mp: /dev/shm has %d MiB free and vLLM's "
+                "worker queues need %d MiB; start the container with --shm-size 1g (or --ipc=host) for mp, which "
+                "decodes about 10%% faster on CPUs",
+                free >> 20,
+                needed >> 20,
+                extra={"fields": {"shm_free_mib": free >> 20, "shm_needed_mib": needed >> 20}},
+            )
+            return "uni"
+    return "mp"
+
+
+def shm_free_bytes(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory mount; None where there is none (vLLM then skips its own check too)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def mp_shm_bytes() -> int:
+    """What vLLM's `mp` executor puts in /dev/shm for one worker: its request broadcast queue
+    (VLLM_MQ_MAX_CHUNK_BYTES_MB per chunk) and the worker's response queue (the queue's default chunk size), each
+    of `max_chunks` chunks; read from vLLM so that a new release's sizes are the ones checked."""
+    import inspect
+
+    import vllm.envs as envs
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+
+    params = inspect.signature(MessageQueue.__init__).parameters
+    chunks = int(params["max_chunks"].default)
+    response_chunk = int(params["max_chunk_bytes"].default)
+    request_chunk = int(envs.VLLM_MQ_MAX_CHUNK_BYTES_MB) * (1 << 20)
+    return chunks * (request_chunk + response_chunk) + (16 << 20)  # + room for the queues' metadata
 
 
 def _on_gpu() -> bool:

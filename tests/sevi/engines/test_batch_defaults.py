@@ -95,6 +95,7 @@ class TestVllm:
 
         monkeypatch.setattr(LLMEngine, "from_engine_args", from_engine_args)
         monkeypatch.setattr(vllm_engine, "_on_gpu", lambda: gpu)
+        monkeypatch.setattr(vllm_engine, "shm_free_bytes", lambda: 1 << 40)  # room for mp, whatever this machine has
         monkeypatch.setattr(vllm_engine, "set_torch_threads", lambda n: None)  # leave this process's threads
         monkeypatch.setattr(vllm_engine, "_cpu_cache_details", lambda config: {})  # the stand-in has no cache
         monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
