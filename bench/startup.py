@@ -53,7 +53,8 @@ def command(server: str, args: argparse.Namespace, port: int) -> tuple[list[str]
     if server == "stock":
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--dtype",
                args.dtype, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-        return cmd, {"VLLM_PLUGINS": "none"}, "/health"
+        # sevi-serve's default KV cache (1 GiB); vLLM's own default reserves 92% of memory, which a busy machine lacks.
+        return cmd, {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "1"}, "/health"
     cmd = [sys.executable, "-m", "server", "--engine", "vllm", "--model", args.model, "--dtype", args.dtype,
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"]  # fmt: skip
     return cmd, {"SEVI_VLLM_ENGINE_CORE": args.engine_core}, "/ready"

@@ -14,7 +14,7 @@ def _args() -> argparse.Namespace:
 def test_stock_start_is_vllms_own_server_without_the_plugin() -> None:
     cmd, env, ready = command("stock", _args(), 8123)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert env == {"VLLM_PLUGINS": "none"}
+    assert env == {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "1"}
     assert ready == "/health"
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
 
