@@ -89,15 +89,19 @@ def steady_rate(output: Path, skip: float = 0.25) -> float:
     return (len(times) - 1 - k) / max(times[-1] - times[k], 1e-9)
 
 
-def stock_steady_rate(log_text: str, skip: float = 0.25) -> float:
-    """The same for vLLM's run_batch, from its progress lines (n/total [mm:ss<...], one-second resolution)."""
+def stock_steady_rate(log_text: str, skip: float = 0.25) -> float | None:
+    """The same for vLLM's run_batch, from its progress lines (n/total [mm:ss<...], one-second resolution); None
+    when what follows the first quarter spans under 3 s of those stamps (too coarse to give a rate: use more
+    --items)."""
     points = [
         (int(n), int(a) * 60 + int(b)) for n, a, b in re.findall(r"Completed \| (\d+)/\d+ \[(\d+):(\d+)<", log_text)
     ]
     total = points[-1][0]
     start = next(p for p in points if p[0] >= skip * total)
     end = points[-1]
-    return (end[0] - start[0]) / max(end[1] - start[1], 1)
+    if end[1] - start[1] < 3:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
 
 
 # ---- part: the HTTP API at its best concurrency ------------------------------------------------------------------
@@ -198,6 +202,10 @@ def openai_file(path: Path, pngs: list[bytes], args: argparse.Namespace) -> Path
     return path
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a (too short: more --items)" if x is None else f"{x:.2f}"
+
+
 def stock_run_batch(args: argparse.Namespace, model: Path, inp: Path, out: Path, log: Path) -> tuple[float, float]:
     """(steady requests/s from run_batch's last progress line, wall seconds)."""
     cmd = [
@@ -247,20 +255,22 @@ def part_run_batch(args: argparse.Namespace, model: Path, work: Path) -> dict[st
                 r["stock_req_per_s"], r["stock_wall_s"] = rate, wall
                 r["stock_steady_req_per_s"] = stock_steady_rate((work / f"stock-{rnd}.log").read_text(errors="replace"))
         r["ratio_whole"] = r["ours_req_per_s"] / r["stock_req_per_s"]
-        r["ratio_steady"] = r["ours_steady_req_per_s"] / r["stock_steady_req_per_s"]
+        stock_steady = r["stock_steady_req_per_s"]
+        r["ratio_steady"] = r["ours_steady_req_per_s"] / stock_steady if stock_steady else None
         r["ratio_wall"] = r["stock_wall_s"] / r["ours_wall_s"]
         rounds.append(r)
         print(f"[run-batch] round {rnd}: whole batch {r['ours_req_per_s']:.2f} vs stock "
               f"{r['stock_req_per_s']:.2f} req/s "
               f"({r['ratio_whole']:.2f}x); after the first quarter {r['ours_steady_req_per_s']:.2f} vs "
-              f"{r['stock_steady_req_per_s']:.2f} ({r['ratio_steady']:.2f}x); wall with start-up "
+              f"{_fmt(r['stock_steady_req_per_s'])} ({_fmt(r['ratio_steady'])}x); wall with start-up "
               f"{r['ours_wall_s']:.0f} s vs {r['stock_wall_s']:.0f} s ({r['ratio_wall']:.2f}x)",
               flush=True)  # fmt: skip
     best = max(x["ours_req_per_s"] for x in rounds) / max(x["stock_req_per_s"] for x in rounds)
-    best_steady = max(x["ours_steady_req_per_s"] for x in rounds) / max(x["stock_steady_req_per_s"] for x in rounds)
+    stock_steady = [x["stock_steady_req_per_s"] for x in rounds if x["stock_steady_req_per_s"]]
+    best_steady = max(x["ours_steady_req_per_s"] for x in rounds) / max(stock_steady) if stock_steady else None
     print(
         f"[run-batch] best of {len(rounds)} rounds each, batch command c=0 / stock vLLM run_batch: whole batch "
-        f"{best:.2f}x, after the first quarter {best_steady:.2f}x"
+        f"{best:.2f}x, after the first quarter {_fmt(best_steady)}x"
     )
     return {"rounds": rounds, "ratio_best": best, "ratio_best_steady": best_steady}
 
