@@ -45,10 +45,10 @@ COPY server ./server
 COPY bench ./bench
 # bench's CHAIR and object-logit tools read training's scene lists.
 COPY training ./training
-RUN make install VLLM=$VLLM EXTRAS= TRITON=$TRITON PY=python3.11 \
-    && .venv/bin/python -m compileall -q sevi server bench training
-# (pip compiles what it installs; the project's own sources are compiled here, or every new container would compile
-# them again, in the server and in vLLM's worker: about 0.5 s of each start.)
+RUN make install VLLM=$VLLM EXTRAS= TRITON=$TRITON PY=python3.11
+# pip compiles what it installs; the project's own sources are compiled here, or every new container would compile
+# them again, in the server and in vLLM's worker: about 0.5 s of each start.
+RUN .venv/bin/python -m compileall -q sevi server bench training
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
