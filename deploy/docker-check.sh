@@ -233,7 +233,9 @@ wait_ready() {  # wait_ready NAME T0: poll /ready, then the image's own healthch
       "${PODMAN[@]}" logs --tail 40 "$name" >&2; die "no /ready from $name within $READY_TIMEOUT s"
     fi
     # A model that failed to load never gets ready: /health says so at once, with the cause.
-    if curl -sS "http://127.0.0.1:$PORT/health" 2>/dev/null | grep -q '"status": *"error"'; then
+    # (Output read whole before grep: with pipefail, `grep -q` quitting at a match fails the writer with SIGPIPE.)
+    health=$(curl -sS "http://127.0.0.1:$PORT/health" 2>/dev/null || true)
+    if grep '"status": *"error"' <<<"$health" >/dev/null; then
       "${PODMAN[@]}" logs --tail 5 "$name" >&2
       die "container $name failed to load the model: $(curl -sS "http://127.0.0.1:$PORT/health")"
     fi
@@ -272,7 +274,8 @@ say "ready in $WARM_S s (warm cache volume: $CACHE)"
 say "starting a container without --shm-size (the runtime's default /dev/shm)"
 t0=$(now); start sevi-check-smallshm-$RUN_ID
 SMALL_S=$(wait_ready sevi-check-smallshm-$RUN_ID "$t0")
-"${PODMAN[@]}" logs sevi-check-smallshm-$RUN_ID 2>&1 | grep -q 'vLLM executor: uni' \
+SMALL_LOG=$("${PODMAN[@]}" logs sevi-check-smallshm-$RUN_ID 2>&1)
+grep 'vLLM executor: uni' <<<"$SMALL_LOG" >/dev/null \
   || die "with a small /dev/shm the server did not say it took the uni executor"
 say "ready in $SMALL_S s on the uni executor (its log names --shm-size)"
 
