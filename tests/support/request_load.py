@@ -45,6 +45,14 @@ class RequestOutcome:
         return [c["finish_reason"] for e in payloads for c in e.get("choices", []) if c.get("finish_reason")]
 
     @property
+    def completion_tokens(self) -> int | None:
+        """The usage the server reported (the body's, or a stream's usage chunk when include_usage asked for it)."""
+        for payload in [*self.events, *([self.body] if self.body is not None else [])]:
+            if payload.get("usage"):
+                return int(payload["usage"]["completion_tokens"])
+        return None
+
+    @property
     def error(self) -> dict[str, Any] | None:
         """The API error this request ended with (in-band for a stream), if any."""
         for e in self.events:
@@ -119,16 +127,32 @@ class RequestLoad:
         return self.outcomes
 
 
-def assert_ended_by_engine_death(outcomes: list[RequestOutcome], fault_at: float | None = None) -> None:
+def assert_ended_by_engine_death(
+    outcomes: list[RequestOutcome], fault_at: float | None = None, max_tokens: int | None = None
+) -> None:
     """Every request in flight at the fault ended with the engine's death: a stream with an in-band error event then
     [DONE] and no finish_reason (a truncation never passes for stop / length), an unstreamed request or a stream not
     yet admitted with a 503 `engine_dead`. fault_at (time.monotonic()): requests that ended normally before it were
     not in flight and are left out (a fast worker may finish some before a test's kill lands), but at least half
-    must have been."""
+    must have been. With max_tokens, so is a request whose end the client read after the fault but which reported
+    all max_tokens tokens and finish_reason length: a dead worker computes nothing, so its tokens were all made
+    before the fault (a stream's last events can reach the client after the kill lands)."""
+
+    def complete(o: RequestOutcome) -> bool:
+        return max_tokens is not None and o.finish_reasons == ["length"] and o.completion_tokens == max_tokens
+
     if fault_at is not None:
-        before = [o for o in outcomes if o.ended_at is not None and o.ended_at < fault_at and o.error is None]
+        before = [
+            o for o in outcomes if o.ended_at is not None and o.error is None and (o.ended_at < fault_at or complete(o))
+        ]
         outcomes = [o for o in outcomes if o not in before]
-        assert len(outcomes) >= len(before), f"{len(before)} of {len(outcomes) + len(before)} ended before the fault"
+        assert len(outcomes) >= len(before), (
+            f"{len(before)} of {len(outcomes) + len(before)} ended before the fault: "
+            + "; ".join(
+                f"{o.status} {o.finish_reasons} {o.completion_tokens} tokens, {(o.ended_at or 0.0) - fault_at:+.2f} s"
+                for o in before
+            )
+        )
     for o in outcomes:
         assert o.client_error is None, o.client_error
         error = o.error

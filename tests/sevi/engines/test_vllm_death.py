@@ -31,7 +31,12 @@ pytest.importorskip("vllm")
 from bench.vs_vllm import Server  # noqa: E402
 from server.watchdog import ENGINE_DEAD_EXIT_CODE  # noqa: E402
 from tests.support.repo import REPO  # noqa: E402
-from tests.support.request_load import RequestLoad, assert_ended_by_engine_death, long_request  # noqa: E402
+from tests.support.request_load import (  # noqa: E402
+    RequestLoad,
+    RequestOutcome,
+    assert_ended_by_engine_death,
+    long_request,
+)
 from tests.support.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -39,6 +44,8 @@ pytestmark = pytest.mark.integration
 START_TIMEOUT_S = 400.0  # import vllm, start the worker processes, load: ~60-120 s on two busy cores
 GRACE_S = 15.0  # the exit grace given to the server: time for the checks below to see the dead server first
 STREAMS, UNSTREAMED = 4, 4
+MAX_TOKENS = 900  # per request, run to the end (ignore_eos)
+TTFT_COUNT = "sevi_time_to_first_token_seconds_count"
 
 
 def sevi_server(model_dir: Path, log_dir: Path, workers: int, repo: Path = REPO) -> Server:
@@ -70,16 +77,39 @@ def worker_process(server: Server, workers: int) -> psutil.Process:
     raise AssertionError(f"no {title} among {titles}")
 
 
+def first_tokens_seen(server: Server) -> float:
+    """Requests that had their first token, by the server's own count (`sevi_time_to_first_token_seconds_count`)."""
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(TTFT_COUNT))
+
+
+def in_flight_at_fault(outcomes: list[RequestOutcome], fault_at: float) -> int:
+    """Requests the kill could still end: not ended, without an error, before it and not run to their end."""
+    done = [
+        o
+        for o in outcomes
+        if o.error is None
+        and o.ended_at is not None
+        and (o.ended_at < fault_at or (o.finish_reasons == ["length"] and o.completion_tokens == MAX_TOKENS))
+    ]
+    return len(outcomes) - len(done)
+
+
 def kill_a_worker_under_load(server: Server, workers: int) -> dict[str, Any]:
     """Kill the worker with requests in flight; what the server did, with timings (seconds from the kill)."""
     # ignore_eos: every request runs its 900 tokens (the tiny model's EOS once ended 7 of 8 before the kill).
     load = RequestLoad(
         server.url, streams=STREAMS, unstreamed=UNSTREAMED, timeout=120,
-        body=lambda stream: {**long_request(stream), "ignore_eos": True},
+        body=lambda stream: {
+            **long_request(stream, max_tokens=MAX_TOKENS),
+            "ignore_eos": True,
+            **({"stream_options": {"include_usage": True}} if stream else {}),
+        },
     )  # fmt: skip
-    # Kill at the first token of any stream (all were sent at once, so all are in flight or queued then): on a quiet
-    # machine the tiny model ran 7 of 8 to their end while the test waited for every stream's first token.
-    eventually(lambda: any(o.first_token.is_set() for o in load.outcomes if o.stream), 180, what="a first token")
+    # Kill at the first token the server saw for any request (its time-to-first-token count), not the first text a
+    # client read: the random tiny model's tokens can decode to no text for a long stretch, and waiting for a
+    # stream's first text let 7 of 8 requests run to their end before the kill (on a quiet machine, CI included).
+    eventually(lambda: first_tokens_seen(server) > 0, 180, what="the server's first token")
     # Kill once every stream has a token: the tiny model finishes these requests in seconds on a quiet machine (an
     # unchecked 30 s wait for a metric here once let all 8 end first). Requests that still end before the kill
     # are left out of the check (fault_at), at most half of them.
@@ -116,18 +146,26 @@ def kill_a_worker_under_load(server: Server, workers: int) -> dict[str, Any]:
 def test_a_killed_worker_ends_requests_turns_probes_and_exits(
     workers: int, tiny_model_dir: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    server = sevi_server(tiny_model_dir("llava"), tmp_path, workers)
-    try:
-        server.wait_ready(START_TIMEOUT_S)
-        seen = kill_a_worker_under_load(server, workers)
-    finally:
-        server.stop()
+    # Up to 3 servers: where the front end lags far behind the workers (both cores bound to the two workers, a busy
+    # machine) every request can have all its tokens computed before the kill, and then nothing was in flight to
+    # judge; a fresh server is tried then (the judge still demands at least half in flight).
+    for attempt in range(3):
+        log_dir = tmp_path / f"attempt{attempt}"
+        log_dir.mkdir()
+        server = sevi_server(tiny_model_dir("llava"), log_dir, workers)
+        try:
+            server.wait_ready(START_TIMEOUT_S)
+            seen = kill_a_worker_under_load(server, workers)
+        finally:
+            server.stop()
+        if in_flight_at_fault(seen["outcomes"], seen["killed_at"]) * 2 >= len(seen["outcomes"]):
+            break
     log = server.log_path.read_text(errors="replace")
     report = {k: v for k, v in seen.items() if k not in ("outcomes", "killed_at")}
     print(f"\nworkers={workers}: " + json.dumps(report, default=str))  # the figures of the closing note (-s)
 
     assert seen["health_503_after_s"] <= 10, report
-    assert_ended_by_engine_death(seen["outcomes"], fault_at=seen["killed_at"])
+    assert_ended_by_engine_death(seen["outcomes"], fault_at=seen["killed_at"], max_tokens=MAX_TOKENS)
     status, body = seen["health"]
     assert status == 503 and body["status"] == "dead" and "Worker" in body["detail"], body
     assert seen["ready"][0] == 503, seen["ready"]
