@@ -127,6 +127,20 @@ class RequestLoad:
         return self.outcomes
 
 
+def ended_before_fault(
+    outcomes: list[RequestOutcome], fault_at: float, max_tokens: int | None = None
+) -> list[RequestOutcome]:
+    """Requests a fault at fault_at could not have ended: ended normally before it, or (with max_tokens) reported all
+    max_tokens tokens with finish_reason length (a dead worker computes nothing, so those tokens came before it)."""
+
+    def complete(o: RequestOutcome) -> bool:
+        return max_tokens is not None and o.finish_reasons == ["length"] and o.completion_tokens == max_tokens
+
+    return [
+        o for o in outcomes if o.ended_at is not None and o.error is None and (o.ended_at < fault_at or complete(o))
+    ]
+
+
 def assert_ended_by_engine_death(
     outcomes: list[RequestOutcome], fault_at: float | None = None, max_tokens: int | None = None
 ) -> None:
@@ -138,13 +152,8 @@ def assert_ended_by_engine_death(
     all max_tokens tokens and finish_reason length: a dead worker computes nothing, so its tokens were all made
     before the fault (a stream's last events can reach the client after the kill lands)."""
 
-    def complete(o: RequestOutcome) -> bool:
-        return max_tokens is not None and o.finish_reasons == ["length"] and o.completion_tokens == max_tokens
-
     if fault_at is not None:
-        before = [
-            o for o in outcomes if o.ended_at is not None and o.error is None and (o.ended_at < fault_at or complete(o))
-        ]
+        before = ended_before_fault(outcomes, fault_at, max_tokens)
         outcomes = [o for o in outcomes if o not in before]
         assert len(outcomes) >= len(before), (
             f"{len(before)} of {len(outcomes) + len(before)} ended before the fault: "
